@@ -1,0 +1,43 @@
+"""Run project entry points as real processes: plain python, or `deepspeed` with several gloo ranks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import REPO, free_port
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: ranks must not oversubscribe them
+    e.update(extra)
+    return e
+
+
+def run(args: list[str], *, timeout: float = 600, check: bool = True, extra_env: dict | None = None,
+        cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a command from the repo root; on failure the assertion shows its output tail."""
+    proc = subprocess.run(args, cwd=cwd, env=env(**(extra_env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def deepspeed(script: str, args: list[str], *, ranks: int = 1, **kw) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus R --master_port P script args` (gloo ranks on CPU)."""
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
+    return run(cmd, **kw)
+
+
+def python(script: str, args: list[str], **kw) -> subprocess.CompletedProcess:
+    return run([sys.executable, script, *args], **kw)
+
+
+def read_json_file(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

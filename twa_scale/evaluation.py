@@ -1,0 +1,32 @@
+"""Evaluation over this rank's shard, reduced over all ranks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from twa_scale import comm
+
+__all__ = ["evaluate"]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, *, desc: str = "eval",
+             channels_last: bool = False) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy over the whole (sharded) dataset."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    for x, y in tqdm(loader, desc=desc, disable=comm.rank() != 0, leave=False, mininterval=2.0):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x)
+        totals[0] += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        totals[1] += (logits.argmax(1) == y).sum().item()
+        totals[2] += y.numel()
+    comm.all_reduce(totals)
+    model.train(was_training)
+    n = max(totals[2].item(), 1.0)
+    return {"loss": totals[0].item() / n, "accuracy": totals[1].item() / n, "count": int(totals[2].item())}

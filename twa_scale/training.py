@@ -1,0 +1,202 @@
+"""The training job: DeepSpeed engine + per-epoch eval, metrics.json, checkpoints, snapshot streaming.
+
+``run_training(cfg)`` is what ``launch/train.py`` calls on every rank.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from twa_scale import comm, metrics
+from twa_scale.config import TrainConfig
+from twa_scale.data import build_data, make_loader
+from twa_scale.engine import build_engine, load_ds_config, resolve_batch
+from twa_scale.evaluation import evaluate
+from twa_scale.layout import FlatLayout
+from twa_scale.models import build_model
+
+__all__ = ["run_training", "KEEP_CHECKPOINTS"]
+
+log = logging.getLogger("twa_scale.train")
+KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoint tags are deleted (ResNet-50 ones are ~300 MB each)
+SIGTERM_FLUSH_SECONDS = float(os.environ.get("TWA_SCALE_SIGTERM_FLUSH_SECONDS", "25"))
+
+
+class Preempted(SystemExit):
+    """Raised in the training thread on SIGTERM, so `finally` blocks flush snapshots."""
+
+
+def _on_sigterm(signum, frame):
+    raise Preempted(128 + signum)
+
+
+def _on_rank0(fn):
+    """Run ``fn`` on rank 0 and re-raise its error on every rank (so no rank hangs in a collective)."""
+    err = None
+    if comm.rank() == 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on all ranks
+            err = f"{e}"
+    err = comm.broadcast_object(err)
+    if err:
+        raise ValueError(err)
+
+
+def _default_workers(cfg: TrainConfig) -> int:
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if cfg.data == "digits":
+        return 0  # in-memory tensors
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(4, (os.cpu_count() or 1) // local - 1))
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train, snapshot and checkpoint; return the final metrics dict (same on every rank)."""
+    from twa_scale import store
+    from twa_scale.streamer import SnapshotStreamer, StreamerConfig
+
+    comm.init()
+    rank, world, device = comm.rank(), comm.world_size(), comm.device()
+    metrics.setup(run_id=cfg.run_id, role="train", port=cfg.metrics_port, addr=cfg.metrics_addr)
+    ds = load_ds_config(cfg.deepspeed_config)
+    _, micro, accum = resolve_batch(ds, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, world=world)
+    data = build_data(cfg)
+    steps_per_epoch = len(data.train) // world // micro // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"--data {cfg.data}: {len(data.train)} training images are fewer than one global batch "
+                         f"({world} ranks × {micro} × {accum} accumulation steps)")
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    model = build_model(cfg.model, data.num_classes).to(device)
+    layout = FlatLayout.from_model(model)
+    meta = {"model": cfg.model, "num_classes": data.num_classes, "image_size": data.image_size,
+            "data": cfg.data, "config": cfg.to_dict()}
+    # The store is checked before any training step: an unwritable URL fails here, on every rank.
+    _on_rank0(lambda: store.create_run(cfg.snapshot_url, cfg.run_id, layout, meta=meta, world_size=world,
+                                       dtype=cfg.snapshot_dtype))
+
+    engine = build_engine(model, cfg, ds, steps_per_epoch=steps_per_epoch)
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    start_epoch, history = 0, []
+    if cfg.resume:
+        path, client = engine.load_checkpoint(cfg.checkpoint_dir)
+        if path is None:
+            log.warning("--resume: no checkpoint in %s, starting from epoch 0", cfg.checkpoint_dir)
+        else:
+            start_epoch = int(client["epoch"])
+            history = [e for e in _read_metrics(cfg).get("epochs", []) if e["epoch"] <= start_epoch]
+            if rank == 0:
+                print(f"resumed from {path} at epoch {start_epoch}", flush=True)
+
+    params = layout.trainable(model)
+    streamer = SnapshotStreamer(cfg.snapshot_url, cfg.run_id, layout, rank=rank, world_size=world,
+                                config=StreamerConfig(dtype=cfg.snapshot_dtype))
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
+    flush_timeout = None
+    try:
+        # Snapshot 0 is the initial weights; after a resume the restored weights are re-snapshotted
+        # (idempotent), so a snapshot lost with the killed process leaves no gap.
+        if start_epoch % cfg.snapshot_every == 0:
+            streamer.snapshot(start_epoch // cfg.snapshot_every, engine.global_steps, start_epoch, params)
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            train_loss = _train_epoch(engine, data, cfg, epoch, micro, channels_last)
+            val = evaluate(engine.module, make_loader(data.val, batch_size=micro * 2, train=False,
+                                                      num_workers=_default_workers(cfg)),
+                           device, desc=f"eval {epoch + 1}/{cfg.epochs}", channels_last=channels_last)
+            if (epoch + 1) % cfg.snapshot_every == 0:
+                streamer.snapshot((epoch + 1) // cfg.snapshot_every, engine.global_steps, epoch + 1, params)
+            _save_checkpoint(engine, cfg, epoch + 1)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                   "val_accuracy": val["accuracy"], "lr": engine.get_lr()[0],
+                   "seconds": time.perf_counter() - t0}
+            history.append(row)
+            metrics.train_epoch(epoch + 1, val["accuracy"], val["loss"])
+            if rank == 0:
+                print(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
+                      f"val_acc {val['accuracy']:.4f}  {row['seconds']:.1f}s", flush=True)
+                _write_metrics(cfg, history, final=None)
+    except Preempted:
+        flush_timeout = SIGTERM_FLUSH_SECONDS
+        raise
+    finally:
+        summary = streamer.close(timeout_seconds=flush_timeout)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+    last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
+    final = {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"], "epochs": cfg.epochs,
+             "world_size": world, "train_seconds": sum(r["seconds"] for r in history),
+             "snapshots": summary, "run_url": cfg.run_url}
+    if rank == 0:
+        _write_metrics(cfg, history, final=final)
+    comm.barrier()
+    return final
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channels_last: bool) -> float:
+    device = engine.device
+    # Dropout and augmentation draw from RNGs seeded by (seed, epoch, rank): resume-exact.
+    torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7_919 + comm.rank())
+    loader = make_loader(data.train, batch_size=micro, train=True, seed=cfg.seed, epoch=epoch,
+                         num_workers=_default_workers(cfg))
+    engine.train()
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    bar = tqdm(loader, desc=f"train {epoch + 1}/{cfg.epochs}", disable=comm.rank() != 0, leave=False,
+               mininterval=2.0)
+    for x, y in bar:
+        t0 = time.perf_counter()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        value = loss.item()  # syncs the device, so the step time below is real
+        loss_sum += torch.tensor([value * y.numel(), y.numel()], dtype=torch.float64)
+        metrics.train_step(time.perf_counter() - t0, y.numel(), value, engine.get_lr()[0])
+    comm.all_reduce(loss_sum)
+    return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+
+
+def _save_checkpoint(engine, cfg: TrainConfig, epoch: int) -> None:
+    engine.save_checkpoint(cfg.checkpoint_dir, tag=f"epoch{epoch}", client_state={"epoch": epoch})
+    comm.barrier()
+    if comm.rank() == 0:  # keep the newest KEEP_CHECKPOINTS tags
+        tags = sorted((p for p in Path(cfg.checkpoint_dir).glob("epoch*") if p.is_dir()),
+                      key=lambda p: int(p.name[5:]))
+        for old in tags[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _metrics_url(cfg: TrainConfig) -> str:
+    return f"{cfg.run_url}/train/metrics.json"
+
+
+def _read_metrics(cfg: TrainConfig) -> dict:
+    from twa_scale import store
+
+    return store.read_json(_metrics_url(cfg), default={})
+
+
+def _write_metrics(cfg: TrainConfig, history: list[dict], final: dict | None) -> None:
+    from twa_scale import store
+
+    store.write_json(_metrics_url(cfg), {"run_id": cfg.run_id, "epochs": history, "final": final})

@@ -1,0 +1,381 @@
+"""Column-sharded subspace maths for TWA, as pure tensor functions.
+
+Rank r holds X[:, S_r], the slice S_r of every selected snapshot (n x d_r). Every
+quantity that needs the full width D is a sum over ranks of a per-slice partial
+product, so it costs one all-reduce of a few floats; the ``reduce`` argument is
+that all-reduce (``comm.all_reduce`` in a job, the identity in one process).
+
+Directions are always an explicit linear combination of the snapshots,
+P = M X (per coefficient block), so the averaging weights alpha with
+w = sum_i alpha_i w_i can be reported exactly whatever the basis.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = [
+    "Reduce", "Piece", "Basis", "QuantizedRows", "identity_reduce", "gram", "sequential_cholesky",
+    "orthonormalize", "build_basis", "quantize_rows", "pack_bits", "unpack_bits", "local_pieces",
+]
+
+Reduce = Callable[..., torch.Tensor]  # (tensor, op="sum"|"min"|"max") -> tensor, in place
+# Columns processed at once when building/applying the basis: bounds temporaries to
+# n * CHUNK floats however wide a rank's slice is.
+CHUNK_COLUMNS = 1 << 18
+
+
+def identity_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """The all-reduce of a single process."""
+    return t
+
+
+# --- Gram matrix and Gram-Schmidt in Gram form ---------------------------------------------
+def gram(local: torch.Tensor, reduce: Reduce = identity_reduce) -> torch.Tensor:
+    """G = X Xᵀ (float64) summed over ranks: one all-reduce of n*n floats.
+
+    Accumulated in float64 because snapshots of one trajectory are nearly
+    collinear; fp32 Gram entries would lose the small residuals that decide rank.
+    """
+    n, d = local.shape
+    g = torch.zeros(n, n, dtype=torch.float64, device=local.device)
+    for s in range(0, d, CHUNK_COLUMNS):
+        x = local[:, s:s + CHUNK_COLUMNS].double()
+        g += x @ x.T
+    return reduce(g)
+
+
+def sequential_cholesky(g: torch.Tensor, tol: float) -> tuple[torch.Tensor, list[int], list[float]]:
+    """Gram-Schmidt, in Gram form, in the given order, dropping near-dependent vectors.
+
+    Returns (R, kept, residuals): R (k x k) upper triangular with G[kept][:, kept] = RᵀR,
+    the kept indices, and each vector's residual norm relative to its own norm
+    (what survives after removing the earlier directions). A vector whose relative
+    residual is <= tol is dropped instead of normalised, so no NaN/inf can appear.
+    """
+    n = g.shape[0]
+    kept: list[int] = []
+    rel: list[float] = []
+    r = g.new_zeros(0, 0)
+    for i in range(n):
+        norm2 = float(g[i, i])
+        # coordinates of vector i on the basis so far: solve Rᵀ c = G[kept, i]
+        coord = (torch.linalg.solve_triangular(r.T, g[kept, i].unsqueeze(1), upper=False).squeeze(1)
+                 if kept else g.new_zeros(0))
+        resid2 = norm2 - float(coord @ coord)
+        frac = math.sqrt(max(resid2, 0.0) / norm2) if norm2 > 0 else 0.0
+        rel.append(frac)
+        if frac <= tol:
+            continue
+        k = len(kept)
+        grown = g.new_zeros(k + 1, k + 1)
+        grown[:k, :k] = r
+        grown[:k, k] = coord
+        grown[k, k] = math.sqrt(resid2)
+        r = grown
+        kept.append(i)
+    return r, kept, rel
+
+
+def _apply(m: torch.Tensor, local: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = M @ X computed in float64 chunks, stored fp32 (M small, X wide)."""
+    k, d = m.shape[0], local.shape[1]
+    if out is None:
+        out = torch.empty(k, d, dtype=torch.float32, device=local.device)
+    for s in range(0, d, CHUNK_COLUMNS):
+        out[:, s:s + CHUNK_COLUMNS] = (m @ local[:, s:s + CHUNK_COLUMNS].double()).float()
+    return out
+
+
+def orthonormalize(local: torch.Tensor, combo: torch.Tensor, *, reduce: Reduce = identity_reduce,
+                   tol: float = 1e-5, g: torch.Tensor | None = None) -> dict:
+    """Orthonormal basis of span{combo @ X} by Cholesky-QR twice, in Gram-Schmidt order.
+
+    ``combo`` (m x n, float64) names the vectors to orthonormalise as combinations
+    of the snapshots (identity: raw snapshots; I - 11ᵀ/n: centred ones).
+    Pass 1 works on the Gram matrix (one n x n all-reduce) and drops vectors whose
+    relative residual is <= tol. Pass 2 re-orthogonalises the fp32 result against
+    its own Gram matrix (one k x k all-reduce), which removes the rounding left by
+    pass 1. Returns {"Q": k x d_r fp32, "M": k x n float64 with Q = M X, "kept",
+    "residuals", "dropped"}.
+    """
+    if g is None:
+        g = gram(local, reduce)
+    gv = combo @ g @ combo.T
+    r1, kept, rel = sequential_cholesky(gv, tol)
+    if not kept:
+        return {"Q": local.new_zeros(0, local.shape[1]), "M": combo.new_zeros(0, combo.shape[1]),
+                "kept": [], "residuals": rel, "dropped": list(range(combo.shape[0]))}
+    eye = torch.eye(len(kept), dtype=torch.float64, device=g.device)
+    m = torch.linalg.solve_triangular(r1.T, eye, upper=False) @ combo[kept]  # R⁻ᵀ V
+    q = _apply(m, local)
+    g2 = gram(q, reduce)
+    r2 = torch.linalg.cholesky(g2, upper=True)
+    t2 = torch.linalg.solve_triangular(r2.T, eye, upper=False)
+    m = t2 @ m
+    q = _apply_small(t2, q)
+    dropped = [i for i in range(combo.shape[0]) if i not in kept]
+    return {"Q": q, "M": m, "kept": kept, "residuals": rel, "dropped": dropped}
+
+
+def _apply_small(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q <- t @ q in place, chunk by chunk (t is k x k, float64)."""
+    for s in range(0, q.shape[1], CHUNK_COLUMNS):
+        q[:, s:s + CHUNK_COLUMNS] = (t @ q[:, s:s + CHUNK_COLUMNS].double()).float()
+    return q
+
+
+# --- bit packing and quantisation --------------------------------------------------------
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2^bits) along the last dim; 8 codes -> ``bits`` bytes.
+
+    The last dimension is zero-padded to a multiple of 8 first.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    *lead, d = values.shape
+    pad = (-d) % 8
+    v = values.to(torch.uint8)
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    if bits == 8:
+        return v.contiguous()
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
+        per = 8 // bits
+        v = v.reshape(*lead, -1, per).to(torch.int32)
+        shifts = torch.arange(per, device=v.device, dtype=torch.int32) * bits
+        return (v << shifts).sum(-1).to(torch.uint8)
+    # 3, 5, 6, 7 bits: 8 codes make a 64-bit word of which `bits` bytes are used
+    v = v.reshape(*lead, -1, 8).to(torch.int64)
+    word = (v << (torch.arange(8, device=v.device, dtype=torch.int64) * bits)).sum(-1)
+    byte_shifts = torch.arange(bits, device=v.device, dtype=torch.int64) * 8
+    return ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*lead, -1)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 codes with last dimension ``d``."""
+    *lead, nb = packed.shape
+    if bits == 8:
+        return packed[..., :d]
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
+        v = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return v.reshape(*lead, nb * per)[..., :d]
+    b = packed.reshape(*lead, -1, bits).to(torch.int64)
+    word = (b << (torch.arange(bits, device=packed.device, dtype=torch.int64) * 8)).sum(-1)
+    v = (word.unsqueeze(-1) >> (torch.arange(8, device=packed.device, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    return v.to(torch.uint8).reshape(*lead, -1)[..., :d]
+
+
+@dataclasses.dataclass
+class QuantizedRows:
+    """k rows of one column piece, per-row min/max uniform codes of ``bits`` bits."""
+    packed: torch.Tensor   # k x ceil(d*bits/8) uint8
+    lo: torch.Tensor       # k fp32
+    scale: torch.Tensor    # k fp32; value = lo + scale * code
+    bits: int
+    d: int
+
+    def dequantize(self) -> torch.Tensor:
+        codes = unpack_bits(self.packed, self.bits, self.d).to(self.lo.dtype)
+        return torch.addcmul(self.lo.unsqueeze(1), codes, self.scale.unsqueeze(1))
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + 8 * self.lo.numel()
+
+    def max_error(self) -> torch.Tensor:
+        """Per-row bound: half a quantisation step (plus fp32 rounding of the affine map)."""
+        return self.scale / 2 + 1e-6 * (self.lo.abs() + self.scale * ((1 << self.bits) - 1))
+
+
+def quantize_rows(x: torch.Tensor, bits: int, lo: torch.Tensor | None = None,
+                  hi: torch.Tensor | None = None) -> QuantizedRows:
+    """Min/max uniform quantisation of each row of ``x`` (k x d) to ``bits`` bits.
+
+    ``lo``/``hi`` default to this piece's row min/max; the caller passes the
+    per-(snapshot, block) range when a block is split over several pieces.
+    """
+    if lo is None:
+        lo = x.amin(1)
+    if hi is None:
+        hi = x.amax(1)
+    levels = (1 << bits) - 1
+    scale = (hi - lo) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((x - lo.unsqueeze(1)) / safe.unsqueeze(1)).clamp_(0, levels)
+    return QuantizedRows(pack_bits(codes, bits), lo.float().clone(), scale.float().clone(), bits, x.shape[1])
+
+
+# --- the basis a rank holds -------------------------------------------------------------------
+@dataclasses.dataclass
+class Piece:
+    """A run of local columns [lo, hi) inside one layer block."""
+    lo: int
+    hi: int
+    block: int        # index into the layer blocks (quantisation range)
+    coef: int         # coefficient column (0 in global mode, == block in layer-wise mode)
+
+
+def local_pieces(blocks: Sequence[tuple[int, int]], start: int, stop: int, layerwise: bool,
+                 max_columns: int = CHUNK_COLUMNS) -> list[Piece]:
+    """Cut [start, stop) along layer-block boundaries, then into runs of <= max_columns."""
+    out = []
+    for b, (bs, be) in enumerate(blocks):
+        lo, hi = max(bs, start), min(be, stop)
+        for s in range(lo, hi, max_columns):
+            out.append(Piece(s - start, min(s + max_columns, hi) - start, b, b if layerwise else 0))
+    return out
+
+
+@dataclasses.dataclass
+class Basis:
+    """P[:, S_r] in the chosen precision, and how it relates to the snapshots.
+
+    Weights are w = w_start + sum_{i,l} (theta - theta0)[i, l] * P_{i,l}: at theta = theta0
+    the model is exactly at the start point in every precision.
+    """
+    pieces: list[Piece]
+    num_coef_blocks: int            # L (1 in global mode)
+    k: int                          # number of directions
+    M: torch.Tensor                 # L x k x n float64: P_l = M_l X_l
+    theta0: torch.Tensor            # k x L: coordinates of the start point
+    alpha_start: torch.Tensor       # n float64: w_start = sum alpha_start_i w_i
+    w_start: torch.Tensor           # d_r fp32
+    dense: torch.Tensor | None      # k x d_r (fp32 or fp16) when not quantised
+    quant: list[QuantizedRows] | None
+    bits: int
+    report: dict
+
+    # -- per-step operations ---------------------------------------------------------------
+    def _rows(self, piece_index: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant[piece_index].dequantize()
+        p = self.pieces[piece_index]
+        return self.dense[:, p.lo:p.hi].to(dtype)
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        """c[i, l] = sum over this slice's columns of block l of P[i, j] g[j]  (k x L)."""
+        out = torch.zeros(self.k, self.num_coef_blocks, dtype=torch.float32, device=g.device)
+        if self.quant is None and self.num_coef_blocks == 1 and self.dense.dtype == torch.float32:
+            return torch.mv(self.dense, g).unsqueeze(1).add_(out)
+        for j, p in enumerate(self.pieces):
+            out[:, p.coef] += torch.mv(self._rows(j, g.dtype), g[p.lo:p.hi])
+        return out
+
+    def reconstruct(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """w[S_r] = w_start + Pᵀ (theta - theta0) per block, written into ``out``."""
+        delta = (theta.detach() - self.theta0).to(torch.float32)
+        if out is None:
+            out = torch.empty_like(self.w_start)
+        if self.quant is None and self.num_coef_blocks == 1 and self.dense.dtype == torch.float32:
+            return torch.addmv(self.w_start, self.dense.T, delta[:, 0], out=out)
+        out.copy_(self.w_start)
+        for j, p in enumerate(self.pieces):
+            out[p.lo:p.hi].addmv_(self._rows(j, out.dtype).T, delta[:, p.coef])
+        return out
+
+    def alpha(self, theta: torch.Tensor) -> torch.Tensor:
+        """Averaging weights A (n x L): block l of w is sum_i A[i, l] w_{i,l}.
+
+        Exact for fp32 P; for quantised P it is the weighting of the unquantised directions.
+        """
+        delta = (theta.detach().double() - self.theta0.double())
+        return self.alpha_start.unsqueeze(1) + torch.einsum("lkn,kl->nl", self.M, delta)
+
+    @property
+    def nbytes(self) -> int:
+        if self.quant is not None:
+            return sum(q.nbytes for q in self.quant)
+        return self.dense.numel() * self.dense.element_size()
+
+
+def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tuple[int, int]], *,
+                directions: str = "raw", layerwise: bool = False, bits: int = 32,
+                alpha_start: torch.Tensor | None = None, reduce: Reduce = identity_reduce,
+                tol: float = 1e-5, max_columns: int = CHUNK_COLUMNS) -> Basis:
+    """Build this rank's P[:, S_r] from its snapshot slice ``local`` (n x d_r fp32).
+
+    - global coefficients: an orthonormal basis (Cholesky-QR twice) of the raw or
+      centred snapshots (the paper's Gram-Schmidt basis, in its order);
+    - layer-wise: each (direction, block) normalised to unit norm (the journal's
+      per-layer coefficients); zero blocks get a zero direction, never NaN.
+    ``blocks`` are the layer blocks over [0, D); ``alpha_start`` the start point as
+    snapshot weights (default: uniform, the SWA mean).
+    Collective calls: one n x n all-reduce (+ k x k, or n x L for layer-wise).
+    Raises ValueError when the snapshots span fewer than 2 dimensions.
+    """
+    if directions not in ("raw", "centered"):
+        raise ValueError(f"--directions must be raw or centered, got {directions!r}")
+    if bits not in (32, 16) and not 1 <= bits <= 8:
+        raise ValueError(f"--p-bits must be 32, 16 or 1..8, got {bits}")
+    n, d = local.shape
+    dev = local.device
+    if alpha_start is None:
+        alpha_start = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    alpha_start = alpha_start.double().to(dev)
+    pieces = local_pieces(blocks, start, stop, layerwise, max_columns)
+    g = gram(local, reduce)
+    eye = torch.eye(n, dtype=torch.float64, device=dev)
+    raw = sequential_cholesky(g, tol)
+    rank_raw = len(raw[1])
+    report = {"n": n, "rank_raw": rank_raw, "residuals_raw": [round(x, 9) for x in raw[2]], "tol": tol}
+    if rank_raw <= 1:
+        raise ValueError(f"the {n} selected snapshots span a space of dimension {rank_raw} "
+                         f"(relative residuals {report['residuals_raw']}); TWA needs at least 2 "
+                         "independent snapshots - are they identical?")
+    combo = eye if directions == "raw" else eye - 1.0 / n
+    w_start = (alpha_start.float() @ local) if d else local.new_zeros(0)
+    a_dir = alpha_start if directions == "raw" else alpha_start - 1.0 / n
+
+    if not layerwise:
+        res = orthonormalize(local, combo, reduce=reduce, tol=tol, g=g)
+        q, m = res["Q"], res["M"]
+        k = q.shape[0]
+        if k == 0:
+            raise ValueError("no independent direction left after centring: the snapshots are identical")
+        theta0 = (m @ g @ a_dir).float().unsqueeze(1)  # coordinates of (w_start - base) on Q
+        report.update(kept=res["kept"], dropped=res["dropped"], residuals=[round(x, 9) for x in res["residuals"]])
+        num_l, m_all = 1, m.unsqueeze(0)
+    else:
+        num_l = len(blocks)
+        k = n
+        v = _apply(combo, local) if directions == "centered" else local.clone()
+        norms2 = torch.zeros(n, num_l, dtype=torch.float64, device=dev)
+        for p in pieces:
+            norms2[:, p.block] += v[:, p.lo:p.hi].double().pow(2).sum(1)
+        norms2 = reduce(norms2)
+        norms = norms2.sqrt()
+        inv = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        for p in pieces:
+            v[:, p.lo:p.hi] *= inv[:, p.block].float().unsqueeze(1)
+        q = v
+        theta0 = (a_dir.unsqueeze(1) * norms).float()        # exact: w_start - base = sum a_i w_i per block
+        m_all = inv.T.unsqueeze(2) * combo.unsqueeze(0)         # M_l = diag(1/norm_l) combo
+        zero_blocks = int((norms == 0).sum())
+        report.update(kept=list(range(n)), dropped=[], zero_blocks=zero_blocks)
+    report.update(k=k, num_coef_blocks=num_l, directions=directions, bits=bits)
+
+    dense, quant = None, None
+    if bits == 32:
+        dense = q
+    elif bits == 16:
+        dense = q.half()
+    else:
+        # per-(direction, block) ranges: min/max over the whole block, all ranks
+        lo = torch.full((k, len(blocks)), math.inf, dtype=torch.float32, device=dev)
+        hi = torch.full((k, len(blocks)), -math.inf, dtype=torch.float32, device=dev)
+        for p in pieces:
+            lo[:, p.block] = torch.minimum(lo[:, p.block], q[:, p.lo:p.hi].amin(1))
+            hi[:, p.block] = torch.maximum(hi[:, p.block], q[:, p.lo:p.hi].amax(1))
+        # every rank must quantise a block with the same range, so min/max are all-reduced
+        lo, hi = reduce(lo, op="min"), reduce(hi, op="max")
+        quant = [quantize_rows(q[:, p.lo:p.hi], bits, lo[:, p.block], hi[:, p.block]) for p in pieces]
+        del q
+    return Basis(pieces=pieces, num_coef_blocks=num_l, k=k, M=m_all, theta0=theta0,
+                 alpha_start=alpha_start, w_start=w_start, dense=dense, quant=quant, bits=bits, report=report)
+
