@@ -1,0 +1,108 @@
+"""TWA results for people (a table, a PNG) and machines (result.json), written through fsspec."""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import torch
+
+__all__ = ["format_table", "plot_result", "write_outputs", "RESULT_NAME", "MODEL_NAME", "PLOT_NAME"]
+
+RESULT_NAME = "result.json"
+MODEL_NAME = "model.safetensors"
+PLOT_NAME = "coefficients.png"
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def format_table(result: dict) -> str:
+    """A short summary: snapshots, basis, SWA/start and TWA accuracy, per-epoch rows, timings."""
+    snaps = result.get("snapshots", [])
+    seqs = [s["seq"] for s in snaps]
+    lines = [
+        f"TWA ({result.get('mode')} mode) on {len(snaps)} snapshots "
+        f"(seq {seqs[0] if seqs else '-'}..{seqs[-1] if seqs else '-'}), world size {result.get('world_size')}, "
+        f"effective rank {result.get('effective_rank')}",
+    ]
+    if result.get("basis", {}).get("dropped"):
+        lines.append(f"  dropped nearly dependent snapshots: {result['basis']['dropped']}")
+    start = "SWA" if result.get("start") == "swa" else f"start (seq {result.get('start')})"
+    lines += ["", f"{'point':<18}val accuracy", f"{'-' * 18}------------",
+              f"{start:<18}{_fmt(result.get('start_accuracy'))}", f"{'TWA':<18}{_fmt(result.get('twa_accuracy'))}"]
+    if result.get("epochs"):
+        lines += ["", "epoch  lr          train loss  val acc", "-----  ----------  ----------  -------"]
+        for row in result["epochs"]:
+            lines.append(f"{row['epoch']:>5}  {row['lr']:<10.4g}  {row['train_loss']:<10.4f}  "
+                         f"{_fmt(row.get('val_accuracy'))}")
+    t = result.get("timings", {})
+    lines += ["", "timings: " + ", ".join(f"{k.replace('_seconds', '')} {v:.2f}s" for k, v in t.items()
+                                          if k.endswith("_seconds"))
+              + f", projection {t.get('projection_ms_per_step', 0):.3f} ms/step"]
+    if "bytes_read_per_rank" in result:
+        lines.append("bytes read per rank: " + ", ".join(f"{b / 1e6:.2f} MB" for b in result["bytes_read_per_rank"]))
+    return "\n".join(lines)
+
+
+def plot_result(result: dict) -> bytes:
+    """PNG: averaging weight alpha per snapshot (left), validation accuracy per TWA epoch (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    seqs = [s["seq"] for s in result.get("snapshots", [])]
+    alpha = torch.tensor(result.get("alpha", []), dtype=torch.float64)
+    if alpha.dim() == 2:  # layer-wise: mean over blocks, with the spread
+        ax1.fill_between(seqs, alpha.min(1).values.tolist(), alpha.max(1).values.tolist(), alpha=0.25,
+                         label="min..max over blocks")
+        alpha = alpha.mean(1)
+    if len(seqs) == alpha.numel():
+        ax1.bar(seqs, alpha.tolist(), width=0.8, label="TWA alpha")
+        ax1.axhline(1.0 / max(len(seqs), 1), color="k", ls="--", lw=1, label="SWA 1/n")
+    ax1.set_xlabel("snapshot seq")
+    ax1.set_ylabel("alpha (w = sum alpha_i w_i)")
+    ax1.legend(fontsize=8)
+    rows = [r for r in result.get("epochs", []) if r.get("val_accuracy") is not None]
+    xs = [0] + [r["epoch"] for r in rows]
+    ys = [result.get("start_accuracy")] + [r["val_accuracy"] for r in rows]
+    ax2.plot(xs, ys, marker="o")
+    ax2.set_xlabel("TWA epoch")
+    ax2.set_ylabel("val accuracy")
+    ax2.set_title(f"start {_fmt(result.get('start_accuracy'))} -> TWA {_fmt(result.get('twa_accuracy'))}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_outputs(result: dict, state_dict: dict[str, torch.Tensor], url: str, *, plot: bool = True) -> dict:
+    """Write model, plot, then result.json (last: its presence marks a complete result).
+
+    The model is a safetensors file of the state_dict (weights + BatchNorm buffers):
+    nothing to unpickle. Returns {name: url}.
+    """
+    import fsspec
+    from safetensors.torch import save as st_save
+
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except Exception as e:  # noqa: BLE001 - object stores have no directories; real errors surface below
+        if not str(url).startswith(("s3://", "gs://", "memory://")):
+            raise OSError(f"--output {url}: cannot create the output directory: {e}") from e
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    paths = {MODEL_NAME: f"{root}/{MODEL_NAME}"}
+    fs.pipe_file(paths[MODEL_NAME], st_save(tensors, metadata={"format": "pt"}))
+    if plot:
+        paths[PLOT_NAME] = f"{root}/{PLOT_NAME}"
+        fs.pipe_file(paths[PLOT_NAME], plot_result(result))
+    paths[RESULT_NAME] = f"{root}/{RESULT_NAME}"
+    result = dict(result, outputs={k: fs.unstrip_protocol(v) for k, v in paths.items()})
+    fs.pipe_file(paths[RESULT_NAME], json.dumps(result, indent=1).encode())
+    return result["outputs"]
