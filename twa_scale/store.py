@@ -70,8 +70,9 @@ class SnapshotInfo:
 
 
 # ------------------------------------------------------------------ filesystem access
-def _filesystem(url: str):
-    """(fs, path) for ``url``; s3fs is imported lazily and tuned for snapshot traffic."""
+def _filesystem(url: str, *, quick: bool = False):
+    """(fs, path) for ``url``; s3fs is imported lazily and tuned for snapshot traffic.
+    ``quick``: no retries, for a fail-fast reachability probe."""
     from fsspec.core import url_to_fs
 
     protocol = url.split("://", 1)[0] if "://" in url else "file"
@@ -86,11 +87,16 @@ def _filesystem(url: str):
         # checksum costs ~30% of upload throughput in the single asyncio thread.
         if not os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION"):
             config["request_checksum_calculation"] = "when_required"
+        if quick:
+            config.update(connect_timeout=5, retries={"max_attempts": 1})
         options["config_kwargs"] = config
     try:
-        return url_to_fs(url, **options)
+        fs, path = url_to_fs(url, **options)
     except ImportError as e:
         raise ImportError(f"{url}: no fsspec filesystem for protocol {protocol!r}: {e}") from e
+    if quick and _is_s3(fs):
+        fs.retries = 1  # a separate cached instance: its config differs from the normal one
+    return fs, path
 
 
 def _is_local(fs) -> bool:
@@ -208,18 +214,26 @@ def _unreachable(url: str, err: Exception) -> OSError:
 
 
 def _ensure_bucket(run: _Run) -> None:
+    """Fail fast on an unreachable endpoint; create a missing bucket."""
     if not _is_s3(run.fs):
         return
+    fs, _ = _filesystem(run.url, quick=True)
     bucket = run.root.split("/", 1)[0]
     try:
-        if run.fs.exists(bucket):
-            return
-        run.fs.mkdir(bucket)
-        log.info("created bucket s3://%s", bucket)
-    except PermissionError as e:
-        raise PermissionError(f"bucket s3://{bucket} for {run.url} does not exist and could not be created: {e}") from e
-    except OSError as e:
+        fs.ls(bucket, detail=False)  # lists at most one page; raises when the bucket is absent
+        return
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - botocore/aiohttp connection errors are not OSErrors
         raise _unreachable(run.url, e) from e
+    try:
+        fs.mkdir(bucket)
+        log.info("created bucket s3://%s", bucket)
+    except Exception as e:  # noqa: BLE001
+        raise PermissionError(f"bucket s3://{bucket} for {run.url} does not exist and could not be "
+                              f"created: {type(e).__name__}: {e}") from e
 
 
 # ------------------------------------------------------------------ writer
@@ -242,7 +256,7 @@ def create_run(url: str, run_id: str, layout: FlatLayout, *, meta: dict, world_s
         existing = None
     except (PermissionError, ValueError):
         raise
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
         raise _unreachable(url, e) from e
     if existing is not None:
         if existing.get("fingerprint") != layout.fingerprint:
@@ -264,7 +278,7 @@ def create_run(url: str, run_id: str, layout: FlatLayout, *, meta: dict, world_s
         json.loads(run.fs.cat_file(run.manifest_path))  # proves the store is writable and readable
     except (PermissionError, ValueError):
         raise
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
         raise _unreachable(url, e) from e
     return RunWriter(run, manifest)
 
@@ -284,7 +298,7 @@ def open_writer(url: str, run_id: str, layout: FlatLayout, *, timeout_seconds: f
             time.sleep(0.2)
         except PermissionError:
             raise
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
             raise _unreachable(url, e) from e
     FlatLayout.from_json(manifest["layout"]).check_matches(layout, "this model")
     return RunWriter(run, manifest)
@@ -384,7 +398,7 @@ class RunWriter:
                 if os.path.basename(p) not in keep:
                     fs.rm_file(p)
                     removed += 1
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
             log.warning("could not clean up %s: %s", self._run.describe(self._run.seq_dir(seq)), e)
         return removed
 

@@ -76,7 +76,9 @@ class SeaweedS3:
             time.sleep(0.2)
         cmd = [self.weed, "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-s3", f"-s3.port={p['s3']}", f"-master.port={p['master']}",
-               f"-volume.port={p['volume']}", f"-filer.port={p['filer']}"]
+               f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+               # These gateways default to fixed ports that collide between servers; not needed.
+               "-s3.port.iceberg=0", "-s3.port.lance=0"]
         self._log = open(self.data_dir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -122,6 +124,13 @@ class SeaweedS3:
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
+
+    def pause(self) -> None:
+        """SIGSTOP: requests hang (uploads stay in flight) until ``resume()``."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
 
     def restart(self) -> None:
         self.kill()

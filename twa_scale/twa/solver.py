@@ -271,7 +271,7 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
             dt = time.perf_counter() - tp
             proj_seconds += dt
             _metrics().twa_projection(dt)
-            theta.grad = c
+            theta.grad = c.to(theta.dtype)
             opt.step()
             basis.reconstruct(theta.detach(), out=w_local)
             flat.assemble(w_local, params)

@@ -243,7 +243,7 @@ class Basis:
     num_coef_blocks: int            # L (1 in global mode)
     k: int                          # number of directions
     M: torch.Tensor                 # L x k x n float64: P_l = M_l X_l
-    theta0: torch.Tensor            # k x L: coordinates of the start point
+    theta0: torch.Tensor            # k x L float64: coordinates of the start point
     alpha_start: torch.Tensor       # n float64: w_start = sum alpha_start_i w_i
     w_start: torch.Tensor           # d_r fp32
     dense: torch.Tensor | None      # k x d_r (fp32 or fp16) when not quantised
@@ -269,7 +269,8 @@ class Basis:
 
     def reconstruct(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """w[S_r] = w_start + Pᵀ (theta - theta0) per block, written into ``out``."""
-        delta = (theta.detach() - self.theta0).to(torch.float32)
+        # coefficients stay float64 (they are few); the wide product runs in fp32
+        delta = (theta.detach().double() - self.theta0).to(torch.float32)
         if out is None:
             out = torch.empty_like(self.w_start)
         if self.quant is None and self.num_coef_blocks == 1 and self.dense.dtype == torch.float32:
@@ -329,7 +330,13 @@ def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tup
                          f"(relative residuals {report['residuals_raw']}); TWA needs at least 2 "
                          "independent snapshots - are they identical?")
     combo = eye if directions == "raw" else eye - 1.0 / n
-    w_start = (alpha_start.float() @ local) if d else local.new_zeros(0)
+    # the start point in float64, rounded once: --epochs 0 then returns the SWA mean exactly
+    w_start = torch.empty(d, dtype=torch.float32, device=dev)
+    uniform = bool((alpha_start == alpha_start[0]).all())
+    for c0 in range(0, d, max_columns):
+        chunk = local[:, c0:c0 + max_columns].double()
+        # uniform weights as sum / n: the same rounding as the natural SWA reference mean(0)
+        w_start[c0:c0 + max_columns] = (chunk.sum(0) / n if uniform else alpha_start @ chunk).float()
     a_dir = alpha_start if directions == "raw" else alpha_start - 1.0 / n
 
     if not layerwise:
@@ -338,7 +345,7 @@ def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tup
         k = q.shape[0]
         if k == 0:
             raise ValueError("no independent direction left after centring: the snapshots are identical")
-        theta0 = (m @ g @ a_dir).float().unsqueeze(1)  # coordinates of (w_start - base) on Q
+        theta0 = (m @ g @ a_dir).unsqueeze(1)  # coordinates of (w_start - base) on Q
         report.update(kept=res["kept"], dropped=res["dropped"], residuals=[round(x, 9) for x in res["residuals"]])
         num_l, m_all = 1, m.unsqueeze(0)
     else:
@@ -354,7 +361,7 @@ def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tup
         for p in pieces:
             v[:, p.lo:p.hi] *= inv[:, p.block].float().unsqueeze(1)
         q = v
-        theta0 = (a_dir.unsqueeze(1) * norms).float()        # exact: w_start - base = sum a_i w_i per block
+        theta0 = a_dir.unsqueeze(1) * norms                   # exact: w_start - base = sum a_i w_i per block
         m_all = inv.T.unsqueeze(2) * combo.unsqueeze(0)         # M_l = diag(1/norm_l) combo
         zero_blocks = int((norms == 0).sum())
         report.update(kept=list(range(n)), dropped=[], zero_blocks=zero_blocks)

@@ -1,0 +1,39 @@
+"""Run Trainable Weight Averaging over the snapshots of a training run, on any number of ranks.
+
+    deepspeed --num_gpus 3 launch/twa.py --snapshot-url file:///tmp/twa_runs --run-id resnet20-cifar10-s0 \
+        --select 1:101 --epochs 10 --lr 2
+
+Paper mode is the default (lr 2, 10 epochs, CIFAR); ImageNet: `--preset paper_imagenet` (lr 0.3, 2 epochs).
+Journal mode: `--preset journal`, or `--directions centered --coefficients layerwise --optimizer adamw
+--schedule cosine --warmup 0.1 --weight-decay 0 --p-bits 4 --fit-on holdout`.
+Writes result.json, model.safetensors and coefficients.png under --output (default <snapshot-url>/<run-id>/twa/).
+See `python launch/twa.py --help` for every flag.
+"""
+import logging
+import sys
+
+from twa_scale import comm
+from twa_scale.twa import parse_twa_args
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_twa_args()
+    except ValueError as e:  # bad flags: one line, before any process group exists
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from twa_scale.twa import run_twa
+
+    try:
+        run_twa(cfg)
+    except (ValueError, OSError, KeyError) as e:  # bad input: one line naming the thing at fault
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        comm.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

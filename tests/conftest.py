@@ -1,0 +1,84 @@
+"""Shared fixtures: a real S3 server (SeaweedFS) and one store URL per backend.
+
+``s3_server`` is one ``weed server`` for the whole session, with the standard AWS variables
+pointing at it for every test. ``fresh_s3`` is a private server for fault tests that kill,
+pause or restart it. ``store_url`` runs a test once per backend: memory://, file:// and s3://.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from tests.support.s3 import SeaweedS3
+
+
+def _clear_s3fs_cache() -> None:
+    # s3fs caches filesystem instances by their arguments, not by AWS_ENDPOINT_URL.
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _point_env_at(server: SeaweedS3) -> dict[str, str | None]:
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    _clear_s3fs_cache()
+    return saved
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _clear_s3fs_cache()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on free loopback ports; AWS_* env points at it. Stopped by PID."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    saved = _point_env_at(server)
+    try:
+        yield server
+    finally:
+        server.stop(grace_seconds=2.0)
+        _restore_env(saved)
+
+
+@pytest.fixture
+def s3_url(s3_server) -> str:
+    """A fresh prefix in a shared bucket of the session server."""
+    os.environ.update(s3_server.env)
+    return f"s3://twa-test/{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def fresh_s3(tmp_path):
+    """A private SeaweedFS server that the test may kill -9, pause and restart."""
+    server = SeaweedS3(tmp_path / "seaweedfs").start()
+    saved = _point_env_at(server)
+    try:
+        yield server
+    finally:
+        try:
+            server.resume()
+        except (OSError, AttributeError):
+            pass
+        server.stop(grace_seconds=1.0)
+        _restore_env(saved)
+
+
+@pytest.fixture(params=["memory", "file", pytest.param("s3", marks=pytest.mark.s3)])
+def store_url(request, tmp_path) -> str:
+    """One store URL per backend; the s3 case uses the session SeaweedFS server."""
+    if request.param == "memory":
+        return f"memory://twa-{uuid.uuid4().hex[:10]}"
+    if request.param == "file":
+        return (tmp_path / "store").as_uri()
+    return request.getfixturevalue("s3_url")

@@ -1,0 +1,195 @@
+"""TWA maths in one process: basis vs Gram-Schmidt, projection vs the authors' dense
+formulation, dropping of dependent snapshots, quantisation bounds, coefficient form."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from twa_scale.layout import FlatLayout
+from twa_scale.models import build_model
+from twa_scale.twa.config import TwaConfig, parse_select, parse_twa_args
+from twa_scale.twa.solver import ShardedFlat, make_schedule, select_snapshots, SnapshotRef
+from twa_scale.twa.subspace import (build_basis, gram, pack_bits, quantize_rows, sequential_cholesky,
+                                    unpack_bits)
+from twa_scale.twa.testing import gram_schmidt
+
+
+def _trajectory(n=6, d=2000, seed=0):
+    """Correlated snapshots like an SGD trajectory: a common point plus a drifting walk."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, generator=g)
+    steps = 0.05 * torch.randn(n, d, generator=g)
+    return base + steps.cumsum(0)
+
+
+BLOCKS = [(0, 700), (700, 701), (701, 1500), (1500, 2000)]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_basis_equals_sequential_gram_schmidt():
+    x = _trajectory()
+    b = build_basis(x, 0, x.shape[1], BLOCKS)
+    ref = gram_schmidt(x)
+    assert b.k == ref.shape[0] == 6
+    assert _rel(b.dense, ref) < 1e-5
+    eye = torch.eye(b.k, dtype=torch.float64)
+    assert (b.dense.double() @ b.dense.double().T - eye).abs().max() < 1e-5
+
+
+def test_projection_and_reconstruction_match_authors_dense_formulation():
+    x = _trajectory()
+    b = build_basis(x, 0, x.shape[1], BLOCKS)
+    ref = gram_schmidt(x)
+    g = torch.randn(x.shape[1])
+    c = b.project(g)
+    assert _rel(c[:, 0], ref @ g.double()) < 1e-5
+    pg = b.reconstruct(b.theta0 + c) - b.w_start
+    assert _rel(pg, ref.T @ (ref @ g.double())) < 1e-5
+
+
+def test_start_point_is_swa_mean_and_alpha_reconstructs_weights():
+    x = _trajectory()
+    b = build_basis(x, 0, x.shape[1], BLOCKS)
+    assert torch.equal(b.reconstruct(b.theta0), x.double().mean(0).float())
+    theta = b.theta0 + 0.3 * torch.randn_like(b.theta0)
+    w = b.reconstruct(theta)
+    alpha = b.alpha(theta)[:, 0]
+    assert _rel(w, alpha @ x.double()) < 1e-5
+
+
+def test_start_at_a_snapshot():
+    x = _trajectory()
+    a = torch.zeros(6, dtype=torch.float64)
+    a[2] = 1
+    for layerwise in (False, True):
+        for directions in ("raw", "centered"):
+            b = build_basis(x, 0, x.shape[1], BLOCKS, alpha_start=a, layerwise=layerwise, directions=directions)
+            assert torch.equal(b.reconstruct(b.theta0), x[2])
+            # theta0 really holds the start point's coordinates: base + sum theta0[i, l] P_il = x[2]
+            base = torch.zeros(x.shape[1], dtype=torch.float64) if directions == "raw" else x.double().mean(0)
+            w = base.clone()
+            for p in b.pieces:
+                w[p.lo:p.hi] += b.dense[:, p.lo:p.hi].double().T @ b.theta0[:, p.coef].double()
+            assert _rel(w, x[2]) < 1e-5
+
+
+@pytest.mark.parametrize("directions", ["raw", "centered"])
+def test_layerwise_alpha_is_exact(directions):
+    x = _trajectory()
+    b = build_basis(x, 0, x.shape[1], BLOCKS, layerwise=True, directions=directions)
+    assert b.num_coef_blocks == len(BLOCKS) and b.k == 6
+    theta = b.theta0 + torch.randn_like(b.theta0)
+    w = b.reconstruct(theta)
+    a = b.alpha(theta)
+    ref = torch.cat([a[:, l] @ x[:, s:e].double() for l, (s, e) in enumerate(BLOCKS)])
+    assert _rel(w, ref) < 1e-5
+    # gradient in coefficient form: c[i, l] = <P_il, g>, each P_il of unit norm
+    g = torch.randn(x.shape[1])
+    c = b.project(g)
+    for l, (s, e) in enumerate(BLOCKS):
+        p = b.dense[:, s:e]
+        assert torch.allclose(p.norm(dim=1), torch.ones(6), atol=1e-5)
+        assert torch.allclose(c[:, l], p @ g[s:e], atol=1e-4)
+
+
+def test_centered_global_drops_the_mean_direction_and_reports_it():
+    x = _trajectory()
+    b = build_basis(x, 0, x.shape[1], BLOCKS, directions="centered")
+    assert b.k == 5 and b.report["dropped"] == [5]
+    assert torch.equal(b.reconstruct(b.theta0), x.double().mean(0).float())
+
+
+def test_nearly_dependent_snapshots_are_dropped_never_nan():
+    x = _trajectory(n=5)
+    x = torch.cat([x[:3], (0.5 * x[0] + 0.5 * x[1] + 1e-9 * torch.randn_like(x[0]))[None], x[3:]])
+    b = build_basis(x, 0, x.shape[1], BLOCKS)
+    assert b.report["dropped"] == [3]
+    assert b.k == 5
+    assert torch.isfinite(b.dense).all()
+    g = torch.randn(x.shape[1])
+    ref = gram_schmidt(x)
+    assert _rel(b.reconstruct(b.theta0 + b.project(g)) - b.w_start, ref.T @ (ref @ g.double())) < 1e-5
+
+
+def test_identical_snapshots_are_rejected():
+    x = _trajectory(n=1).repeat(4, 1)
+    with pytest.raises(ValueError, match="dimension 1"):
+        build_basis(x, 0, x.shape[1], BLOCKS)
+
+
+def test_sequential_cholesky_matches_qr_r():
+    x = _trajectory().double()
+    r, kept, _ = sequential_cholesky(gram(x), 1e-9)
+    _, r_qr = torch.linalg.qr(x.T)
+    assert kept == list(range(6))
+    assert torch.allclose(r, r_qr * torch.sign(torch.diagonal(r_qr)).unsqueeze(1), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_roundtrip_and_size(bits):
+    codes = torch.randint(0, 1 << bits, (3, 37), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, math.ceil(40 * bits / 8))
+    assert torch.equal(unpack_bits(packed, bits, 37), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_quantised_p_dequantises_within_its_bound(bits):
+    x = _trajectory()
+    dense = build_basis(x, 0, x.shape[1], BLOCKS)
+    q = build_basis(x, 0, x.shape[1], BLOCKS, bits=bits)
+    assert q.nbytes < dense.nbytes * bits / 32 + 16 * q.k * len(q.pieces)  # packed: memory really shrinks
+    for piece, rows in zip(q.pieces, q.quant):
+        exact = dense.dense[:, piece.lo:piece.hi]
+        err = (rows.dequantize() - exact).abs()
+        assert (err <= rows.max_error().unsqueeze(1)).all()
+        # min/max quantisation hits both ends of every (direction, block) range
+        levels = (1 << bits) - 1
+        assert torch.allclose(rows.scale * levels + rows.lo, exact.amax(1), atol=1e-6)
+    # the quantised basis keeps the start point exact and its alpha still reconstructs it
+    assert torch.equal(q.reconstruct(q.theta0), x.double().mean(0).float())
+
+
+def test_quantize_rows_constant_row_is_exact():
+    x = torch.full((2, 10), 0.25)
+    rows = quantize_rows(x, 4)
+    assert torch.equal(rows.dequantize(), x)
+
+
+def test_schedules():
+    f = make_schedule("step", 100, 0.0)
+    assert [f(0), f(49), f(50), f(74), f(75), f(99)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    lin = make_schedule("linear", 10, 0.0)
+    assert lin(0) == 1.0 and lin(5) == 0.5
+    cos = make_schedule("cosine", 110, 10 / 110)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0) and cos(10) == pytest.approx(1.0)
+    assert make_schedule("constant", 5, 0)(4) == 1.0
+
+
+def test_select_and_config_validation():
+    infos = [SnapshotRef(s) for s in range(0, 11)]
+    assert [r.seq for r in select_snapshots(infos, None)] == list(range(1, 11))
+    assert [r.seq for r in select_snapshots(infos, "2:8:3")] == [2, 5]
+    assert [r.seq for r in select_snapshots(infos, ":3")] == [0, 1, 2]
+    with pytest.raises(ValueError, match="--select"):
+        parse_select("1-5")
+    with pytest.raises(ValueError, match="--lr"):
+        TwaConfig(snapshot_url="memory://x", run_id="r", lr=0)
+    with pytest.raises(ValueError, match="--p-bits"):
+        TwaConfig(snapshot_url="memory://x", run_id="r", p_bits=3)
+    cfg = parse_twa_args(["--snapshot-url", "memory://x", "--run-id", "r", "--preset", "paper_imagenet"])
+    assert (cfg.lr, cfg.epochs, cfg.mode) == (0.3, 2, "paper")
+    cfg = parse_twa_args(["--snapshot-url", "memory://x", "--run-id", "r", "--preset", "journal", "--p-bits", "4"])
+    assert (cfg.directions, cfg.coefficients, cfg.optimizer, cfg.p_bits, cfg.mode) == \
+        ("centered", "layerwise", "adamw", 4, "journal")
+
+
+def test_world_larger_than_d_is_rejected():
+    layout = FlatLayout.from_model(build_model("mlp", 10))
+    with pytest.raises(ValueError, match="larger than the number of parameters"):
+        ShardedFlat(layout, layout.D + 1, 0, torch.device("cpu"))
