@@ -138,3 +138,17 @@ def test_bad_input_fails_before_training(tmp_path, extra, needle):
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and needle in err[0], proc.stderr[-2000:]
     assert "epoch 1/" not in proc.stdout
+
+
+def test_init_from_snapshot_starts_at_those_weights(tmp_path):
+    url = f"file://{tmp_path}/snap"
+    common = ["--data", "digits", "--model", "mlp", "--no-twa", "--snapshot-url", url]
+    python("launch/train.py", common + ["--epochs", "1", "--run-id", "a", "--checkpoint-dir", str(tmp_path / "a")])
+    python("launch/train.py", common + ["--epochs", "0", "--run-id", "b", "--init-from", f"{url}/a@1",
+                                        "--checkpoint-dir", str(tmp_path / "b")])
+    a, b = open_run(url, "a"), open_run(url, "b")
+    assert [s.seq for s in b.snapshots()] == [0]
+    assert b.read(0).equal(a.read(1)) and not b.read(0).equal(a.read(0))
+    bad = python("launch/train.py", common + ["--epochs", "0", "--run-id", "c", "--init-from", f"{url}/a@7",
+                                              "--checkpoint-dir", str(tmp_path / "c")], check=False)
+    assert bad.returncode != 0 and "snapshot 7 is not committed" in bad.stderr

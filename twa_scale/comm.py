@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "init", "is_distributed", "rank", "world_size", "local_rank", "node_rank",
+    "init", "is_distributed", "rank", "world_size", "local_rank", "local_world_size", "node_rank",
     "all_reduce", "reduce_scatter", "all_gather", "broadcast_object", "barrier", "device", "destroy",
 ]
 
@@ -57,6 +57,11 @@ def world_size() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Ranks on this node (torchrun: LOCAL_WORLD_SIZE; deepspeed's launcher: LOCAL_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
 
 
 def node_rank() -> int:

@@ -57,6 +57,9 @@ class TrainConfig:
     """Local directory (disk or PVC) for DeepSpeed checkpoints; None uses ./twa_checkpoints/<run-id>."""
     resume: bool = False
     """Continue from the latest DeepSpeed checkpoint in checkpoint_dir."""
+    init_from: str | None = None
+    """Start from the weights of a committed snapshot, `URL/RUN@SEQ` (e.g. a tail-stage run that
+    continues a finished run at a constant learning rate). BatchNorm statistics re-adapt in training."""
     holdout_fraction: float = 0.0
     """Fraction of the training set held out (excluded from training) for TWA-v to fit on."""
     limit_train: int | None = None
@@ -118,6 +121,14 @@ class TrainConfig:
             self.run_id = f"{self.model}-{Path(self.data).name or 'data'}-s{self.seed}"
         if self.checkpoint_dir is None:
             self.checkpoint_dir = str(Path.cwd() / "twa_checkpoints" / self.run_id)
+
+    def parse_init_from(self) -> tuple[str, str, int]:
+        """(snapshot URL, run id, seq) of --init-from."""
+        run_url, sep, seq = (self.init_from or "").rpartition("@")
+        url, _, run_id = run_url.rstrip("/").rpartition("/")
+        if not sep or not url or not run_id or not seq.isdigit():
+            raise ValueError(f"--init-from: expected URL/RUN@SEQ (e.g. file:///runs/r1@10), got {self.init_from!r}")
+        return url, run_id, int(seq)
 
     @property
     def run_url(self) -> str:

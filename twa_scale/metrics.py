@@ -275,10 +275,13 @@ def setup(*, run_id: str, role: str, port: int | None = DEFAULT_PORT, addr: str 
     if max_series < 1:
         raise ValueError(f"metrics.setup: max_series {max_series} must be >= 1")
     with _lock:
-        if not port:
-            if _state.families is None:
-                log.info("metrics: disabled (--metrics-port 0)")
+        if not port and _state.families is None:
+            log.info("metrics: disabled (--metrics-port 0)")
             return
+        # Already enabled in this process (train.py --twa: the TWA stage calls setup again): keep
+        # the running exporter and only rebind the labels, whatever port the second call names.
+        if port and _state.families is not None and _state.port not in (None, int(port)):
+            log.warning("metrics: exporter already serves port %s; ignoring port %s", _state.port, port)
         rank = _env_int("RANK", 0)
         local_rank = _env_int("LOCAL_RANK", 0)
         node = os.environ.get("TWA_NODE_NAME") or socket.gethostname()

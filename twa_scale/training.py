@@ -52,13 +52,19 @@ def _on_rank0(fn):
         raise ValueError(err)
 
 
+def _share_cpu_threads(device: torch.device) -> None:
+    """Split the node's cores between its local ranks: torch defaults every process to all
+    cores, which oversubscribes a CPU node W-fold. An explicit OMP_NUM_THREADS wins."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.local_world_size()))
+
+
 def _default_workers(cfg: TrainConfig) -> int:
     if cfg.num_workers is not None:
         return cfg.num_workers
     if cfg.data == "digits":
         return 0  # in-memory tensors
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(0, min(4, (os.cpu_count() or 1) // local - 1))
+    return max(0, min(4, (os.cpu_count() or 1) // comm.local_world_size() - 1))
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -68,6 +74,7 @@ def run_training(cfg: TrainConfig) -> dict:
 
     comm.init()
     rank, world, device = comm.rank(), comm.world_size(), comm.device()
+    _share_cpu_threads(device)
     metrics.setup(run_id=cfg.run_id, role="train", port=cfg.metrics_port, addr=cfg.metrics_addr)
     ds = load_ds_config(cfg.deepspeed_config)
     _, micro, accum = resolve_batch(ds, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, world=world)
@@ -80,6 +87,8 @@ def run_training(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = build_model(cfg.model, data.num_classes).to(device)
     layout = FlatLayout.from_model(model)
+    if cfg.init_from:
+        _load_snapshot(model, cfg)
     meta = {"model": cfg.model, "num_classes": data.num_classes, "image_size": data.image_size,
             "data": cfg.data, "config": cfg.to_dict()}
     # The store is checked before any training step: an unwritable URL fails here, on every rank.
@@ -143,6 +152,17 @@ def run_training(cfg: TrainConfig) -> dict:
         _write_metrics(cfg, history, final=final)
     comm.barrier()
     return final
+
+
+def _load_snapshot(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Initialise the trainable weights from --init-from (same on every rank)."""
+    from twa_scale import store
+
+    url, run_id, seq = cfg.parse_init_from()
+    reader = store.open_run(url, run_id)
+    if seq not in {s.seq for s in reader.snapshots()}:
+        raise ValueError(f"--init-from {cfg.init_from}: snapshot {seq} is not committed in {url}/{run_id}")
+    model.load_state_dict(reader.state_dict(seq, model))
 
 
 def _in_main_thread() -> bool:

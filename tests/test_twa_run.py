@@ -1,0 +1,166 @@
+"""The TWA stage end to end through the store (file://), in one process, plus bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+from safetensors.torch import load as st_load
+
+from tests.support import free_port
+from twa_scale.layout import FlatLayout
+from twa_scale.models import build_model
+from twa_scale.twa import TwaConfig, run_twa
+from twa_scale.twa.testing import digits_config, make_trajectory, write_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def mlp_traj():
+    return make_trajectory(digits_config(), 6)
+
+
+@pytest.fixture()
+def mlp_run(mlp_traj, tmp_path):
+    model, snaps = mlp_traj
+    url = f"file://{tmp_path}/store"
+    write_run(url, "mlp", model, snaps, cfg=digits_config(), writer_world=2)
+    return url, model, snaps
+
+
+def _final_weights(url: str, run_id: str, model_name: str, num_classes: int = 10):
+    """The written model file, loaded without unpickling, as the flat trainable vector."""
+    with fsspec.open(f"{url}/{run_id}/twa/model.safetensors", "rb") as f:
+        sd = st_load(f.read())
+    model = build_model(model_name, num_classes)
+    model.load_state_dict(sd)
+    layout = FlatLayout.from_model(model)
+    return layout.gather(layout.trainable(model), 0, layout.D), sd
+
+
+def test_paper_mode_writes_outputs_and_stays_in_the_span(mlp_run):
+    url, model, snaps = mlp_run
+    res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=2, batch_size=48))
+    fs, root = fsspec.core.url_to_fs(f"{url}/mlp/twa")
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root))
+    assert names == ["coefficients.png", "model.safetensors", "result.json"]
+    on_disk = json.loads(fs.cat_file(f"{root}/result.json"))
+    assert on_disk["mode"] == "paper" and [s["seq"] for s in on_disk["snapshots"]] == [1, 2, 3, 4, 5, 6]
+    assert len(on_disk["epochs"]) == 2 and on_disk["swa_accuracy"] is not None and on_disk["twa_accuracy"] is not None
+    assert on_disk["reduced_floats_per_step"] == 6
+    assert on_disk["bytes_read_per_rank"] == [6 * FlatLayout.from_model(model).D * 4]
+    w, _ = _final_weights(url, "mlp", "mlp")
+    x = torch.stack(snaps[1:]).double()
+    # the final weights lie in the span of the selected snapshots...
+    coef = torch.linalg.lstsq(x.T, w.double().unsqueeze(1)).solution
+    assert _rel((x.T @ coef).squeeze(1), w) < 1e-5
+    # ...and the reported alpha reproduces them
+    alpha = torch.tensor(res["alpha"], dtype=torch.float64)
+    assert _rel(alpha @ x, w) < 1e-5
+
+
+def test_epochs_0_reproduces_the_swa_point_exactly(mlp_run):
+    url, _, snaps = mlp_run
+    res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=0, batch_size=48))
+    w, _ = _final_weights(url, "mlp", "mlp")
+    assert torch.equal(w, torch.stack(snaps[1:]).double().mean(0).float())
+    assert res["alpha"] == pytest.approx([1 / 6] * 6, abs=1e-12)
+    assert res["twa_accuracy"] == res["swa_accuracy"]
+
+
+def test_start_from_a_snapshot_with_epochs_0(mlp_run):
+    url, _, snaps = mlp_run
+    run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=0, start=4, select="2:7", batch_size=48))
+    w, _ = _final_weights(url, "mlp", "mlp")
+    assert torch.equal(w, snaps[4])
+
+
+def test_journal_mode_with_batchnorm_on_holdout(tmp_path):
+    """resnet20 (BatchNorm): centred, layer-wise, AdamW + cosine, 4-bit P, fit on the hold-out split."""
+    cfg = digits_config(model="resnet20", holdout_fraction=0.2, limit_train=96, limit_val=48)
+    model, snaps = make_trajectory(cfg, 4, steps_between=2, lr=0.05)
+    url = f"file://{tmp_path}/store"
+    write_run(url, "r20", model, snaps, cfg=cfg, writer_world=1)
+    res = run_twa(TwaConfig(snapshot_url=url, run_id="r20", epochs=1, batch_size=32, directions="centered",
+                            coefficients="layerwise", block_size=20000, optimizer="adamw", schedule="cosine",
+                            warmup=0.2, weight_decay=0.0, lr=0.01, p_bits=4, fit_on="holdout", bn_batches=2))
+    layout = FlatLayout.from_model(model)
+    assert res["mode"] == "journal"
+    n_blocks = len(layout.blocks(20000))
+    assert torch.tensor(res["alpha"]).shape == (4, n_blocks)
+    assert res["reduced_floats_per_step"] == 4 * n_blocks
+    # packed 4-bit P: about an eighth of fp32 (plus per-(snapshot, block) ranges)
+    assert res["p_bytes_per_rank"][0] < 4 * layout.D * 4 / 8 * 1.1
+    _, sd = _final_weights(url, "r20", "resnet20")
+    means = [v for k, v in sd.items() if k.endswith("running_mean")]
+    assert means and all(torch.isfinite(m).all() for m in means)
+    assert any(m.abs().sum() > 0 for m in means)  # recalibrated, not the reset zeros
+
+
+def _no_output(url: str, run_id: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(f"{url}/{run_id}/twa")
+    return not fs.exists(root) or not fs.ls(root)
+
+
+def test_fewer_than_two_snapshots(mlp_run):
+    url, _, _ = mlp_run
+    with pytest.raises(ValueError, match="at least 2 snapshots"):
+        run_twa(TwaConfig(snapshot_url=url, run_id="mlp", select="3:4"))
+    assert _no_output(url, "mlp")
+
+
+def test_identical_snapshots(mlp_traj, tmp_path):
+    model, snaps = mlp_traj
+    url = f"file://{tmp_path}/store"
+    write_run(url, "same", model, [snaps[0]] + [snaps[2]] * 4, cfg=digits_config(), writer_world=1)
+    with pytest.raises(ValueError, match="dimension 1"):
+        run_twa(TwaConfig(snapshot_url=url, run_id="same"))
+    assert _no_output(url, "same")
+
+
+def test_different_layout(mlp_traj, tmp_path):
+    model, snaps = mlp_traj
+    url = f"file://{tmp_path}/store"
+    # the manifest claims 7 classes: the model TWA rebuilds has another layout than the snapshots
+    write_run(url, "bad", model, snaps, cfg=digits_config(), num_classes=7, writer_world=1)
+    with pytest.raises(ValueError, match="layout mismatch"):
+        run_twa(TwaConfig(snapshot_url=url, run_id="bad"))
+    assert _no_output(url, "bad")
+
+
+def test_corrupted_shard_names_the_object(mlp_run, tmp_path):
+    url, _, _ = mlp_run
+    victim = sorted((tmp_path / "store" / "mlp" / "snapshots" / "00000003").glob("shard-00001-of-00002*.bin"))[0]
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(OSError, match=victim.name):
+        run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=1, batch_size=48))
+    assert _no_output(url, "mlp")
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_deepspeed_launch_on_3_ranks(mlp_run, tmp_path):
+    """`deepspeed --num_gpus 3 launch/twa.py` (gloo on CPU) on snapshots written by 2 ranks."""
+    url, _, _ = mlp_run
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("WORLD_SIZE", None)
+    cmd = ["deepspeed", "--num_gpus", "3", "--master_port", str(free_port()), "launch/twa.py",
+           "--snapshot-url", url, "--run-id", "mlp", "--epochs", "1", "--batch-size", "48",
+           "--output", f"{url}/ds_out"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(fsspec.open(f"{url}/ds_out/result.json").open().read())
+    assert res["world_size"] == 3 and len(res["bytes_read_per_rank"]) == 3
+    assert "TWA" in proc.stdout
