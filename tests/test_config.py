@@ -89,3 +89,10 @@ def test_step_schedule_matches_paper_recipe():
     c = [lr_factor(s, total, schedule="cosine", warmup_steps=10) for s in range(total)]
     assert c[0] == pytest.approx(0.1) and c[9] == 1.0 and c[10] == 1.0 and c[-1] < 0.001
     assert all(a >= b for a, b in zip(c[10:], c[11:]))
+
+
+def test_help_lists_every_flag():
+    from twa_scale.config import build_train_parser
+
+    text = build_train_parser().format_help()
+    assert "--snapshot-url" in text and "--init-from" in text and "50%" in text

@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -171,3 +170,24 @@ def test_monitoring_objects_match_the_pods():
     assert dash_cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     on_disk = json.loads((K8S / "base" / "monitoring" / "twa-scale-dashboard.json").read_text())
     assert json.loads(dash_cm["data"]["twa-scale-dashboard.json"]) == on_disk
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_job_args_parse_with_the_real_cli(target, monkeypatch):
+    """The args each Job passes (after Kubernetes' $(VAR) expansion) are accepted by train.py / twa.py."""
+    from twa_scale.config import parse_train_args
+    from twa_scale.twa import parse_twa_args
+
+    docs = render(target)
+    config = one(docs, "ConfigMap", "twa-scale-config")["data"]
+    for name, parse in (("twa-train", parse_train_args), ("twa-average", parse_twa_args)):
+        c = one(docs, "Job", name)["spec"]["template"]["spec"]["containers"][0]
+        env = {**config, **env_of(c)}
+        args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]
+        # paths that exist only inside the pod
+        args = [a.replace("/etc/twa-scale/ds/", f"{REPO}/ds_configs/") for a in args]
+        args = ["--data=digits" if a.startswith("--data=/") else a for a in args]
+        args += ["--metrics-port", env["TWA_METRICS_PORT"]]   # what k8s-entry.sh appends
+        cfg = parse(args)
+        assert cfg.run_id == config["RUN_ID"] and cfg.snapshot_url == config["SNAPSHOT_URL"]
+        assert cfg.metrics_port == 9400

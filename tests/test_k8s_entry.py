@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -92,8 +91,6 @@ def test_worker_fails_naming_an_unresolvable_master():
 @pytest.mark.slow
 def test_two_pods_train_one_epoch_together(tmp_path):
     require_binary("deepspeed")
-    if not (REPO / "launch" / "train.py").is_file():
-        pytest.skip("launch/train.py not written yet")
     port = free_port()
     snap = tmp_path / "snap"
     args = ["--data", "digits", "--model", "resnet20", "--epochs", "1", "--limit-train", "512",

@@ -139,7 +139,9 @@ def test_coefficients_are_bounded_and_role_switch_keeps_exporter():
         import urllib.request
         metrics.setup(run_id="coef", role="train", port={port}, addr="127.0.0.1", max_series=8)
         metrics.train_step(0.1, 4, 1.0, 0.1)
-        metrics.setup(run_id="coef", role="twa", port={port}, addr="127.0.0.1", max_series=8)
+        # train.py --twa: the TWA stage sets up again (here with port 0): same exporter, new role
+        metrics.setup(run_id="coef", role="twa", port=0)
+        assert metrics.server_port() == {port}
         import torch
         metrics.twa_coefficients(torch.full((5, 4), 0.05))   # n x L layer-wise: 20 values
         metrics.twa_step(0.3); metrics.twa_eval(0.9); metrics.twa_effective_rank(5)

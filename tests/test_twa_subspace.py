@@ -138,20 +138,25 @@ def test_pack_unpack_roundtrip_and_size(bits):
     assert torch.equal(unpack_bits(packed, bits, 37), codes)
 
 
+@pytest.mark.parametrize("layerwise", [False, True])
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_quantised_p_dequantises_within_its_bound(bits):
+def test_quantised_p_dequantises_within_its_bound(bits, layerwise):
     x = _trajectory()
-    dense = build_basis(x, 0, x.shape[1], BLOCKS)
-    q = build_basis(x, 0, x.shape[1], BLOCKS, bits=bits)
-    assert q.nbytes < dense.nbytes * bits / 32 + 16 * q.k * len(q.pieces)  # packed: memory really shrinks
-    for piece, rows in zip(q.pieces, q.quant):
-        exact = dense.dense[:, piece.lo:piece.hi]
-        err = (rows.dequantize() - exact).abs()
-        assert (err <= rows.max_error().unsqueeze(1)).all()
-        # min/max quantisation hits both ends of every (direction, block) range
-        levels = (1 << bits) - 1
-        assert torch.allclose(rows.scale * levels + rows.lo, exact.amax(1), atol=1e-6)
-    # the quantised basis keeps the start point exact and its alpha still reconstructs it
+    dense = build_basis(x, 0, x.shape[1], BLOCKS, layerwise=layerwise)
+    q = build_basis(x, 0, x.shape[1], BLOCKS, bits=bits, layerwise=layerwise)
+    # packed: memory really shrinks (plus ranges, a group index, and fp32 columns at block edges)
+    d = x.shape[1]
+    assert q.nbytes <= dense.nbytes * bits / 32 + d / 2 + 4 * q.k * (16 * len(BLOCKS) + 8) + 16 * q.k * len(q.pieces)
+    err = (q.dequantized() - dense.dense).abs()
+    assert (err <= q.max_error()).all()
+    # min/max quantisation: each (direction, block) range is hit at both ends
+    levels = (1 << bits) - 1
+    deq = q.dequantized()
+    for b0, b1 in BLOCKS:
+        if b1 - b0 > 8:
+            assert torch.allclose(deq[:, b0 + 8:b1 - 8].amax(1), dense.dense[:, b0:b1].amax(1), atol=1e-6) or \
+                torch.allclose(deq[:, b0:b1].amax(1), dense.dense[:, b0:b1].amax(1), atol=1e-6)
+    # the quantised basis keeps the start point exact
     assert torch.equal(q.reconstruct(q.theta0), x.double().mean(0).float())
 
 
@@ -193,3 +198,23 @@ def test_world_larger_than_d_is_rejected():
     layout = FlatLayout.from_model(build_model("mlp", 10))
     with pytest.raises(ValueError, match="larger than the number of parameters"):
         ShardedFlat(layout, layout.D + 1, 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("layerwise,kernel", [(False, "runs"), (False, "gather"), (True, "runs")])
+def test_quantised_products_equal_dequantised_dense(bits, layerwise, kernel, monkeypatch):
+    monkeypatch.setenv("TWA_CHUNK_COLUMNS", "96")  # several kernel chunks per slice
+    monkeypatch.setenv("TWA_GROUPED_KERNEL", kernel)  # the GPU (gather) and CPU (runs) paths
+    """project/reconstruct read packed codes directly; they must equal the dequantised P's products."""
+    x = _trajectory()
+    q = build_basis(x, 0, x.shape[1], BLOCKS, bits=bits, max_columns=300, layerwise=layerwise)
+    deq = q.dequantized()
+    g = torch.randn(x.shape[1])
+    blocks = BLOCKS if layerwise else [(0, x.shape[1])]
+    c = q.project(g)
+    for l, (b0, b1) in enumerate(blocks):
+        assert _rel(c[:, l], deq[:, b0:b1] @ g[b0:b1]) < 1e-5
+    theta = q.theta0 + torch.randn_like(q.theta0)
+    delta = (theta - q.theta0).float()
+    ref = torch.cat([deq[:, b0:b1].T @ delta[:, l] for l, (b0, b1) in enumerate(blocks)])
+    assert _rel(q.reconstruct(theta) - q.w_start, ref) < 1e-5

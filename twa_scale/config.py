@@ -220,5 +220,6 @@ def _field_docs() -> dict[str, str]:
     body, docs = tree.body[0].body, {}
     for prev, node in zip(body, body[1:]):
         if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[prev.target.id] = " ".join(str(node.value.value).split())
+            # argparse %-formats help strings: "50%" must be written "50%%".
+            docs[prev.target.id] = " ".join(str(node.value.value).split()).replace("%", "%%")
     return docs

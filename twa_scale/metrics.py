@@ -19,7 +19,7 @@ label leaks into the exposition. Every series carries ``run_id``, ``role``,
 ``node`` and ``rank`` (global rank), so per-rank values never collide.
 
 The directory is ``$TWA_METRICS_DIR`` or ``$PROMETHEUS_MULTIPROC_DIR`` when
-set, otherwise ``<tmp>/twa_scale_metrics/<run_id>-<port>-<launcher pid>``:
+set, otherwise ``<tmp>/twa_scale_metrics-<uid>/<run_id>-<port>-<launcher pid>``:
 all local ranks of one ``deepspeed`` launch are children of the same launcher
 process, so they agree on the directory without talking, and two runs on one
 machine never share it. Local rank 0 deletes only files (and old per-launch
@@ -55,9 +55,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Documented default for ``--metrics-port`` (9400 is unassigned in the Prometheus
-#: exporter port registry's crowded 9100-9999 range at the time of writing and is
-#: what the k8s manifests expose). 0 or None disables the exporter.
+#: The exporter port the Kubernetes manifests use (``TWA_METRICS_PORT``). The CLI flag
+#: ``--metrics-port`` defaults to 0, which disables the exporter.
 DEFAULT_PORT = 9400
 PREFIX = "twa_scale_"
 LABELS = ("run_id", "role", "node", "rank")
@@ -77,7 +76,7 @@ class MetricsPortInUseError(RuntimeError):
 
 
 _lock = threading.Lock()
-_m: SimpleNamespace | None = None   # bound metric children; None = disabled (no-op)
+_m = None   # _Bound metric children of this process; None = disabled (every call a no-op)
 _state = SimpleNamespace(dir=None, server=None, thread=None, port=None, addr=None,
                          scrapes=0, is_rank0=False, max_series=DEFAULT_MAX_SERIES,
                          atexit_registered=False, families=None, coef_warned=False)
@@ -115,7 +114,7 @@ def _choose_dir(run_id: str, port: int | None) -> tuple[str, bool]:
             return os.environ[var], False
     # All local ranks of one launcher share its pid; a lone process uses its own.
     launcher = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
-    base = os.path.join(tempfile.gettempdir(), "twa_scale_metrics")
+    base = os.path.join(tempfile.gettempdir(), f"twa_scale_metrics-{os.getuid()}")   # per user: /tmp is shared
     return os.path.join(base, f"{_safe(run_id)}-{port or 0}-{launcher}"), True
 
 
@@ -254,14 +253,15 @@ def _start_server(path: str, port: int, addr: str) -> None:
     log.info("metrics: serving http://%s:%d/metrics from %s", addr, _state.port, path)
 
 
-def setup(*, run_id: str, role: str, port: int | None = DEFAULT_PORT, addr: str = "0.0.0.0",
+def setup(*, run_id: str, role: str, port: int | None, addr: str = "0.0.0.0",
           max_series: int = DEFAULT_MAX_SERIES) -> None:
     """Enable metrics for this process; call on every rank.
 
     ``port`` 0 or None records nothing and serves nothing. Otherwise local rank 0
     (env ``LOCAL_RANK``, default 0) serves ``/metrics`` on ``addr:port`` for all
-    local ranks. Calling it again (e.g. ``train.py --twa`` switching ``role`` to
-    ``twa``) rebinds the labels and keeps the running exporter.
+    local ranks. Calling it again once enabled (``train.py --twa``: the TWA stage
+    switches ``role`` to ``twa``) rebinds the labels and keeps the running exporter,
+    whatever port the second call names, 0 included.
 
     Raises :class:`MetricsPortInUseError` naming the port if it is taken.
     """

@@ -15,7 +15,8 @@ def run_pipeline(cfg: TrainConfig) -> dict:
         from twa_scale.twa import TwaConfig, run_twa
 
         overrides = {k: v for k, v in (("epochs", cfg.twa_epochs), ("lr", cfg.twa_lr)) if v is not None}
-        out["twa"] = run_twa(TwaConfig(snapshot_url=cfg.snapshot_url, run_id=cfg.run_id, **overrides))
+        out["twa"] = run_twa(TwaConfig(snapshot_url=cfg.snapshot_url, run_id=cfg.run_id,
+                                       metrics_port=cfg.metrics_port, metrics_addr=cfg.metrics_addr, **overrides))
     if comm.rank() == 0:
         print(_table(out), flush=True)
     return out

@@ -76,6 +76,8 @@ class TwaConfig:
     """Storage precision of P: 32, 16, or 8/4/2/1-bit per-(snapshot, block) min/max quantisation."""
     fit_on: str = "train"
     """Fit the coefficients on `train` (TWA-t) or on the `holdout` split the training excluded (TWA-v)."""
+    compile: bool | None = None
+    """Fuse the packed-P unpack into the products with torch.compile (p-bits <= 8); None = on CUDA only."""
     rank_tol: float = 1e-5
     """Drop a snapshot whose residual after the earlier ones is below this fraction of its norm."""
     batch_size: int | None = None
@@ -194,7 +196,7 @@ def build_twa_parser() -> argparse.ArgumentParser:
         required = f.default is dataclasses.MISSING
         # flags default to None so a --preset can fill them; the help shows the dataclass default
         help_text = docs.get(f.name, "") + ("" if required else f" (default: {f.default})")
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)

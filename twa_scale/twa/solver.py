@@ -27,7 +27,7 @@ from twa_scale import comm
 from twa_scale.layout import FlatLayout
 from twa_scale.twa.bn import has_batchnorm, recalibrate_bn
 from twa_scale.twa.config import TwaConfig, parse_select
-from twa_scale.twa.subspace import Basis, build_basis
+from twa_scale.twa.subspace import Basis, build_basis, use_compiled_kernels
 
 __all__ = ["SliceLoader", "SnapshotRef", "select_snapshots", "ShardedFlat", "make_schedule", "solve", "agree"]
 
@@ -204,6 +204,8 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
 
     # --- basis ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
+    if cfg.p_bits <= 8 and (cfg.compile or (cfg.compile is None and device.type == "cuda")):
+        use_compiled_kernels(True)
     blocks = layout.blocks(cfg.block_size)
     basis = build_basis(x, flat.start, flat.stop, blocks, directions=cfg.directions,
                         layerwise=cfg.coefficients == "layerwise", bits=cfg.p_bits, alpha_start=alpha_start,

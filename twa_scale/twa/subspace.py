@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -20,6 +21,7 @@ import torch
 __all__ = [
     "Reduce", "Piece", "Basis", "QuantizedRows", "identity_reduce", "gram", "sequential_cholesky",
     "orthonormalize", "build_basis", "quantize_rows", "pack_bits", "unpack_bits", "local_pieces",
+    "use_compiled_kernels", "GroupedQuant",
 ]
 
 Reduce = Callable[..., torch.Tensor]  # (tensor, op="sum"|"min"|"max") -> tensor, in place
@@ -171,6 +173,40 @@ def unpack_bits(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     return v.to(torch.uint8).reshape(*lead, -1)[..., :d]
 
 
+def _codes_dot(packed: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes @ g straight from packed bytes (bits in 1, 2, 4, 8); g padded to the packed width.
+
+    Written as one elementwise-and-reduce expression so torch.compile fuses the unpack
+    into the product: only the packed bytes travel from memory.
+    """
+    per = 8 // bits
+    gv = g.view(-1, per)
+    mask = (1 << bits) - 1
+    acc = ((packed & mask).float() * gv[:, 0]).sum(1)
+    for t in range(1, per):
+        acc = acc + (((packed >> (t * bits)) & mask).float() * gv[:, t]).sum(1)
+    return acc
+
+
+def _codes_t_dot(packed: torch.Tensor, a: torch.Tensor, bits: int) -> torch.Tensor:
+    """codesᵀ a from packed bytes: the padded-width vector (see :func:`_codes_dot`)."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    cols = [(((packed >> (t * bits)) & mask).float() * a[:, None]).sum(0) for t in range(per)]
+    return torch.stack(cols, 1).reshape(-1)
+
+
+_KERNELS: dict[str, Callable] = {"dot": _codes_dot, "t_dot": _codes_t_dot}
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Fuse unpack + product with torch.compile (Triton on GPU, C++ on CPU); costs a
+    one-off compile of ~10-30 s, worth it for runs longer than a few hundred steps."""
+    plain = {"dot": _codes_dot, "t_dot": _codes_t_dot, "gdot": _grouped_dot, "gt_dot": _grouped_t_dot}
+    for name, fn in plain.items():
+        _KERNELS[name] = torch.compile(fn, dynamic=True) if enabled else fn
+
+
 @dataclasses.dataclass
 class QuantizedRows:
     """k rows of one column piece, per-row min/max uniform codes of ``bits`` bits."""
@@ -187,6 +223,24 @@ class QuantizedRows:
     @property
     def nbytes(self) -> int:
         return self.packed.numel() + 8 * self.lo.numel()
+
+    @property
+    def padded(self) -> int:
+        return self.packed.shape[1] * 8 // self.bits
+
+    def dot(self, g: torch.Tensor) -> torch.Tensor:
+        """P_piece @ g = scale * (codes @ g) + lo * sum(g), without materialising P."""
+        if 8 % self.bits:
+            return self.dequantize() @ g
+        pad = self.padded - g.numel()
+        gp = torch.nn.functional.pad(g, (0, pad)) if pad else g
+        return self.scale * _KERNELS["dot"](self.packed, gp, self.bits) + self.lo * g.sum()
+
+    def t_dot(self, a: torch.Tensor) -> torch.Tensor:
+        """P_pieceᵀ a = codesᵀ (scale * a) + sum(lo * a)."""
+        if 8 % self.bits:
+            return self.dequantize().T @ a
+        return _KERNELS["t_dot"](self.packed, self.scale * a, self.bits)[: self.d] + (self.lo * a).sum()
 
     def max_error(self) -> torch.Tensor:
         """Per-row bound: half a quantisation step (plus fp32 rounding of the affine map)."""
@@ -209,6 +263,185 @@ def quantize_rows(x: torch.Tensor, bits: int, lo: torch.Tensor | None = None,
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round((x - lo.unsqueeze(1)) / safe.unsqueeze(1)).clamp_(0, levels)
     return QuantizedRows(pack_bits(codes, bits), lo.float().clone(), scale.float().clone(), bits, x.shape[1])
+
+
+# --- whole-slice packed P for global coefficients ---------------------------------------------
+def _grouped_dot(pk: torch.Tensor, g8: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, pid: torch.Tensor,
+                 bits: int) -> torch.Tensor:
+    """sum over groups m of (scale[:, pid_m] * codes_m + lo[:, pid_m]) . g_m  ->  k partial sums.
+
+    ``pk`` (k x M x bits bytes) holds 8 codes per group of 8 columns; written as one
+    elementwise-and-reduce expression so torch.compile fuses unpack, dequantisation
+    and product into one pass over the packed bytes.
+    """
+    per, mask = 8 // bits, (1 << bits) - 1
+    acc = None
+    for t in range(8):
+        code = ((pk[:, :, t // per] >> ((t % per) * bits)) & mask).float()
+        term = code * g8[:, t]
+        acc = term if acc is None else acc + term
+    return (acc * scale[:, pid] + lo[:, pid] * g8.sum(1)).sum(1)
+
+
+def _grouped_t_dot(pk: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pid: torch.Tensor, w8: torch.Tensor,
+                   out8: torch.Tensor, bits: int) -> None:
+    """out8 = w8 + codesᵀ a[:, pid] + b[pid], group by group (a = scale*delta, b = sum_i lo*delta)."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    coef = a[:, pid]
+    cols = [(((pk[:, :, t // per] >> ((t % per) * bits)) & mask).float() * coef).sum(0) for t in range(8)]
+    out8.copy_(w8 + torch.stack(cols, 1) + b[pid].unsqueeze(1))
+
+
+_KERNELS["gdot"] = _grouped_dot
+_KERNELS["gt_dot"] = _grouped_t_dot
+
+
+def chunk_groups(device: torch.device) -> int:
+    """Groups of 8 columns per kernel call: small enough that a chunk of g stays in cache
+    while all k rows use it, large enough that launches do not dominate."""
+    env = os.environ.get("TWA_CHUNK_COLUMNS")
+    if env:
+        return max(1, int(env) // 8)
+    return (1 << 19) if device.type == "cuda" else (1 << 15)
+
+
+@dataclasses.dataclass
+class GroupedQuant:
+    """P[:, S_r] packed as one matrix: groups of 8 columns, each group inside one layer block,
+    with that (direction, block)'s min/max range. Groups that straddle a block boundary
+    (at most one per boundary) and the <8-column tail stay fp32 ("mixed" columns)."""
+    packed: torch.Tensor      # k x (M * bits) uint8
+    pid: torch.Tensor         # M int32: local block id of each group; nb = dummy (mixed group)
+    lo: torch.Tensor          # k x (nb + 1) fp32 (dummy column 0)
+    scale: torch.Tensor       # k x (nb + 1) fp32 (dummy column 0)
+    mixed_idx: torch.Tensor   # int64 columns kept in fp32
+    mixed: torch.Tensor       # k x len(mixed_idx) fp32
+    bits: int
+    d: int
+    runs: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (g0, g1, block) pure runs
+
+    @property
+    def groups(self) -> int:
+        return self.pid.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return (self.packed.numel() + self.pid.numel() * self.pid.element_size()
+                + 4 * (self.lo.numel() + self.scale.numel() + self.mixed.numel()) + 8 * self.mixed_idx.numel())
+
+    @classmethod
+    def build(cls, q: torch.Tensor, pieces: Sequence["Piece"], lo_blk: torch.Tensor, hi_blk: torch.Tensor,
+              bits: int) -> "GroupedQuant":
+        k, d = q.shape
+        dev = q.device
+        m_groups = d // 8
+        used = sorted({p.block for p in pieces})
+        local = {b: i for i, b in enumerate(used)}
+        nb, levels = len(used), (1 << bits) - 1
+        lo = torch.zeros(k, nb + 1, dtype=torch.float32, device=dev)
+        scale = torch.zeros_like(lo)
+        if nb:
+            lo[:, :nb] = lo_blk[:, used]
+            scale[:, :nb] = (hi_blk[:, used] - lo_blk[:, used]) / levels
+        col_id = torch.empty(d, dtype=torch.int64, device=dev)
+        for p in pieces:
+            col_id[p.lo:p.hi] = local[p.block]
+        first, last = col_id[: 8 * m_groups: 8], col_id[7: 8 * m_groups: 8]
+        pure = first == last
+        pid = torch.where(pure, first, torch.full_like(first, nb)).to(torch.int32)  # 0.5 byte per column
+        packed = torch.empty(k, m_groups * bits, dtype=torch.uint8, device=dev)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        step = chunk_groups(dev)
+        for g0 in range(0, m_groups, step):
+            g1 = min(g0 + step, m_groups)
+            cols = col_id[8 * g0: 8 * g1]
+            x = q[:, 8 * g0: 8 * g1]
+            codes = torch.round((x - lo[:, cols]) / safe[:, cols]).clamp_(0, levels)
+            codes.view(k, g1 - g0, 8)[:, ~pure[g0:g1]] = 0
+            packed[:, g0 * bits: g1 * bits] = pack_bits(codes, bits)
+        mixed_groups = torch.nonzero(~pure).squeeze(1)
+        mixed_idx = torch.cat([(8 * mixed_groups.unsqueeze(1) + torch.arange(8, device=dev)).reshape(-1),
+                               torch.arange(8 * m_groups, d, device=dev)])
+        # maximal runs of groups in one block, cut to chunk size: the per-run kernels need no gather
+        runs: list[tuple[int, int, int]] = []
+        pid_list = pid.tolist()
+        g0 = 0
+        while g0 < m_groups:
+            g1 = g0
+            while g1 < m_groups and pid_list[g1] == pid_list[g0] and g1 - g0 < step:
+                g1 += 1
+            if pid_list[g0] != nb:
+                runs.append((g0, g1, pid_list[g0]))
+            g0 = g1
+        return cls(packed, pid, lo, scale, mixed_idx, q[:, mixed_idx].clone(), bits, d, runs)
+
+    @staticmethod
+    def _use_gather_kernel(device: torch.device) -> bool:
+        """One gather kernel per chunk suits GPUs (few launches, the range table sits in cache);
+        per-run kernels suit CPUs (no gathers). TWA_GROUPED_KERNEL=gather|runs overrides."""
+        choice = os.environ.get("TWA_GROUPED_KERNEL")
+        return choice == "gather" if choice else device.type == "cuda"
+
+    def dequantize(self) -> torch.Tensor:
+        """The effective P (k x d fp32), for checks."""
+        m8 = 8 * self.groups
+        codes = unpack_bits(self.packed, self.bits, m8).float()
+        cols = self.pid.repeat_interleave(8)
+        out = torch.empty(self.packed.shape[0], self.d, dtype=torch.float32, device=self.packed.device)
+        out[:, :m8] = self.lo[:, cols] + self.scale[:, cols] * codes
+        out[:, self.mixed_idx] = self.mixed
+        return out
+
+    def max_error(self) -> torch.Tensor:
+        """Per-entry bound (k x d): half a quantisation step of its (direction, block); 0 where fp32."""
+        m8 = 8 * self.groups
+        cols = self.pid.repeat_interleave(8)
+        out = torch.zeros(self.packed.shape[0], self.d, dtype=torch.float32, device=self.packed.device)
+        levels = (1 << self.bits) - 1
+        out[:, :m8] = self.scale[:, cols] / 2 + 1e-6 * (self.lo[:, cols].abs() + self.scale[:, cols] * levels)
+        out[:, self.mixed_idx] = 0
+        return out
+
+    def dot(self, g: torch.Tensor) -> torch.Tensor:
+        """P g (k,) in chunks of groups; only packed bytes and g are read."""
+        k = self.packed.shape[0]
+        pk = self.packed.view(k, self.groups, self.bits)
+        g8 = g[: 8 * self.groups].view(self.groups, 8)
+        out = self.mixed @ g[self.mixed_idx]
+        if not self._use_gather_kernel(g.device):
+            pk2 = self.packed
+            for g0, g1, b in self.runs:
+                gr = g[8 * g0: 8 * g1]
+                out += (self.scale[:, b] * _KERNELS["dot"](pk2[:, g0 * self.bits: g1 * self.bits], gr, self.bits)
+                        + self.lo[:, b] * gr.sum())
+            return out
+        step = chunk_groups(g.device)
+        for g0 in range(0, self.groups, step):
+            g1 = min(g0 + step, self.groups)
+            out += _KERNELS["gdot"](pk[:, g0:g1], g8[g0:g1], self.scale, self.lo, self.pid[g0:g1], self.bits)
+        return out
+
+    def reconstruct(self, w_start: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = w_start + Pᵀ delta."""
+        k = self.packed.shape[0]
+        pk = self.packed.view(k, self.groups, self.bits)
+        a = self.scale * delta.unsqueeze(1)
+        b = (self.lo * delta.unsqueeze(1)).sum(0)
+        m8 = 8 * self.groups
+        if not self._use_gather_kernel(out.device):
+            out.copy_(w_start)  # mixed groups (codes 0) keep w_start until the fp32 fix-up below
+            for g0, g1, blk in self.runs:
+                out[8 * g0: 8 * g1] += (_KERNELS["t_dot"](self.packed[:, g0 * self.bits: g1 * self.bits],
+                                                          a[:, blk], self.bits) + b[blk])
+            out[self.mixed_idx] = w_start[self.mixed_idx] + self.mixed.T @ delta
+            return out
+        w8, o8 = w_start[:m8].view(self.groups, 8), out[:m8].view(self.groups, 8)
+        step = chunk_groups(out.device)
+        for g0 in range(0, self.groups, step):
+            g1 = min(g0 + step, self.groups)
+            _KERNELS["gt_dot"](pk[:, g0:g1], a, b, self.pid[g0:g1], w8[g0:g1], o8[g0:g1], self.bits)
+        out[self.mixed_idx] = w_start[self.mixed_idx] + self.mixed.T @ delta
+        return out
 
 
 # --- the basis a rank holds -------------------------------------------------------------------
@@ -250,6 +483,7 @@ class Basis:
     quant: list[QuantizedRows] | None
     bits: int
     report: dict
+    grouped: GroupedQuant | None = None   # global coefficients, packed P (1/2/4/8 bits)
 
     # -- per-step operations ---------------------------------------------------------------
     def _rows(self, piece_index: int, dtype: torch.dtype) -> torch.Tensor:
@@ -260,11 +494,16 @@ class Basis:
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
         """c[i, l] = sum over this slice's columns of block l of P[i, j] g[j]  (k x L)."""
+        if self.grouped is not None:
+            return self.grouped.dot(g).unsqueeze(1)
         out = torch.zeros(self.k, self.num_coef_blocks, dtype=torch.float32, device=g.device)
         if self.quant is None and self.num_coef_blocks == 1 and self.dense.dtype == torch.float32:
             return torch.mv(self.dense, g).unsqueeze(1).add_(out)
         for j, p in enumerate(self.pieces):
-            out[:, p.coef] += torch.mv(self._rows(j, g.dtype), g[p.lo:p.hi])
+            if self.quant is not None:
+                out[:, p.coef] += self.quant[j].dot(g[p.lo:p.hi])
+            else:
+                out[:, p.coef] += torch.mv(self._rows(j, g.dtype), g[p.lo:p.hi])
         return out
 
     def reconstruct(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -273,11 +512,16 @@ class Basis:
         delta = (theta.detach().double() - self.theta0).to(torch.float32)
         if out is None:
             out = torch.empty_like(self.w_start)
+        if self.grouped is not None:
+            return self.grouped.reconstruct(self.w_start, delta[:, 0], out)
         if self.quant is None and self.num_coef_blocks == 1 and self.dense.dtype == torch.float32:
             return torch.addmv(self.w_start, self.dense.T, delta[:, 0], out=out)
         out.copy_(self.w_start)
         for j, p in enumerate(self.pieces):
-            out[p.lo:p.hi].addmv_(self._rows(j, out.dtype).T, delta[:, p.coef])
+            if self.quant is not None:
+                out[p.lo:p.hi] += self.quant[j].t_dot(delta[:, p.coef])
+            else:
+                out[p.lo:p.hi].addmv_(self._rows(j, out.dtype).T, delta[:, p.coef])
         return out
 
     def alpha(self, theta: torch.Tensor) -> torch.Tensor:
@@ -288,8 +532,26 @@ class Basis:
         delta = (theta.detach().double() - self.theta0.double())
         return self.alpha_start.unsqueeze(1) + torch.einsum("lkn,kl->nl", self.M, delta)
 
+    def dequantized(self) -> torch.Tensor:
+        """The effective P[:, S_r] (k x d fp32) whatever the storage, for checks."""
+        if self.grouped is not None:
+            return self.grouped.dequantize()
+        if self.quant is not None:
+            return torch.cat([q.dequantize() for q in self.quant], 1)
+        return self.dense.float()
+
+    def max_error(self) -> torch.Tensor:
+        """Per-entry quantisation bound (k x d): |P_stored - P| <= bound."""
+        if self.grouped is not None:
+            return self.grouped.max_error()
+        if self.quant is not None:
+            return torch.cat([q.max_error().unsqueeze(1).expand(-1, q.d) for q in self.quant], 1)
+        return torch.zeros(self.k, self.w_start.numel(), device=self.w_start.device)
+
     @property
     def nbytes(self) -> int:
+        if self.grouped is not None:
+            return self.grouped.nbytes
         if self.quant is not None:
             return sum(q.nbytes for q in self.quant)
         return self.dense.numel() * self.dense.element_size()
@@ -367,7 +629,7 @@ def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tup
         report.update(kept=list(range(n)), dropped=[], zero_blocks=zero_blocks)
     report.update(k=k, num_coef_blocks=num_l, directions=directions, bits=bits)
 
-    dense, quant = None, None
+    dense, quant, grouped = None, None, None
     if bits == 32:
         dense = q
     elif bits == 16:
@@ -381,8 +643,13 @@ def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tup
             hi[:, p.block] = torch.maximum(hi[:, p.block], q[:, p.lo:p.hi].amax(1))
         # every rank must quantise a block with the same range, so min/max are all-reduced
         lo, hi = reduce(lo, op="min"), reduce(hi, op="max")
-        quant = [quantize_rows(q[:, p.lo:p.hi], bits, lo[:, p.block], hi[:, p.block]) for p in pieces]
+        if not layerwise and 8 % bits == 0:
+            # one packed matrix for the whole slice: a few kernel calls per step, not one per layer
+            grouped = GroupedQuant.build(q, pieces, lo, hi, bits)
+        else:
+            quant = [quantize_rows(q[:, p.lo:p.hi], bits, lo[:, p.block], hi[:, p.block]) for p in pieces]
         del q
     return Basis(pieces=pieces, num_coef_blocks=num_l, k=k, M=m_all, theta0=theta0,
-                 alpha_start=alpha_start, w_start=w_start, dense=dense, quant=quant, bits=bits, report=report)
+                 alpha_start=alpha_start, w_start=w_start, dense=dense, quant=quant, bits=bits, report=report,
+                 grouped=grouped)
 

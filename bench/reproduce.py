@@ -1,0 +1,726 @@
+"""Does TWA deliver? Reproduce the paper's head-stage and tail-stage claims on real CIFAR-10.
+
+    python bench/reproduce.py --out bench/results/cpu             # CPU preset: ResNet-20, 10k images, 2 seeds
+    python bench/reproduce.py --gpu --out bench/results/gpu       # the paper's recipe: VGG16-BN, 200 epochs
+    python bench/reproduce.py --smoke --out /tmp/twa-smoke        # the test suite's tiny run
+    python bench/reproduce.py --out bench/results/cpu --report-only   # rebuild report.md from finished steps
+    python bench/reproduce.py --out DIR --dry-run                 # print the commands, run nothing
+
+Every step is one of the project's own commands, run as a subprocess:
+`python launch/train.py ...` / `python launch/twa.py ...` (or `deepspeed --num_gpus N ...` with --ranks N).
+Per seed:
+  head        E epochs, step schedule (÷10 at 50% and 75%), a snapshot every epoch;
+  head-paper  TWA (paper mode) over snapshots 0..E/2 (`--select 0:E/2+1`), T TWA epochs;
+  head-twav   TWA-v (journal mode: centred, layer-wise, AdamW + cosine, fitted on the hold-out);
+  tail-lrX    K more epochs from the head run's final snapshot at a constant learning rate X
+              (`--init-from ... --schedule constant`), for each X in --swa-lrs;
+  tail-twa-lrX TWA over the tail's K+1 snapshots; the stage also reports SWA (its start point).
+All runs train with the same --holdout-fraction, so they are comparable and TWA-v has a split to fit on.
+
+Resumable: a finished step leaves work/done/<step>.json and is skipped on a rerun (a rerun with a
+different command for that step stops with an error); a training step killed midway continues
+through `--resume` from its DeepSpeed checkpoint. Outputs in --out: results.json (all numbers),
+report.md, accuracy_vs_epoch.png, coefficients.png. Bulky state (snapshot store, checkpoints, logs)
+goes to --out/work, which carries its own .gitignore. A hand-written discussion.md in --out is
+appended to report.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = str((REPO.parent / "shared" / "datasets" / "cifar10").resolve())
+
+__all__ = ["Preset", "cpu_preset", "gpu_preset", "smoke_preset", "PRESETS", "plan_steps", "summarize",
+           "build_table", "main"]
+
+
+# --- presets ------------------------------------------------------------------------------------
+@dataclasses.dataclass(kw_only=True)
+class Preset:
+    name: str
+    model: str
+    """Model name (twa_scale.models)."""
+    epochs: int
+    """E: epochs of the full (head) run."""
+    lr: float = 0.1
+    """Peak SGD learning rate of the head run (paper: 0.1)."""
+    weight_decay: float = 1e-4
+    """SGD weight decay (the paper code's default, 1e-4)."""
+    batch_size: int = 128
+    limit_train: int | None = None
+    limit_val: int | None = None
+    holdout_fraction: float = 0.1
+    """Fraction of the full training split held out (before --limit-train) for TWA-v; used by every run."""
+    twa_epochs: int = 10
+    """T: TWA epochs for every TWA run (paper: 10 on CIFAR)."""
+    twa_lr: float = 2.0
+    """Paper-mode TWA learning rate (paper: 2 on CIFAR)."""
+    tail_twa_weight_decay: float = 5e-5
+    """Paper-mode TWA weight decay in the tail stage (the authors' tail script uses 5e-5)."""
+    tail_epochs: int = 100
+    """K: tail epochs at a constant learning rate, from the head run's final snapshot."""
+    swa_lrs: tuple[float, ...] = (0.05, 0.1)
+    """Constant tail learning rates (the SWA paper's CIFAR swa_lr 0.05, and 0.1)."""
+    seeds: tuple[int, ...] = (0, 1)
+    num_workers: int | None = None
+    """DataLoader workers per rank for training (None: the trainer's default)."""
+    data: str = DEFAULT_DATA
+
+    def __post_init__(self) -> None:
+        if self.epochs < 2:
+            raise ValueError(f"--epochs: need >= 2 for a half-way point, got {self.epochs}")
+        if self.tail_epochs < 1:
+            raise ValueError(f"--tail-epochs: must be >= 1, got {self.tail_epochs}")
+        if self.twa_epochs < 1:
+            raise ValueError(f"--twa-epochs: must be >= 1, got {self.twa_epochs}")
+        if not self.seeds:
+            raise ValueError("--seeds: give at least one seed")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"--holdout-fraction: TWA-v needs a hold-out in (0, 1), got {self.holdout_fraction}")
+
+    @property
+    def half(self) -> int:
+        return self.epochs // 2
+
+
+def cpu_preset() -> Preset:
+    """≤ 60 min on 2 CPU cores: ResNet-20 on a fixed 10k-image CIFAR-10 subset, E=20, T=2, K=5, 2 seeds.
+
+    One epoch (10k train + 2k val images) measured 31.5 s on 2 shared cores; the whole preset is about
+    60 training epochs + 8 TWA runs ≈ 40 min. Hold-out 0.04 = 2,000 images of the 50k split.
+    """
+    return Preset(name="cpu", model="resnet20", epochs=20, limit_train=10_000, limit_val=2_000,
+                  holdout_fraction=0.04, twa_epochs=2, tail_epochs=5, swa_lrs=(0.05, 0.1), seeds=(0, 1))
+
+
+def gpu_preset() -> Preset:
+    """The paper's CIFAR-10 recipe: VGG16-BN, 200 epochs, full data, TWA 10 epochs at lr 2, 100-epoch tails."""
+    return Preset(name="gpu", model="cifar_vgg16_bn", epochs=200, holdout_fraction=0.1, twa_epochs=10,
+                  tail_epochs=100, swa_lrs=(0.05, 0.1), seeds=(0, 1))
+
+
+def smoke_preset() -> Preset:
+    """Tests only: 2 epochs on 256 images, one seed, one tail learning rate."""
+    return Preset(name="smoke", model="resnet20", epochs=2, limit_train=256, limit_val=256,
+                  holdout_fraction=0.005, twa_epochs=1, tail_epochs=1, swa_lrs=(0.05,), seeds=(0,), num_workers=0)
+
+
+PRESETS = {"cpu": cpu_preset, "gpu": gpu_preset, "smoke": smoke_preset}
+
+
+# --- steps --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Step:
+    name: str
+    kind: str  # "train" | "twa"
+    script: str
+    args: list[str]
+    seed: int
+    role: str  # head | head-paper | head-twav | tail | tail-twa
+    swa_lr: float | None = None
+    run_id: str | None = None
+    output: str | None = None
+    """TWA output URL."""
+
+
+def _lr_tag(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
+    """Every step of the reproduction, in dependency order."""
+    store = "file://" + str((work / "store").resolve())
+    twa_out = work / "twa"
+    common = ["--model", p.model, "--data", p.data, "--weight-decay", f"{p.weight_decay:g}",
+              "--batch-size", str(p.batch_size), "--holdout-fraction", f"{p.holdout_fraction:g}",
+              "--snapshot-url", store, "--snapshot-every", "1", "--resume"]
+    if ranks > 1:
+        if p.batch_size % ranks:
+            raise ValueError(f"--ranks {ranks}: batch {p.batch_size} does not divide over the ranks")
+        common += ["--micro-batch", str(p.batch_size // ranks)]
+    for flag, v in (("--limit-train", p.limit_train), ("--limit-val", p.limit_val), ("--num-workers", p.num_workers)):
+        if v is not None:
+            common += [flag, str(v)]
+
+    def train(name, seed, role, run_id, extra, swa_lr=None):
+        args = [*common, "--seed", str(seed), "--run-id", run_id,
+                "--checkpoint-dir", str((work / "checkpoints" / run_id).resolve()), *extra]
+        return Step(name, "train", "launch/train.py", args, seed, role, swa_lr, run_id=run_id)
+
+    # The TWA stage loads in the main process by default; a worker overlaps JPEG decoding with compute
+    # (measured on 2 cores: one TWA epoch + two BatchNorm passes 129 s with 0 workers).
+    twa_workers = p.num_workers if p.num_workers is not None else max(0, min(4, (os.cpu_count() or 1) // ranks - 1))
+
+    def twa(name, seed, role, run_id, extra, swa_lr=None):
+        out = "file://" + str((twa_out / name).resolve())
+        args = ["--snapshot-url", store, "--run-id", run_id, "--epochs", str(p.twa_epochs), "--seed", str(seed),
+                "--output", out, "--no-plot", "--num-workers", str(twa_workers), *extra]
+        return Step(name, "twa", "launch/twa.py", args, seed, role, swa_lr, run_id=run_id, output=out)
+
+    steps = []
+    for s in p.seeds:
+        head = f"head-s{s}"
+        sel = f"0:{p.half + 1}"
+        steps.append(train(head, s, "head", head, ["--epochs", str(p.epochs), "--lr", f"{p.lr:g}",
+                                                   "--schedule", "step"]))
+        steps.append(twa(f"head-paper-s{s}", s, "head-paper", head,
+                         ["--select", sel, "--lr", f"{p.twa_lr:g}", "--schedule", "step"]))
+        steps.append(twa(f"head-twav-s{s}", s, "head-twav", head,
+                         ["--preset", "journal", "--select", sel, "--fit-on", "holdout"]))
+        for lr in p.swa_lrs:
+            tail = f"tail-lr{_lr_tag(lr)}-s{s}"
+            steps.append(train(tail, s, "tail", tail,
+                               ["--epochs", str(p.tail_epochs), "--lr", f"{lr:g}", "--schedule", "constant",
+                                "--init-from", f"{store}/{head}@{p.epochs}"], swa_lr=lr))
+            steps.append(twa(f"tail-twa-lr{_lr_tag(lr)}-s{s}", s, "tail-twa", tail,
+                             ["--select", f"0:{p.tail_epochs + 1}", "--lr", f"{p.twa_lr:g}", "--schedule", "step",
+                              "--weight-decay", f"{p.tail_twa_weight_decay:g}"], swa_lr=lr))
+    return steps
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(step: Step, ranks: int) -> list[str]:
+    if ranks > 1:
+        return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), step.script, *step.args]
+    return [sys.executable, step.script, *step.args]
+
+
+def _shown(cmd: list[str]) -> str:
+    """The command as a person would type it (`python`, not the interpreter's absolute path)."""
+    return shlex.join(["python" if c == sys.executable else c for c in cmd])
+
+
+def _url_path(url: str) -> Path:
+    return Path(url[len("file://"):] if url.startswith("file://") else url)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def step_output(step: Step, work: Path) -> dict | None:
+    """The step's finished output (metrics.json or result.json), or None when it is incomplete."""
+    if step.kind == "train":
+        m = _read_json(work / "store" / step.run_id / "train" / "metrics.json")
+        return m if m and m.get("final") else None
+    return _read_json(_url_path(step.output) / "result.json")
+
+
+def run_step(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=print) -> dict:
+    """Run one step unless its done-marker says it already finished with the same arguments."""
+    marker = work / "done" / f"{step.name}.json"
+    done = _read_json(marker)
+    if done is not None:
+        if done.get("args") != step.args:
+            raise SystemExit(f"step {step.name} finished earlier with other arguments ({marker});\n"
+                             f"  then: {shlex.join(done.get('args', []))}\n  now:  {shlex.join(step.args)}\n"
+                             "use another --out, or delete that marker to redo the step")
+        log(f"[skip] {step.name} (done in {done['seconds']:.0f}s)")
+        return done
+    cmd = command(step, ranks)
+    log_path = work / "logs" / f"{step.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"[run ] {step.name}: {_shown(cmd)}")
+    t0 = time.perf_counter()
+    with open(log_path, "a") as f:
+        f.write(f"\n=== {datetime.datetime.now(datetime.timezone.utc).isoformat()} {_shown(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - t0
+    if rc != 0 or step_output(step, work) is None:
+        tail = log_path.read_text(errors="replace").replace("\r", "\n").splitlines()[-30:]
+        raise SystemExit(f"step {step.name} failed (exit {rc}); log {log_path}:\n" + "\n".join(tail))
+    done = {"step": step.name, "args": step.args, "command": _shown(cmd), "seconds": seconds,
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    _write_json(marker, done)
+    log(f"[done] {step.name} in {seconds:.0f}s")
+    return done
+
+
+def child_env(ranks: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if ranks > 1:  # several CPU ranks must not oversubscribe the cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+# --- summary ------------------------------------------------------------------------------------
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    xs = [float(x) for x in xs]
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _alpha_per_snapshot(alpha: Any) -> list[float]:
+    """Averaging weight per snapshot; layer-wise (n x L) weights are averaged over the blocks."""
+    return [float(statistics.fmean(a)) if isinstance(a, list) else float(a) for a in alpha]
+
+
+def _twa_summary(r: dict) -> dict:
+    alpha = r.get("alpha") or []
+    layerwise = bool(alpha) and isinstance(alpha[0], list)
+    out = {"swa_accuracy": r.get("swa_accuracy"), "twa_accuracy": r.get("twa_accuracy"),
+           "start_accuracy": r.get("start_accuracy"), "mode": r.get("mode"),
+           "seqs": [s["seq"] for s in r.get("snapshots", [])], "alpha": _alpha_per_snapshot(alpha),
+           "effective_rank": r.get("effective_rank"), "dropped": (r.get("basis") or {}).get("dropped", []),
+           "history": r.get("epochs", []), "hyperparameters": r.get("hyperparameters", {}),
+           "seconds": (r.get("timings") or {}).get("total_seconds")}
+    if layerwise:
+        out["alpha_block_min"] = [float(min(a)) for a in alpha]
+        out["alpha_block_max"] = [float(max(a)) for a in alpha]
+    return out
+
+
+def _train_summary(m: dict) -> dict:
+    rows = m.get("epochs", [])
+    return {"epochs": [{k: r.get(k) for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds")}
+                       for r in rows],
+            "final_accuracy": (m.get("final") or {}).get("val_accuracy"),
+            "seconds": sum(r.get("seconds", 0.0) for r in rows)}
+
+
+def summarize(p: Preset, steps: list[Step], work: Path) -> dict:
+    """Per-seed results from whatever steps have finished."""
+    seeds: dict[str, dict] = {}
+    for st in steps:
+        out = step_output(st, work) if (work / "done" / f"{st.name}.json").is_file() else None
+        if out is None:
+            continue
+        d = seeds.setdefault(str(st.seed), {"tail": {}})
+        if st.role == "head":
+            d["head"] = _train_summary(out)
+            rows = {r["epoch"]: r for r in d["head"]["epochs"]}
+            d["head"]["half_accuracy"] = (rows.get(p.half) or {}).get("val_accuracy")
+            d["head"]["half_seconds"] = sum(r.get("seconds", 0.0) for r in d["head"]["epochs"] if r["epoch"] <= p.half)
+        elif st.role == "head-paper":
+            d["head_paper"] = _twa_summary(out)
+        elif st.role == "head-twav":
+            d["head_twav"] = _twa_summary(out)
+        elif st.role == "tail":
+            d["tail"].setdefault(_lr_tag(st.swa_lr), {})["train"] = _train_summary(out)
+        elif st.role == "tail-twa":
+            d["tail"].setdefault(_lr_tag(st.swa_lr), {})["twa"] = _twa_summary(out)
+    return seeds
+
+
+def build_table(p: Preset, seeds: dict) -> list[dict]:
+    """Rows: method, stage, SGD epochs, TWA epochs, accuracy mean ± std over the seeds that have it."""
+    E, H, T, K = p.epochs, p.half, p.twa_epochs, p.tail_epochs
+    spec = [
+        (f"SGD, full run ({E} epochs)", "head", E, 0, lambda d: d.get("head", {}).get("final_accuracy")),
+        (f"SGD at half-way (epoch {H})", "head", H, 0, lambda d: d.get("head", {}).get("half_accuracy")),
+        (f"SWA of snapshots 0..{H}", "head", H, 0, lambda d: d.get("head_paper", {}).get("swa_accuracy")),
+        (f"TWA paper mode, snapshots 0..{H}", "head", H, T, lambda d: d.get("head_paper", {}).get("twa_accuracy")),
+        (f"TWA-v journal mode, snapshots 0..{H}", "head", H, T,
+         lambda d: d.get("head_twav", {}).get("twa_accuracy")),
+    ]
+    for lr in p.swa_lrs:
+        tag = _lr_tag(lr)
+        spec += [
+            (f"tail SGD, last point (lr {tag})", f"tail lr {tag}", E + K, 0,
+             lambda d, t=tag: d["tail"].get(t, {}).get("train", {}).get("final_accuracy")),
+            (f"SWA, tail lr {tag} ({K + 1} snapshots)", f"tail lr {tag}", E + K, 0,
+             lambda d, t=tag: d["tail"].get(t, {}).get("twa", {}).get("swa_accuracy")),
+            (f"TWA, tail lr {tag} ({K + 1} snapshots)", f"tail lr {tag}", E + K, T,
+             lambda d, t=tag: d["tail"].get(t, {}).get("twa", {}).get("twa_accuracy")),
+        ]
+    rows = []
+    for method, stage, sgd, twa, get in spec:
+        per_seed = {s: get(d) for s, d in sorted(seeds.items())}
+        accs = [v for v in per_seed.values() if v is not None]
+        if not accs:
+            continue
+        mean, std = _mean_std(accs)
+        rows.append({"method": method, "stage": stage, "sgd_epochs": sgd, "twa_epochs": twa,
+                     "accuracy_mean": mean, "accuracy_std": std, "n_seeds": len(accs),
+                     "accuracy_per_seed": {s: v for s, v in per_seed.items() if v is not None}})
+    return rows
+
+
+def _row(table: list[dict], prefix: str) -> dict | None:
+    return next((r for r in table if r["method"].startswith(prefix)), None)
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.2f} pts"
+
+
+def _acc(r: dict) -> str:
+    return f"{100 * r['accuracy_mean']:.2f}% ± {100 * r['accuracy_std']:.2f}"
+
+
+def findings(p: Preset, table: list[dict], seeds: dict) -> list[dict]:
+    """Factual sentences with a verdict against each claim of the paper.
+
+    A difference counts as a tie when it is within max(0.5 pts, the larger seed std) of zero.
+    """
+    out = []
+
+    def tol(*rows):
+        return max(0.005, *(r["accuracy_std"] for r in rows))
+
+    full, swa_h = _row(table, "SGD, full run"), _row(table, "SWA of snapshots")
+    E, H, T = p.epochs, p.half, p.twa_epochs
+    saved = (E - (H + T)) / E
+    for name, prefix in (("TWA (paper mode)", "TWA paper mode"), ("TWA-v (journal mode)", "TWA-v journal mode")):
+        twa = _row(table, prefix)
+        if not (full and twa):
+            continue
+        d, t = twa["accuracy_mean"] - full["accuracy_mean"], tol(twa, full)
+        verdict = "matches" if abs(d) <= t else ("beats" if d > 0 else "misses")
+        out.append({"claim": "head", "method": name, "verdict": verdict, "difference": d, "tolerance": t,
+                    "epochs_saved_fraction": saved,
+                    "text": f"Head stage, {name}: {H} SGD epochs + {T} TWA epochs reach {_acc(twa)}, against "
+                            f"{_acc(full)} for the full {E}-epoch run ({_pts(d)}); it {verdict} the full run "
+                            f"(tie band ±{100 * t:.2f} pts) while spending {H + T} of {E} epochs "
+                            f"({100 * saved:.0f}% saved; the paper: 100+10 of 200, 45%)."})
+    twa_p = _row(table, "TWA paper mode")
+    if swa_h and twa_p:
+        d = twa_p["accuracy_mean"] - swa_h["accuracy_mean"]
+        out.append({"claim": "head-swa", "verdict": "matches" if d > tol(twa_p, swa_h) else "misses",
+                    "difference": d,
+                    "text": f"Head stage, SWA of the same snapshots 0..{H}: {_acc(swa_h)}; TWA improves on it "
+                            f"by {_pts(d)} (the paper: uniform averaging fails in the head stage, TWA does not)."})
+    twa_v = _row(table, "TWA-v journal mode")
+    if twa_p and twa_v:
+        d = twa_v["accuracy_mean"] - twa_p["accuracy_mean"]
+        t = tol(twa_p, twa_v)
+        out.append({"claim": "twa-v", "verdict": "matches" if d > -t else "misses", "difference": d,
+                    "text": f"TWA-v (fitted on the {100 * p.holdout_fraction:g}% hold-out) against paper-mode TWA: "
+                            f"{_pts(d)} (the journal version reports TWA-v generalises at least as well)."})
+    gaps = {}
+    for lr in p.swa_lrs:
+        tag = _lr_tag(lr)
+        swa, twa = _row(table, f"SWA, tail lr {tag} "), _row(table, f"TWA, tail lr {tag} ")
+        if not (swa and twa):
+            continue
+        d, t = twa["accuracy_mean"] - swa["accuracy_mean"], tol(swa, twa)
+        gaps[lr] = (swa, twa, d)
+        verdict = "matches" if d > t else ("ties" if d >= -t else "misses")
+        out.append({"claim": "tail", "swa_lr": lr, "verdict": verdict, "difference": d, "tolerance": t,
+                    "text": f"Tail stage, lr {tag}: TWA {_acc(twa)} against SWA {_acc(swa)} on the same "
+                            f"{p.tail_epochs + 1} snapshots ({_pts(d)}); the claim TWA > SWA {verdict} "
+                            f"(tie band ±{100 * t:.2f} pts)."})
+    if len(gaps) >= 2:
+        lo, hi = min(gaps), max(gaps)
+        (swa_lo, twa_lo, d_lo), (swa_hi, twa_hi, d_hi) = gaps[lo], gaps[hi]
+        spread_swa = abs(swa_hi["accuracy_mean"] - swa_lo["accuracy_mean"])
+        spread_twa = abs(twa_hi["accuracy_mean"] - twa_lo["accuracy_mean"])
+        out.append({"claim": "tail-lr", "verdict": "matches" if d_hi > d_lo else "misses",
+                    "difference": d_hi - d_lo,
+                    "text": f"Tail stage, larger learning rate: the TWA-SWA gap is {_pts(d_lo)} at lr {lo:g} and "
+                            f"{_pts(d_hi)} at lr {hi:g} (the paper: a larger gap at the larger lr)."})
+        out.append({"claim": "tail-sensitivity", "verdict": "matches" if spread_twa < spread_swa else "misses",
+                    "difference": spread_twa - spread_swa,
+                    "text": f"Tail stage, sensitivity to the tail lr: SWA moves by {100 * spread_swa:.2f} pts "
+                            f"between lr {lo:g} and {hi:g}, TWA by {100 * spread_twa:.2f} pts (the paper: TWA "
+                            f"is less sensitive)."})
+    return out
+
+
+# --- plots --------------------------------------------------------------------------------------
+def plot_accuracy(p: Preset, seeds: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    E, H, T, K = p.epochs, p.half, p.twa_epochs, p.tail_epochs
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def curve(rows_per_seed, offset, label, color, lw=2.0):
+        by_epoch: dict[int, list[float]] = {}
+        for rows in rows_per_seed:
+            for r in rows:
+                if r.get("val_accuracy") is not None:
+                    by_epoch.setdefault(r["epoch"] + offset, []).append(r["val_accuracy"])
+        if not by_epoch:
+            return
+        xs = sorted(by_epoch)
+        ms = [statistics.fmean(by_epoch[x]) for x in xs]
+        ax.plot(xs, ms, color=color, lw=lw, marker=".", ms=4, label=label)
+        if any(len(by_epoch[x]) > 1 for x in xs):
+            lo = [min(by_epoch[x]) for x in xs]
+            hi = [max(by_epoch[x]) for x in xs]
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
+
+    def point(x, values, label, color, marker):
+        values = [v for v in values if v is not None]
+        if values:
+            m, s = _mean_std(values)
+            ax.errorbar([x], [m], yerr=[s], fmt=marker, color=color, ms=9, capsize=4, label=f"{label}: {100 * m:.2f}%")
+
+    ds = list(seeds.values())
+    curve([d["head"]["epochs"] for d in ds if "head" in d], 0, f"SGD, step schedule ({E} epochs)", "k")
+    point(H, [d.get("head_paper", {}).get("swa_accuracy") for d in ds], f"SWA 0..{H}", colors[1], "s")
+    point(H + T, [d.get("head_paper", {}).get("twa_accuracy") for d in ds], f"TWA 0..{H} (+{T})", colors[0], "*")
+    point(H + T, [d.get("head_twav", {}).get("twa_accuracy") for d in ds], f"TWA-v 0..{H} (+{T})", colors[2], "P")
+    for i, lr in enumerate(p.swa_lrs):
+        tag, c = _lr_tag(lr), colors[(3 + i) % len(colors)]
+        tails = [d["tail"][tag] for d in ds if tag in d["tail"]]
+        curve([t["train"]["epochs"] for t in tails if "train" in t], E, f"tail SGD, lr {tag}", c, lw=1.2)
+        point(E + K, [t.get("twa", {}).get("swa_accuracy") for t in tails], f"SWA tail lr {tag}", c, "s")
+        point(E + K + T, [t.get("twa", {}).get("twa_accuracy") for t in tails], f"TWA tail lr {tag}", c, "*")
+    ax.axvline(H, color="gray", ls=":", lw=1)
+    ax.set_xlabel("epoch (SGD epochs; TWA results drawn at SGD epochs + TWA epochs)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"{p.model}, CIFAR-10 ({p.limit_train or 'all'} train images), mean over {len(ds)} seed(s); "
+                 "band = min..max")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_coefficients(p: Preset, seeds: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("head_paper", f"head, paper mode (snapshots 0..{p.half})"),
+              ("head_twav", f"head, TWA-v (mean over layer blocks; band: seed {min(seeds, default='-')} min..max)")]
+    panels += [(f"tail:{_lr_tag(lr)}", f"tail lr {_lr_tag(lr)} (seq 0 = head's final weights)") for lr in p.swa_lrs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        first = True
+        for s, d in sorted(seeds.items()):
+            r = d["tail"].get(key.split(":", 1)[1], {}).get("twa") if key.startswith("tail:") else d.get(key)
+            if not r or not r.get("alpha"):
+                continue
+            if first and "alpha_block_min" in r:
+                ax.fill_between(r["seqs"], r["alpha_block_min"], r["alpha_block_max"], alpha=0.2, color="gray",
+                                lw=0, label="min..max over blocks")
+            ax.plot(r["seqs"], r["alpha"], marker="o", ms=3, label=f"TWA, seed {s}")
+            if first:
+                ax.axhline(1.0 / len(r["seqs"]), color="k", ls="--", lw=1, label="SWA 1/n")
+            first = False
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("snapshot seq (epoch)")
+        ax.set_ylabel("alpha (w = sum alpha_i w_i)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- report -------------------------------------------------------------------------------------
+def _fmt_num(x: Any) -> str:
+    return "n/a" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
+
+
+def render_report(res: dict, discussion: str | None) -> str:
+    p, table = res["preset"], res["table"]
+    lines = [f"# TWA reproduction on CIFAR-10: `{p['name']}` preset", "",
+             f"Command: `{res['command']}`", "",
+             f"Host: {res['host']['platform']}, {res['host']['cpus']} CPUs, torch {res['host']['torch']}"
+             f"{', ' + res['host']['gpu'] if res['host'].get('gpu') else ''}; ranks per step: {res['ranks']}. "
+             f"Wall time of all steps: {res['wall_seconds'] / 60:.1f} min "
+             f"(generated {res['generated_at']}).", ""]
+    if res["missing_steps"]:
+        lines += [f"**Incomplete:** {len(res['missing_steps'])} step(s) have not finished: "
+                  + ", ".join(res["missing_steps"]), ""]
+    E, H, T, K = p["epochs"], p["epochs"] // 2, p["twa_epochs"], p["tail_epochs"]
+    twav = next((d["head_twav"]["hyperparameters"] for d in res["seeds"].values() if "head_twav" in d), None)
+    twav_text = ("" if not twav else " TWA-v resolved to: " + ", ".join(
+        f"{k} {twav.get(k)}" for k in ("optimizer", "lr", "schedule", "warmup", "weight_decay", "directions",
+                                       "coefficients", "block_size", "p_bits", "fit_on")) + ".")
+    lines += ["## What it runs", "",
+              f"- Model `{p['model']}`, data `{p['data']}` (ImageFolder), "
+              f"train subset {p['limit_train'] or 'all'} images, validation subset {p['limit_val'] or 'all'} images, "
+              f"hold-out {p['holdout_fraction']:g} of the full training split (carved out before the subset; "
+              f"excluded from every run's training), seeds {', '.join(map(str, p['seeds']))}.",
+              f"- Head: SGD lr {p['lr']:g} (momentum 0.9, weight decay {p['weight_decay']:g}, batch "
+              f"{p['batch_size']}), step schedule ÷10 after {E * 0.5:g} and {E * 0.75:g} epochs, {E} epochs in all, "
+              f"a snapshot every epoch (seq 0 = initial weights).",
+              f"- Head TWA: snapshots 0..{H} (`--select 0:{H + 1}`), {T} TWA epochs, in paper mode "
+              f"(lr {p['twa_lr']:g}, step schedule, fitted on the training split) and in journal TWA-v mode "
+              f"(`--preset journal --fit-on holdout`).{twav_text} All resolved settings are in results.json.",
+              f"- Tail: from the head run's final snapshot (seq {E}), {K} more epochs at a constant lr "
+              f"{' and '.join(f'{lr:g}' for lr in p['swa_lrs'])} (`--init-from ... --schedule constant`); "
+              f"then paper-mode TWA over the tail's {K + 1} snapshots (seq 0 = the head's final weights), "
+              f"weight decay {p['tail_twa_weight_decay']:g}. The TWA stage starts from the uniform mean, "
+              "so its start accuracy (BatchNorm recomputed) is the SWA result on the same snapshots.",
+              "- The tail starts from the finished run, as SWA does when applied to a pretrained model, so the "
+              "tail snapshots are the same ones SWA would average and the head run is reused; the paper's "
+              "SWA runs instead decay from lr 0.1 to swa_lr inside one longer schedule.", "",
+              "## Results", "",
+              f"Accuracy on the validation subset, mean ± std over seeds "
+              f"(a TWA epoch costs about one SGD epoch: one forward/backward pass over its fitting split).", "",
+              "| method | SGD epochs | TWA epochs | accuracy (%) | seeds | per seed (%) |",
+              "|---|---:|---:|---:|---:|---|"]
+    for r in table:
+        per = ", ".join(f"s{s}: {100 * v:.2f}" for s, v in r["accuracy_per_seed"].items())
+        lines.append(f"| {r['method']} | {r['sgd_epochs']} | {r['twa_epochs']} | "
+                     f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} | {r['n_seeds']} | {per} |")
+    sv = res["epochs_saved"]
+    lines += ["", f"Epochs saved by head-stage TWA: ({E} − ({H} + {T})) / {E} = {100 * sv['fraction']:.0f}% "
+              f"(the paper: (200 − (100 + 10)) / 200 = 45% on CIFAR)."]
+    if sv.get("wall_fraction") is not None:
+        lines.append(f"Measured wall time: SGD to epoch {H} + TWA = {sv['head_twa_seconds']:.0f} s against "
+                     f"{sv['full_seconds']:.0f} s for the full run ({100 * sv['wall_fraction']:.0f}% saved; "
+                     "TWA time includes snapshot loading, the basis and two BatchNorm passes).")
+    lines += ["", "## Where it matches the paper and where it misses", ""]
+    lines += [f"- **{f['verdict']}**: {f['text']}" for f in res["findings"]] or ["- (no finished comparisons yet)"]
+    lines += ["", "![accuracy against epoch](accuracy_vs_epoch.png)", "",
+              "![TWA coefficients per snapshot](coefficients.png)", "",
+              "## Steps", "", "| step | seconds | command |", "|---|---:|---|"]
+    for name, st in res["steps"].items():
+        lines.append(f"| {name} | {_fmt_num(st.get('seconds'))} | `{st.get('command', '(not run)')}` |")
+    if discussion:
+        lines += ["", "## Discussion", "", discussion.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def _host() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"platform": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(), "gpu": gpu}
+
+
+def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: int, argv: Sequence[str]) -> dict:
+    seeds = summarize(p, steps, work)
+    table = build_table(p, seeds)
+    markers = {st.name: _read_json(work / "done" / f"{st.name}.json") for st in steps}
+    E, H, T = p.epochs, p.half, p.twa_epochs
+    saved = {"fraction": (E - (H + T)) / E, "wall_fraction": None}
+    heads = [d for d in seeds.values() if "head" in d and d.get("head_paper", {}).get("seconds") is not None]
+    if heads:
+        full = statistics.fmean(d["head"]["seconds"] for d in heads)
+        ht = statistics.fmean(d["head"]["half_seconds"] + d["head_paper"]["seconds"] for d in heads)
+        saved.update(full_seconds=full, head_twa_seconds=ht, wall_fraction=(full - ht) / full if full else None)
+    res = {
+        "preset": dataclasses.asdict(p),
+        "command": shlex.join(["python", "bench/reproduce.py", *argv]),
+        "ranks": ranks,
+        "host": _host(),
+        "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": sum(m["seconds"] for m in markers.values() if m),
+        "missing_steps": [n for n, m in markers.items() if m is None],
+        "steps": {n: ({"seconds": m["seconds"], "command": m["command"]} if m else {}) for n, m in markers.items()},
+        "table": table,
+        "epochs_saved": saved,
+        "findings": findings(p, table, seeds),
+        "seeds": seeds,
+    }
+    _write_json(out / "results.json", res)
+    plot_accuracy(p, seeds, out / "accuracy_vs_epoch.png")
+    plot_coefficients(p, seeds, out / "coefficients.png")
+    discussion = (out / "discussion.md").read_text() if (out / "discussion.md").is_file() else None
+    (out / "report.md").write_text(render_report(res, discussion))
+    return res
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench/reproduce.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory (results.json, report.md, PNGs; work/ inside)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--gpu", action="store_true", help="the paper's full recipe (VGG16-BN, 200 epochs, full data)")
+    g.add_argument("--smoke", action="store_true", help="tiny run for the test suite (2 epochs, 256 images)")
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="ranks per step: 1 runs `python launch/...`, N > 1 runs `deepspeed --num_gpus N`")
+    ap.add_argument("--data", help=f"CIFAR-10 ImageFolder root (default {DEFAULT_DATA})")
+    ap.add_argument("--model")
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--epochs", type=int, help="E, epochs of the full run")
+    ap.add_argument("--twa-epochs", type=int, help="T, epochs of every TWA run")
+    ap.add_argument("--tail-epochs", type=int, help="K, epochs of each tail run")
+    ap.add_argument("--swa-lrs", type=float, nargs="+", help="constant tail learning rates")
+    ap.add_argument("--limit-train", type=int)
+    ap.add_argument("--limit-val", type=int)
+    ap.add_argument("--holdout-fraction", type=float)
+    ap.add_argument("--num-workers", type=int)
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from finished steps; run nothing")
+    ap.add_argument("--dry-run", action="store_true", help="print each step's command and whether it is done")
+    return ap
+
+
+def preset_from_args(a: argparse.Namespace) -> Preset:
+    base = dataclasses.asdict(PRESETS["gpu" if a.gpu else "smoke" if a.smoke else "cpu"]())
+    over = {"data": a.data, "model": a.model, "epochs": a.epochs, "twa_epochs": a.twa_epochs,
+            "tail_epochs": a.tail_epochs, "limit_train": a.limit_train, "limit_val": a.limit_val,
+            "holdout_fraction": a.holdout_fraction, "num_workers": a.num_workers,
+            "seeds": tuple(a.seeds) if a.seeds else None, "swa_lrs": tuple(a.swa_lrs) if a.swa_lrs else None}
+    base.update({k: v for k, v in over.items() if v is not None})
+    base["data"] = str(Path(base["data"]).resolve())
+    return Preset(**base)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    try:
+        p = preset_from_args(a)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.ranks < 1:
+        print(f"error: --ranks must be >= 1, got {a.ranks}", file=sys.stderr)
+        return 2
+    out = Path(a.out).resolve()
+    work = out / "work"
+    steps = plan_steps(p, work, ranks=a.ranks)
+    if a.dry_run:
+        for st in steps:
+            state = "done" if (work / "done" / f"{st.name}.json").is_file() else "todo"
+            print(f"[{state}] {st.name}: {_shown(command(st, a.ranks))}")
+        return 0
+    if not a.report_only:
+        if not (Path(p.data) / "train").is_dir():
+            print(f"error: --data {p.data}: no train/ folder (CIFAR-10 in ImageFolder layout expected)",
+                  file=sys.stderr)
+            return 2
+        work.mkdir(parents=True, exist_ok=True)
+        (work / ".gitignore").write_text("*\n")  # snapshots, checkpoints and logs stay out of git
+        env = child_env(a.ranks)
+        t0 = time.perf_counter()
+        for st in steps:
+            run_step(st, work, ranks=a.ranks, env=env, log=lambda m: print(m, flush=True))
+        print(f"all {len(steps)} steps done ({(time.perf_counter() - t0) / 60:.1f} min this call)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    res = write_report(p, steps, out, work, ranks=a.ranks, argv=argv)
+    for r in res["table"]:
+        print(f"{r['method']:<44} {r['sgd_epochs']:>4} + {r['twa_epochs']:>2}  "
+              f"{100 * r['accuracy_mean']:6.2f} ± {100 * r['accuracy_std']:.2f}  (n={r['n_seeds']})")
+    for f in res["findings"]:
+        print(f"- {f['verdict']}: {f['text']}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Per-step cost of the TWA projection: our column-sharded code against the authors' style.
+
+    python bench/twa_step.py                  # ResNet-50's D, n in {25,50,100}, W in {1,2,4}, fp32 and 4-bit P
+    python bench/twa_step.py --quick          # small D, a minute on a laptop CPU
+    python bench/twa_step.py --out bench/out/twa_step.json
+
+One process simulates rank 0 of W ranks (rank 0's share of the work; all ranks do the
+same amount). Timed per step, on the device this runs on (CUDA when available):
+  ours:    c = P[:, S_r] g[S_r]  and  w[S_r] = w_start + P[:, S_r]ᵀ (theta - theta0), through
+           twa_scale.twa.subspace.Basis (the code the solver runs), fp32 or packed 4-bit P;
+  authors: the released code's pattern: concatenate the full gradient, c = P_r g, Pᵀ_r c,
+           clone the result back into every parameter's .grad (P_r: n/W rows of P, full D).
+Reported: ms per step, the memory floor 2·n·d·bytes ÷ measured copy bandwidth (d = D/W),
+the ratio to the floor, the speed-up over the authors' style, peak memory, and the bytes
+each scheme communicates per step on top of the data-parallel gradient reduction
+(ours: an all-reduce of n floats; authors': an all-reduce of D floats).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from twa_scale.twa.subspace import Basis, QuantizedRows, local_pieces, use_compiled_kernels  # noqa: E402
+
+RESNET50_D = 25_557_032
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time(fn, dev: torch.device, reps: int, warmup: int = 2) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(dev: torch.device, nbytes: int, reps: int) -> float:
+    """Bytes moved per second by a device copy (read + write counted, like the floor's 2·n·d·bytes)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = _time(lambda: dst.copy_(src), dev, reps)
+    del src, dst
+    return 2 * nbytes / t
+
+
+class _Peak:
+    """Peak memory of one measured section: CUDA allocator peak, or the process high-water mark on Linux."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+
+    def __enter__(self):
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.base = torch.cuda.memory_allocated(self.dev)
+        else:
+            try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+        return self
+
+    def bytes(self) -> int:
+        if self.dev.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.dev))
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return -1
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _param_shapes(D: int) -> list[tuple[int, ...]]:
+    """ResNet-50's parameter shapes (scaled down to about D parameters for --quick)."""
+    import torchvision
+
+    shapes = [tuple(p.shape) for p in torchvision.models.resnet50().parameters()]
+    if D == RESNET50_D:
+        return shapes
+    total, out = 0, []
+    for s in shapes:  # keep the tensor count, shrink the largest dim
+        n = math.prod(s)
+        keep = max(1, round(n * D / RESNET50_D))
+        out.append((keep,))
+        total += keep
+    out[-1] = (out[-1][0] + D - total,) if out[-1][0] + D - total > 0 else out[-1]
+    return out
+
+
+def _blocks(shapes) -> list[tuple[int, int]]:
+    blocks, off = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        blocks.append((off, off + n))
+        off += n
+    return blocks
+
+
+def _basis(buf: torch.Tensor, n: int, d: int, blocks, bits: int, dev: torch.device) -> Basis:
+    """A Basis over rank 0's slice [0, d) with synthetic P (values do not change the cost)."""
+    pieces = local_pieces(blocks, 0, d, layerwise=False)
+    w_start = torch.randn(d, device=dev)
+    common = dict(pieces=pieces, num_coef_blocks=1, k=n, M=torch.zeros(1, n, n, dtype=torch.float64),
+                  theta0=torch.zeros(n, 1, dtype=torch.float64, device=dev),
+                  alpha_start=torch.zeros(n, dtype=torch.float64), w_start=w_start, bits=bits, report={})
+    if bits == 32:
+        return Basis(dense=buf[: n * d].view(n, d), quant=None, **common)
+    quant, off = [], 0
+    byte_view = buf.view(torch.uint8)
+    for p in pieces:
+        width = p.hi - p.lo
+        nb = math.ceil(width / 8) * bits  # 8 codes per `bits` bytes
+        packed = byte_view[off: off + n * nb].view(n, nb)
+        off += n * nb
+        quant.append(QuantizedRows(packed, torch.rand(n, device=dev) - 0.5, torch.rand(n, device=dev) * 1e-3,
+                                   bits, width))
+    return Basis(dense=None, quant=quant, **common)
+
+
+def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.device, reps: int, bw: float) -> dict:
+    d = -(-D // world)
+    rows = max(1, n // world)          # authors: n/W rows of P per rank, full width D
+    blocks = _blocks(shapes)
+    elem_bytes = 4 if bits == 32 else bits / 8
+    row = {"n": n, "world": world, "p_bits": bits, "D": D, "d_per_rank": d}
+
+    # --- ours ----------------------------------------------------------------------------------
+    with _Peak(dev) as peak:
+        nbytes = n * (math.ceil(d / 8) * bits + 8 * len(blocks)) if bits < 32 else n * d * 4
+        buf = torch.empty(max(nbytes // 4 + 1, 1), dtype=torch.float32, device=dev)
+        if bits == 32:
+            buf.normal_()
+        else:
+            buf.view(torch.uint8).random_(0, 256)
+        basis = _basis(buf, n, d, blocks, bits, dev)
+        g = torch.randn(d, device=dev)
+        w = torch.empty(d, device=dev)
+        theta = torch.randn(n, 1, dtype=torch.float64, device=dev)
+
+        def ours():
+            c = basis.project(g)
+            # (all-reduce of the n floats of c happens here in a job)
+            basis.reconstruct(theta + c.double() * 1e-3, out=w)
+
+        t_ours = _time(ours, dev, reps)
+        row["ours_peak_bytes"] = peak.bytes()
+    row["ours_p_bytes"] = basis.nbytes
+    del basis, buf, g, w
+
+    # --- authors' style (fp32 P only in their code; at 4 bits the comparison is against fp32) ------
+    with _Peak(dev) as peak:
+        p_rows = torch.randn(rows, D, device=dev)
+        grads = [torch.randn(s, device=dev) for s in shapes]
+        holders = [torch.zeros(s, device=dev) for s in shapes]
+
+        def authors():
+            gf = torch.cat([x.reshape(-1) for x in grads])
+            c = p_rows @ gf
+            pg = p_rows.T @ c
+            # (all-reduce of the D floats of pg happens here in a job)
+            off = 0
+            for h, s in zip(holders, shapes):
+                k = math.prod(s)
+                h.grad = pg[off: off + k].view(s).clone()
+                off += k
+
+        t_auth = _time(authors, dev, reps)
+        row["authors_peak_bytes"] = peak.bytes()
+    del p_rows, grads, holders
+
+    floor = 2 * n * d * elem_bytes / bw
+    row.update(
+        ours_ms=1e3 * t_ours, authors_ms=1e3 * t_auth, floor_ms=1e3 * floor,
+        ours_over_floor=t_ours / floor, speedup_vs_authors=t_auth / t_ours,
+        ours_comm_bytes_per_step=4 * n, authors_comm_bytes_per_step=4 * D,
+    )
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small D (2M), n in {25, 50}, W in {1, 2}")
+    ap.add_argument("--D", type=int, default=None, help=f"parameters (default ResNet-50's {RESNET50_D})")
+    ap.add_argument("--n", type=int, nargs="+", default=None)
+    ap.add_argument("--world", type=int, nargs="+", default=None)
+    ap.add_argument("--bits", type=int, nargs="+", default=[32, 4])
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--max-p-gb", type=float, default=None,
+                    help="skip configs whose fp32 P share exceeds this (default: 3 on CPU, none on GPU)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="time the eager packed-P kernels instead of the torch.compile-fused ones")
+    ap.add_argument("--out", default="bench/out/twa_step.json")
+    args = ap.parse_args(argv)
+
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    D = args.D or (2_000_000 if args.quick else RESNET50_D)
+    ns = args.n or ([25, 50] if args.quick else [25, 50, 100])
+    worlds = args.world or ([1, 2] if args.quick else [1, 2, 4])
+    reps = args.reps or (3 if dev.type == "cpu" else 20)
+    max_p = args.max_p_gb if args.max_p_gb is not None else (3.0 if dev.type == "cpu" else float("inf"))
+    shapes = _param_shapes(D)
+    if not args.no_compile:
+        use_compiled_kernels(True)  # compiled on first use: the warm-up call of the first 4-bit config
+    bw = copy_bandwidth(dev, min(1 << 30, max(4 * D, 256 << 20)), reps)
+    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu'}),"
+          f" D={D}, copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+
+    rows, skipped = [], []
+    for bits in args.bits:
+        for n in ns:
+            for world in worlds:
+                p_gb = n * D / world * 4 / 1e9
+                if p_gb > max_p:
+                    skipped.append({"n": n, "world": world, "p_bits": bits, "reason": f"fp32 P share {p_gb:.1f} GB"})
+                    continue
+                r = bench_config(n, world, bits, D, shapes, dev, reps, bw)
+                rows.append(r)
+                print(f"bits {bits:>2} n {n:>3} W {world}: ours {r['ours_ms']:8.2f} ms (floor {r['floor_ms']:7.2f},"
+                      f" x{r['ours_over_floor']:.2f})  authors {r['authors_ms']:8.2f} ms  speed-up "
+                      f"{r['speedup_vs_authors']:.2f}  comm {r['ours_comm_bytes_per_step']} B vs "
+                      f"{r['authors_comm_bytes_per_step'] / 1e6:.0f} MB", flush=True)
+
+    # per-rank time against W (ours): should fall as 1/W
+    scaling = []
+    for bits in args.bits:
+        for n in ns:
+            base = next((r for r in rows if r["n"] == n and r["p_bits"] == bits and r["world"] == min(worlds)), None)
+            for r in rows:
+                if base and r["n"] == n and r["p_bits"] == bits and r["world"] != base["world"]:
+                    scaling.append({"n": n, "p_bits": bits, "world": r["world"], "vs_world": base["world"],
+                                    "time_ratio": base["ours_ms"] / r["ours_ms"],
+                                    "ideal": r["world"] / base["world"]})
+    fp32 = [r for r in rows if r["p_bits"] == 32]
+    q4 = [r for r in rows if r["p_bits"] == 4]
+    goals = {
+        "fp32_over_floor_max": max((r["ours_over_floor"] for r in fp32), default=None),
+        "fp32_over_floor_goal": 1.15,
+        "fp32_at_n50_over_floor": next((r["ours_over_floor"] for r in fp32 if r["n"] == 50), None),
+        "q4_speedup_vs_authors_min": min((r["speedup_vs_authors"] for r in q4), default=None),
+        "q4_speedup_goal": 9.0,
+        "comm_bytes_max_n256": 4 * 256,
+        "comm_bytes_goal": 64 * 1024,
+    }
+    out = {
+        "bench": "twa_step",
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu"),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "D": D,
+        "quick": args.quick,
+        "reps": reps,
+        "compiled_kernels": not args.no_compile,
+        "copy_bandwidth_GBps": bw / 1e9,
+        "configs": rows,
+        "skipped": skipped,
+        "scaling": scaling,
+        "goals": goals,
+        "note": "one process simulates rank 0 of W; authors' style at 4 bits is their fp32 code (they have no "
+                "quantised P). Communication excludes the data-parallel gradient reduction both schemes share.",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps(goals, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
