@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
+STOP_GRACE_SECONDS = 60.0  # a stopped step gets this long to flush before it is killed
 DEFAULT_DATA = str((REPO.parent / "shared" / "datasets" / "cifar10").resolve())
 
 __all__ = ["Preset", "cpu_preset", "gpu_preset", "smoke_preset", "PRESETS", "plan_steps", "summarize",
@@ -77,7 +79,9 @@ class Preset:
     """Constant tail learning rates (the SWA paper's CIFAR swa_lr 0.05, and 0.1)."""
     seeds: tuple[int, ...] = (0, 1)
     num_workers: int | None = None
-    """DataLoader workers per rank for training (None: the trainer's default)."""
+    """DataLoader workers per rank (None: the trainer's default, and min(4, CPUs per rank - 1) for TWA)."""
+    bn_batches: int | None = None
+    """Batches for each BatchNorm recalibration in the TWA stage (None: a full pass, as in the paper)."""
     data: str = DEFAULT_DATA
 
     def __post_init__(self) -> None:
@@ -100,8 +104,11 @@ class Preset:
 def cpu_preset() -> Preset:
     """≤ 60 min on 2 CPU cores: ResNet-20 on a fixed 10k-image CIFAR-10 subset, E=20, T=2, K=5, 2 seeds.
 
-    One epoch (10k train + 2k val images) measured 31.5 s on 2 shared cores; the whole preset is about
-    60 training epochs + 8 TWA runs ≈ 40 min. Hold-out 0.04 = 2,000 images of the 50k split.
+    Measured on the 2-core dev box: one SGD epoch (train + eval on 2k images) 20.3 s for 8k images at load
+    ~1.7 and 31.5 s for 10k at load ~4; one paper-mode TWA run (2 epochs on 8k, 2 BatchNorm passes of
+    20 batches) 47 s. Scaled to 10k images and full BatchNorm passes: ≈ 17 min per seed (60 s of it
+    process start-up), ≈ 35 min for 2 seeds on an idle machine, ≈ 45 min at load ~4.
+    Hold-out 0.04 = 2,000 images of the 50k split, excluded from every run's training.
     """
     return Preset(name="cpu", model="resnet20", epochs=20, limit_train=10_000, limit_val=2_000,
                   holdout_fraction=0.04, twa_epochs=2, tail_epochs=5, swa_lrs=(0.05, 0.1), seeds=(0, 1))
@@ -161,14 +168,16 @@ def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
                 "--checkpoint-dir", str((work / "checkpoints" / run_id).resolve()), *extra]
         return Step(name, "train", "launch/train.py", args, seed, role, swa_lr, run_id=run_id)
 
-    # The TWA stage loads in the main process by default; a worker overlaps JPEG decoding with compute
-    # (measured on 2 cores: one TWA epoch + two BatchNorm passes 129 s with 0 workers).
+    # The TWA stage loads in the main process by default; a worker overlaps JPEG decoding with compute.
     twa_workers = p.num_workers if p.num_workers is not None else max(0, min(4, (os.cpu_count() or 1) // ranks - 1))
 
     def twa(name, seed, role, run_id, extra, swa_lr=None):
         out = "file://" + str((twa_out / name).resolve())
         args = ["--snapshot-url", store, "--run-id", run_id, "--epochs", str(p.twa_epochs), "--seed", str(seed),
-                "--output", out, "--no-plot", "--num-workers", str(twa_workers), *extra]
+                "--output", out, "--no-plot", "--num-workers", str(twa_workers)]
+        if p.bn_batches is not None:
+            args += ["--bn-batches", str(p.bn_batches)]
+        args += extra
         return Step(name, "twa", "launch/twa.py", args, seed, role, swa_lr, run_id=run_id, output=out)
 
     steps = []
@@ -251,7 +260,17 @@ def run_step(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=pri
     with open(log_path, "a") as f:
         f.write(f"\n=== {datetime.datetime.now(datetime.timezone.utc).isoformat()} {_shown(cmd)}\n")
         f.flush()
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait()
+        except BaseException:  # SIGTERM (see main) or Ctrl-C: stop the step the way a preemption would
+            proc.terminate()  # the trainer flushes its snapshots on SIGTERM; --resume continues it later
+            try:
+                proc.wait(timeout=STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
     seconds = time.perf_counter() - t0
     if rc != 0 or step_output(step, work) is None:
         tail = log_path.read_text(errors="replace").replace("\r", "\n").splitlines()[-30:]
@@ -261,6 +280,10 @@ def run_step(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=pri
     _write_json(marker, done)
     log(f"[done] {step.name} in {seconds:.0f}s")
     return done
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through run_step, which stops the running step first
 
 
 def child_env(ranks: int) -> dict[str, str]:
@@ -377,7 +400,7 @@ def _acc(r: dict) -> str:
 
 
 def findings(p: Preset, table: list[dict], seeds: dict) -> list[dict]:
-    """Factual sentences with a verdict against each claim of the paper.
+    """Factual sentences, each with whether the paper's claim holds here (True, False, None = a tie).
 
     A difference counts as a tie when it is within max(0.5 pts, the larger seed std) of zero.
     """
@@ -395,7 +418,8 @@ def findings(p: Preset, table: list[dict], seeds: dict) -> list[dict]:
             continue
         d, t = twa["accuracy_mean"] - full["accuracy_mean"], tol(twa, full)
         verdict = "matches" if abs(d) <= t else ("beats" if d > 0 else "misses")
-        out.append({"claim": "head", "method": name, "verdict": verdict, "difference": d, "tolerance": t,
+        out.append({"claim": "head", "method": name, "verdict": verdict, "holds": verdict != "misses",
+                    "difference": d, "tolerance": t,
                     "epochs_saved_fraction": saved,
                     "text": f"Head stage, {name}: {H} SGD epochs + {T} TWA epochs reach {_acc(twa)}, against "
                             f"{_acc(full)} for the full {E}-epoch run ({_pts(d)}); it {verdict} the full run "
@@ -404,7 +428,7 @@ def findings(p: Preset, table: list[dict], seeds: dict) -> list[dict]:
     twa_p = _row(table, "TWA paper mode")
     if swa_h and twa_p:
         d = twa_p["accuracy_mean"] - swa_h["accuracy_mean"]
-        out.append({"claim": "head-swa", "verdict": "matches" if d > tol(twa_p, swa_h) else "misses",
+        out.append({"claim": "head-swa", "holds": d > tol(twa_p, swa_h),
                     "difference": d,
                     "text": f"Head stage, SWA of the same snapshots 0..{H}: {_acc(swa_h)}; TWA improves on it "
                             f"by {_pts(d)} (the paper: uniform averaging fails in the head stage, TWA does not)."})
@@ -412,7 +436,7 @@ def findings(p: Preset, table: list[dict], seeds: dict) -> list[dict]:
     if twa_p and twa_v:
         d = twa_v["accuracy_mean"] - twa_p["accuracy_mean"]
         t = tol(twa_p, twa_v)
-        out.append({"claim": "twa-v", "verdict": "matches" if d > -t else "misses", "difference": d,
+        out.append({"claim": "twa-v", "holds": d > -t, "difference": d,
                     "text": f"TWA-v (fitted on the {100 * p.holdout_fraction:g}% hold-out) against paper-mode TWA: "
                             f"{_pts(d)} (the journal version reports TWA-v generalises at least as well)."})
     gaps = {}
@@ -423,8 +447,9 @@ def findings(p: Preset, table: list[dict], seeds: dict) -> list[dict]:
             continue
         d, t = twa["accuracy_mean"] - swa["accuracy_mean"], tol(swa, twa)
         gaps[lr] = (swa, twa, d)
-        verdict = "matches" if d > t else ("ties" if d >= -t else "misses")
-        out.append({"claim": "tail", "swa_lr": lr, "verdict": verdict, "difference": d, "tolerance": t,
+        holds = True if d > t else (None if d >= -t else False)
+        verdict = {True: "holds", None: "is a tie", False: "misses"}[holds]
+        out.append({"claim": "tail", "swa_lr": lr, "holds": holds, "difference": d, "tolerance": t,
                     "text": f"Tail stage, lr {tag}: TWA {_acc(twa)} against SWA {_acc(swa)} on the same "
                             f"{p.tail_epochs + 1} snapshots ({_pts(d)}); the claim TWA > SWA {verdict} "
                             f"(tie band ±{100 * t:.2f} pts)."})
@@ -433,11 +458,11 @@ def findings(p: Preset, table: list[dict], seeds: dict) -> list[dict]:
         (swa_lo, twa_lo, d_lo), (swa_hi, twa_hi, d_hi) = gaps[lo], gaps[hi]
         spread_swa = abs(swa_hi["accuracy_mean"] - swa_lo["accuracy_mean"])
         spread_twa = abs(twa_hi["accuracy_mean"] - twa_lo["accuracy_mean"])
-        out.append({"claim": "tail-lr", "verdict": "matches" if d_hi > d_lo else "misses",
+        out.append({"claim": "tail-lr", "holds": d_hi > d_lo,
                     "difference": d_hi - d_lo,
                     "text": f"Tail stage, larger learning rate: the TWA-SWA gap is {_pts(d_lo)} at lr {lo:g} and "
                             f"{_pts(d_hi)} at lr {hi:g} (the paper: a larger gap at the larger lr)."})
-        out.append({"claim": "tail-sensitivity", "verdict": "matches" if spread_twa < spread_swa else "misses",
+        out.append({"claim": "tail-sensitivity", "holds": spread_twa < spread_swa,
                     "difference": spread_twa - spread_swa,
                     "text": f"Tail stage, sensitivity to the tail lr: SWA moves by {100 * spread_swa:.2f} pts "
                             f"between lr {lo:g} and {hi:g}, TWA by {100 * spread_twa:.2f} pts (the paper: TWA "
@@ -484,17 +509,23 @@ def plot_accuracy(p: Preset, seeds: dict, path: Path) -> None:
     point(H + T, [d.get("head_paper", {}).get("twa_accuracy") for d in ds], f"TWA 0..{H} (+{T})", colors[0], "*")
     point(H + T, [d.get("head_twav", {}).get("twa_accuracy") for d in ds], f"TWA-v 0..{H} (+{T})", colors[2], "P")
     for i, lr in enumerate(p.swa_lrs):
-        tag, c = _lr_tag(lr), colors[(3 + i) % len(colors)]
-        tails = [d["tail"][tag] for d in ds if tag in d["tail"]]
-        curve([t["train"]["epochs"] for t in tails if "train" in t], E, f"tail SGD, lr {tag}", c, lw=1.2)
-        point(E + K, [t.get("twa", {}).get("swa_accuracy") for t in tails], f"SWA tail lr {tag}", c, "s")
-        point(E + K + T, [t.get("twa", {}).get("twa_accuracy") for t in tails], f"TWA tail lr {tag}", c, "*")
+        tag, c, dx = _lr_tag(lr), colors[(3 + i) % len(colors)], 0.25 * i  # dx: markers of each lr side by side
+        tails = [(d["head"], d["tail"][tag]) for d in ds if tag in d["tail"] and "head" in d]
+        # each tail curve starts at its head run's final point (the weights it starts from)
+        curve([[{"epoch": 0, "val_accuracy": h["final_accuracy"]}, *t["train"]["epochs"]]
+               for h, t in tails if "train" in t], E, f"tail SGD, lr {tag}", c, lw=1.2)
+        point(E + K + dx, [t.get("twa", {}).get("swa_accuracy") for _, t in tails], f"SWA tail lr {tag}", c, "s")
+        point(E + K + T + dx, [t.get("twa", {}).get("twa_accuracy") for _, t in tails], f"TWA tail lr {tag}", c, "*")
+    finals = [d["head"]["final_accuracy"] for d in ds if d.get("head", {}).get("final_accuracy") is not None]
+    if finals:
+        ax.axhline(statistics.fmean(finals), color="k", ls="--", lw=0.8, label="full run, final accuracy")
     ax.axvline(H, color="gray", ls=":", lw=1)
     ax.set_xlabel("epoch (SGD epochs; TWA results drawn at SGD epochs + TWA epochs)")
     ax.set_ylabel("validation accuracy")
     ax.set_title(f"{p.model}, CIFAR-10 ({p.limit_train or 'all'} train images), mean over {len(ds)} seed(s); "
                  "band = min..max")
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -528,7 +559,8 @@ def plot_coefficients(p: Preset, seeds: dict, path: Path) -> None:
         ax.set_xlabel("snapshot seq (epoch)")
         ax.set_ylabel("alpha (w = sum alpha_i w_i)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -571,12 +603,16 @@ def render_report(res: dict, discussion: str | None) -> str:
               f"then paper-mode TWA over the tail's {K + 1} snapshots (seq 0 = the head's final weights), "
               f"weight decay {p['tail_twa_weight_decay']:g}. The TWA stage starts from the uniform mean, "
               "so its start accuracy (BatchNorm recomputed) is the SWA result on the same snapshots.",
+              "- BatchNorm statistics are recomputed at the start and end of every TWA run on "
+              + (f"{p['bn_batches']} training batches of {p['batch_size']} (the paper: a full pass)."
+                 if p.get("bn_batches") else "one full pass over the training split (as in the paper)."),
               "- The tail starts from the finished run, as SWA does when applied to a pretrained model, so the "
               "tail snapshots are the same ones SWA would average and the head run is reused; the paper's "
               "SWA runs instead decay from lr 0.1 to swa_lr inside one longer schedule.", "",
               "## Results", "",
-              f"Accuracy on the validation subset, mean ± std over seeds "
-              f"(a TWA epoch costs about one SGD epoch: one forward/backward pass over its fitting split).", "",
+              f"Accuracy on the validation split ({p['limit_val'] or 'all'} images of CIFAR-10's test set), "
+              "mean ± std over seeds (a TWA epoch costs about one SGD epoch: one forward/backward pass over "
+              "its fitting split).", "",
               "| method | SGD epochs | TWA epochs | accuracy (%) | seeds | per seed (%) |",
               "|---|---:|---:|---:|---:|---|"]
     for r in table:
@@ -591,7 +627,8 @@ def render_report(res: dict, discussion: str | None) -> str:
                      f"{sv['full_seconds']:.0f} s for the full run ({100 * sv['wall_fraction']:.0f}% saved; "
                      "TWA time includes snapshot loading, the basis and two BatchNorm passes).")
     lines += ["", "## Where it matches the paper and where it misses", ""]
-    lines += [f"- **{f['verdict']}**: {f['text']}" for f in res["findings"]] or ["- (no finished comparisons yet)"]
+    mark = {True: "holds", False: "misses", None: "tie"}
+    lines += [f"- **{mark[f['holds']]}**: {f['text']}" for f in res["findings"]] or ["- (no finished comparisons yet)"]
     lines += ["", "![accuracy against epoch](accuracy_vs_epoch.png)", "",
               "![TWA coefficients per snapshot](coefficients.png)", "",
               "## Steps", "", "| step | seconds | command |", "|---|---:|---|"]
@@ -623,7 +660,7 @@ def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: 
         saved.update(full_seconds=full, head_twa_seconds=ht, wall_fraction=(full - ht) / full if full else None)
     res = {
         "preset": dataclasses.asdict(p),
-        "command": shlex.join(["python", "bench/reproduce.py", *argv]),
+        "command": shlex.join(["python", "bench/reproduce.py", *(x for x in argv if x != "--report-only")]),
         "ranks": ranks,
         "host": _host(),
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -707,6 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         (work / ".gitignore").write_text("*\n")  # snapshots, checkpoints and logs stay out of git
         env = child_env(a.ranks)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         t0 = time.perf_counter()
         for st in steps:
             run_step(st, work, ranks=a.ranks, env=env, log=lambda m: print(m, flush=True))
@@ -717,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{r['method']:<44} {r['sgd_epochs']:>4} + {r['twa_epochs']:>2}  "
               f"{100 * r['accuracy_mean']:6.2f} ± {100 * r['accuracy_std']:.2f}  (n={r['n_seeds']})")
     for f in res["findings"]:
-        print(f"- {f['verdict']}: {f['text']}")
+        print(f"- {({True: 'holds', False: 'misses', None: 'tie'})[f['holds']]}: {f['text']}")
     print(f"report: {out / 'report.md'}")
     return 0
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -29,7 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from twa_scale.twa.subspace import Basis, QuantizedRows, local_pieces, use_compiled_kernels  # noqa: E402
+from twa_scale.twa.subspace import (Basis, GroupedQuant, chunk_groups, local_pieces,  # noqa: E402
+                                    use_compiled_kernels)
 
 RESNET50_D = 25_557_032
 
@@ -131,16 +131,30 @@ def _basis(buf: torch.Tensor, n: int, d: int, blocks, bits: int, dev: torch.devi
                   alpha_start=torch.zeros(n, dtype=torch.float64), w_start=w_start, bits=bits, report={})
     if bits == 32:
         return Basis(dense=buf[: n * d].view(n, d), quant=None, **common)
-    quant, off = [], 0
-    byte_view = buf.view(torch.uint8)
-    for p in pieces:
-        width = p.hi - p.lo
-        nb = math.ceil(width / 8) * bits  # 8 codes per `bits` bytes
-        packed = byte_view[off: off + n * nb].view(n, nb)
-        off += n * nb
-        quant.append(QuantizedRows(packed, torch.rand(n, device=dev) - 0.5, torch.rand(n, device=dev) * 1e-3,
-                                   bits, width))
-    return Basis(dense=None, quant=quant, **common)
+    return Basis(dense=None, quant=None, grouped=_grouped(buf, n, d, blocks, bits, dev), **common)
+
+
+def _grouped(buf: torch.Tensor, n: int, d: int, blocks, bits: int, dev: torch.device) -> GroupedQuant:
+    """The solver's packed-P layout for global coefficients (GroupedQuant), with synthetic codes:
+    groups of 8 columns inside one block are packed, groups on a block edge stay fp32."""
+    m = d // 8
+    local = [(max(b0, 0), min(b1, d)) for b0, b1 in blocks if b0 < d]
+    nb = len(local)
+    pid = torch.full((m,), nb, dtype=torch.int32, device=dev)
+    for i, (b0, b1) in enumerate(local):
+        g0, g1 = -(-b0 // 8), min(b1 // 8, m)
+        if g0 < g1:
+            pid[g0:g1] = i
+    mixed_groups = torch.nonzero(pid == nb).squeeze(1)
+    mixed_idx = torch.cat([(8 * mixed_groups.unsqueeze(1) + torch.arange(8, device=dev)).reshape(-1),
+                           torch.arange(8 * m, d, device=dev)])
+    packed = buf.view(torch.uint8)[: n * m * bits].view(n, m * bits)
+    lo = torch.rand(n, nb + 1, device=dev) - 0.5
+    scale = torch.rand(n, nb + 1, device=dev) * 1e-3
+    lo[:, nb] = 0
+    scale[:, nb] = 0
+    return GroupedQuant(packed, pid, lo, scale, mixed_idx, torch.randn(n, mixed_idx.numel(), device=dev), bits, d,
+                        GroupedQuant.block_runs(pid, nb, chunk_groups(dev)))
 
 
 def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.device, reps: int, bw: float) -> dict:
@@ -152,12 +166,13 @@ def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.devic
 
     # --- ours ----------------------------------------------------------------------------------
     with _Peak(dev) as peak:
-        nbytes = n * (math.ceil(d / 8) * bits + 8 * len(blocks)) if bits < 32 else n * d * 4
+        nbytes = n * (d // 8) * bits if bits < 32 else n * d * 4
         buf = torch.empty(max(nbytes // 4 + 1, 1), dtype=torch.float32, device=dev)
+        # constant fills: fast at GB sizes, and no denormals/NaN to distort CPU timings
         if bits == 32:
-            buf.normal_()
+            buf.fill_(0.01)
         else:
-            buf.view(torch.uint8).random_(0, 256)
+            buf.view(torch.uint8).fill_(0x5A)
         basis = _basis(buf, n, d, blocks, bits, dev)
         g = torch.randn(d, device=dev)
         w = torch.empty(d, device=dev)
@@ -175,7 +190,7 @@ def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.devic
 
     # --- authors' style (fp32 P only in their code; at 4 bits the comparison is against fp32) ------
     with _Peak(dev) as peak:
-        p_rows = torch.randn(rows, D, device=dev)
+        p_rows = torch.full((rows, D), 0.01, device=dev)
         grads = [torch.randn(s, device=dev) for s in shapes]
         holders = [torch.zeros(s, device=dev) for s in shapes]
 
@@ -213,20 +228,26 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--max-p-gb", type=float, default=None,
                     help="skip configs whose fp32 P share exceeds this (default: 3 on CPU, none on GPU)")
-    ap.add_argument("--no-compile", action="store_true",
-                    help="time the eager packed-P kernels instead of the torch.compile-fused ones")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="torch.compile-fused packed-P kernels (auto: on CUDA only, as in the TWA stage)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default 1 on CPU: on a shared 2-core host, OpenMP barriers stall for "
+                         "whole time slices when a sibling process holds a core)")
     ap.add_argument("--out", default="bench/out/twa_step.json")
     args = ap.parse_args(argv)
 
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if args.threads or dev.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     D = args.D or (2_000_000 if args.quick else RESNET50_D)
     ns = args.n or ([25, 50] if args.quick else [25, 50, 100])
     worlds = args.world or ([1, 2] if args.quick else [1, 2, 4])
     reps = args.reps or (3 if dev.type == "cpu" else 20)
     max_p = args.max_p_gb if args.max_p_gb is not None else (3.0 if dev.type == "cpu" else float("inf"))
     shapes = _param_shapes(D)
-    if not args.no_compile:
-        use_compiled_kernels(True)  # compiled on first use: the warm-up call of the first 4-bit config
+    compiled = args.compile == "on" or (args.compile == "auto" and dev.type == "cuda")
+    if compiled:
+        use_compiled_kernels(True)  # compiled on first use: the warm-up calls of the first 4-bit config
     bw = copy_bandwidth(dev, min(1 << 30, max(4 * D, 256 << 20)), reps)
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu'}),"
           f" D={D}, copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
@@ -276,7 +297,7 @@ def main(argv=None) -> int:
         "D": D,
         "quick": args.quick,
         "reps": reps,
-        "compiled_kernels": not args.no_compile,
+        "compiled_kernels": compiled,
         "copy_bandwidth_GBps": bw / 1e9,
         "configs": rows,
         "skipped": skipped,

@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.support import REPO, require_cifar10
-from tests.support.launch import python
+from tests.support.launch import env, python
 
 sys.path.insert(0, str(REPO / "bench"))
 import reproduce  # noqa: E402
@@ -33,17 +36,43 @@ def _numbers(obj, path="$"):
         yield path, obj
 
 
+def _stop_after_first_epoch(out, data) -> int:
+    """Start the smoke run, SIGTERM it once the head run has finished epoch 1 (of 2); return its exit code."""
+    metrics = out / "work" / "store" / "head-s0" / "train" / "metrics.json"
+    proc = subprocess.Popen([sys.executable, "bench/reproduce.py", "--smoke", "--out", str(out), "--data", str(data)],
+                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads(metrics.read_text())["epochs"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, output[-3000:]
+    return proc.returncode
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The smoke preset, stopped midway through its first training run and then rerun to completion."""
     data = require_cifar10()
     out = tmp_path_factory.mktemp("reproduce") / "out"
+    _stop_after_first_epoch(out, data)
+    stopped_done = sorted(p.name for p in (out / "work" / "done").glob("*.json"))
     proc = python("bench/reproduce.py", ["--smoke", "--out", str(out), "--data", str(data)], timeout=400)
-    return out, proc
+    return out, proc, stopped_done
 
 
 @pytest.mark.slow
 def test_smoke_writes_report_json_and_plots(smoke):
-    out, proc = smoke
+    out, proc, _ = smoke
     for name in ("report.md", "results.json", "accuracy_vs_epoch.png", "coefficients.png"):
         assert (out / name).is_file(), f"{name} missing; stdout:\n{proc.stdout[-3000:]}"
     for png in ("accuracy_vs_epoch.png", "coefficients.png"):
@@ -60,7 +89,7 @@ def test_smoke_writes_report_json_and_plots(smoke):
 
 @pytest.mark.slow
 def test_smoke_numbers_are_sane(smoke):
-    out, _ = smoke
+    out, _, _ = smoke
     res = json.loads((out / "results.json").read_text())
     for path, v in _numbers(res):
         assert math.isfinite(v), f"{path} = {v}"
@@ -88,7 +117,7 @@ def test_smoke_numbers_are_sane(smoke):
 
 @pytest.mark.slow
 def test_rerun_skips_done_steps_and_resumes_the_rest(smoke):
-    out, _ = smoke
+    out, _, _ = smoke
     data = str(require_cifar10())
     before = json.loads((out / "results.json").read_text())["table"]
     done = out / "work" / "done"
@@ -110,6 +139,16 @@ def test_rerun_skips_done_steps_and_resumes_the_rest(smoke):
     assert proc.returncode != 0 and "finished earlier with other arguments" in proc.stderr
 
 
+@pytest.mark.slow
+def test_stopped_training_step_resumes_from_its_checkpoint(smoke):
+    out, proc, stopped_done = smoke
+    assert stopped_done == []  # stopped inside head-s0: nothing was marked done
+    log = (out / "work" / "logs" / "head-s0.log").read_text()
+    assert log.count("=== ") == 2 and "resumed from" in log and "at epoch 1" in log
+    m = json.loads((out / "work" / "store" / "head-s0" / "train" / "metrics.json").read_text())
+    assert [r["epoch"] for r in m["epochs"]] == [1, 2]
+
+
 # --- pure logic: no dataset needed -------------------------------------------------------------
 def test_cpu_preset_plan_uses_the_documented_commands(tmp_path):
     p = reproduce.preset_from_args(reproduce.build_parser().parse_args(["--out", str(tmp_path)]))
@@ -121,6 +160,8 @@ def test_cpu_preset_plan_uses_the_documented_commands(tmp_path):
     assert head[head.index("--schedule") + 1] == "step" and head[head.index("--epochs") + 1] == "20"
     assert "--resume" in head and head[head.index("--holdout-fraction") + 1] == "0.04"
     assert steps["head-paper-s1"].args[steps["head-paper-s1"].args.index("--select") + 1] == "0:11"
+    paper = steps["head-paper-s0"].args
+    assert "--bn-batches" not in paper and paper[paper.index("--lr") + 1] == "2"  # full BatchNorm passes
     twav = steps["head-twav-s0"].args
     assert twav[twav.index("--preset") + 1] == "journal" and twav[twav.index("--fit-on") + 1] == "holdout"
     tail = steps["tail-lr0.1-s1"].args
@@ -152,11 +193,19 @@ def test_table_and_findings_over_two_seeds():
     assert [r["sgd_epochs"] for r in table] == [20, 10, 10, 10, 10] + [25] * 6
     found = {(f["claim"], f.get("method"), f.get("swa_lr")): f for f in reproduce.findings(p, table, seeds)}
     head = found[("head", "TWA (paper mode)", None)]
-    assert head["verdict"] == "matches" and head["epochs_saved_fraction"] == pytest.approx(0.4)
-    assert found[("head-swa", None, None)]["verdict"] == "matches"
-    assert found[("tail", None, 0.05)]["verdict"] == "matches"  # +1 pt > 0.5 pt band
-    assert found[("tail-lr", None, None)]["verdict"] == "matches"  # gap 4 pts at 0.1 vs 1 pt at 0.05
-    assert found[("tail-sensitivity", None, None)]["verdict"] == "matches"  # TWA moves 1 pt, SWA 4 pts
+    assert head["verdict"] == "matches" and head["holds"] is True
+    assert head["epochs_saved_fraction"] == pytest.approx(0.4)
+    assert found[("head", "TWA-v (journal mode)", None)]["verdict"] == "beats"  # +1 pt > 0.5 pt band
+    assert found[("head-swa", None, None)]["holds"] is True
+    assert found[("twa-v", None, None)]["holds"] is True
+    assert found[("tail", None, 0.05)]["holds"] is True  # +1 pt > 0.5 pt band
+    assert found[("tail-lr", None, None)]["holds"] is True  # gap 4 pts at 0.1 vs 1 pt at 0.05
+    assert found[("tail-sensitivity", None, None)]["holds"] is True  # TWA moves 1 pt, SWA 4 pts
+    # a tail difference inside the tie band is neither a win nor a loss
+    seeds["0"]["tail"]["0.05"]["twa"]["twa_accuracy"] = seeds["1"]["tail"]["0.05"]["twa"]["twa_accuracy"] = 0.802
+    tie = next(f for f in reproduce.findings(p, reproduce.build_table(p, seeds), seeds)
+               if f["claim"] == "tail" and f["swa_lr"] == 0.05)
+    assert tie["holds"] is None
     # one missing seed for one method: that row is averaged over the seeds that have it
     del seeds["1"]["head_twav"]
     row = next(r for r in reproduce.build_table(p, seeds) if r["method"].startswith("TWA-v"))

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from twa_scale.layout import FlatLayout
-from twa_scale.models import build_model
 from twa_scale.twa.testing import (digits_config, gram_schmidt, make_trajectory, projection_worker, run_ranks,
                                    twa_worker, write_run)
 
@@ -74,3 +73,24 @@ def test_full_run_same_coefficients_on_1_2_and_3_ranks(trajectory, tmp_path):
         per_rank = outs[0]["result"]["bytes_read"]
         assert per_rank.sum().item() == 6 * FlatLayout.from_model(model).D * 4
         assert per_rank.max().item() <= 6 * 4 * (-(-FlatLayout.from_model(model).D // world))
+
+
+def test_corrupt_shard_seen_by_one_rank_fails_every_rank_and_writes_nothing(trajectory, tmp_path):
+    """Only the reader of the damaged byte range hits the checksum error; the other rank must
+    not hang in the next collective, and both name the object."""
+    import fsspec
+
+    model, snaps = trajectory
+    url = f"file://{tmp_path}/store"
+    write_run(url, "bad", model, snaps, cfg=digits_config(), writer_world=2)
+    victim = sorted((tmp_path / "store" / "bad" / "snapshots" / "00000002").glob("shard-00001-of-00002*.bin"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-50] ^= 0xFF  # the end of the vector: read by reader rank 1 of 2 only
+    victim.write_bytes(bytes(data))
+    outs = run_ranks(2, twa_worker, dict(snapshot_url=url, run_id="bad", epochs=1, batch_size=48),
+                     out_dir=str(tmp_path / "ranks"))
+    assert [o["ok"] for o in outs] == [False, False]
+    assert "CorruptSnapshotError" in outs[1]["error"] and victim.name in outs[1]["error"]
+    assert outs[0]["error"].startswith("OSError: rank 1 failed") and victim.name in outs[0]["error"]
+    fs, root = fsspec.core.url_to_fs(f"{url}/bad/twa")
+    assert not fs.exists(root)

@@ -2,23 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import fsspec
 import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from tests.support import free_port
 from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
 from twa_scale.twa import TwaConfig, run_twa
 from twa_scale.twa.testing import digits_config, make_trajectory, write_run
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _rel(a, b):
@@ -151,16 +144,40 @@ def test_corrupted_shard_names_the_object(mlp_run, tmp_path):
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_deepspeed_launch_on_3_ranks(mlp_run, tmp_path):
+def test_deepspeed_launch_on_3_ranks(mlp_run):
     """`deepspeed --num_gpus 3 launch/twa.py` (gloo on CPU) on snapshots written by 2 ranks."""
+    from tests.support import launch
+
     url, _, _ = mlp_run
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("WORLD_SIZE", None)
-    cmd = ["deepspeed", "--num_gpus", "3", "--master_port", str(free_port()), "launch/twa.py",
-           "--snapshot-url", url, "--run-id", "mlp", "--epochs", "1", "--batch-size", "48",
-           "--output", f"{url}/ds_out"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch.deepspeed("launch/twa.py", ["--snapshot-url", url, "--run-id", "mlp", "--epochs", "1",
+                                              "--batch-size", "48", "--output", f"{url}/ds_out"], ranks=3,
+                            timeout=400)
     res = json.loads(fsspec.open(f"{url}/ds_out/result.json").open().read())
     assert res["world_size"] == 3 and len(res["bytes_read_per_rank"]) == 3
+    assert "TWA" in proc.stdout
+
+
+@pytest.mark.s3
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_cifar10_trained_on_2_ranks_to_s3_then_twa_on_3(s3_url):
+    """The issue's acceptance run, scaled down: a 2-rank CIFAR-10 training run streamed to S3
+    (SeaweedFS), then `deepspeed --num_gpus 3 launch/twa.py` on it."""
+    from tests.support import launch, require_cifar10
+
+    data = str(require_cifar10())
+    launch.deepspeed("launch/train.py", ["--model", "resnet20", "--data", data, "--epochs", "3",
+                                         "--limit-train", "256", "--limit-val", "128", "--batch-size", "64",
+                                         "--snapshot-url", s3_url, "--run-id", "c10", "--seed", "0"],
+                     ranks=2, timeout=600)
+    proc = launch.deepspeed("launch/twa.py", ["--snapshot-url", s3_url, "--run-id", "c10", "--epochs", "2",
+                                              "--batch-size", "48", "--bn-batches", "2", "--data", data],
+                            ranks=3, timeout=600)
+    res = json.loads(fsspec.open(f"{s3_url}/c10/twa/result.json").open().read())
+    assert res["world_size"] == 3 and [s["seq"] for s in res["snapshots"]] == [1, 2, 3]
+    assert res["twa_accuracy"] is not None and res["swa_accuracy"] is not None
+    assert len(set(res["bytes_read_per_rank"])) <= 2  # balanced slices differ by at most one value
+    with fsspec.open(f"{s3_url}/c10/twa/model.safetensors", "rb") as f:
+        sd = st_load(f.read())
+    assert any(k.endswith("running_var") for k in sd)
     assert "TWA" in proc.stdout

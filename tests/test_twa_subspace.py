@@ -27,6 +27,11 @@ def _trajectory(n=6, d=2000, seed=0):
 BLOCKS = [(0, 700), (700, 701), (701, 1500), (1500, 2000)]
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -149,13 +154,11 @@ def test_quantised_p_dequantises_within_its_bound(bits, layerwise):
     assert q.nbytes <= dense.nbytes * bits / 32 + d / 2 + 4 * q.k * (16 * len(BLOCKS) + 8) + 16 * q.k * len(q.pieces)
     err = (q.dequantized() - dense.dense).abs()
     assert (err <= q.max_error()).all()
-    # min/max quantisation: each (direction, block) range is hit at both ends
-    levels = (1 << bits) - 1
+    # min/max quantisation: each (direction, block) range is reproduced at both ends
     deq = q.dequantized()
     for b0, b1 in BLOCKS:
-        if b1 - b0 > 8:
-            assert torch.allclose(deq[:, b0 + 8:b1 - 8].amax(1), dense.dense[:, b0:b1].amax(1), atol=1e-6) or \
-                torch.allclose(deq[:, b0:b1].amax(1), dense.dense[:, b0:b1].amax(1), atol=1e-6)
+        assert torch.allclose(deq[:, b0:b1].amax(1), dense.dense[:, b0:b1].amax(1), atol=1e-6)
+        assert torch.allclose(deq[:, b0:b1].amin(1), dense.dense[:, b0:b1].amin(1), atol=1e-6)
     # the quantised basis keeps the start point exact
     assert torch.equal(q.reconstruct(q.theta0), x.double().mean(0).float())
 
@@ -213,8 +216,29 @@ def test_quantised_products_equal_dequantised_dense(bits, layerwise, kernel, mon
     blocks = BLOCKS if layerwise else [(0, x.shape[1])]
     c = q.project(g)
     for l, (b0, b1) in enumerate(blocks):
-        assert _rel(c[:, l], deq[:, b0:b1] @ g[b0:b1]) < 1e-5
+        # scale*(codes.g) + lo*sum(g) cancels a little more than the dense product: fp32 rounding only
+        assert _rel(c[:, l], deq[:, b0:b1] @ g[b0:b1]) < 1e-4
     theta = q.theta0 + torch.randn_like(q.theta0)
     delta = (theta - q.theta0).float()
     ref = torch.cat([deq[:, b0:b1].T @ delta[:, l] for l, (b0, b1) in enumerate(blocks)])
     assert _rel(q.reconstruct(theta) - q.w_start, ref) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["runs", "gather"])
+def test_compiled_packed_kernels_match_eager(kernel, monkeypatch):
+    """The torch.compile-fused kernels (used on GPU, opt-in on CPU) compute the same products."""
+    from twa_scale.twa.subspace import use_compiled_kernels
+
+    monkeypatch.setenv("TWA_GROUPED_KERNEL", kernel)
+    x = _trajectory()
+    q = build_basis(x, 0, x.shape[1], BLOCKS, bits=4)
+    g = torch.randn(x.shape[1])
+    theta = q.theta0 + torch.randn_like(q.theta0)
+    eager_c, eager_w = q.project(g), q.reconstruct(theta)
+    use_compiled_kernels(True)
+    try:
+        assert _rel(q.project(g), eager_c) < 1e-5
+        assert _rel(q.reconstruct(theta) - q.w_start, eager_w - q.w_start) < 1e-5
+    finally:
+        use_compiled_kernels(False)

@@ -98,6 +98,9 @@ def write_outputs(result: dict, state_dict: dict[str, torch.Tensor], url: str, *
             raise OSError(f"--output {url}: cannot create the output directory: {e}") from e
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     paths = {MODEL_NAME: f"{root}/{MODEL_NAME}"}
+    # an older result.json must not vouch for the files this run is about to replace
+    if fs.exists(f"{root}/{RESULT_NAME}"):
+        fs.rm(f"{root}/{RESULT_NAME}")
     fs.pipe_file(paths[MODEL_NAME], st_save(tensors, metadata={"format": "pt"}))
     if plot:
         paths[PLOT_NAME] = f"{root}/{PLOT_NAME}"

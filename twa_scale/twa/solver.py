@@ -78,10 +78,14 @@ def agree(fn: Callable[[], Any], what: str) -> Any:
     comm.all_reduce(flag, op="max")
     bad = int(flag.item())
     if bad:
-        msg = comm.broadcast_object(f"{type(err).__name__}: {err}" if err is not None else None, src=bad - 1)
+        kind = next((k for k in (ValueError, KeyError, OSError) if isinstance(err, k)), RuntimeError)
+        info = comm.broadcast_object((kind.__name__, f"{type(err).__name__}: {err}") if err is not None else None,
+                                     src=bad - 1)
         if err is not None:
             raise err
-        raise RuntimeError(f"rank {bad - 1} failed while {what}: {msg}")
+        # the other ranks raise the same kind of error, so launchers report it the same way
+        kind = {"ValueError": ValueError, "KeyError": KeyError, "OSError": OSError}.get(info[0], RuntimeError)
+        raise kind(f"rank {bad - 1} failed while {what}: {info[1]}")
     return out
 
 

@@ -196,15 +196,44 @@ def _codes_t_dot(packed: torch.Tensor, a: torch.Tensor, bits: int) -> torch.Tens
     return torch.stack(cols, 1).reshape(-1)
 
 
-_KERNELS: dict[str, Callable] = {"dot": _codes_dot, "t_dot": _codes_t_dot}
+EAGER_CHUNK_BYTES = 1 << 14  # per row: k x 16K float temporaries stay in cache
+
+
+def _codes_dot_eager(packed: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
+    """Eager form of :func:`_codes_dot`: unpack one code plane of a column chunk at a time
+    and hand it to a BLAS matrix-vector product (no fused kernel without torch.compile)."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    gv = g.view(-1, per)
+    acc = torch.zeros(packed.shape[0], dtype=torch.float32, device=packed.device)
+    for b0 in range(0, packed.shape[1], EAGER_CHUNK_BYTES):
+        pk = packed[:, b0:b0 + EAGER_CHUNK_BYTES]
+        for t in range(per):
+            plane = pk if bits == 8 else (pk >> (t * bits)) & mask
+            acc.addmv_(plane.float(), gv[b0:b0 + EAGER_CHUNK_BYTES, t])
+    return acc
+
+
+def _codes_t_dot_eager(packed: torch.Tensor, a: torch.Tensor, bits: int) -> torch.Tensor:
+    per, mask = 8 // bits, (1 << bits) - 1
+    out = torch.empty(packed.shape[1], per, dtype=torch.float32, device=packed.device)
+    for b0 in range(0, packed.shape[1], EAGER_CHUNK_BYTES):
+        pk = packed[:, b0:b0 + EAGER_CHUNK_BYTES]
+        for t in range(per):
+            plane = pk if bits == 8 else (pk >> (t * bits)) & mask
+            torch.mv(plane.float().T, a, out=out[b0:b0 + EAGER_CHUNK_BYTES, t])
+    return out.reshape(-1)
+
+
+_KERNELS: dict[str, Callable] = {"dot": _codes_dot_eager, "t_dot": _codes_t_dot_eager}
 
 
 def use_compiled_kernels(enabled: bool = True) -> None:
     """Fuse unpack + product with torch.compile (Triton on GPU, C++ on CPU); costs a
     one-off compile of ~10-30 s, worth it for runs longer than a few hundred steps."""
-    plain = {"dot": _codes_dot, "t_dot": _codes_t_dot, "gdot": _grouped_dot, "gt_dot": _grouped_t_dot}
-    for name, fn in plain.items():
-        _KERNELS[name] = torch.compile(fn, dynamic=True) if enabled else fn
+    fusable = {"dot": _codes_dot, "t_dot": _codes_t_dot, "gdot": _grouped_dot, "gt_dot": _grouped_t_dot}
+    eager = {"dot": _codes_dot_eager, "t_dot": _codes_t_dot_eager, "gdot": _grouped_dot, "gt_dot": _grouped_t_dot}
+    for name, fn in fusable.items():
+        _KERNELS[name] = torch.compile(fn, dynamic=True) if enabled else eager[name]
 
 
 @dataclasses.dataclass
@@ -309,7 +338,9 @@ def chunk_groups(device: torch.device) -> int:
 class GroupedQuant:
     """P[:, S_r] packed as one matrix: groups of 8 columns, each group inside one layer block,
     with that (direction, block)'s min/max range. Groups that straddle a block boundary
-    (at most one per boundary) and the <8-column tail stay fp32 ("mixed" columns)."""
+    (at most one per boundary) and the <8-column tail are quantised the same way but kept
+    dequantised in a small fp32 side matrix ("mixed" columns), so the kernels see one range
+    per group."""
     packed: torch.Tensor      # k x (M * bits) uint8
     pid: torch.Tensor         # M int32: local block id of each group; nb = dummy (mixed group)
     lo: torch.Tensor          # k x (nb + 1) fp32 (dummy column 0)
@@ -319,6 +350,7 @@ class GroupedQuant:
     bits: int
     d: int
     runs: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (g0, g1, block) pure runs
+    mixed_block: torch.Tensor | None = None  # local block id of each edge column (for the error bound)
 
     @property
     def groups(self) -> int:
@@ -362,18 +394,28 @@ class GroupedQuant:
         mixed_groups = torch.nonzero(~pure).squeeze(1)
         mixed_idx = torch.cat([(8 * mixed_groups.unsqueeze(1) + torch.arange(8, device=dev)).reshape(-1),
                                torch.arange(8 * m_groups, d, device=dev)])
-        # maximal runs of groups in one block, cut to chunk size: the per-run kernels need no gather
-        runs: list[tuple[int, int, int]] = []
-        pid_list = pid.tolist()
-        g0 = 0
-        while g0 < m_groups:
-            g1 = g0
-            while g1 < m_groups and pid_list[g1] == pid_list[g0] and g1 - g0 < step:
-                g1 += 1
-            if pid_list[g0] != nb:
-                runs.append((g0, g1, pid_list[g0]))
-            g0 = g1
-        return cls(packed, pid, lo, scale, mixed_idx, q[:, mixed_idx].clone(), bits, d, runs)
+        runs = cls.block_runs(pid, nb, step)
+        # edge columns are quantised like all others (a code depends only on its block's range),
+        # only stored dequantised: the effective P is the same for every world size and grouping
+        cid = col_id[mixed_idx]
+        codes = torch.round((q[:, mixed_idx] - lo[:, cid]) / safe[:, cid]).clamp_(0, levels)
+        mixed = lo[:, cid] + scale[:, cid] * codes
+        return cls(packed, pid, lo, scale, mixed_idx, mixed, bits, d, runs, cid)
+
+    @staticmethod
+    def block_runs(pid: torch.Tensor, dummy: int, step: int) -> list[tuple[int, int, int]]:
+        """Maximal runs of groups of one block, cut to ``step`` groups: the per-run kernels need no gather."""
+        m = pid.numel()
+        if m == 0:
+            return []
+        edges = (torch.nonzero(pid[1:] != pid[:-1]).squeeze(1) + 1).tolist()
+        starts, stops = [0] + edges, edges + [m]
+        values = pid[torch.tensor(starts, dtype=torch.long, device=pid.device)].tolist()
+        runs = []
+        for a, b, v in zip(starts, stops, values):
+            if v != dummy:
+                runs += [(g0, min(g0 + step, b), v) for g0 in range(a, b, step)]
+        return runs
 
     @staticmethod
     def _use_gather_kernel(device: torch.device) -> bool:
@@ -393,13 +435,17 @@ class GroupedQuant:
         return out
 
     def max_error(self) -> torch.Tensor:
-        """Per-entry bound (k x d): half a quantisation step of its (direction, block); 0 where fp32."""
+        """Per-entry bound (k x d): half a quantisation step of its (direction, block)."""
         m8 = 8 * self.groups
         cols = self.pid.repeat_interleave(8)
         out = torch.zeros(self.packed.shape[0], self.d, dtype=torch.float32, device=self.packed.device)
         levels = (1 << self.bits) - 1
         out[:, :m8] = self.scale[:, cols] / 2 + 1e-6 * (self.lo[:, cols].abs() + self.scale[:, cols] * levels)
-        out[:, self.mixed_idx] = 0
+        if self.mixed_block is None:
+            out[:, self.mixed_idx] = 0
+        else:
+            mb = self.mixed_block
+            out[:, self.mixed_idx] = self.scale[:, mb] / 2 + 1e-6 * (self.lo[:, mb].abs() + self.scale[:, mb] * levels)
         return out
 
     def dot(self, g: torch.Tensor) -> torch.Tensor:
@@ -496,9 +542,9 @@ class Basis:
         """c[i, l] = sum over this slice's columns of block l of P[i, j] g[j]  (k x L)."""
         if self.grouped is not None:
             return self.grouped.dot(g).unsqueeze(1)
-        out = torch.zeros(self.k, self.num_coef_blocks, dtype=torch.float32, device=g.device)
         if self.quant is None and self.num_coef_blocks == 1 and self.dense.dtype == torch.float32:
-            return torch.mv(self.dense, g).unsqueeze(1).add_(out)
+            return torch.mv(self.dense, g).unsqueeze(1)
+        out = torch.zeros(self.k, self.num_coef_blocks, dtype=torch.float32, device=g.device)
         for j, p in enumerate(self.pieces):
             if self.quant is not None:
                 out[:, p.coef] += self.quant[j].dot(g[p.lo:p.hi])
