@@ -58,9 +58,7 @@ def copy_bandwidth(dev: torch.device, nbytes: int, reps: int) -> float:
     """Bytes moved per second by a device copy (read + write counted, like the floor's 2·n·d·bytes)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).fill_(1.0)
     dst = torch.empty_like(src)
-    t = _time(lambda: dst.copy_(src), dev, reps)
-    del src, dst
-    return 2 * nbytes / t
+    return 2 * nbytes / _time(lambda: dst.copy_(src), dev, reps)
 
 
 class _Peak:
@@ -157,14 +155,8 @@ def _grouped(buf: torch.Tensor, n: int, d: int, blocks, bits: int, dev: torch.de
                         GroupedQuant.block_runs(pid, nb, chunk_groups(dev)))
 
 
-def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.device, reps: int, bw: float) -> dict:
-    d = -(-D // world)
-    rows = max(1, n // world)          # authors: n/W rows of P per rank, full width D
-    blocks = _blocks(shapes)
-    elem_bytes = 4 if bits == 32 else bits / 8
-    row = {"n": n, "world": world, "p_bits": bits, "D": D, "d_per_rank": d}
-
-    # --- ours ----------------------------------------------------------------------------------
+def _run_ours(n: int, d: int, bits: int, blocks, dev: torch.device, reps: int) -> tuple[float, int, int]:
+    """Seconds per step of our projection + reconstruction, peak bytes, bytes of P."""
     with _Peak(dev) as peak:
         nbytes = n * (d // 8) * bits if bits < 32 else n * d * 4
         buf = torch.empty(max(nbytes // 4 + 1, 1), dtype=torch.float32, device=dev)
@@ -183,12 +175,12 @@ def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.devic
             # (all-reduce of the n floats of c happens here in a job)
             basis.reconstruct(theta + c.double() * 1e-3, out=w)
 
-        t_ours = _time(ours, dev, reps)
-        row["ours_peak_bytes"] = peak.bytes()
-    row["ours_p_bytes"] = basis.nbytes
-    del basis, buf, g, w
+        t = _time(ours, dev, reps)
+        return t, peak.bytes(), basis.nbytes
 
-    # --- authors' style (fp32 P only in their code; at 4 bits the comparison is against fp32) ------
+
+def _run_authors(rows: int, D: int, shapes, dev: torch.device, reps: int) -> tuple[float, int]:
+    """The released code's pattern (fp32 P only; they have no quantised P)."""
     with _Peak(dev) as peak:
         p_rows = torch.full((rows, D), 0.01, device=dev)
         grads = [torch.randn(s, device=dev) for s in shapes]
@@ -205,10 +197,19 @@ def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.devic
                 h.grad = pg[off: off + k].view(s).clone()
                 off += k
 
-        t_auth = _time(authors, dev, reps)
-        row["authors_peak_bytes"] = peak.bytes()
-    del p_rows, grads, holders
+        return _time(authors, dev, reps), peak.bytes()
 
+
+def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.device, reps: int, bw: float) -> dict:
+    d = -(-D // world)
+    rows = max(1, n // world)          # authors: n/W rows of P per rank, full width D
+    blocks = _blocks(shapes)
+    elem_bytes = 4 if bits == 32 else bits / 8
+    row = {"n": n, "world": world, "p_bits": bits, "D": D, "d_per_rank": d}
+
+    # each side runs in its own function so its buffers are freed before the other allocates
+    t_ours, row["ours_peak_bytes"], row["ours_p_bytes"] = _run_ours(n, d, bits, blocks, dev, reps)
+    t_auth, row["authors_peak_bytes"] = _run_authors(rows, D, shapes, dev, reps)
     floor = 2 * n * d * elem_bytes / bw
     row.update(
         ours_ms=1e3 * t_ours, authors_ms=1e3 * t_auth, floor_ms=1e3 * floor,
