@@ -696,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=int, help="E, epochs of the full run")
     ap.add_argument("--twa-epochs", type=int, help="T, epochs of every TWA run")
     ap.add_argument("--tail-epochs", type=int, help="K, epochs of each tail run")
+    ap.add_argument("--twa-lr", type=float, help="paper-mode TWA learning rate (preset: the paper's 2)")
     ap.add_argument("--swa-lrs", type=float, nargs="+", help="constant tail learning rates")
     ap.add_argument("--limit-train", type=int)
     ap.add_argument("--limit-val", type=int)
@@ -709,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
 def preset_from_args(a: argparse.Namespace) -> Preset:
     base = dataclasses.asdict(PRESETS["gpu" if a.gpu else "smoke" if a.smoke else "cpu"]())
     over = {"data": a.data, "model": a.model, "epochs": a.epochs, "twa_epochs": a.twa_epochs,
-            "tail_epochs": a.tail_epochs, "limit_train": a.limit_train, "limit_val": a.limit_val,
+            "tail_epochs": a.tail_epochs, "twa_lr": a.twa_lr, "limit_train": a.limit_train, "limit_val": a.limit_val,
             "holdout_fraction": a.holdout_fraction, "num_workers": a.num_workers,
             "seeds": tuple(a.seeds) if a.seeds else None, "swa_lrs": tuple(a.swa_lrs) if a.swa_lrs else None}
     base.update({k: v for k, v in over.items() if v is not None})

@@ -155,7 +155,9 @@ class TrainConfig:
 # --- presets -------------------------------------------------------------------------
 def quickstart() -> TrainConfig:
     """What `deepspeed launch/train.py` runs with no arguments: digits, ResNet-20, TWA after."""
-    return TrainConfig(model="resnet20", data="digits", epochs=12, lr=0.1, twa=True, twa_epochs=3)
+    # TWA lr 0.5, not the paper's 2: with only 12 snapshots of a small net, lr 2 diverges (measured:
+    # TWA 0.10 at lr 2, 0.989 at lr 0.5, against SWA 0.981 and the last SGD epoch 0.986).
+    return TrainConfig(model="resnet20", data="digits", epochs=12, lr=0.1, twa=True, twa_epochs=3, twa_lr=0.5)
 
 
 def cifar_resnet20(data: str = "../shared/datasets/cifar10") -> TrainConfig:
