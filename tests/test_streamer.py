@@ -100,13 +100,13 @@ def test_backpressure_blocks_by_default_and_skips_when_asked(fresh_s3, caplog):
     model, layout, params = _setup(url)
     # Paused server: uploads hang, so both buffers stay busy deterministically.
     skip = SnapshotStreamer(url, "run1", layout, rank=0, world_size=1, config=StreamerConfig(backpressure="skip"))
+    block = SnapshotStreamer(url, "run1", layout, rank=0, world_size=1, config=StreamerConfig(buffers=1))
     fresh_s3.pause()
     try:
         with caplog.at_level(logging.WARNING, logger="twa_scale.streamer"):
             assert skip.snapshot(0, 0, 0, params) and skip.snapshot(1, 1, 1, params)
             assert not skip.snapshot(2, 2, 2, params)
         assert "snapshot seq 2 skipped" in caplog.text
-        block = SnapshotStreamer(url, "run1", layout, rank=0, world_size=1, config=StreamerConfig(buffers=1))
         block.snapshot(3, 3, 3, params)
         threading.Timer(1.5, fresh_s3.resume).start()
         block.snapshot(4, 4, 4, params)  # waits for seq 3's buffer: counted as stall

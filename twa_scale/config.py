@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["TrainConfig", "parse_train_args", "build_train_parser", "quickstart", "cifar_resnet20",
-           "resnet50_imagenet", "PRESETS", "DEFAULT_SNAPSHOT_URL"]
+           "resnet50_imagenet", "PRESETS", "DEFAULT_SNAPSHOT_URL", "field_docs", "add_dataclass_flags"]
 
 SCHEDULES = ("step", "cosine", "constant")
 SNAPSHOT_DTYPES = ("float32", "bfloat16", "float16")
@@ -179,23 +179,42 @@ def _flag(name: str) -> str:
     return "--deepspeed_config" if name == "deepspeed_config" else "--" + name.replace("_", "-")
 
 
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field, for --help (argparse %-formats help, so % is doubled)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {prev.target.id: " ".join(str(node.value.value).split()).replace("%", "%%")
+            for prev, node in zip(body, body[1:])
+            if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls, *, choices: dict[str, Sequence] | None = None,
+                        flag=_flag) -> None:
+    """One flag per dataclass field. Flags default to None, so a --preset can fill what the user left out;
+    the help shows the dataclass default."""
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        help_text = docs.get(f.name, "") + ("" if required else f" (default: {f.default})")
+        if f.type in ("bool", "bool | None"):
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
+        p.add_argument(flag(f.name), type=kind, default=None, required=required,
+                       choices=(choices or {}).get(f.name), help=help_text)
+
+
 def build_train_parser() -> argparse.ArgumentParser:
-    """One flag per TrainConfig field, help text taken from the field docstrings."""
     p = argparse.ArgumentParser(
         prog="launch/train.py",
-        description="Train a model with DeepSpeed while streaming weight snapshots; optionally run TWA after.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train a model with DeepSpeed while streaming weight snapshots; optionally run TWA after. "
+                    "With no arguments: the `quickstart` preset.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    docs = _field_docs()
-    for f in dataclasses.fields(TrainConfig):
-        flag = _flag(f.name)
-        if f.type in ("bool", "bool | None"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
-        else:
-            kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
-            p.add_argument(flag, type=kind, default=None, help=docs.get(f.name))
+    add_dataclass_flags(p, TrainConfig, choices={"schedule": SCHEDULES, "snapshot_dtype": SNAPSHOT_DTYPES})
     return p
 
 
@@ -212,16 +231,3 @@ def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
         base.pop("run_id"), base.pop("checkpoint_dir")
     return TrainConfig(**{**base, **user})
 
-
-def _field_docs() -> dict[str, str]:
-    """Field docstrings (the string literal after each field) for --help."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    body, docs = tree.body[0].body, {}
-    for prev, node in zip(body, body[1:]):
-        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            # argparse %-formats help strings: "50%" must be written "50%%".
-            docs[prev.target.id] = " ".join(str(node.value.value).split()).replace("%", "%%")
-    return docs

@@ -72,7 +72,8 @@ class SnapshotInfo:
 # ------------------------------------------------------------------ filesystem access
 def _filesystem(url: str, *, quick: bool = False):
     """(fs, path) for ``url``; s3fs is imported lazily and tuned for snapshot traffic.
-    ``quick``: no retries, for a fail-fast reachability probe."""
+    ``quick``: no library-level retries (writers retry with their own backoff and deadline;
+    probes fail fast)."""
     from fsspec.core import url_to_fs
 
     protocol = url.split("://", 1)[0] if "://" in url else "file"
@@ -179,11 +180,11 @@ def checksums(view: memoryview, chunk_bytes: int) -> list[int]:
 class _Run:
     """Object names of one run."""
 
-    def __init__(self, url: str, run_id: str):
+    def __init__(self, url: str, run_id: str, *, quick: bool = False):
         if not run_id or "/" in run_id or run_id in (".", ".."):
             raise ValueError(f"run id {run_id!r} must be a non-empty name without '/'")
         self.url, self.run_id = url.rstrip("/"), run_id
-        self.fs, base = _filesystem(self.url)
+        self.fs, base = _filesystem(self.url, quick=quick)
         self.root = _join(base, run_id)
         self.manifest_path = _join(self.root, "run.json")
 
@@ -248,7 +249,7 @@ def create_run(url: str, run_id: str, layout: FlatLayout, *, meta: dict, world_s
     """
     _check_dtype(dtype)
     layout.slices(world_size)  # W > D -> ValueError
-    run = _Run(url, run_id)
+    run = _Run(url, run_id, quick=True)
     _ensure_bucket(run)
     try:
         existing = json.loads(run.fs.cat_file(run.manifest_path))
@@ -285,7 +286,7 @@ def create_run(url: str, run_id: str, layout: FlatLayout, *, meta: dict, world_s
 
 def open_writer(url: str, run_id: str, layout: FlatLayout, *, timeout_seconds: float = 120.0) -> "RunWriter":
     """Writer for a run that rank 0 creates: waits (bounded) for ``run.json`` and checks the layout."""
-    run = _Run(url, run_id)
+    run = _Run(url, run_id, quick=True)
     deadline = time.monotonic() + timeout_seconds
     while True:
         try:

@@ -27,6 +27,8 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "twa-test", "AWS_SECRET_ACCESS_KEY": "twa-test-se
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # Like Go's listeners: TIME_WAIT leftovers of the killed server do not block a restart.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

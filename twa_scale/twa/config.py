@@ -13,6 +13,8 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+from twa_scale.config import add_dataclass_flags
+
 __all__ = ["TwaConfig", "build_twa_parser", "parse_twa_args", "parse_select", "paper_cifar", "paper_imagenet",
            "journal", "PRESETS"]
 
@@ -175,34 +177,14 @@ def journal() -> dict[str, Any]:
 PRESETS = {"paper_cifar": paper_cifar, "paper_imagenet": paper_imagenet, "journal": journal}
 
 
-def _field_docs() -> dict[str, str]:
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(TwaConfig)).body[0].body
-    return {prev.target.id: " ".join(str(node.value.value).split()).replace("%", "%%")
-            for prev, node in zip(body, body[1:])
-            if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
-
-
 def build_twa_parser() -> argparse.ArgumentParser:
     """One flag per TwaConfig field (help from the field docstrings)."""
     p = argparse.ArgumentParser(prog="launch/twa.py", description="Trainable Weight Averaging over streamed snapshots.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from named settings; flags override them")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
-    docs = _field_docs()
-    for f in dataclasses.fields(TwaConfig):
-        flag = "--" + f.name.replace("_", "-")
-        required = f.default is dataclasses.MISSING
-        # flags default to None so a --preset can fill them; the help shows the dataclass default
-        help_text = docs.get(f.name, "") + ("" if required else f" (default: {f.default})")
-        if f.type in ("bool", "bool | None"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
-        choices = {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "directions": DIRECTIONS,
-                   "coefficients": COEFFICIENTS, "p_bits": P_BITS, "fit_on": FIT_ON}.get(f.name)
-        p.add_argument(flag, type=kind, default=None, required=required, choices=choices, help=help_text)
+    add_dataclass_flags(p, TwaConfig, flag=lambda name: "--" + name.replace("_", "-"),
+                        choices={"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "directions": DIRECTIONS,
+                                 "coefficients": COEFFICIENTS, "p_bits": P_BITS, "fit_on": FIT_ON})
     return p
 
 

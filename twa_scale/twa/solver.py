@@ -229,13 +229,14 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
     w_local = basis.reconstruct(theta.detach())
     flat.assemble(w_local, params)
 
-    val_loader = make_loader(val_data, batch_size=per_rank_batch, train=False)
+    workers = cfg.num_workers
+    val_loader = make_loader(val_data, batch_size=per_rank_batch, train=False, num_workers=workers)
 
     def bn_and_eval(tag: str) -> dict:
         t = time.perf_counter()
         if has_batchnorm(model):
             recalibrate_bn(model, make_loader(bn_data, batch_size=per_rank_batch, train=True, seed=cfg.seed,
-                                              epoch=10_000), device, max_batches=cfg.bn_batches)
+                                              epoch=10_000, num_workers=workers), device, max_batches=cfg.bn_batches)
         timings["bn_seconds"] = timings.get("bn_seconds", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         ev = evaluate(model, val_loader, device, desc=tag)
@@ -258,7 +259,8 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
     t_train = time.perf_counter()
     model.train()
     for epoch in range(cfg.epochs):
-        loader = make_loader(fit_data, batch_size=per_rank_batch, train=True, seed=cfg.seed, epoch=epoch)
+        loader = make_loader(fit_data, batch_size=per_rank_batch, train=True, seed=cfg.seed, epoch=epoch,
+                             num_workers=workers)
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
         for xb, yb in loader:
             lr = cfg.lr * factor(step)
