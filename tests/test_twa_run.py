@@ -160,16 +160,19 @@ def test_deepspeed_launch_on_3_ranks(mlp_run):
 @pytest.mark.s3
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_cifar10_trained_on_2_ranks_to_s3_then_twa_on_3(s3_url):
-    """The issue's acceptance run, scaled down: a 2-rank CIFAR-10 training run streamed to S3
-    (SeaweedFS), then `deepspeed --num_gpus 3 launch/twa.py` on it."""
+def test_cifar10_trained_on_2_ranks_to_s3_then_twa_on_3(s3_url, tmp_path):
+    """The issues' acceptance runs, scaled down: a 2-rank CIFAR-10 training run streamed to S3
+    (SeaweedFS) passes `twa-scale snapshots verify`, then `deepspeed --num_gpus 3 launch/twa.py` solves it."""
     from tests.support import launch, require_cifar10
 
     data = str(require_cifar10())
     launch.deepspeed("launch/train.py", ["--model", "resnet20", "--data", data, "--epochs", "3",
                                          "--limit-train", "256", "--limit-val", "128", "--batch-size", "64",
-                                         "--snapshot-url", s3_url, "--run-id", "c10", "--seed", "0"],
+                                         "--snapshot-url", s3_url, "--run-id", "c10", "--seed", "0",
+                                         "--checkpoint-dir", str(tmp_path / "ckpt")],
                      ranks=2, timeout=600)
+    verify = launch.run(["twa-scale", "snapshots", "verify", f"{s3_url}/c10"])
+    assert "4 committed snapshot(s), all checksums OK" in verify.stdout, verify.stdout
     proc = launch.deepspeed("launch/twa.py", ["--snapshot-url", s3_url, "--run-id", "c10", "--epochs", "2",
                                               "--batch-size", "48", "--bn-batches", "2", "--data", data],
                             ranks=3, timeout=600)
