@@ -9,31 +9,11 @@ Journal mode: `--preset journal`, or `--directions centered --coefficients layer
 Writes result.json, model.safetensors and coefficients.png under --output (default <snapshot-url>/<run-id>/twa/).
 See `python launch/twa.py --help` for every flag.
 """
-import logging
 import sys
 
-from twa_scale import comm
-from twa_scale.twa import parse_twa_args
-
-
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = parse_twa_args()
-    except ValueError as e:  # bad flags: one line, before any process group exists
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from twa_scale.twa import run_twa
-
-    try:
-        run_twa(cfg)
-    except (ValueError, OSError, KeyError) as e:  # bad input: one line naming the thing at fault
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        comm.destroy()
-    return 0
-
+from twa_scale.cli import launch_main
+from twa_scale.twa import parse_twa_args, run_twa
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # corrupt shards are IOErrors and missing keys KeyErrors: bad input, one line each
+    sys.exit(launch_main(parse_twa_args, run_twa, errors=(ValueError, OSError, KeyError)))

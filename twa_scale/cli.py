@@ -12,7 +12,34 @@ import json
 import sys
 from typing import Callable
 
-__all__ = ["main", "split_run_url", "COMMANDS"]
+__all__ = ["main", "split_run_url", "COMMANDS", "launch_main"]
+
+
+def launch_main(parse: Callable[[], object], run: Callable[[object], object],
+                errors: tuple[type[BaseException], ...] = (ValueError,)) -> int:
+    """The body of every `launch/*.py`: parse, run, clean up.
+
+    Bad flags and bad input (``errors``) print one `error: ...` line and exit 2, on every rank,
+    before or instead of a traceback; anything else is a bug and keeps its traceback.
+    """
+    import logging
+
+    from twa_scale import comm
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse()
+    except ValueError as e:  # before any process group exists
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run(cfg)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        comm.destroy()
+    return 0
 
 
 def split_run_url(target: str) -> tuple[str, str]:

@@ -45,6 +45,8 @@ import threading
 import time
 from types import SimpleNamespace
 
+from twa_scale.knobs import env_float, env_int
+
 __all__ = [
     "DEFAULT_PORT", "MetricsPortInUseError", "setup", "shutdown", "is_enabled", "server_port",
     "metrics_dir", "train_step", "train_epoch", "snapshot_stall", "snapshot_upload",
@@ -83,16 +85,6 @@ _state = SimpleNamespace(dir=None, server=None, thread=None, port=None, addr=Non
 
 
 # --------------------------------------------------------------------------- setup
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -282,8 +274,8 @@ def setup(*, run_id: str, role: str, port: int | None, addr: str = "0.0.0.0",
         # the running exporter and only rebind the labels, whatever port the second call names.
         if port and _state.families is not None and _state.port not in (None, int(port)):
             log.warning("metrics: exporter already serves port %s; ignoring port %s", _state.port, port)
-        rank = _env_int("RANK", 0)
-        local_rank = _env_int("LOCAL_RANK", 0)
+        rank = env_int("RANK", 0)
+        local_rank = env_int("LOCAL_RANK", 0)
         node = os.environ.get("TWA_NODE_NAME") or socket.gethostname()
         labels = {"run_id": str(run_id), "role": role, "node": node, "rank": str(rank)}
         if _state.families is None:
@@ -311,7 +303,7 @@ def _linger_then_stop() -> None:
     """atexit: let a scraper that has been watching read the final values once."""
     if _state.server is None:
         return
-    linger = float(os.environ.get("TWA_METRICS_LINGER_SECONDS", DEFAULT_LINGER_SECONDS))
+    linger = env_float("TWA_METRICS_LINGER_SECONDS", DEFAULT_LINGER_SECONDS)
     if _state.scrapes > 0 and linger > 0:
         seen, deadline = _state.scrapes, time.monotonic() + linger
         while _state.scrapes <= seen and time.monotonic() < deadline:

@@ -288,14 +288,21 @@ def create_run(url: str, run_id: str, layout: FlatLayout, *, meta: dict, world_s
         "world_size": world_size, "dtype": dtype, "byteorder": "little",
         "model": meta.get("model"), "data": meta.get("data"), "meta": meta,
     }
-    try:
-        _put_atomic(run.fs, run.manifest_path, json.dumps(manifest, indent=1).encode())
-        json.loads(_get(run.fs, run.manifest_path))  # proves the store is writable and readable
-    except (PermissionError, ValueError):
-        raise
-    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
-        raise _unreachable(url, e) from e
-    return RunWriter(run, manifest)
+    # The endpoint answered the bucket probe, so an error here is most likely a transient 5xx
+    # (SeaweedFS answers InternalError while it grows volumes for a bucket created a moment ago):
+    # a few short retries, then a clear error.
+    for delay in (0.25, 0.5, 1.0, 2.0, 4.0, None):
+        try:
+            _put_atomic(run.fs, run.manifest_path, json.dumps(manifest, indent=1).encode())
+            json.loads(_get(run.fs, run.manifest_path))  # proves the store is writable and readable
+            return RunWriter(run, manifest)
+        except (PermissionError, ValueError):
+            raise
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
+            if delay is None or _is_local(run.fs):
+                raise _unreachable(url, e) from e
+            log.warning("writing %s failed (%s); retrying in %.2fs", run.describe(run.manifest_path), e, delay)
+            time.sleep(delay)
 
 
 def open_writer(url: str, run_id: str, layout: FlatLayout, *, timeout_seconds: float = 120.0) -> "RunWriter":

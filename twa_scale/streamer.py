@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from twa_scale import comm, metrics
+from twa_scale.knobs import env_float, env_int
 from twa_scale import store as _store
 from twa_scale.layout import FlatLayout
 
@@ -43,38 +44,18 @@ log = logging.getLogger("twa_scale.streamer")
 _MIN_PART_BYTES = 5 << 20  # S3's smallest multipart part
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
-
-
 @dataclasses.dataclass(kw_only=True)
 class StreamerConfig:
     """Streamer tunables; the ones a deployment tunes also read ``TWA_SCALE_*`` env variables."""
 
     dtype: str = "float32"
     """Stored dtype; must match the run's (``create_run(dtype=...)``)."""
-    part_bytes: int = dataclasses.field(default_factory=lambda: _env_int("TWA_SCALE_UPLOAD_PART_BYTES", 16 << 20))
+    part_bytes: int = dataclasses.field(default_factory=lambda: env_int("TWA_SCALE_UPLOAD_PART_BYTES", 16 << 20))
     """Multipart part size for S3 uploads (>= 5 MiB). Env: TWA_SCALE_UPLOAD_PART_BYTES."""
-    concurrency: int = dataclasses.field(default_factory=lambda: _env_int("TWA_SCALE_UPLOAD_CONCURRENCY", 16))
+    concurrency: int = dataclasses.field(default_factory=lambda: env_int("TWA_SCALE_UPLOAD_CONCURRENCY", 16))
     """Parts uploaded at once. Env: TWA_SCALE_UPLOAD_CONCURRENCY."""
     chunk_bytes: int = dataclasses.field(
-        default_factory=lambda: _env_int("TWA_SCALE_CHECKSUM_CHUNK_BYTES", _store.DEFAULT_CHUNK_BYTES))
+        default_factory=lambda: env_int("TWA_SCALE_CHECKSUM_CHUNK_BYTES", _store.DEFAULT_CHUNK_BYTES))
     """Checksum chunk size (CRC-32 per chunk). Env: TWA_SCALE_CHECKSUM_CHUNK_BYTES."""
     buffers: int = 2
     """Host buffers per rank (2 = double buffering)."""
@@ -82,14 +63,14 @@ class StreamerConfig:
         default_factory=lambda: os.environ.get("TWA_SCALE_SNAPSHOT_BACKPRESSURE", "block"))
     """"block" (default; waiting counts as stall) or "skip" (drop, count and log)."""
     upload_timeout_seconds: float = dataclasses.field(
-        default_factory=lambda: _env_float("TWA_SCALE_UPLOAD_TIMEOUT_SECONDS", 600.0))
+        default_factory=lambda: env_float("TWA_SCALE_UPLOAD_TIMEOUT_SECONDS", 600.0))
     """Total time one shard upload may spend retrying before the snapshot is reported failed."""
     retry_initial_seconds: float = 0.5
     """First backoff delay; doubles per attempt, with ±50% jitter."""
     retry_max_seconds: float = 20.0
     """Largest backoff delay."""
     commit_timeout_seconds: float = dataclasses.field(
-        default_factory=lambda: _env_float("TWA_SCALE_COMMIT_TIMEOUT_SECONDS", 900.0))
+        default_factory=lambda: env_float("TWA_SCALE_COMMIT_TIMEOUT_SECONDS", 900.0))
     """How long rank 0 waits for every rank's shard of a snapshot before reporting it failed."""
     open_timeout_seconds: float = 120.0
     """How long ranks > 0 wait for rank 0's run.json."""

@@ -21,6 +21,7 @@ from twa_scale.config import TrainConfig
 from twa_scale.data import build_data, make_loader
 from twa_scale.engine import build_engine, load_ds_config, resolve_batch
 from twa_scale.evaluation import evaluate
+from twa_scale.knobs import env_float
 from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
 
@@ -28,7 +29,7 @@ __all__ = ["run_training", "KEEP_CHECKPOINTS"]
 
 log = logging.getLogger("twa_scale.train")
 KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoint tags are deleted (ResNet-50 ones are ~300 MB each)
-SIGTERM_FLUSH_SECONDS = float(os.environ.get("TWA_SCALE_SIGTERM_FLUSH_SECONDS", "25"))
+SIGTERM_FLUSH_SECONDS = env_float("TWA_SCALE_SIGTERM_FLUSH_SECONDS", 25.0)
 
 
 class Preempted(SystemExit):

@@ -1,0 +1,29 @@
+"""Tunables read from the environment, so a Kubernetes manifest can set them without new flags.
+
+A malformed value fails with an error that names the variable.
+"""
+from __future__ import annotations
+
+import os
+
+__all__ = ["env_int", "env_float"]
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
