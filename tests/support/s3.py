@@ -83,7 +83,10 @@ class SeaweedS3:
                "-s3.port.iceberg=0", "-s3.port.lance=0",
                # A fresh raft state makes a restart take ~3 s instead of ~15 s of leader election;
                # volumes and the filer store (the data) are still reloaded from -dir.
-               "-master.resumeState=false"]
+               "-master.resumeState=false",
+               # Every bucket is a collection that grows its own volumes; the default limit of 8
+               # volumes of 30 GB runs out after two buckets ("InternalError" on PutObject).
+               "-volume.max=200", "-master.volumeSizeLimitMB=256"]
         self._log = open(self.data_dir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
