@@ -114,3 +114,13 @@ def test_readme_documents_every_training_flag():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [_flag(f.name) for f in dataclasses.fields(TrainConfig) if f"`{_flag(f.name)}`" not in readme]
     assert not missing, f"README configuration reference lacks {missing}"
+
+
+def test_ci_runs_the_readme_test_command():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(r"<!-- ci:test-command -->\s*```bash\n(.*?)\n```", (root / "README.md").read_text(), re.S)
+    assert block, "README.md lost its ci:test-command block"
+    assert block.group(1).strip() in (root / ".ci" / "run").read_text().splitlines()
