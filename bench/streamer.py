@@ -249,7 +249,7 @@ def main(argv=None) -> int:
             small.update(bench_read(url, "resnet20", args.repeats))
             return small
 
-        big = section("resnet50", big_model)
+        section("resnet50", big_model)
         section("resnet20", small_model)
         section("train_cpu", lambda: bench_train(url, args.train_steps))
         section("gil", lambda: bench_gil(server.env, "twa-bench", 102_228_128, args.train_steps))

@@ -50,8 +50,7 @@ def main() -> None:
     comm.init()
     device = comm.device()
     torch.manual_seed(0)
-    cfg = TrainConfig(model=args.model if args.model in ("resnet20", "resnet56", "mlp") else "resnet20",
-                      epochs=1, lr=0.1)
+    cfg = TrainConfig(epochs=1, lr=0.1)  # only its optimizer settings are used, for both sides
     base = build_model(args.model, 1000 if args.image_size > 64 else 10).to(device)
     plain_model, ds_model = base, copy.deepcopy(base)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)

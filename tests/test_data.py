@@ -1,5 +1,4 @@
 """Unit tier: datasets and deterministic splits."""
-import pytest
 import torch
 
 from tests.support import require_cifar10

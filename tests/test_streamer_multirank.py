@@ -29,7 +29,7 @@ import json, sys, torch
 from twa_scale import store
 from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
-from twa_scale.streamer import SnapshotStreamer, StreamerConfig
+from twa_scale.streamer import SnapshotStreamer, StreamerConfig, flush_on_sigterm
 url, run, rank, world, session = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 def model_at(seq):
     torch.manual_seed(1000 + seq)
@@ -39,19 +39,17 @@ if rank == 0:
     store.create_run(url, run, layout, meta={"model": "resnet20", "num_classes": 10}, world_size=world)
 cfg = StreamerConfig(session=session, commit_timeout_seconds=float(sys.argv[6]), chunk_bytes=64 << 10)
 s = SnapshotStreamer(url, run, layout, rank=rank, world_size=world, config=cfg)
-if len(sys.argv) > 7 and sys.argv[7] == "sigterm":
-    from twa_scale.streamer import install_sigterm_flush
-    install_sigterm_flush(s, deadline_seconds=30)
-print("ready", flush=True)
-for line in sys.stdin:
-    cmd, *arg = line.split()
-    if cmd == "snap":
-        seq = int(arg[0])
-        s.snapshot(seq, step=100 * seq, epoch=seq, params=layout.trainable(model_at(seq)))
-        print("queued", seq, flush=True)
-    elif cmd == "close":
-        print("summary", json.dumps(s.close()), flush=True)
-        break
+with flush_on_sigterm(s, deadline_seconds=30):  # what the trainer wraps its epochs in
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd, *arg = line.split()
+        if cmd == "snap":
+            seq = int(arg[0])
+            s.snapshot(seq, step=100 * seq, epoch=seq, params=layout.trainable(model_at(seq)))
+            print("queued", seq, flush=True)
+        elif cmd == "close":
+            break
+print("summary", json.dumps(s.close()), flush=True)
 """
 
 
@@ -61,10 +59,10 @@ def model_at(seq: int):
 
 
 class Writer:
-    def __init__(self, url, run, rank, world, session, commit_timeout=60.0, *extra):
+    def __init__(self, url, run, rank, world, session, commit_timeout=60.0):
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen([sys.executable, "-c", WRITER, url, run, str(rank), str(world), session,
-                                      str(commit_timeout), *extra],
+                                      str(commit_timeout)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
     def expect(self, prefix: str) -> str:
@@ -166,7 +164,7 @@ def test_writer_rank_killed_mid_upload_leaves_no_partial_snapshot(fresh_s3):
 
 
 def test_sigterm_flushes_pending_snapshots_within_the_deadline(s3_url):
-    w = Writer(s3_url, "term", 0, 1, uuid.uuid4().hex[:12], 60.0, "sigterm")
+    w = Writer(s3_url, "term", 0, 1, uuid.uuid4().hex[:12], 60.0)
     w.expect("ready")
     for seq in range(3):
         w.snap(seq)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.support import REPO, free_port, require_cifar10
-from tests.support.launch import deepspeed, env, python, run
+from tests.support.launch import deepspeed, env, python
 from twa_scale.store import open_run
 
 

@@ -19,6 +19,7 @@ When uploads fall behind, ``snapshot()`` blocks (counted as stall seconds) unles
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -37,7 +38,7 @@ from twa_scale.knobs import env_float, env_int
 from twa_scale import store as _store
 from twa_scale.layout import FlatLayout
 
-__all__ = ["StreamerConfig", "SnapshotStreamer", "install_sigterm_flush"]
+__all__ = ["StreamerConfig", "SnapshotStreamer", "Preempted", "flush_on_sigterm"]
 
 log = logging.getLogger("twa_scale.streamer")
 
@@ -435,15 +436,37 @@ class SnapshotStreamer:
         self.close()
 
 
-def install_sigterm_flush(streamer: SnapshotStreamer, deadline_seconds: float = 25.0) -> None:
-    """On SIGTERM (Kubernetes preemption), flush ``streamer`` within ``deadline_seconds`` and
-    exit with status 143. Call from the main thread. (launch/train.py has its own handler that
-    ends in ``close(timeout_seconds=...)``; this is for scripts that have none.)"""
+class Preempted(SystemExit):
+    """Raised in the main thread on SIGTERM, so the code unwinds and pending snapshots flush."""
 
-    def handler(signum, frame):
-        summary = streamer.close(timeout_seconds=deadline_seconds)
-        log.warning("SIGTERM: snapshot streamer flushed: committed %s, pending %s",
-                    summary["committed"], summary["pending"])
-        raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, handler)
+def _raise_preempted(signum, frame):
+    raise Preempted(128 + signum)
+
+
+@contextlib.contextmanager
+def flush_on_sigterm(streamer: SnapshotStreamer, deadline_seconds: float | None = None):
+    """Close ``streamer`` when the block exits; on SIGTERM (Kubernetes preemption) within a deadline.
+
+    Inside the block SIGTERM raises :class:`Preempted` (exit status 143) in the main thread; the
+    exit path then gives pending snapshots ``deadline_seconds`` (default
+    ``TWA_SCALE_SIGTERM_FLUSH_SECONDS``, 25 s: inside Kubernetes' default 30 s grace period).
+    Any other exit waits for the bounded upload retries. ``close()`` afterwards returns the summary.
+    """
+    if deadline_seconds is None:
+        deadline_seconds = env_float("TWA_SCALE_SIGTERM_FLUSH_SECONDS", 25.0)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_preempted) if main else None
+    timeout = None
+    try:
+        yield streamer
+    except Preempted:
+        timeout = deadline_seconds
+        raise
+    finally:
+        summary = streamer.close(timeout_seconds=timeout)
+        if timeout is not None:
+            log.warning("SIGTERM: snapshot streamer flushed: committed %s, pending %s",
+                        summary["committed"], summary["pending"])
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -4,11 +4,9 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from twa_scale.config import TrainConfig
 from twa_scale.data import build_data, make_loader
 from twa_scale.engine import build_engine, load_ds_config, resolve_batch
 from twa_scale.evaluation import evaluate
-from twa_scale.knobs import env_float
 from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
 
@@ -29,17 +26,6 @@ __all__ = ["run_training", "KEEP_CHECKPOINTS"]
 
 log = logging.getLogger("twa_scale.train")
 KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoint tags are deleted (ResNet-50 ones are ~300 MB each)
-SIGTERM_FLUSH_SECONDS = env_float("TWA_SCALE_SIGTERM_FLUSH_SECONDS", 25.0)
-
-
-class Preempted(SystemExit):
-    """Raised in the training thread on SIGTERM, so `finally` blocks flush snapshots."""
-
-
-def _on_sigterm(signum, frame):
-    raise Preempted(128 + signum)
-
-
 def _on_rank0(fn):
     """Run ``fn`` on rank 0 and re-raise its error on every rank (so no rank hangs in a collective)."""
     err = None
@@ -71,7 +57,7 @@ def _default_workers(cfg: TrainConfig) -> int:
 def run_training(cfg: TrainConfig) -> dict:
     """Train, snapshot and checkpoint; return the final metrics dict (same on every rank)."""
     from twa_scale import store
-    from twa_scale.streamer import SnapshotStreamer, StreamerConfig
+    from twa_scale.streamer import SnapshotStreamer, StreamerConfig, flush_on_sigterm
 
     comm.init()
     rank, world, device = comm.rank(), comm.world_size(), comm.device()
@@ -112,9 +98,8 @@ def run_training(cfg: TrainConfig) -> dict:
     params = layout.trainable(model)
     streamer = SnapshotStreamer(cfg.snapshot_url, cfg.run_id, layout, rank=rank, world_size=world,
                                 config=StreamerConfig(dtype=cfg.snapshot_dtype))
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
-    flush_timeout = None
-    try:
+    # SIGTERM (preemption) unwinds the loop; pending snapshots then get a bounded flush.
+    with flush_on_sigterm(streamer):
         # Snapshot 0 is the initial weights; after a resume the restored weights are re-snapshotted
         # (idempotent), so a snapshot lost with the killed process leaves no gap.
         if start_epoch % cfg.snapshot_every == 0:
@@ -137,13 +122,7 @@ def run_training(cfg: TrainConfig) -> dict:
                 print(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
                       f"val_acc {val['accuracy']:.4f}  {row['seconds']:.1f}s", flush=True)
                 _write_metrics(cfg, history, final=None)
-    except Preempted:
-        flush_timeout = SIGTERM_FLUSH_SECONDS
-        raise
-    finally:
-        summary = streamer.close(timeout_seconds=flush_timeout)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    summary = streamer.close()  # already closed: returns the summary
 
     last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
     final = {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"], "epochs": cfg.epochs,
@@ -164,12 +143,6 @@ def _load_snapshot(model: torch.nn.Module, cfg: TrainConfig) -> None:
     if seq not in {s.seq for s in reader.snapshots()}:
         raise ValueError(f"--init-from {cfg.init_from}: snapshot {seq} is not committed in {url}/{run_id}")
     model.load_state_dict(reader.state_dict(seq, model))
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channels_last: bool) -> float:

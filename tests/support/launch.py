@@ -1,7 +1,6 @@
 """Run project entry points as real processes: plain python, or `deepspeed` with several gloo ranks."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -38,6 +37,3 @@ def deepspeed(script: str, args: list[str], *, ranks: int = 1, **kw) -> subproce
 def python(script: str, args: list[str], **kw) -> subprocess.CompletedProcess:
     return run([sys.executable, script, *args], **kw)
 
-
-def read_json_file(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
