@@ -17,26 +17,34 @@ __all__ = ["main", "split_run_url", "COMMANDS", "launch_main"]
 
 def launch_main(parse: Callable[[], object], run: Callable[[object], object],
                 errors: tuple[type[BaseException], ...] = (ValueError,)) -> int:
-    """The body of every `launch/*.py`: parse, run, clean up.
+    """The body of every `launch/*.py`: parse, run, clean up; return the exit status.
 
-    Bad flags and bad input (``errors``) print one `error: ...` line and exit 2, on every rank,
-    before or instead of a traceback; anything else is a bug and keeps its traceback.
+    Exit statuses follow :mod:`twa_scale.errors`: bad flags and bad input (``errors``, any
+    ``ConfigError``) print one `error: ...` line and exit 2 (permanent); transient infrastructure
+    (``TransientError``: store unreachable, rendezvous timeout) prints one line and exits 75, so a
+    restart policy retries; SIGTERM exits 143 (``streamer.Preempted``). Anything else is a bug and
+    keeps its traceback.
     """
     import logging
 
     from twa_scale import comm
+    from twa_scale.errors import EXIT_CONFIG, exit_code
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = parse()
     except ValueError as e:  # before any process group exists
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     try:
         run(cfg)
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - classified; unexpected ones are re-raised
+        code = exit_code(e, errors)
+        if code is None:
+            raise
+        prefix = "error" if code == EXIT_CONFIG else f"transient error (exit {code}, a restart may succeed)"
+        print(f"{prefix}: {e}", file=sys.stderr)
+        return code
     finally:
         comm.destroy()
     return 0

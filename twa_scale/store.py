@@ -221,11 +221,14 @@ def _check_dtype(dtype: str) -> None:
 
 
 def _unreachable(url: str, err: Exception) -> OSError:
+    from twa_scale.errors import StoreUnreachableError, is_connection_error
+
     hint = ""
     if url.startswith(("s3://", "s3a://")):
         hint = (f" (endpoint AWS_ENDPOINT_URL={os.environ.get('AWS_ENDPOINT_URL', '<unset: AWS>')}; "
                 "check it and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
-    return OSError(f"snapshot store {url} is not reachable or not writable: {type(err).__name__}: {err}{hint}")
+    cls = StoreUnreachableError if is_connection_error(err) else OSError  # 75 (transient) or 2
+    return cls(f"snapshot store {url} is not reachable or not writable: {type(err).__name__}: {err}{hint}")
 
 
 def _ensure_bucket(run: _Run) -> None:

@@ -28,15 +28,17 @@ log = logging.getLogger("twa_scale.train")
 KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoint tags are deleted (ResNet-50 ones are ~300 MB each)
 def _on_rank0(fn):
     """Run ``fn`` on rank 0 and re-raise its error on every rank (so no rank hangs in a collective)."""
+    from twa_scale.errors import TransientError, is_transient
+
     err = None
     if comm.rank() == 0:
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, on all ranks
-            err = f"{e}"
+            err = (is_transient(e), f"{e}")
     err = comm.broadcast_object(err)
-    if err:
-        raise ValueError(err)
+    if err:  # keep the class that decides the exit status: 75 (transient) or 2
+        raise (TransientError if err[0] else ValueError)(err[1])
 
 
 def _share_cpu_threads(device: torch.device) -> None:
