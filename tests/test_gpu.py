@@ -52,3 +52,17 @@ def test_engine_trains_with_autocast_and_channels_last_activations():
         engine.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_steplog_records_steps_without_a_host_sync():
+    from twa_scale.steplog import StepLog
+
+    log = StepLog(8, "cuda")
+    loss = torch.full((), 0.5, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call in step() raises
+    try:
+        for i in range(7):
+            log.step(loss * (i + 1), 4, 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [r.loss for r in log.flush()] == [0.5 * (i + 1) for i in range(7)]

@@ -76,6 +76,9 @@ class TrainConfig:
     """TWA epochs when --twa is given (None: the TWA stage's default)."""
     twa_lr: float | None = None
     """TWA learning rate when --twa is given (None: the TWA stage's default)."""
+    log_every_steps: int = 50
+    """Read the per-step loss from the device every N steps (one host sync per N steps, not per step);
+    the progress bar and the per-step Prometheus series update at that cadence."""
     metrics_port: int = 0
     """Port of this node's Prometheus exporter; 0 disables it (the Kubernetes manifests use 9400)."""
     metrics_addr: str = "0.0.0.0"
@@ -97,6 +100,8 @@ class TrainConfig:
                         ("limit-train", self.limit_train), ("limit-val", self.limit_val)):
             if v is not None and v < 1:
                 bad(flag, f"must be >= 1, got {v}")
+        if self.log_every_steps < 1:
+            bad("log-every-steps", f"must be >= 1, got {self.log_every_steps}")
         if self.snapshot_every < 1:
             bad("snapshot-every", f"must be >= 1, got {self.snapshot_every}")
         if self.snapshot_dtype not in SNAPSHOT_DTYPES:

@@ -21,6 +21,7 @@ from twa_scale.engine import build_engine, load_ds_config, resolve_batch
 from twa_scale.evaluation import evaluate
 from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
+from twa_scale.steplog import StepLog
 
 __all__ = ["run_training", "KEEP_CHECKPOINTS"]
 
@@ -154,20 +155,21 @@ def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channel
     loader = make_loader(data.train, batch_size=micro, train=True, seed=cfg.seed, epoch=epoch,
                          num_workers=_default_workers(cfg))
     engine.train()
-    loss_sum = torch.zeros(2, dtype=torch.float64)
     bar = tqdm(loader, desc=f"train {epoch + 1}/{cfg.epochs}", disable=comm.rank() != 0, leave=False,
                mininterval=2.0)
+    # Losses stay on the device; the host reads them every log_every_steps steps (no sync per step).
+    steps = StepLog(cfg.log_every_steps, device, bar=bar,
+                    on_rows=lambda rows: [metrics.train_step(r.seconds, r.samples, r.loss, r.lr) for r in rows])
     for x, y in bar:
-        t0 = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(engine(x), y)
         engine.backward(loss)
         engine.step()
-        value = loss.item()  # syncs the device, so the step time below is real
-        loss_sum += torch.tensor([value * y.numel(), y.numel()], dtype=torch.float64)
-        metrics.train_step(time.perf_counter() - t0, y.numel(), value, engine.get_lr()[0])
+        steps.step(loss, y.numel(), engine.get_lr()[0])
+    steps.flush()
+    loss_sum = torch.tensor([steps.loss_sum, steps.samples], dtype=torch.float64, device=device)  # NCCL: on device
     comm.all_reduce(loss_sum)
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
 
