@@ -6,7 +6,19 @@
 # runs, on node R of N (R = JOB_COMPLETION_INDEX, set by Kubernetes for Indexed Jobs):
 #
 #   deepspeed --hostfile H --no_ssh --node_rank R --master_addr ADDR --master_port P \
-#       launch/train.py [--metrics-port M] "$@"          (TWA_ROLE=train; launch/twa.py for TWA_ROLE=twa)
+#       launch/train.py [--metrics-port M] "$@" [--resume]   (TWA_ROLE=train; launch/twa.py for TWA_ROLE=twa)
+#
+# Auto-resume (TWA_ROLE=train): --resume is added when the checkpoint directory (--checkpoint-dir)
+# holds a DeepSpeed checkpoint, or when TWA_RESTART_ATTEMPT > 0 (JobSet's restart counter), so a
+# restarted pod continues where the job stopped.
+#
+# Exit status (twa_scale/errors.py; the JobSet failure policy in k8s/base/jobset.yaml maps them):
+#   0    done
+#   2    bad configuration: a variable below is missing or malformed, or the job rejected its flags
+#   75   transient (EX_TEMPFAIL): pod 0 did not resolve within TWA_RDZV_TIMEOUT_SECONDS (still
+#        Pending), the store was unreachable at start, the rendezvous timed out
+#   143  SIGTERM (preemption): forwarded to the ranks, which flush pending snapshots first
+#   else what the job exited with (a crash)
 #
 # Environment (required):
 #   JOB_COMPLETION_INDEX  this pod's node rank, 0..TWA_NNODES-1
@@ -21,9 +33,15 @@
 #   TWA_METRICS_PORT      passed as --metrics-port (one exporter per pod); unset = the script's default
 #   TWA_HOSTFILE          where to write the DeepSpeed hostfile; default a file in ${TMPDIR:-/tmp}
 #   TWA_RDZV_TIMEOUT_SECONDS  how long node R>0 waits for node 0's DNS name (default 600)
+#   TWA_RESTART_ATTEMPT   > 0 on a restarted pod: resume (the JobSet pods get it from their restart-attempt label)
 set -euo pipefail
 
-die() { echo "k8s-entry: $*" >&2; exit 2; }
+EXIT_CONFIG=2 EXIT_TEMPFAIL=75 EXIT_PREEMPTED=143
+die() { echo "k8s-entry: $*" >&2; exit $EXIT_CONFIG; }               # permanent: fix the manifest
+tempfail() { echo "k8s-entry: $* (transient, exit $EXIT_TEMPFAIL)" >&2; exit $EXIT_TEMPFAIL; }
+
+# SIGTERM before the launch (e.g. while waiting for pod 0): nothing to flush.
+trap 'echo "k8s-entry: SIGTERM before launch" >&2; exit $EXIT_PREEMPTED' TERM INT
 
 need() {  # need VAR "what it is": fail naming the variable when it is unset or empty
     [[ -n "${!1:-}" ]] || die "environment variable $1 is not set ($2)"
@@ -68,10 +86,12 @@ for ((i = 0; i < TWA_NNODES; i++)); do
 done
 
 # Pod 0's DNS record appears only once it is scheduled; wait for it instead of failing the rendezvous.
+# A pod 0 still Pending after the timeout (no capacity yet) is transient: exit 75, the JobSet restarts.
 if (( JOB_COMPLETION_INDEX > 0 )); then
-    deadline=$(( SECONDS + ${TWA_RDZV_TIMEOUT_SECONDS:-600} ))
+    timeout="${TWA_RDZV_TIMEOUT_SECONDS:-600}"
+    deadline=$(( SECONDS + timeout ))
     until getent hosts "$master" >/dev/null; do
-        (( SECONDS < deadline )) || die "rendezvous host $master (TWA_MASTER_ADDR) did not resolve within ${TWA_RDZV_TIMEOUT_SECONDS:-600}s"
+        (( SECONDS < deadline )) || tempfail "rendezvous host $master (TWA_MASTER_ADDR) did not resolve within ${timeout}s: pod 0 is not running"
         sleep 2
     done
 fi
@@ -79,9 +99,55 @@ fi
 metrics=()
 [[ -n "${TWA_METRICS_PORT:-}" ]] && metrics=(--metrics-port "$TWA_METRICS_PORT")
 
+# Auto-resume: a restarted training pod continues from the newest checkpoint.
+resume=()
+if [[ "$TWA_ROLE" == train ]]; then
+    ckpt="" has_resume=0 prev=""
+    for a in "$@"; do
+        case "$a" in
+            --resume) has_resume=1 ;;
+            --checkpoint-dir=*) ckpt="${a#--checkpoint-dir=}" ;;
+        esac
+        [[ "$prev" == --checkpoint-dir ]] && ckpt="$a"
+        prev="$a"
+    done
+    why=""
+    [[ -n "$ckpt" && -f "$ckpt/latest" ]] && why="checkpoint $ckpt/$(cat "$ckpt/latest" 2>/dev/null)"
+    [[ "${TWA_RESTART_ATTEMPT:-0}" =~ ^[1-9][0-9]*$ ]] && why="${why:+$why, }restart attempt $TWA_RESTART_ATTEMPT"
+    if [[ -n "$why" && $has_resume == 0 ]]; then
+        resume=(--resume)
+        echo "k8s-entry: auto-resume ($why)" >&2
+    fi
+fi
+
 cmd=(deepspeed --hostfile "$hostfile" --no_ssh --node_rank "$JOB_COMPLETION_INDEX"
-     --master_addr "$master" --master_port "$TWA_MASTER_PORT" "$script" "${metrics[@]}" "$@")
+     --master_addr "$master" --master_port "$TWA_MASTER_PORT" "$script" "${metrics[@]}" "$@" "${resume[@]}")
 echo "k8s-entry: node $JOB_COMPLETION_INDEX/$TWA_NNODES x $TWA_GPUS_PER_NODE, rendezvous $master:$TWA_MASTER_PORT" >&2
 echo "k8s-entry: ${cmd[*]}" >&2
-# exec: the pod's SIGTERM reaches the launcher, which forwards it to every rank.
-exec "${cmd[@]}"
+
+# Not exec: this shell is the container's PID 1 and must turn the pod's SIGTERM into one SIGTERM per
+# rank. The deepspeed runner ignores it under --no_ssh (it would die and orphan the ranks), so the
+# signal goes to its child, deepspeed.launcher.launch, which terminates every rank once (they flush
+# their snapshots and exit 143) and kills what is left after 30 s.
+"${cmd[@]}" &
+child=$!
+terminated=0
+forward() {
+    terminated=1
+    local kids
+    kids="$(cat "/proc/$child/task/$child/children" 2>/dev/null || true)"
+    echo "k8s-entry: SIGTERM: stopping the ranks (launcher ${kids:-$child})" >&2
+    # shellcheck disable=SC2086
+    kill -TERM ${kids:-$child} 2>/dev/null || true
+}
+trap forward TERM INT
+status=0
+while true; do
+    wait "$child" && status=0 || status=$?
+    kill -0 "$child" 2>/dev/null || break     # a trap interrupted wait: keep waiting
+done
+if (( terminated )); then
+    echo "k8s-entry: stopped by SIGTERM (launcher exited $status); exit $EXIT_PREEMPTED" >&2
+    exit $EXIT_PREEMPTED
+fi
+exit "$status"

