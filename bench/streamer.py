@@ -169,7 +169,8 @@ def _uploader(endpoint_env: dict, bucket: str, nbytes: int, stop, started) -> No
                            config_kwargs={"request_checksum_calculation": "when_required"})
     data = torch.randn(nbytes // 4).numpy()
     view = memoryview(data).cast("B")
-    from twa_scale.store import _Parts, checksums
+    from twa_scale.store import checksums
+    from twa_scale.store.backend import _Parts
 
     started.set()
     i = 0

@@ -39,7 +39,8 @@ def test_ls_and_verify_good_run(store_url, capsys):
     rows = [line.split() for line in out.splitlines()[2:]]
     assert rows == [[str(s), str(10 * s), str(s), str(4 * layout.D)] for s in range(3)]
     assert main(["snapshots", "ls", "--json", f"{store_url}/run1"]) == 0
-    assert json.loads(capsys.readouterr().out)[2] == {"seq": 2, "step": 20, "epoch": 2, "bytes": 4 * layout.D}
+    assert json.loads(capsys.readouterr().out)[2] == {"seq": 2, "step": 20, "epoch": 2, "epoch_fraction": None,
+                                                      "bytes": 4 * layout.D}
     assert main(["snapshots", "verify", f"{store_url}/run1"]) == 0
     assert "all checksums OK" in capsys.readouterr().out
 

@@ -199,5 +199,5 @@ def test_two_pods_train_one_epoch_together(tmp_path):
     from twa_scale import store
 
     reader = store.open_run(f"file://{snap}", "pods")
-    assert reader.manifest["world_size"] == 2
+    assert reader.manifest.world_size == 2
     assert [s.seq for s in reader.snapshots()] == [0, 1]

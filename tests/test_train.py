@@ -50,7 +50,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path, single_rank_reference):
     _same_run(single_rank_reference, m)
     reader = open_run(f"file://{tmp_path}/snap", "r")
     assert [s.seq for s in reader.snapshots()] == [0, 1, 2]
-    assert reader.manifest["world_size"] == 2
+    assert reader.manifest.world_size == 2
 
 
 @pytest.mark.multirank

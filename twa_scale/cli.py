@@ -63,13 +63,14 @@ def _snapshots_ls(args) -> int:
     from twa_scale.store import open_run
 
     url, run = split_run_url(args.target)
-    reader = open_run(url, run)
+    reader = open_run(url, run, storage_options=args.storage_options)
     infos = reader.snapshots()
     if args.json:
-        print(json.dumps([{"seq": i.seq, "step": i.step, "epoch": i.epoch, "bytes": i.nbytes} for i in infos]))
+        print(json.dumps([{"seq": i.seq, "step": i.step, "epoch": i.epoch, "epoch_fraction": i.epoch_fraction,
+                           "bytes": i.nbytes} for i in infos]))
         return 0
     m = reader.manifest
-    print(f"run {run} at {url}: model {m.get('model')}, D={m['D']}, {m['dtype']}, "
+    print(f"run {run} at {url}: model {m.model}, D={m.D}, {m.dtype}, "
           f"{len(infos)} committed snapshot(s)")
     print(f"{'seq':>6} {'step':>10} {'epoch':>6} {'bytes':>14}")
     for i in infos:
@@ -81,7 +82,7 @@ def _snapshots_verify(args) -> int:
     from twa_scale.store import open_run
 
     url, run = split_run_url(args.target)
-    reader = open_run(url, run)
+    reader = open_run(url, run, storage_options=args.storage_options)
     problems = reader.verify()
     n = len(reader.snapshots())
     if problems:
@@ -99,9 +100,11 @@ def _add_snapshots(sub) -> None:
     ls = cmds.add_parser("ls", help="committed snapshots: seq, step, epoch, bytes")
     ls.add_argument("target", metavar="URL/RUN")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
     ls.set_defaults(func=_snapshots_ls)
     ver = cmds.add_parser("verify", help="check every checksum; exit 1 naming each bad object")
     ver.add_argument("target", metavar="URL/RUN")
+    ver.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
     ver.set_defaults(func=_snapshots_verify)
 
 

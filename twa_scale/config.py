@@ -49,6 +49,10 @@ class TrainConfig:
     """fsspec URL of the snapshot store (s3://bucket/prefix, file:///abs/path, memory://x)."""
     run_id: str | None = None
     """Run name under the snapshot URL; None derives `<model>-<data>-s<seed>`."""
+    storage_options: str | None = None
+    """JSON object of fsspec filesystem arguments for every store URL the job opens (snapshots,
+    metrics, --init-from), e.g. '{"profile": "train"}'; merged over fsspec's own configuration.
+    Never logged or stored (it may hold credentials)."""
     snapshot_every: int = 1
     """Take a snapshot every K epochs (snapshot 0 is the initial weights)."""
     snapshot_dtype: str = "float32"
@@ -110,6 +114,8 @@ class TrainConfig:
             bad("holdout-fraction", f"must be in [0, 1), got {self.holdout_fraction}")
         if not 0 <= self.metrics_port < 65536:
             bad("metrics-port", f"must be in [0, 65535], got {self.metrics_port}")
+        from twa_scale.store.backend import parse_storage_options
+        parse_storage_options(self.storage_options)  # one-line error for bad JSON
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
             bad("deepspeed_config", f"file not found: {self.deepspeed_config}")
         if self.data != "digits":
@@ -140,7 +146,11 @@ class TrainConfig:
         return self.snapshot_url.rstrip("/") + "/" + self.run_id
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, with storage_options redacted (this dict is stored and logged)."""
+        d = dataclasses.asdict(self)
+        if d.get("storage_options"):
+            d["storage_options"] = "<redacted>"
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -80,32 +80,32 @@ def plot_result(result: dict) -> bytes:
     return buf.getvalue()
 
 
-def write_outputs(result: dict, state_dict: dict[str, torch.Tensor], url: str, *, plot: bool = True) -> dict:
+def write_outputs(result: dict, state_dict: dict[str, torch.Tensor], url: str, *, plot: bool = True,
+                  storage_options: dict | str | None = None) -> dict:
     """Write model, plot, then result.json (last: its presence marks a complete result).
 
     The model is a safetensors file of the state_dict (weights + BatchNorm buffers):
     nothing to unpickle. Returns {name: url}.
     """
-    import fsspec
     from safetensors.torch import save as st_save
 
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
+    from twa_scale.store import StoreAccessError, StoreUnreachable, open_store
+
+    out = open_store(url, storage_options)
     try:
-        fs.makedirs(root, exist_ok=True)
-    except Exception as e:  # noqa: BLE001 - object stores have no directories; real errors surface below
-        if not str(url).startswith(("s3://", "gs://", "memory://")):
-            raise OSError(f"--output {url}: cannot create the output directory: {e}") from e
+        out.check_writable()
+    except (StoreUnreachable, StoreAccessError) as e:
+        raise type(e)(f"--output {url}: {e}") from e
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    paths = {MODEL_NAME: f"{root}/{MODEL_NAME}"}
     # an older result.json must not vouch for the files this run is about to replace
-    if fs.exists(f"{root}/{RESULT_NAME}"):
-        fs.rm(f"{root}/{RESULT_NAME}")
-    fs.pipe_file(paths[MODEL_NAME], st_save(tensors, metadata={"format": "pt"}))
+    out.delete(RESULT_NAME)
+    model = st_save(tensors, metadata={"format": "pt"})
+    out.put_large(MODEL_NAME, memoryview(model))
+    names = [MODEL_NAME]
     if plot:
-        paths[PLOT_NAME] = f"{root}/{PLOT_NAME}"
-        fs.pipe_file(paths[PLOT_NAME], plot_result(result))
-    paths[RESULT_NAME] = f"{root}/{RESULT_NAME}"
-    result = dict(result, outputs={k: fs.unstrip_protocol(v) for k, v in paths.items()})
-    fs.pipe_file(paths[RESULT_NAME], json.dumps(result, indent=1).encode())
+        out.put_small(PLOT_NAME, plot_result(result))
+        names.append(PLOT_NAME)
+    names.append(RESULT_NAME)
+    result = dict(result, outputs={k: out.describe(k) for k in names})
+    out.put_small(RESULT_NAME, json.dumps(result, indent=1).encode())
     return result["outputs"]

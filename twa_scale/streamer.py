@@ -51,6 +51,8 @@ class StreamerConfig:
 
     dtype: str = "float32"
     """Stored dtype; must match the run's (``create_run(dtype=...)``)."""
+    storage_options: dict | None = None
+    """fsspec filesystem arguments for the store (``--storage-options``); never logged."""
     part_bytes: int = dataclasses.field(default_factory=lambda: env_int("TWA_SCALE_UPLOAD_PART_BYTES", 16 << 20))
     """Multipart part size for S3 uploads (>= 5 MiB). Env: TWA_SCALE_UPLOAD_PART_BYTES."""
     concurrency: int = dataclasses.field(default_factory=lambda: env_int("TWA_SCALE_UPLOAD_CONCURRENCY", 16))
@@ -80,7 +82,7 @@ class StreamerConfig:
     rank 0 and broadcast when a process group exists, or made locally when world_size is 1."""
 
     def __post_init__(self):
-        _store._check_dtype(self.dtype)
+        _store.check_dtype(self.dtype)
         if self.part_bytes < _MIN_PART_BYTES:
             raise ValueError(f"part_bytes (TWA_SCALE_UPLOAD_PART_BYTES) = {self.part_bytes} is below "
                              f"S3's minimum part size {_MIN_PART_BYTES}")
@@ -107,6 +109,7 @@ class _Job:
     seq: int
     step: int
     epoch: int
+    epoch_fraction: float | None
     buffer: int
     ready: object  # torch.cuda.Event or None
 
@@ -136,7 +139,8 @@ class SnapshotStreamer:
         self.layout, self.rank, self.world_size = layout, rank, world_size
         self.start, self.stop = layout.slice_for(rank, world_size)  # W > D -> ValueError
         self.session = self._session(cfg.session, world_size)
-        self._writer = _store.open_writer(url, run_id, layout, timeout_seconds=cfg.open_timeout_seconds)
+        self._writer = _store.open_writer(url, run_id, layout, timeout_seconds=cfg.open_timeout_seconds,
+                                          storage_options=cfg.storage_options)
         if self._writer.dtype != cfg.dtype:
             raise ValueError(f"run {url}/{run_id} stores {self._writer.dtype} snapshots but "
                              f"StreamerConfig.dtype is {cfg.dtype}")
@@ -180,8 +184,13 @@ class SnapshotStreamer:
         return token
 
     # ------------------------------------------------------------------ hot path
-    def snapshot(self, seq: int, step: int, epoch: int, params: Sequence[torch.Tensor]) -> bool:
+    def snapshot(self, seq: int, step: int, epoch: int, params: Sequence[torch.Tensor], *,
+                 epoch_fraction: float | None = None) -> bool:
         """Copy this rank's slice of ``params`` (``layout.trainable(model)``) and queue its upload.
+
+        ``step`` (optimizer steps), ``epoch`` (completed epochs) and ``epoch_fraction`` (epochs of
+        training done, e.g. 2.5 for a mid-epoch snapshot; None: not recorded) go into the
+        snapshot's commit marker.
 
         Returns True when queued, False when dropped by ``backpressure="skip"``. Blocks while
         both buffers are busy (default); that wait is part of the reported stall.
@@ -213,7 +222,8 @@ class SnapshotStreamer:
         with self._lock:
             self._pending.add(seq)
             depth = len(self._pending)
-        self._jobs.put(_Job(seq, int(step), int(epoch), idx, ready))
+        self._jobs.put(_Job(seq, int(step), int(epoch), None if epoch_fraction is None else float(epoch_fraction),
+                            idx, ready))
         stall = time.perf_counter() - t0
         with self._lock:
             s = self.stats
@@ -326,7 +336,8 @@ class SnapshotStreamer:
                 return
             view = memoryview(self._buffers[job.buffer].view(torch.uint8).numpy())
             meta = w.shard_meta(job.seq, rank=self.rank, world_size=self.world_size, session=self.session,
-                                view=view, step=job.step, epoch=job.epoch, chunk_bytes=cfg.chunk_bytes)
+                                view=view, step=job.step, epoch=job.epoch, epoch_fraction=job.epoch_fraction,
+                                chunk_bytes=cfg.chunk_bytes)
             t0 = time.perf_counter()
             self._retry(f"uploading {obj}", lambda: w.put_shard(meta, view, part_bytes=cfg.part_bytes,
                                                                  concurrency=cfg.concurrency), deadline)
@@ -381,7 +392,7 @@ class SnapshotStreamer:
             log.debug("seq %d: reading shard metadata failed: %s", seq, e)
         if metas is not None and all(m is not None for m in metas):
             waiting.pop(seq)
-            marker = w.describe(w._run.commit_path(seq))
+            marker = w.commit_url(seq)
             try:
                 self._retry(f"writing {marker}", lambda: w.commit(seq, metas), deadline)
             except (_GaveUp, *_PERMANENT) as e:

@@ -83,7 +83,7 @@ def run_training(cfg: TrainConfig) -> dict:
             "data": cfg.data, "config": cfg.to_dict()}
     # The store is checked before any training step: an unwritable URL fails here, on every rank.
     _on_rank0(lambda: store.create_run(cfg.snapshot_url, cfg.run_id, layout, meta=meta, world_size=world,
-                                       dtype=cfg.snapshot_dtype))
+                                       dtype=cfg.snapshot_dtype, storage_options=cfg.storage_options))
 
     engine = build_engine(model, cfg, ds, steps_per_epoch=steps_per_epoch)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
@@ -100,13 +100,15 @@ def run_training(cfg: TrainConfig) -> dict:
 
     params = layout.trainable(model)
     streamer = SnapshotStreamer(cfg.snapshot_url, cfg.run_id, layout, rank=rank, world_size=world,
-                                config=StreamerConfig(dtype=cfg.snapshot_dtype))
+                                config=StreamerConfig(dtype=cfg.snapshot_dtype,
+                                                      storage_options=store.parse_storage_options(cfg.storage_options)))
     # SIGTERM (preemption) unwinds the loop; pending snapshots then get a bounded flush.
     with flush_on_sigterm(streamer):
         # Snapshot 0 is the initial weights; after a resume the restored weights are re-snapshotted
         # (idempotent), so a snapshot lost with the killed process leaves no gap.
         if start_epoch % cfg.snapshot_every == 0:
-            streamer.snapshot(start_epoch // cfg.snapshot_every, engine.global_steps, start_epoch, params)
+            streamer.snapshot(start_epoch // cfg.snapshot_every, engine.global_steps, start_epoch, params,
+                              epoch_fraction=float(start_epoch))
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             train_loss = _train_epoch(engine, data, cfg, epoch, micro, channels_last)
@@ -114,7 +116,8 @@ def run_training(cfg: TrainConfig) -> dict:
                                                       num_workers=_default_workers(cfg)),
                            device, desc=f"eval {epoch + 1}/{cfg.epochs}", channels_last=channels_last)
             if (epoch + 1) % cfg.snapshot_every == 0:
-                streamer.snapshot((epoch + 1) // cfg.snapshot_every, engine.global_steps, epoch + 1, params)
+                streamer.snapshot((epoch + 1) // cfg.snapshot_every, engine.global_steps, epoch + 1, params,
+                                  epoch_fraction=float(epoch + 1))
             _save_checkpoint(engine, cfg, epoch + 1)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "lr": engine.get_lr()[0],
@@ -142,7 +145,7 @@ def _load_snapshot(model: torch.nn.Module, cfg: TrainConfig) -> None:
     from twa_scale import store
 
     url, run_id, seq = cfg.parse_init_from()
-    reader = store.open_run(url, run_id)
+    reader = store.open_run(url, run_id, storage_options=cfg.storage_options)
     if seq not in {s.seq for s in reader.snapshots()}:
         raise ValueError(f"--init-from {cfg.init_from}: snapshot {seq} is not committed in {url}/{run_id}")
     model.load_state_dict(reader.state_dict(seq, model))
@@ -191,10 +194,11 @@ def _metrics_url(cfg: TrainConfig) -> str:
 def _read_metrics(cfg: TrainConfig) -> dict:
     from twa_scale import store
 
-    return store.read_json(_metrics_url(cfg), default={})
+    return store.read_json(_metrics_url(cfg), default={}, storage_options=cfg.storage_options)
 
 
 def _write_metrics(cfg: TrainConfig, history: list[dict], final: dict | None) -> None:
     from twa_scale import store
 
-    store.write_json(_metrics_url(cfg), {"run_id": cfg.run_id, "epochs": history, "final": final})
+    store.write_json(_metrics_url(cfg), {"run_id": cfg.run_id, "epochs": history, "final": final},
+                     storage_options=cfg.storage_options)

@@ -21,8 +21,8 @@ def load_run_inputs(cfg: TwaConfig):
     from twa_scale.models import build_model
     from twa_scale.twa.solver import select_snapshots
 
-    reader = store.open_run(cfg.snapshot_url, cfg.run_id)
-    meta = reader.manifest.get("meta") or {}
+    reader = store.open_run(cfg.snapshot_url, cfg.run_id, storage_options=cfg.storage_options)
+    meta = reader.manifest.meta
     for key in ("model", "num_classes"):
         if key not in meta:
             raise ValueError(f"run {cfg.snapshot_url.rstrip('/')}/{cfg.run_id}: manifest meta has no {key!r}; "
@@ -61,13 +61,14 @@ def run_twa(cfg: TwaConfig) -> dict:
     fit = data.train if cfg.fit_on == "train" else data.holdout
     result, _ = solve(cfg, model=model, layout=layout, refs=refs, load=reader.read, fit_data=fit,
                       val_data=data.val, bn_data=data.train, per_rank_batch=batch // world)
-    result.update(run_id=cfg.run_id, snapshot_url=cfg.snapshot_url, model=reader.manifest["meta"]["model"],
+    result.update(run_id=cfg.run_id, snapshot_url=cfg.snapshot_url, model=reader.manifest.meta["model"],
                   output=cfg.output_url)
     state = model.state_dict()
 
     def write():
         if comm.rank() == 0:
-            result["outputs"] = report.write_outputs(result, state, cfg.output_url, plot=cfg.plot)
+            result["outputs"] = report.write_outputs(result, state, cfg.output_url, plot=cfg.plot,
+                                                   storage_options=cfg.storage_options)
             print(report.format_table(result), flush=True)
 
     agree(write, f"writing the TWA result to {cfg.output_url}")

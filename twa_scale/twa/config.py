@@ -50,6 +50,8 @@ class TwaConfig:
     """fsspec URL of the snapshot store (s3://bucket/prefix, file:///abs/path, memory://x)."""
     run_id: str
     """Run name under the snapshot URL."""
+    storage_options: str | None = None
+    """JSON object of fsspec filesystem arguments for the snapshot and output URLs; never logged."""
     select: str | None = None
     """Snapshots A:B[:STRIDE] by sequence number (A <= seq < B); default `1:` = all but seq 0 (the random init)."""
     start: int | None = None
@@ -143,6 +145,8 @@ class TwaConfig:
             bad("eval-every", f"must be >= 0, got {self.eval_every}")
         if not 0 <= self.metrics_port < 65536:
             bad("metrics-port", f"must be in [0, 65535], got {self.metrics_port}")
+        from twa_scale.store.backend import parse_storage_options
+        parse_storage_options(self.storage_options)  # one-line error for bad JSON
 
     @property
     def output_url(self) -> str:
@@ -154,7 +158,11 @@ class TwaConfig:
         return "paper" if paper else "journal"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, with storage_options redacted (this dict is stored and logged)."""
+        d = dataclasses.asdict(self)
+        if d.get("storage_options"):
+            d["storage_options"] = "<redacted>"
+        return d
 
 
 # --- presets: plain functions returning keyword overrides ------------------------------------

@@ -1,0 +1,22 @@
+"""Snapshot store: a typed, versioned on-storage format behind one object-store interface.
+
+    format.py   RunManifest, ShardMeta, CommitMarker (to_json/from_json) and object names
+    backend.py  ObjectStore: local (file://), S3, any other fsspec URL; chosen once from the URL
+    writer.py   create_run / open_writer -> RunWriter (shards, commit markers)
+    reader.py   open_run -> RunReader (.snapshots(), .read(seq, start, stop), .state_dict, .verify)
+"""
+from __future__ import annotations
+
+from twa_scale.store.backend import (ObjectStore, StoreAccessError, StoreUnreachable, check_url, open_store,
+                                     parse_storage_options)
+from twa_scale.store.format import (DEFAULT_CHUNK_BYTES, DTYPES, CommitMarker, CorruptSnapshotError, FormatError,
+                                    RunManifest, RunPaths, ShardMeta, check_dtype, checksums)
+from twa_scale.store.reader import RunReader, SnapshotInfo, open_run, read_json
+from twa_scale.store.writer import RunWriter, create_run, open_writer, write_json
+
+__all__ = [
+    "open_run", "create_run", "open_writer", "read_json", "write_json", "RunReader", "RunWriter", "SnapshotInfo",
+    "RunManifest", "ShardMeta", "CommitMarker", "RunPaths", "CorruptSnapshotError", "FormatError",
+    "ObjectStore", "StoreUnreachable", "StoreAccessError", "open_store", "check_url", "parse_storage_options",
+    "DTYPES", "DEFAULT_CHUNK_BYTES", "check_dtype", "checksums",
+]

@@ -1,0 +1,416 @@
+"""One small object-store interface over fsspec, chosen once from the URL.
+
+:func:`open_store` parses the URL strictly and returns one of:
+
+* :class:`LocalStore` for ``file://`` URLs and plain paths: small objects are written through a
+  rename (whole or nothing), conditional creates through ``os.link`` (fails if present);
+* :class:`S3Store` for ``s3://bucket/prefix``: large objects as concurrent multipart uploads,
+  conditional creates as ``PutObject`` with ``If-None-Match: *``, plain single GETs (s3fs's
+  size lookup goes through a directory cache that can be stale for other writers' objects);
+* :class:`FsspecStore` for every other fsspec URL (``memory://``, ...), whose PUTs are whole.
+
+Keys are '/'-separated names relative to the store's URL. Options reach the filesystem in this
+order, later ones winning: fsspec's own configuration (``fsspec.config.conf``: its config files
+and ``FSSPEC_<PROTOCOL>_*`` variables), this module's defaults, then ``storage_options``
+(``--storage-options JSON``); nested ``config_kwargs``/``client_kwargs`` dicts are merged key by key.
+Options are never logged: they may hold credentials.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import uuid
+from typing import Any, Sequence
+
+from twa_scale.errors import ConfigError, StoreUnreachableError, is_connection_error
+
+__all__ = ["ObjectStore", "FsspecStore", "LocalStore", "S3Store", "open_store", "parse_storage_options",
+           "check_url", "StoreUnreachable", "StoreAccessError", "store_error"]
+
+log = logging.getLogger("twa_scale.store")
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+StoreUnreachable = StoreUnreachableError  # network-level: transient, exit 75
+
+
+class StoreAccessError(ConfigError, OSError):
+    """The store answered but refuses us (credentials, permissions, no bucket): permanent, exit 2."""
+
+
+def store_error(message: str, err: BaseException) -> OSError:
+    """``message`` as StoreUnreachableError (transient, 75) when ``err`` is a network failure, else as
+    StoreAccessError (permanent, 2)."""
+    return (StoreUnreachableError if is_connection_error(err) else StoreAccessError)(message)
+
+
+def check_url(url: str) -> tuple[str, str]:
+    """(protocol, rest) of a store URL, strictly: ``s3://`` needs a bucket; a scheme needs ``://``.
+    A plain path (no scheme) is a local directory."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"snapshot URL {url!r} is empty")
+    if "://" not in url:
+        m = _SCHEME.match(url)
+        if m and len(m.group(1)) > 1:  # "C:" would be a drive letter
+            raise ValueError(f"snapshot URL {url!r}: scheme {m.group(1)!r} must be followed by '://' "
+                             f"(e.g. {m.group(1)}://bucket/prefix)")
+        return "file", url
+    protocol, rest = url.split("://", 1)
+    if not _SCHEME.match(protocol + ":") or ":" in protocol:
+        raise ValueError(f"snapshot URL {url!r}: invalid scheme {protocol!r}")
+    protocol = protocol.lower()
+    if protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+        bucket = rest.split("/", 1)[0]
+        if not bucket or bucket in (".", ".."):
+            raise ValueError(f"snapshot URL {url!r} names no bucket (expected {protocol}://BUCKET/prefix)")
+    if protocol == "file" and not rest.startswith("/"):
+        raise ValueError(f"snapshot URL {url!r}: file:// URLs need an absolute path (file:///abs/path)")
+    return protocol, rest
+
+
+def parse_storage_options(raw: str | dict | None) -> dict:
+    """``--storage-options``: a JSON object of fsspec filesystem arguments (or None)."""
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, dict):
+        return dict(raw)
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"--storage-options: not valid JSON ({e.msg} at char {e.pos})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("--storage-options: must be a JSON object, e.g. '{\"anon\": false}'")
+    return obj
+
+
+def _merge(*layers: dict) -> dict:
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for k, v in (layer or {}).items():
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = {**out[k], **v}
+            else:
+                out[k] = v
+    return out
+
+
+class _Parts:
+    """Sliceable view of a buffer whose slices are ``bytes``: botocore takes bytes, not
+    memoryviews, so s3fs's multipart upload copies one part at a time, never the whole shard."""
+
+    def __init__(self, view: memoryview):
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, key: slice) -> bytes:
+        return bytes(self.view[key])
+
+
+class ObjectStore:
+    """Objects under one URL. Every method takes keys relative to it."""
+
+    url: str
+
+    def describe(self, key: str) -> str:
+        """The full URL of ``key`` (for messages)."""
+        raise NotImplementedError
+
+    def put_small(self, key: str, data: bytes) -> None:
+        """Write a small object whole or not at all, replacing any previous one."""
+        raise NotImplementedError
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist (atomically); False when it already did."""
+        raise NotImplementedError
+
+    def put_large(self, key: str, view: memoryview, *, part_bytes: int | None = None,
+                  concurrency: int | None = None) -> None:
+        """Write a large object (multipart where the store has it)."""
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes:
+        """The whole object; FileNotFoundError when absent."""
+        raise NotImplementedError
+
+    def get_many(self, keys: Sequence[str]) -> list:
+        """Whole objects, concurrently where possible; an exception in place of a failed one."""
+        raise NotImplementedError
+
+    def get_ranges(self, keys: Sequence[str], starts: Sequence[int], ends: Sequence[int]) -> list:
+        """Byte ranges [start, end) of objects, concurrently where possible; exceptions in place."""
+        raise NotImplementedError
+
+    def find(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (recursive, fresh: no cached listing)."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def check_writable(self) -> None:
+        """Fail fast, naming the endpoint, when the store cannot be reached or written."""
+        raise NotImplementedError
+
+
+class FsspecStore(ObjectStore):
+    """Any fsspec filesystem whose writes are whole-object (memory://, gcs, ...)."""
+
+    def __init__(self, url: str, fs, root: str):
+        self.url, self.fs, self.root = url.rstrip("/"), fs, root.rstrip("/")
+        self._create_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    def _path(self, key: str) -> str:
+        key = key.strip("/")
+        return f"{self.root}/{key}" if key else self.root
+
+    def _key(self, path: str) -> str:
+        path = path.rstrip("/")
+        root = self.root.rstrip("/")
+        return path[len(root) + 1:] if path.startswith(root + "/") else path
+
+    def describe(self, key: str) -> str:
+        return self.fs.unstrip_protocol(self._path(key))
+
+    def put_small(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(self._path(key), data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        # One process owns a memory:// filesystem, so a lock makes check-and-put atomic.
+        with self._create_lock:
+            if self.exists(key):
+                return False
+            self.put_small(key, data)
+            return True
+
+    def put_large(self, key, view, *, part_bytes=None, concurrency=None) -> None:
+        self.fs.pipe_file(self._path(key), bytes(view))
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._path(key))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.describe(key)} does not exist") from None
+
+    def get_many(self, keys):
+        keys = list(keys)
+        return self.get_ranges(keys, [None] * len(keys), [None] * len(keys))
+
+    def get_ranges(self, keys, starts, ends):
+        return self.fs.cat_ranges([self._path(k) for k in keys], list(starts), list(ends), on_error="return")
+
+    def find(self, prefix: str) -> list[str]:
+        path = self._path(prefix)
+        self.fs.invalidate_cache(path)
+        try:
+            return [self._key(p) for p in self.fs.find(path)]
+        except FileNotFoundError:
+            return []
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.get(key)  # one GET, never a cached listing
+            return True
+        except FileNotFoundError:
+            return False
+
+    def delete(self, key: str) -> None:
+        try:
+            self.fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def check_writable(self) -> None:
+        probe = f".twa-write-probe-{uuid.uuid4().hex[:12]}"
+        try:
+            self.put_small(probe, b"{}")
+            self.delete(probe)
+        except Exception as e:  # noqa: BLE001 - any failure here means: not writable
+            raise store_error(f"snapshot store {self.url} is not reachable or not writable: "
+                              f"{type(e).__name__}: {e}", e) from e
+
+
+class LocalStore(FsspecStore):
+    """A local (or mounted) directory."""
+
+    def put_small(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        d = os.path.dirname(path)
+        self.fs.makedirs(d, exist_ok=True)
+        tmp = f"{d}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        d = os.path.dirname(path)
+        self.fs.makedirs(d, exist_ok=True)
+        tmp = f"{d}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and fails when the name exists
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def put_large(self, key, view, *, part_bytes=None, concurrency=None) -> None:
+        path = self._path(key)
+        self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+        self.fs.pipe_file(path, view)
+
+    def find(self, prefix: str) -> list[str]:
+        return [k for k in super().find(prefix) if ".tmp-" not in k.rsplit("/", 1)[-1]]
+
+
+class S3Store(FsspecStore):
+    """An S3 bucket and prefix (AWS or any S3 API: SeaweedFS, MinIO, ...)."""
+
+    def __init__(self, url: str, fs, root: str, *, quick_options: dict | None = None):
+        super().__init__(url, fs, root)
+        self.bucket = self.root.split("/", 1)[0]
+        self._quick_options = quick_options
+        self._quick = None
+
+    @property
+    def _quick_fs(self):
+        """A filesystem that fails fast (one attempt, short connect timeout), for probes."""
+        if self._quick is None:
+            import fsspec
+
+            if self._quick_options is None:
+                return self.fs
+            self._quick = fsspec.filesystem("s3", **self._quick_options)
+            self._quick.retries = 1
+        return self._quick
+
+    @property
+    def endpoint(self) -> str:
+        ep = getattr(self.fs, "client_kwargs", {}).get("endpoint_url") or getattr(self.fs, "endpoint_url", None)
+        return ep or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default"
+
+    def where(self) -> str:
+        return f"endpoint {self.endpoint}, bucket {self.bucket}"
+
+    def put_small(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(self._path(key), data)  # one PutObject: whole or nothing
+
+    def create(self, key: str, data: bytes) -> bool:
+        try:
+            self.fs.pipe_file(self._path(key), data, mode="create")  # If-None-Match: *
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if "PreconditionFailed" in str(e) or "412" in str(e):
+                return False
+            raise
+
+    def put_large(self, key, view, *, part_bytes=None, concurrency=None) -> None:
+        part = part_bytes or 16 << 20
+        if len(view) < 2 * part:  # s3fs sends this as one PUT
+            self.fs.pipe_file(self._path(key), bytes(view))
+        else:
+            self.fs.pipe_file(self._path(key), _Parts(view), chunksize=part, max_concurrency=concurrency)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._path(key), max_concurrency=1)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.describe(key)} does not exist") from None
+
+    def get_many(self, keys):
+        keys = list(keys)
+        return self.fs.cat_ranges([self._path(k) for k in keys], [None] * len(keys), [None] * len(keys),
+                                  on_error="return", max_concurrency=1)
+
+    def check_writable(self) -> None:
+        """Resolve credentials, reach the endpoint, create a missing bucket, prove a write."""
+        fs = self._quick_fs
+        try:
+            fs.ls(self.bucket, detail=False)  # lists at most one page; raises when the bucket is absent
+        except FileNotFoundError:
+            try:
+                fs.mkdir(self.bucket)
+                log.info("created bucket s3://%s", self.bucket)
+            except Exception as e:  # noqa: BLE001
+                raise store_error(f"bucket s3://{self.bucket} ({self.where()}) does not exist and could "
+                                  f"not be created: {type(e).__name__}: {e}", e) from e
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
+            raise self.unreachable(e) from e
+        probe = self._path(f".twa-write-probe-{uuid.uuid4().hex[:12]}")
+        try:
+            fs.pipe_file(probe, b"{}")
+            fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001
+            raise self.unreachable(e, what="not writable") from e
+
+    def unreachable(self, err: BaseException, what: str = "not reachable") -> OSError:
+        name = type(err).__name__
+        hint = ""
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            hint = "; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or --storage-options"
+        return store_error(f"snapshot store {self.url} is {what} ({self.where()}): {name}: {err}{hint}", err)
+
+
+_S3_DEFAULTS: dict[str, Any] = {
+    # Our own per-chunk CRC-32 checks the bytes end to end; botocore's extra per-request checksum
+    # costs ~30% of upload throughput in s3fs's single asyncio thread.
+    "config_kwargs": {"connect_timeout": 10, "read_timeout": 60},
+}
+
+
+def open_store(url: str, storage_options: dict | str | None = None, *, quick: bool = False) -> ObjectStore:
+    """The store for ``url`` (see the module docstring); ValueError for a malformed URL.
+
+    ``quick``: no library-level retries and a short connect timeout, for callers that retry
+    with their own backoff and deadline (writers) and for probes.
+    """
+    import fsspec
+    from fsspec.config import conf
+
+    protocol, rest = check_url(url)
+    options = parse_storage_options(storage_options)
+    if protocol == "file":
+        from fsspec.implementations.local import LocalFileSystem
+
+        path = rest if "://" in url else os.path.abspath(rest)
+        fs = LocalFileSystem(**{k: v for k, v in options.items() if k in ("auto_mkdir",)})
+        return LocalStore(url if "://" in url else "file://" + path, fs, path)
+    if protocol in ("s3", "s3a"):
+        try:
+            import s3fs  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"{url}: s3:// URLs need s3fs; install it with `pip install s3fs`") from e
+        defaults = dict(_S3_DEFAULTS)
+        if not os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION"):
+            defaults = _merge(defaults, {"config_kwargs": {"request_checksum_calculation": "when_required"}})
+        merged = _merge(conf.get("s3", {}), defaults, options)
+        fast = _merge(merged, {"config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 1}}})
+        fs = fsspec.filesystem("s3", **(fast if quick else merged))
+        if quick:
+            fs.retries = 1
+        return S3Store(f"s3://{rest.rstrip('/')}", fs, rest.rstrip("/"), quick_options=fast)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except ImportError as e:
+        raise ImportError(f"{url}: no fsspec filesystem for protocol {protocol!r}: {e}") from e
+    return FsspecStore(url, fs, path)
