@@ -14,7 +14,13 @@ ResNet-50-sized vector (torchvision resnet50, 102 MB) and on a small model (resn
 * gil: train step time while 102 MB uploads run in a background thread (what the streamer
   does), against the same uploads in a separate process, against no uploads;
 * read: ``RunReader.read(seq, start, stop)`` for 4 reader slices, against raw s3fs
-  ``cat_file`` byte ranges of the same bytes (goal >= 0.8x).
+  ``cat_file`` byte ranges of the same bytes (goal >= 0.8x);
+* hotpath (``--only hotpath``, no S3 server; what ``bench/gpu_acceptance.sh`` runs): the
+  streamer's hot path with the weights on the training device. On CUDA: the time the training
+  stream pays per snapshot (``snapshot()`` plus waiting for the training stream, i.e. the
+  device-to-device gather; the device-to-host copy runs on a side stream) against a plain
+  device-to-host copy of the same slice into pinned memory (goal <= 2x; expected far below 1).
+  On CPU the baseline is a memcpy.
 """
 from __future__ import annotations
 
@@ -77,6 +83,55 @@ def bench_stall_and_upload(url: str, name: str, model: torch.nn.Module, repeats:
     return {"D": layout.D, "bytes": nbytes, "stall_seconds": stall, "memcpy_seconds": copy,
             "stall_vs_memcpy": stall / copy, "upload_seconds": statistics.median(uploads),
             "upload_MBps": nbytes / statistics.median(uploads) / 1e6, "failed": summary["failed"]}
+
+
+def bench_hotpath(url: str, model_name: str, repeats: int) -> dict:
+    """Per-snapshot cost on the training thread/stream, weights on the training device."""
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    model = build_model(model_name, 1000 if model_name.startswith("resnet5") else 10).to(dev)
+    layout = FlatLayout.from_model(model)
+    params = layout.trainable(model)
+    name = f"hotpath-{model_name}-{dev.type}"
+    store.create_run(url, name, layout, meta={"model": model_name}, world_size=1)
+    s = SnapshotStreamer(url, name, layout, rank=0, world_size=1)
+    host, stream = [], []
+    for seq in range(repeats + 1):
+        sync()
+        t0 = time.perf_counter()
+        s.snapshot(seq, seq, seq, params)
+        t1 = time.perf_counter()
+        if dev.type == "cuda":  # the training stream only: the side stream's D2H copy is not waited for
+            torch.cuda.current_stream(dev).synchronize()
+        t2 = time.perf_counter()
+        _wait_idle(s)  # the hot path alone, not back-pressure
+        with torch.no_grad():  # a "step" between snapshots, so every copy moves new values
+            params[0].add_(1.0)
+        if seq:  # the first one allocates staging buffers and streams
+            host.append(t1 - t0)
+            stream.append(t2 - t0)
+    summary = s.close()
+    src = layout.gather(params, 0, layout.D)
+    dst = torch.zeros(src.numel(), dtype=src.dtype, pin_memory=dev.type == "cuda")  # pages touched
+    dst.copy_(src)
+    base = []
+    for _ in range(max(5, repeats)):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        base.append(time.perf_counter() - t0)
+    stall, copy = statistics.median(stream), statistics.median(base)
+    return {"model": model_name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "D": layout.D, "bytes": 4 * layout.D, "repeats": repeats,
+            "stall_seconds": stall, "host_seconds": statistics.median(host),
+            "baseline": "device-to-host copy into pinned memory" if dev.type == "cuda" else "memcpy",
+            "baseline_seconds": copy, "stall_vs_baseline": stall / copy, "goal": "<= 2.0",
+            "met": stall / copy <= 2.0, "committed": len(summary["committed"]), "failed": summary["failed"]}
 
 
 def bench_upload_baselines(url_bucket: str, nbytes: int, repeats: int, streamer_MBps: float) -> dict:
@@ -212,24 +267,37 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--train-steps", type=int, default=40)
     ap.add_argument("--only", default="resnet50,resnet20,train_cpu,gil",
-                    help="comma-separated sections to run (default: all)")
+                    help="comma-separated sections to run (default: all but hotpath); hotpath needs no S3 server")
+    ap.add_argument("--hotpath-model", default=None,
+                    help="model of the hotpath section (default: resnet50 on CUDA, resnet20 on CPU)")
+    ap.add_argument("--hotpath-url", default=None, help="store of the hotpath section (default: file:// temp dir)")
     args = ap.parse_args(argv)
+    only = args.only.split(",")
     # `timeout` sends SIGTERM: leave through the `with` blocks, so the S3 server is stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     t_start = time.time()
     result: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                                 "cuda": torch.cuda.is_available()}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if only == ["hotpath"]:  # no S3 server: the device-side cost does not depend on the store
+        with tempfile.TemporaryDirectory() as tmp:
+            model = args.hotpath_model or ("resnet50" if torch.cuda.is_available() else "resnet20")
+            t0 = time.time()
+            result["hotpath"] = bench_hotpath(args.hotpath_url or f"file://{tmp}/runs", model, max(3, args.repeats))
+            result["hotpath"]["section_seconds"] = result["seconds"] = time.time() - t0
+        out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return 0
     with tempfile.TemporaryDirectory() as tmp, SeaweedS3(Path(tmp) / "weed") as server:
         os.environ.update(server.env)
         url = "s3://twa-bench/runs"
         cfg = StreamerConfig()
         result["config"] = {"part_bytes": cfg.part_bytes, "concurrency": cfg.concurrency,
                             "chunk_bytes": cfg.chunk_bytes}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
 
         def section(key: str, fn) -> dict:
-            if key not in args.only.split(","):
+            if key not in only:
                 return {}
             t0 = time.time()
             result[key] = fn()

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every GPU claim of twa_scale in one run, on one GPU, in <= 8 minutes.
+#
+#   bash bench/gpu_acceptance.sh OUT_DIR              # on the GPU host
+#   bash bench/gpu_acceptance.sh --dry-run OUT_DIR    # CPU, tiny sizes, same code paths (CI runs this)
+#
+# Writes OUT_DIR/gpu_acceptance.json and OUT_DIR/gpu_acceptance.log; see bench/gpu_acceptance.py
+# for the sections and their goals, and bench/README.md ("GPU acceptance") for carrying the wheels
+# and the dataset to a host without a package index.
+#
+# First it installs the carried wheels, .whl/*.whl (built here by ../shared/offline/gpu-wheelhouse.sh:
+# deepspeed and its few dependencies the GPU image lacks), into a private target directory put on
+# PYTHONPATH. Nothing is installed in a --dry-run.
+set -uo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+py=${PYTHON:-python3}
+dry=0
+for arg in "$@"; do [[ $arg == --dry-run ]] && dry=1; done
+
+wheels="none: no .whl/*.whl next to the repo root"
+shopt -s nullglob
+whls=(.whl/*.whl)
+if (( dry )); then
+  wheels="not installed (--dry-run)"
+elif (( ${#whls[@]} )); then
+  site=${TWA_ACCEPTANCE_SITE:-/tmp/twa_scale_site}
+  t0=$SECONDS
+  if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      "${whls[@]}" >/tmp/twa_scale_wheels.log 2>&1; then
+    wheels="installed ${#whls[@]} wheels into $site in $((SECONDS - t0))s: $(cd .whl && ls *.whl | tr '\n' ' ')"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    wheels="FAILED to install .whl/*.whl: $(tail -c 600 /tmp/twa_scale_wheels.log | tr '\n' ' ')"
+  fi
+fi
+echo "wheels: $wheels"
+export TWA_ACCEPTANCE_WHEELS="$wheels"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+exec "$py" bench/gpu_acceptance.py "$@"
