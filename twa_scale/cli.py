@@ -2,6 +2,8 @@
 
     twa-scale snapshots ls URL/RUN       committed snapshots: seq, step, epoch, bytes
     twa-scale snapshots verify URL/RUN   check every checksum; non-zero exit naming each bad object
+    twa-scale data pack SRC DST          ImageFolder tree -> WebDataset shards + index.json (resumable)
+    twa-scale data verify URL            check every shard's sha256; exit 1 naming each bad shard
 
 Further command groups (e.g. ``report``) register themselves in ``COMMANDS``.
 """
@@ -108,8 +110,14 @@ def _add_snapshots(sub) -> None:
     ver.set_defaults(func=_snapshots_verify)
 
 
+def _add_data(sub) -> None:
+    from twa_scale.shards import add_cli_command
+
+    add_cli_command(sub)
+
+
 # name -> function(subparsers) that adds a command group; another module may add e.g. "report".
-COMMANDS: dict[str, Callable] = {"snapshots": _add_snapshots}
+COMMANDS: dict[str, Callable] = {"snapshots": _add_snapshots, "data": _add_data}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,14 @@ class TrainConfig:
     """Model name: a CIFAR-style net (resnet20, resnet56, cifar_vgg16_bn, preresnet164, wrn28_10, mlp)
     or any torchvision classification model (resnet18, resnet50, vgg16_bn, ...)."""
     data: str = "digits"
-    """`digits` (built in, no download) or a directory with train/ and val/ (or test/) in ImageFolder layout."""
+    """`digits` (built in, no download), a directory with train/ and val/ (or test/) in ImageFolder layout,
+    or a packed dataset (`twa-scale data pack`) at any fsspec URL, e.g. s3://bucket/imagenet or file:///data/c10."""
+    decode: str = "cpu"
+    """Image decoder: `cpu` (libjpeg-turbo, reduced-size decoding, uint8 augmentations), `gpu` (nvJPEG and
+    augmentations on the device), or `pil` (the torchvision reference path)."""
+    max_bad_fraction: float = 0.01
+    """Undecodable images are skipped, logged and counted; the job fails when more than this fraction
+    of an epoch's images on a rank are bad."""
     epochs: int = 10
     """Number of training epochs."""
     lr: float = 0.1
@@ -118,9 +125,13 @@ class TrainConfig:
         parse_storage_options(self.storage_options)  # one-line error for bad JSON
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
             bad("deepspeed_config", f"file not found: {self.deepspeed_config}")
+        if self.decode not in ("cpu", "gpu", "pil"):
+            bad("decode", f"must be one of cpu, gpu, pil, got {self.decode!r}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            bad("max-bad-fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
         if self.data != "digits":
-            from twa_scale.data import check_image_folder  # one-line error for a bad directory
-            check_image_folder(self.data)
+            from twa_scale.data import check_data_spec  # one-line error for a bad directory or URL scheme
+            check_data_spec(self.data)
         from twa_scale.models import model_names
         if self.model not in model_names():
             from twa_scale.models import build_model
@@ -229,7 +240,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    add_dataclass_flags(p, TrainConfig, choices={"schedule": SCHEDULES, "snapshot_dtype": SNAPSHOT_DTYPES})
+    add_dataclass_flags(p, TrainConfig, choices={"schedule": SCHEDULES, "snapshot_dtype": SNAPSHOT_DTYPES,
+                                                 "decode": ("cpu", "gpu", "pil")})
     return p
 
 

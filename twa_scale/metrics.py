@@ -52,7 +52,7 @@ __all__ = [
     "metrics_dir", "train_step", "train_epoch", "snapshot_stall", "snapshot_upload",
     "snapshot_retry", "snapshot_failure", "snapshot_skipped", "snapshot_queue_depth",
     "snapshot_committed", "twa_load", "twa_projection", "twa_step", "twa_eval",
-    "twa_effective_rank", "twa_coefficients",
+    "twa_effective_rank", "twa_coefficients", "data_bad_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ def _build_families(max_series: int) -> SimpleNamespace:
         train_epoch=gauge("train_epoch", "Last finished training epoch."),
         train_val_accuracy=gauge("train_val_accuracy_ratio", "Validation accuracy after the last epoch (0..1)."),
         train_val_loss=gauge("train_val_loss", "Validation loss after the last epoch."),
+        data_bad_images=counter("data_bad_images", "Undecodable images skipped by the data loader (logged by path)."),
         # streamer
         snap_stall=hist("snapshot_stall_seconds",
                         "Time training was blocked handing one snapshot to the streamer (s).", STALL_BUCKETS),
@@ -188,9 +189,9 @@ def _build_families(max_series: int) -> SimpleNamespace:
 
 # Counters each role pre-creates at 0, so rate()/increase() see the first event.
 _ROLE_COUNTERS = {
-    "train": ("train_samples", "train_step_seconds", "snap_stall", "snap_upload", "snap_bytes",
+    "train": ("train_samples", "train_step_seconds", "data_bad_images", "snap_stall", "snap_upload", "snap_bytes",
               "snap_retries", "snap_failures", "snap_skipped", "snap_committed"),
-    "twa": ("twa_load_bytes", "twa_load_seconds", "twa_projection_seconds", "twa_steps"),
+    "twa": ("data_bad_images", "twa_load_bytes", "twa_load_seconds", "twa_projection_seconds", "twa_steps"),
 }
 
 
@@ -359,6 +360,13 @@ def train_epoch(epoch: int, val_accuracy: float, val_loss: float) -> None:
     m.train_epoch.set(epoch)
     m.train_val_accuracy.set(val_accuracy)
     m.train_val_loss.set(val_loss)
+
+
+def data_bad_images(n: int = 1) -> None:
+    """``n`` undecodable images were skipped by this rank's data loader."""
+    m = _m
+    if m is not None:
+        m.data_bad_images.inc(n)
 
 
 # ------------------------------------------------------------------------ streamer

@@ -79,7 +79,7 @@ def run_training(cfg: TrainConfig) -> dict:
     layout = FlatLayout.from_model(model)
     if cfg.init_from:
         _load_snapshot(model, cfg)
-    meta = {"model": cfg.model, "num_classes": data.num_classes, "image_size": data.image_size,
+    meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes, "image_size": data.image_size,
             "data": cfg.data, "config": cfg.to_dict()}
     # The store is checked before any training step: an unwritable URL fails here, on every rank.
     _on_rank0(lambda: store.create_run(cfg.snapshot_url, cfg.run_id, layout, meta=meta, world_size=world,

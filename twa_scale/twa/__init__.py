@@ -37,6 +37,11 @@ def load_run_inputs(cfg: TwaConfig):
         if getattr(cfg, name) is not None:
             setattr(train_cfg, name, getattr(cfg, name))
     data = build_data(train_cfg)
+    if data.num_classes != int(meta["num_classes"]) or (meta.get("classes") and data.classes
+                                                        and list(meta["classes"]) != list(data.classes)):
+        from twa_scale.errors import ConfigError
+        raise ConfigError(f"--data {train_cfg.data}: its {data.num_classes} classes do not match the "
+                          f"{meta['num_classes']} classes the run's model {meta['model']!r} was trained on")
     return reader, model, layout, refs, train_cfg, data
 
 
