@@ -62,6 +62,9 @@ class TrainConfig:
     Never logged or stored (it may hold credentials)."""
     snapshot_every: int = 1
     """Take a snapshot every K epochs (snapshot 0 is the initial weights)."""
+    snapshots_per_epoch: int | None = None
+    """Take K snapshots per epoch, evenly spaced by optimizer steps, the last at the epoch's end (the
+    authors' ImageNet protocol takes 5); None: per epoch, every --snapshot-every epochs."""
     snapshot_dtype: str = "float32"
     """Stored dtype of snapshots: float32, bfloat16 or float16."""
     checkpoint_dir: str | None = None
@@ -115,6 +118,12 @@ class TrainConfig:
             bad("log-every-steps", f"must be >= 1, got {self.log_every_steps}")
         if self.snapshot_every < 1:
             bad("snapshot-every", f"must be >= 1, got {self.snapshot_every}")
+        if self.snapshots_per_epoch is not None:
+            if self.snapshots_per_epoch < 1:
+                bad("snapshots-per-epoch", f"must be >= 1, got {self.snapshots_per_epoch}")
+            if self.snapshot_every != 1:
+                bad("snapshots-per-epoch", f"cannot be combined with --snapshot-every {self.snapshot_every} "
+                                           "(sub-epoch snapshots are taken in every epoch)")
         if self.snapshot_dtype not in SNAPSHOT_DTYPES:
             bad("snapshot-dtype", f"must be one of {', '.join(SNAPSHOT_DTYPES)}, got {self.snapshot_dtype!r}")
         if not 0.0 <= self.holdout_fraction < 1.0:

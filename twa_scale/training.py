@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -17,16 +18,55 @@ from tqdm import tqdm
 from twa_scale import comm, metrics
 from twa_scale.config import TrainConfig
 from twa_scale.data import build_data, make_loader
+from twa_scale.errors import ConfigError
 from twa_scale.engine import build_engine, load_ds_config, resolve_batch
 from twa_scale.evaluation import evaluate
 from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
 from twa_scale.steplog import StepLog
 
-__all__ = ["run_training", "KEEP_CHECKPOINTS"]
+__all__ = ["run_training", "KEEP_CHECKPOINTS", "SnapshotPlan"]
 
 log = logging.getLogger("twa_scale.train")
 KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoint tags are deleted (ResNet-50 ones are ~300 MB each)
+@dataclasses.dataclass(frozen=True)
+class SnapshotPlan:
+    """Which snapshots a run takes, and their seqs. Snapshot 0 is the initial weights.
+
+    Per epoch (``per_epoch`` None): after every ``every``-th epoch, seq = epochs done // every.
+    Sub-epoch (``per_epoch`` K): K per epoch, evenly spaced by optimizer steps, the last at the epoch's
+    end; in epoch e (0-based) snapshot j = 1..K comes after optimizer step floor(j·S/K) of the epoch
+    and has seq e·K + j. The seqs depend only on (epoch, j), so a resumed run re-takes the same ones.
+    """
+
+    every: int
+    per_epoch: int | None
+    steps_per_epoch: int
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, steps_per_epoch: int) -> "SnapshotPlan":
+        k = cfg.snapshots_per_epoch
+        if k is not None and k > steps_per_epoch:
+            raise ConfigError(f"--snapshots-per-epoch {k}: larger than the {steps_per_epoch} optimizer steps "
+                              f"per epoch (use at most {steps_per_epoch}, or a smaller batch)")
+        return cls(every=cfg.snapshot_every, per_epoch=k, steps_per_epoch=steps_per_epoch)
+
+    def mid_epoch(self) -> list[tuple[int, int]]:
+        """(optimizer step within the epoch, j) of the snapshots taken inside an epoch (not at its end)."""
+        k = self.per_epoch
+        return [] if not k else [(j * self.steps_per_epoch // k, j) for j in range(1, k)]
+
+    def seq(self, epoch: int, j: int) -> int:
+        """Seq of snapshot j (1..K) of epoch ``epoch`` (0-based)."""
+        return epoch * self.per_epoch + j
+
+    def seq_at_boundary(self, epochs_done: int) -> int | None:
+        """Seq of the snapshot at the end of epoch ``epochs_done`` (0: the initial weights), or None."""
+        if self.per_epoch:
+            return epochs_done * self.per_epoch
+        return epochs_done // self.every if epochs_done % self.every == 0 else None
+
+
 def _on_rank0(fn):
     """Run ``fn`` on rank 0 and re-raise its error on every rank (so no rank hangs in a collective)."""
     from twa_scale.errors import TransientError, is_transient
@@ -73,6 +113,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if steps_per_epoch == 0:
         raise ValueError(f"--data {cfg.data}: {len(data.train)} training images are fewer than one global batch "
                          f"({world} ranks × {micro} × {accum} accumulation steps)")
+    plan = SnapshotPlan.from_config(cfg, steps_per_epoch)
 
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = build_model(cfg.model, data.num_classes).to(device)
@@ -104,20 +145,27 @@ def run_training(cfg: TrainConfig) -> dict:
                                                       storage_options=store.parse_storage_options(cfg.storage_options)))
     # SIGTERM (preemption) unwinds the loop; pending snapshots then get a bounded flush.
     with flush_on_sigterm(streamer):
-        # Snapshot 0 is the initial weights; after a resume the restored weights are re-snapshotted
-        # (idempotent), so a snapshot lost with the killed process leaves no gap.
-        if start_epoch % cfg.snapshot_every == 0:
-            streamer.snapshot(start_epoch // cfg.snapshot_every, engine.global_steps, start_epoch, params,
-                              epoch_fraction=float(start_epoch))
+        # Snapshot 0 is the initial weights; after a resume the restored weights are re-snapshotted, and
+        # the resumed epoch's sub-epoch snapshots re-taken: a committed seq is kept (the streamer checks),
+        # so a snapshot lost with the killed process leaves no gap and none is written twice.
+        seq = plan.seq_at_boundary(start_epoch)
+        if seq is not None:
+            streamer.snapshot(seq, engine.global_steps, start_epoch, params, epoch_fraction=float(start_epoch))
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            train_loss = _train_epoch(engine, data, cfg, epoch, micro, channels_last)
+
+            def mid_snapshot(j: int, epoch: int = epoch) -> None:
+                streamer.snapshot(plan.seq(epoch, j), engine.global_steps, epoch, params,
+                                  epoch_fraction=epoch + j / plan.per_epoch)
+
+            train_loss = _train_epoch(engine, data, cfg, epoch, micro, channels_last,
+                                      snapshots=plan.mid_epoch(), take_snapshot=mid_snapshot)
             val = evaluate(engine.module, make_loader(data.val, batch_size=micro * 2, train=False,
                                                       num_workers=_default_workers(cfg)),
                            device, desc=f"eval {epoch + 1}/{cfg.epochs}", channels_last=channels_last)
-            if (epoch + 1) % cfg.snapshot_every == 0:
-                streamer.snapshot((epoch + 1) // cfg.snapshot_every, engine.global_steps, epoch + 1, params,
-                                  epoch_fraction=float(epoch + 1))
+            seq = plan.seq_at_boundary(epoch + 1)
+            if seq is not None:
+                streamer.snapshot(seq, engine.global_steps, epoch + 1, params, epoch_fraction=float(epoch + 1))
             _save_checkpoint(engine, cfg, epoch + 1)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "lr": engine.get_lr()[0],
@@ -151,7 +199,9 @@ def _load_snapshot(model: torch.nn.Module, cfg: TrainConfig) -> None:
     model.load_state_dict(reader.state_dict(seq, model))
 
 
-def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channels_last: bool) -> float:
+def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channels_last: bool, *,
+                 snapshots: list[tuple[int, int]] = (), take_snapshot=None) -> float:
+    """One epoch; ``take_snapshot(j)`` runs after the optimizer step of each (step, j) in ``snapshots``."""
     device = engine.device
     # Dropout and augmentation draw from RNGs seeded by (seed, epoch, rank): resume-exact.
     torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7_919 + comm.rank())
@@ -163,6 +213,7 @@ def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channel
     # Losses stay on the device; the host reads them every log_every_steps steps (no sync per step).
     steps = StepLog(cfg.log_every_steps, device, bar=bar,
                     on_rows=lambda rows: [metrics.train_step(r.seconds, r.samples, r.loss, r.lr) for r in rows])
+    pending, first_step = list(snapshots), engine.global_steps
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
@@ -171,6 +222,8 @@ def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channel
         engine.backward(loss)
         engine.step()
         steps.step(loss, y.numel(), engine.get_lr()[0])
+        if pending and engine.global_steps - first_step >= pending[0][0]:
+            take_snapshot(pending.pop(0)[1])
     steps.flush()
     loss_sum = torch.tensor([steps.loss_sum, steps.samples], dtype=torch.float64, device=device)  # NCCL: on device
     comm.all_reduce(loss_sum)

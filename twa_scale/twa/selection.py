@@ -1,0 +1,95 @@
+"""Which committed snapshots a TWA run uses: by sequence number (``--select``) or by epoch (``--select-epochs``).
+
+Every snapshot record carries (seq, epoch, step, epoch_fraction); ``epoch_fraction`` is the training
+progress in epochs when it was taken (2.4 = 40% into the third epoch; the end of epoch 3 is 3.0),
+and for records written before it existed the completed-epoch count stands in. So a selection in
+epochs means the same whatever the snapshot cadence was: ``--select-epochs 0:60`` takes every
+snapshot taken up to the end of epoch 60, seq 0 (the initial weights, at 0.0) included: 61
+snapshots at one per epoch, 301 at five per epoch (the authors' ImageNet "60+2" protocol).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from twa_scale.errors import ConfigError
+
+__all__ = ["parse_select_epochs", "position", "select_by_epochs", "check_select_seqs"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_select_epochs(spec: str | None) -> tuple[float | None, float | None, int]:
+    """``A:B[:STRIDE]`` in epochs, both ends included (A <= epoch position <= B); STRIDE counts snapshots."""
+    if spec is None:
+        return None, None, 1
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise ConfigError(f"--select-epochs {spec}: expected A:B or A:B:STRIDE in epochs (e.g. 0:60 or 0:60:2)")
+    try:
+        a = float(parts[0]) if parts[0] else None
+        b = float(parts[1]) if parts[1] else None
+        stride = int(parts[2]) if len(parts) == 3 and parts[2] else 1
+    except ValueError:
+        raise ConfigError(f"--select-epochs {spec}: A and B must be numbers (epochs), STRIDE an integer") from None
+    if stride < 1:
+        raise ConfigError(f"--select-epochs {spec}: STRIDE must be >= 1")
+    if (a is not None and a < 0) or (a is not None and b is not None and b < a):
+        raise ConfigError(f"--select-epochs {spec}: expected 0 <= A <= B")
+    return a, b, stride
+
+
+def position(info: Any) -> float:
+    """Training progress in epochs when the snapshot was taken (``epoch_fraction``, else ``epoch``)."""
+    frac = getattr(info, "epoch_fraction", None)
+    return float(info.epoch if frac is None else frac)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def select_by_epochs(infos: Sequence[Any], spec: str) -> list[Any]:
+    """The committed snapshots (``reader.snapshots()`` items, in seq order) that ``spec`` names.
+
+    Raises a one-line :class:`ConfigError` when an end names an epoch after the last committed
+    snapshot, or when the selection holds fewer than 2 snapshots.
+    """
+    a, b, stride = parse_select_epochs(spec)
+    infos = sorted(infos, key=lambda i: i.seq)
+    if not infos:
+        raise ConfigError(f"--select-epochs {spec}: the run has no committed snapshot")
+    last = max(infos, key=position)
+    for name, end in (("A", a), ("B", b)):
+        if end is not None and end > position(last) + 1e-9:
+            raise ConfigError(f"--select-epochs {spec}: epoch {_fmt(end)} ({name}) is not committed: the last "
+                              f"committed snapshot is seq {last.seq} at epoch {_fmt(position(last))}")
+    lo = -1.0 if a is None else a - 1e-9
+    hi = float("inf") if b is None else b + 1e-9
+    picked = [i for i in infos if lo <= position(i) <= hi][::stride]
+    if len(picked) < 2:
+        which = ", ".join(f"seq {i.seq} at epoch {_fmt(position(i))}" for i in picked) or "none"
+        raise ConfigError(f"--select-epochs {spec}: TWA needs at least 2 snapshots, the selection holds "
+                          f"{len(picked)} ({which})")
+    return picked
+
+
+def check_select_seqs(infos: Sequence[Any], spec: str | None) -> None:
+    """``--select A:B``: both ends must name committed seqs (A, and B - 1), so a range that runs past
+    the end of the run, or starts at a failed snapshot, is an error instead of a silently shorter set."""
+    if spec is None:
+        return
+    from twa_scale.twa.config import parse_select
+
+    a, b, _ = parse_select(spec)
+    seqs = sorted(i.seq for i in infos)
+    have = set(seqs)
+    span = f"committed: seq {seqs[0]}..{seqs[-1]}" if seqs else "no snapshot is committed"
+    for what, seq in (("A", a), ("B - 1", None if b is None else b - 1)):
+        if seq is not None and seq not in have:
+            raise ConfigError(f"--select {spec}: seq {seq} ({what}) is not committed ({span})")
+    if a is not None and b is not None:
+        gaps = [s for s in range(a, b) if s not in have]
+        if gaps:
+            log.warning("--select %s: seqs %s inside the range are not committed (failed snapshots?); "
+                        "using the others", spec, gaps)
