@@ -1,19 +1,17 @@
 """Run Trainable Weight Averaging over the snapshots of a training run, on any number of ranks.
 
-    deepspeed --num_gpus 3 launch/twa.py --snapshot-url file:///tmp/twa_runs --run-id resnet20-cifar10-s0 \
-        --select 1:101 --epochs 10 --lr 2
+    deepspeed --num_gpus 2 launch/twa.py --snapshot-url file:///tmp/twa_runs --run-id resnet20-cifar10-s0 \
+        --select 0:101 --epochs 10 --lr 2
 
-Paper mode is the default (lr 2, 10 epochs, CIFAR); ImageNet: `--preset paper_imagenet` (lr 0.3, 2 epochs).
-Journal mode: `--preset journal`, or `--directions centered --coefficients layerwise --optimizer adamw
---schedule cosine --warmup 0.1 --weight-decay 0 --p-bits 4 --fit-on holdout`.
+Paper mode is the default (batch 128, lr 2, 10 epochs, CIFAR: `--preset paper_cifar`); ImageNet:
+`--preset paper_imagenet` (batch 256, lr 0.3, 2 epochs). Journal mode: `--preset journal` (AdamW, cosine,
+warm-up 0.2, centred layer-wise coefficients, 4-bit P, fit on the held-out split).
 Writes result.json, model.safetensors and coefficients.png under --output (default <snapshot-url>/<run-id>/twa/).
-See `python launch/twa.py --help` for every flag.
+See `python launch/twa.py --help` for every flag; `twa-scale twa …` does the same.
 """
 import sys
 
-from twa_scale.cli import launch_main
-from twa_scale.twa import parse_twa_args, run_twa
+from twa_scale.cli import run_stage
 
 if __name__ == "__main__":
-    # corrupt shards are IOErrors and missing keys KeyErrors: bad input, one line each
-    sys.exit(launch_main(parse_twa_args, run_twa, errors=(ValueError, OSError, KeyError)))
+    sys.exit(run_stage("twa", sys.argv[1:]))

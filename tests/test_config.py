@@ -1,10 +1,16 @@
-"""Unit tier: configuration parsing and validation."""
+"""Unit tier: configuration parsing and validation, presets, config files, the LR schedule."""
+import dataclasses
 import json
 
 import pytest
+import yaml
 
-from twa_scale.config import TrainConfig, parse_train_args
-from twa_scale.engine import load_ds_config, lr_factor, resolve_batch
+from twa_scale.config import TrainConfig, parse_train_args, preset_names
+from twa_scale.engine import build_lr_scheduler, load_ds_config, lr_factor, milestones, resolve_batch
+from twa_scale.twa.config import TwaConfig, parse_twa_args
+
+pytestmark = pytest.mark.unit
+TWA_REQUIRED = ["--snapshot-url", "memory://x", "--run-id", "r"]
 
 
 def test_no_arguments_selects_quickstart():
@@ -26,6 +32,8 @@ def test_flags_override_preset_and_derive_run_id():
     (["--snapshot-every", "0"], "--snapshot-every"),
     (["--deepspeed_config", "/nonexistent/ds.json"], "--deepspeed_config"),
     (["--metrics-port", "70000"], "--metrics-port"),
+    (["--lr", "abc"], "--lr"),
+    (["--snapshots-per-epoch", "0"], "--snapshots-per-epoch"),
 ])
 def test_bad_flags_name_the_flag(argv, flag):
     with pytest.raises(ValueError, match=flag):
@@ -33,12 +41,92 @@ def test_bad_flags_name_the_flag(argv, flag):
 
 
 @pytest.mark.parametrize("argv", [["--schedule", "exp"], ["--snapshot-dtype", "int8"]])
-def test_choices_rejected_by_the_parser(argv, capsys):
-    with pytest.raises(SystemExit) as e:
+def test_choices_rejected_by_the_parser(argv):
+    with pytest.raises(ValueError, match=f"^{argv[0]}: must be one of .*got 'exp'|^{argv[0]}: must be one of"):
         parse_train_args(argv)
-    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
     with pytest.raises(ValueError, match=argv[0]):  # and by the dataclass, for Python callers
         TrainConfig(**{argv[0][2:].replace("-", "_"): argv[1]})
+
+
+def test_launcher_flags_and_both_spellings():
+    """deepspeed passes --local_rank=N first; flags take dashes or underscores; booleans --x / --no-x / --x=false."""
+    cfg = parse_train_args(["--local_rank=3", "--snapshot_url", "memory://a", "--weight-decay", "0.001", "--twa",
+                            "--channels-last=false", "--deepspeed_config", "ds_configs/cpu_smoke.json"])
+    assert (cfg.snapshot_url, cfg.weight_decay, cfg.twa, cfg.channels_last) == ("memory://a", 0.001, True, False)
+    assert parse_train_args(["--twa=false", "--epochs", "1"]).twa is False
+    assert parse_train_args(["--local_rank", "0"]).epochs == 12  # only the launcher's flag: still the quickstart
+
+
+@pytest.mark.parametrize("stage, parse, extra", [("train", parse_train_args, []),
+                                                 ("twa", parse_twa_args, TWA_REQUIRED)])
+def test_unknown_preset_lists_valid_ones(stage, parse, extra):
+    with pytest.raises(ValueError) as e:
+        parse(extra + ["--preset", "nope"])
+    assert str(e.value).startswith("--preset 'nope': no such preset") and all(
+        n in str(e.value) for n in preset_names(stage))
+
+
+def test_every_shipped_preset_parses():
+    assert {"quickstart", "cifar_resnet20", "resnet50_imagenet"} <= set(preset_names("train"))
+    assert {"paper_cifar", "paper_imagenet", "journal"} <= set(preset_names("twa"))
+    for name in preset_names("train"):
+        parse_train_args(["--preset", name, "--data", "digits"])
+    for name in preset_names("twa"):
+        parse_twa_args(TWA_REQUIRED + ["--preset", name])
+
+
+def test_paper_presets_are_the_authors_protocols():
+    cifar = parse_twa_args(TWA_REQUIRED + ["--preset", "paper_cifar"])
+    assert (cifar.batch_size, cifar.lr, cifar.weight_decay, cifar.momentum, cifar.epochs, cifar.schedule,
+            cifar.select) == (128, 2.0, 1e-5, 0.9, 10, "step", None)
+    assert cifar == parse_twa_args(TWA_REQUIRED)  # and the defaults
+    imagenet = parse_twa_args(TWA_REQUIRED + ["--preset", "paper_imagenet"])
+    assert (imagenet.batch_size, imagenet.lr, imagenet.epochs, imagenet.mode) == (256, 0.3, 2, "paper")
+    journal = parse_twa_args(TWA_REQUIRED + ["--preset", "journal"])
+    assert (journal.warmup, journal.optimizer, journal.schedule, journal.weight_decay, journal.p_bits,
+            journal.quant_granularity, journal.mode) == (0.2, "adamw", "cosine", 0.0, 4, "block", "journal")
+    assert parse_train_args(["--preset", "resnet50_imagenet", "--data", "digits"]).snapshots_per_epoch == 5
+
+
+def test_twa_lr_scales_with_its_own_batch(caplog):
+    with caplog.at_level("INFO"):
+        cfg = parse_twa_args(TWA_REQUIRED + ["--preset", "paper_imagenet", "--batch-size", "512"])
+    assert (cfg.batch_size, cfg.lr) == (512, pytest.approx(0.6)) and "--lr 0.6: scaled linearly" in caplog.text
+    assert parse_twa_args(TWA_REQUIRED + ["--batch-size", "64", "--lr", "0.5"]).lr == 0.5  # an explicit lr wins
+    assert TwaConfig(snapshot_url="m://x", run_id="r", batch_size=256).lr == 4.0
+    assert TwaConfig(snapshot_url="m://x", run_id="r").to_dict()["lr"] == 2.0  # reported in result.json
+
+
+@pytest.mark.parametrize("stage, parse, argv", [
+    ("train", parse_train_args, ["--preset", "resnet50_imagenet", "--data", "digits", "--lr", "0.2", "--no-resume"]),
+    ("train", parse_train_args, []),
+    ("twa", parse_twa_args, TWA_REQUIRED + ["--preset", "journal", "--batch-size", "256", "--select", "0::2"]),
+])
+def test_print_config_round_trips_through_config(stage, parse, argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(argv + ["--print-config"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    again = parse(["--config", str(path)])
+    assert again == parse(argv)
+    assert dataclasses.asdict(again) == yaml.safe_load(text)
+
+
+def test_config_file_then_flags_and_environment(tmp_path, monkeypatch):
+    path = tmp_path / "my.yaml"
+    path.write_text("epochs: 3\nlr: 0.05\nmodel: mlp\n")
+    cfg = parse_train_args(["--config", str(path), "--lr", "0.2"])
+    assert (cfg.epochs, cfg.lr, cfg.model) == (3, 0.2, "mlp")
+    monkeypatch.setenv("TWA_SCALE_TRAIN_EPOCHS", "7")
+    assert parse_train_args(["--model", "mlp"]).epochs == 7  # environment over defaults
+    assert parse_train_args(["--config", str(path)]).epochs == 3  # the command line over the environment
+    monkeypatch.setenv("TWA_SCALE_TWA_LR", "0.25")
+    assert parse_twa_args(TWA_REQUIRED).lr == 0.25
+    path.write_text("epochs: 3\nbogus: 1\n")
+    with pytest.raises(ValueError, match="bogus"):
+        parse_train_args(["--config", str(path)])
 
 
 def test_unknown_model_lists_valid_names():
@@ -67,10 +155,20 @@ def test_batch_must_divide_over_ranks_and_micro_batch():
     assert resolve_batch(ds, batch_size=None, micro_batch=None, world=2) == (128, 64, 1)
     assert ds["train_micro_batch_size_per_gpu"] == 64
     assert resolve_batch({}, batch_size=256, micro_batch=32, world=2) == (256, 32, 4)
-    with pytest.raises(ValueError, match=r"--batch-size 100 does not divide over 3 ranks × --micro-batch"):
+    with pytest.raises(ValueError, match=r"--batch-size 100 does not divide over 3 ranks × --micro-batch .*"
+                                         r"nearest valid: 96, 99, 102$"):
         resolve_batch({}, batch_size=100, micro_batch=None, world=3)
-    with pytest.raises(ValueError, match="--batch-size 128 does not divide over 2 ranks × --micro-batch 48"):
+    with pytest.raises(ValueError, match="--batch-size 128 does not divide over 2 ranks × --micro-batch 48; "
+                                         "nearest valid: 96, 192, 288"):
         resolve_batch({}, batch_size=128, micro_batch=48, world=2)
+
+
+@pytest.mark.parametrize("section", ["optimizer", "scheduler"])
+def test_ds_config_optimizer_and_scheduler_are_refused(section, tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"train_batch_size": 8, section: {"type": "Adam", "params": {}}}))
+    with pytest.raises(ValueError, match=f"--deepspeed_config {p}: the '{section}' section is not supported"):
+        load_ds_config(str(p))
 
 
 def test_ds_config_rejects_bf16_section(tmp_path):
@@ -89,27 +187,63 @@ def test_shipped_ds_configs_load():
         assert not any(k.startswith("_") for k in cfg)
 
 
-def test_step_schedule_matches_paper_recipe():
-    total = 200
-    f = [lr_factor(s, total, schedule="step", warmup_steps=0) for s in range(total)]
+@pytest.mark.parametrize("epochs, factors", [(2, [1.0, 0.1]),
+                                             (10, [1.0] * 5 + [0.1] * 3 + [0.01] * 2)])
+def test_paper_schedule_per_epoch_factors(epochs, factors):
+    """The authors' MultiStepLR, milestones [int(0.5E), int(0.75E + 0.9)], stepped once per epoch."""
+    spe = 7
+    got = [[lr_factor(e * spe + i, schedule="step", epochs=epochs, steps_per_epoch=spe) for i in range(spe)]
+           for e in range(epochs)]
+    assert got == [[pytest.approx(f)] * spe for f in factors]
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    ref = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones(epochs)))
+    torch_lrs = []
+    for _ in range(epochs):
+        torch_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert torch_lrs == pytest.approx([2.0 * f for f in factors])
+
+
+def test_other_schedules_and_warmup_are_shared_by_both_stages():
+    kw = dict(epochs=2, steps_per_epoch=100)
+    f = [lr_factor(s, schedule="step-per-iter", **kw) for s in range(200)]
     assert f[0] == f[99] == 1.0 and f[100] == f[149] == 0.1 and f[150] == f[199] == 0.01
-    c = [lr_factor(s, total, schedule="cosine", warmup_steps=10) for s in range(total)]
+    c = [lr_factor(s, schedule="cosine", warmup_steps=10, **kw) for s in range(200)]
     assert c[0] == pytest.approx(0.1) and c[9] == 1.0 and c[10] == 1.0 and c[-1] < 0.001
     assert all(a >= b for a, b in zip(c[10:], c[11:]))
+    assert lr_factor(100, schedule="linear", **kw) == pytest.approx(0.5) and lr_factor(5, schedule="constant", **kw) == 1
+    # warm-up, then the milestones stay at absolute epochs
+    assert [lr_factor(s, schedule="step", warmup_steps=50, **kw) for s in (0, 49, 50, 99, 100)] == \
+        [pytest.approx(0.02), 1.0, 1.0, 1.0, pytest.approx(0.1)]
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_lr_scheduler(opt, schedule="cosine", warmup_steps=10, **kw)
+    lrs = []
+    for _ in range(200):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(c)
 
 
-def test_help_lists_every_flag():
-    from twa_scale.config import build_train_parser
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        parse_train_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--snapshot-url" in text and "--init-from" in text and "int(0.75E+0.9)" in text and "--preset" in text
+    assert "TWA_SCALE_TRAIN_EPOCHS" in text
 
-    text = build_train_parser().format_help()
-    assert "--snapshot-url" in text and "--init-from" in text and "50%" in text
+
+def _flag(name: str) -> str:
+    return "--deepspeed_config" if name == "deepspeed_config" else "--" + name.replace("_", "-")
 
 
 def test_readme_documents_every_training_flag():
-    import dataclasses
     from pathlib import Path
-
-    from twa_scale.config import _flag
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [_flag(f.name) for f in dataclasses.fields(TrainConfig) if f"`{_flag(f.name)}`" not in readme]

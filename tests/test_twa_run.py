@@ -43,7 +43,7 @@ def _final_weights(url: str, run_id: str, model_name: str, num_classes: int = 10
 
 def test_paper_mode_writes_outputs_and_stays_in_the_span(mlp_run):
     url, model, snaps = mlp_run
-    res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=2, batch_size=48))
+    res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=2, batch_size=48, select="1:"))
     fs, root = fsspec.core.url_to_fs(f"{url}/mlp/twa")
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root))
     assert names == ["coefficients.png", "model.safetensors", "result.json"]
@@ -64,7 +64,7 @@ def test_paper_mode_writes_outputs_and_stays_in_the_span(mlp_run):
 
 def test_epochs_0_reproduces_the_swa_point_exactly(mlp_run):
     url, _, snaps = mlp_run
-    res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=0, batch_size=48))
+    res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=0, batch_size=48, select="1:"))
     w, _ = _final_weights(url, "mlp", "mlp")
     assert torch.equal(w, torch.stack(snaps[1:]).double().mean(0).float())
     assert res["alpha"] == pytest.approx([1 / 6] * 6, abs=1e-12)

@@ -1,11 +1,17 @@
-"""``twa-scale`` console entry: inspect snapshot runs.
+"""``twa-scale`` console entry: run the stages, inspect snapshot runs.
 
+    twa-scale train [flags]              what `launch/train.py` does (same flags, --config, --preset)
+    twa-scale twa [flags]                what `launch/twa.py` does
     twa-scale snapshots ls URL/RUN       committed snapshots: seq, step, epoch, bytes
     twa-scale snapshots verify URL/RUN   check every checksum; non-zero exit naming each bad object
     twa-scale data pack SRC DST          ImageFolder tree -> WebDataset shards + index.json (resumable)
     twa-scale data verify URL            check every shard's sha256; exit 1 naming each bad shard
 
-Further command groups (e.g. ``report``) register themselves in ``COMMANDS``.
+An installed package launches with DeepSpeed's launcher as a module or through the console script:
+    deepspeed --num_gpus 2 --module twa_scale train --epochs 1
+    deepspeed --num_gpus 2 $(which twa-scale) twa --snapshot-url URL --run-id RUN
+
+Further command groups register themselves in ``COMMANDS``.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import json
 import sys
 from typing import Callable
 
-__all__ = ["main", "split_run_url", "COMMANDS", "launch_main"]
+__all__ = ["main", "split_run_url", "COMMANDS", "launch_main", "run_stage"]
 
 
 def launch_main(parse: Callable[[], object], run: Callable[[object], object],
@@ -50,6 +56,19 @@ def launch_main(parse: Callable[[], object], run: Callable[[object], object],
     finally:
         comm.destroy()
     return 0
+
+
+def run_stage(stage: str, argv: list[str] | None = None) -> int:
+    """`launch/train.py` (stage `train`) or `launch/twa.py` (stage `twa`) with ``argv``; the exit status."""
+    if stage == "train":
+        from twa_scale.config import parse_train_args
+        from twa_scale.pipeline import run_pipeline
+
+        return launch_main(lambda: parse_train_args(argv), run_pipeline)
+    from twa_scale.twa import parse_twa_args, run_twa
+
+    # corrupt shards are IOErrors and missing keys KeyErrors: bad input, one line each
+    return launch_main(lambda: parse_twa_args(argv), run_twa, errors=(ValueError, OSError, KeyError))
 
 
 def split_run_url(target: str) -> tuple[str, str]:
@@ -123,19 +142,21 @@ COMMANDS: dict[str, Callable] = {"snapshots": _add_snapshots, "data": _add_data}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twa-scale", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    groups = dict(COMMANDS)
-    try:  # the report module plugs in `twa-scale report ...` by defining add_cli_command(subparsers)
-        from twa_scale.report import add_cli_command
-        groups.setdefault("report", add_cli_command)
-    except ImportError:
-        pass
-    for add in groups.values():
+    for stage, what in (("train", "train with DeepSpeed (as launch/train.py; see `twa-scale train --help`)"),
+                        ("twa", "run the TWA stage (as launch/twa.py; see `twa-scale twa --help`)")):
+        sub.add_parser(stage, help=what, add_help=False)  # main() hands these their argv untouched
+    for add in COMMANDS.values():
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (2 for bad input, naming it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    while argv and argv[0].startswith("--local_rank"):  # DeepSpeed's launcher puts it before the command
+        argv = argv[1 if "=" in argv[0] else 2:]
+    if argv and argv[0] in ("train", "twa"):
+        return run_stage(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

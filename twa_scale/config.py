@@ -1,23 +1,53 @@
-"""Typed configuration for the training job, with CLI parsing and named presets.
+"""Typed configuration of the training job, and the one config mechanism both stages share.
 
-Every field is keyword-only, documented, and validated in ``__post_init__`` so a
-bad value fails with a one-line error before any process group or engine exists.
+Every field is keyword-only, documented, and validated in ``__post_init__`` so a bad value
+fails with a one-line error that names the flag, before any process group or engine exists.
+
+The command line is derived from the dataclass by jsonargparse (:func:`parse_config`), which
+also gives both stages YAML config files and environment variables:
+
+    deepspeed launch/train.py --preset resnet50_imagenet --config my.yaml --lr 0.2 --print-config
+
+Precedence, lowest first: dataclass defaults < ``--preset NAME`` (a shipped YAML file in
+``twa_scale/presets/<stage>/``) < environment ``TWA_SCALE_TRAIN_<FIELD>`` / ``TWA_SCALE_TWA_<FIELD>``
+< ``--config FILE`` and flags, in command-line order. ``--print-config`` prints the fully
+resolved config as YAML (derived fields included) and exits; fed back with ``--config`` it gives
+the same run. Flags are spelled ``--snapshot-url`` or ``--snapshot_url``; booleans take
+``--twa``, ``--no-twa`` or ``--twa=false``. The DeepSpeed launcher's ``--local_rank=N`` is accepted
+and ignored (the rank comes from the environment it also sets).
+
+jsonargparse was chosen over tyro because it reads YAML config files and the environment itself,
+and LightningCLI users already know its ``--config``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
+import logging
+import sys
+import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
-__all__ = ["TrainConfig", "parse_train_args", "build_train_parser", "quickstart", "cifar_resnet20",
-           "resnet50_imagenet", "PRESETS", "DEFAULT_SNAPSHOT_URL", "field_docs", "add_dataclass_flags"]
+from twa_scale import knobs
 
-SCHEDULES = ("step", "cosine", "constant")
-SNAPSHOT_DTYPES = ("float32", "bfloat16", "float16")
+__all__ = ["TrainConfig", "parse_train_args", "build_parser", "parse_config", "preset_names", "load_preset",
+           "DEFAULT_SNAPSHOT_URL", "PRESETS_DIR"]
+
+log = logging.getLogger(__name__)
+
+Schedule = Literal["step", "step-per-iter", "cosine", "linear", "constant"]
+SnapshotDtype = Literal["float32", "bfloat16", "float16"]
+Decode = Literal["cpu", "gpu", "pil"]
 # Local default store: a directory next to where the job was started.
 DEFAULT_SNAPSHOT_URL = "file://" + str(Path.cwd() / "twa_runs")
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def check_choice(flag: str, value: Any, allowed: Any) -> None:
+    """One-line error naming ``--flag`` when ``value`` is not one of ``allowed`` (a tuple or a Literal)."""
+    choices = typing.get_args(allowed) or tuple(allowed)
+    if value not in choices:
+        raise ValueError(f"--{flag}: must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -28,7 +58,7 @@ class TrainConfig:
     data: str = "digits"
     """`digits` (built in, no download), a directory with train/ and val/ (or test/) in ImageFolder layout,
     or a packed dataset (`twa-scale data pack`) at any fsspec URL, e.g. s3://bucket/imagenet or file:///data/c10."""
-    decode: str = "cpu"
+    decode: Decode = "cpu"
     """Image decoder: `cpu` (libjpeg-turbo, reduced-size decoding, uint8 augmentations), `gpu` (nvJPEG and
     augmentations on the device), or `pil` (the torchvision reference path)."""
     max_bad_fraction: float = 0.01
@@ -39,11 +69,14 @@ class TrainConfig:
     lr: float = 0.1
     """Peak learning rate (SGD)."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 5e-4
-    schedule: str = "step"
-    """`step` (÷10 at 50% and 75% of training, the TWA paper's recipe), `cosine`, or `constant`."""
+    """Weight decay (not applied to BatchNorm weights and biases)."""
+    schedule: Schedule = "step"
+    """`step`: the TWA authors' epoch-wise MultiStepLR, ÷10 at epochs int(0.5E) and int(0.75E+0.9);
+    `step-per-iter`: ÷10 at 50% and 75% of the steps; `cosine`, `linear` (to 0) or `constant`."""
     warmup_epochs: float = 0.0
-    """Linear warm-up length in epochs (any schedule)."""
+    """Linear warm-up length in epochs (any schedule; int(epochs × steps per epoch) steps)."""
     batch_size: int | None = None
     """Global batch size; None takes `train_batch_size` from the DeepSpeed config."""
     micro_batch: int | None = None
@@ -51,7 +84,8 @@ class TrainConfig:
     seed: int = 0
     """Seeds model init, data order and augmentation. Runs with the same seed are identical."""
     deepspeed_config: str | None = None
-    """DeepSpeed JSON; None picks ds_configs/cpu_smoke.json on CPU and ds_configs/cifar_1gpu.json on GPU."""
+    """DeepSpeed JSON; None picks ds_configs/cpu_smoke.json on CPU and ds_configs/cifar_1gpu.json on GPU.
+    `ds_configs/NAME.json` also finds the configs shipped with the installed package."""
     snapshot_url: str = DEFAULT_SNAPSHOT_URL
     """fsspec URL of the snapshot store (s3://bucket/prefix, file:///abs/path, memory://x)."""
     run_id: str | None = None
@@ -65,7 +99,7 @@ class TrainConfig:
     snapshots_per_epoch: int | None = None
     """Take K snapshots per epoch, evenly spaced by optimizer steps, the last at the epoch's end (the
     authors' ImageNet protocol takes 5); None: per epoch, every --snapshot-every epochs."""
-    snapshot_dtype: str = "float32"
+    snapshot_dtype: SnapshotDtype = "float32"
     """Stored dtype of snapshots: float32, bfloat16 or float16."""
     checkpoint_dir: str | None = None
     """Local directory (disk or PVC) for DeepSpeed checkpoints; None uses ./twa_checkpoints/<run-id>."""
@@ -106,36 +140,32 @@ class TrainConfig:
             bad("epochs", f"must be >= 0, got {self.epochs}")
         if self.lr <= 0:
             bad("lr", f"must be > 0, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_choice("schedule", self.schedule, Schedule)
         if self.warmup_epochs < 0:
             bad("warmup-epochs", f"must be >= 0, got {self.warmup_epochs}")
         for flag, v in (("batch-size", self.batch_size), ("micro-batch", self.micro_batch),
-                        ("limit-train", self.limit_train), ("limit-val", self.limit_val)):
+                        ("limit-train", self.limit_train), ("limit-val", self.limit_val),
+                        ("snapshots-per-epoch", self.snapshots_per_epoch)):
             if v is not None and v < 1:
                 bad(flag, f"must be >= 1, got {v}")
         if self.log_every_steps < 1:
             bad("log-every-steps", f"must be >= 1, got {self.log_every_steps}")
         if self.snapshot_every < 1:
             bad("snapshot-every", f"must be >= 1, got {self.snapshot_every}")
-        if self.snapshots_per_epoch is not None:
-            if self.snapshots_per_epoch < 1:
-                bad("snapshots-per-epoch", f"must be >= 1, got {self.snapshots_per_epoch}")
-            if self.snapshot_every != 1:
-                bad("snapshots-per-epoch", f"cannot be combined with --snapshot-every {self.snapshot_every} "
-                                           "(sub-epoch snapshots are taken in every epoch)")
-        if self.snapshot_dtype not in SNAPSHOT_DTYPES:
-            bad("snapshot-dtype", f"must be one of {', '.join(SNAPSHOT_DTYPES)}, got {self.snapshot_dtype!r}")
+        if self.snapshots_per_epoch is not None and self.snapshot_every != 1:
+            bad("snapshots-per-epoch", f"cannot be combined with --snapshot-every {self.snapshot_every} "
+                                       "(sub-epoch snapshots are taken in every epoch)")
+        check_choice("snapshot-dtype", self.snapshot_dtype, SnapshotDtype)
         if not 0.0 <= self.holdout_fraction < 1.0:
             bad("holdout-fraction", f"must be in [0, 1), got {self.holdout_fraction}")
         if not 0 <= self.metrics_port < 65536:
             bad("metrics-port", f"must be in [0, 65535], got {self.metrics_port}")
         from twa_scale.store.backend import parse_storage_options
         parse_storage_options(self.storage_options)  # one-line error for bad JSON
-        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
-            bad("deepspeed_config", f"file not found: {self.deepspeed_config}")
-        if self.decode not in ("cpu", "gpu", "pil"):
-            bad("decode", f"must be one of cpu, gpu, pil, got {self.decode!r}")
+        if self.deepspeed_config is not None:
+            from twa_scale.engine import find_ds_config
+            find_ds_config(self.deepspeed_config)  # one-line error naming --deepspeed_config
+        check_choice("decode", self.decode, Decode)
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             bad("max-bad-fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
         if self.data != "digits":
@@ -187,83 +217,153 @@ class TrainConfig:
         return obj
 
 
-# --- presets -------------------------------------------------------------------------
-def quickstart() -> TrainConfig:
-    """What `deepspeed launch/train.py` runs with no arguments: digits, ResNet-20, TWA after."""
-    # TWA lr 0.5, not the paper's 2: with only 12 snapshots of a small net, lr 2 diverges (measured:
-    # TWA 0.10 at lr 2, 0.989 at lr 0.5, against SWA 0.981 and the last SGD epoch 0.986).
-    return TrainConfig(model="resnet20", data="digits", epochs=12, lr=0.1, twa=True, twa_epochs=3, twa_lr=0.5)
+# --- presets: shipped YAML files, one directory per stage -----------------------------------
+def preset_names(stage: str) -> list[str]:
+    """Names of the presets shipped for ``stage`` (`train` or `twa`)."""
+    return sorted(p.stem for p in (PRESETS_DIR / stage).glob("*.yaml"))
 
 
-def cifar_resnet20(data: str = "../shared/datasets/cifar10") -> TrainConfig:
-    """The TWA paper's CIFAR recipe on ResNet-20 (200 epochs, snapshots every epoch)."""
-    return TrainConfig(model="resnet20", data=data, epochs=200, lr=0.1, weight_decay=5e-4, schedule="step",
-                       batch_size=128)
+def load_preset(stage: str, name: str) -> dict[str, Any]:
+    """The values of preset ``name``; an unknown name fails listing the valid ones."""
+    import yaml
+
+    path = PRESETS_DIR / stage / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"--preset {name!r}: no such preset; valid: {', '.join(preset_names(stage))}")
+    return yaml.safe_load(path.read_text()) or {}
 
 
-def resnet50_imagenet(data: str = "/data/imagenet") -> TrainConfig:
-    """ResNet-50 on ImageNet, 8 GPUs × N nodes, ZeRO-2 (the TWA paper's head stage uses 60 of 90 epochs)."""
-    return TrainConfig(model="resnet50", data=data, epochs=90, lr=0.4, weight_decay=1e-4, schedule="step",
-                       warmup_epochs=5, batch_size=1024, deepspeed_config="ds_configs/imagenet_r50_8gpu_zero2.json")
+# --- the one config mechanism (both stages) ----------------------------------------------------
+_ENV_PREFIX = {"train": knobs.TRAIN_CONFIG_ENV_PREFIX, "twa": knobs.TWA_CONFIG_ENV_PREFIX}
 
 
-PRESETS = {"quickstart": quickstart, "cifar_resnet20": cifar_resnet20, "resnet50_imagenet": resnet50_imagenet}
+def build_parser(cls: type, *, stage: str, prog: str, description: str):
+    """A jsonargparse parser derived from dataclass ``cls``: one flag per field (help from the field
+    docstrings), ``--config FILE``, environment variables ``<prefix><FIELD>``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-
-def _flag(name: str) -> str:
-    return "--deepspeed_config" if name == "deepspeed_config" else "--" + name.replace("_", "-")
-
-
-def field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field, for --help (argparse %-formats help, so % is doubled)."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {prev.target.id: " ".join(str(node.value.value).split()).replace("%", "%%")
-            for prev, node in zip(body, body[1:])
-            if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
-
-
-def add_dataclass_flags(p: argparse.ArgumentParser, cls, *, choices: dict[str, Sequence] | None = None,
-                        flag=_flag) -> None:
-    """One flag per dataclass field. Flags default to None, so a --preset can fill what the user left out;
-    the help shows the dataclass default."""
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        help_text = docs.get(f.name, "") + ("" if required else f" (default: {f.default})")
-        if f.type in ("bool", "bool | None"):
-            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
-        p.add_argument(flag(f.name), type=kind, default=None, required=required,
-                       choices=(choices or {}).get(f.name), help=help_text)
-
-
-def build_train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="launch/train.py",
-        description="Train a model with DeepSpeed while streaming weight snapshots; optionally run TWA after. "
-                    "With no arguments: the `quickstart` preset.")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
-    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
-                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    add_dataclass_flags(p, TrainConfig, choices={"schedule": SCHEDULES, "snapshot_dtype": SNAPSHOT_DTYPES,
-                                                 "decode": ("cpu", "gpu", "pil")})
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    epilog = (f"--preset NAME starts from a shipped preset ({', '.join(preset_names(stage))}); "
+              "--print-config prints the resolved config as YAML and exits. Every flag can also come from "
+              f"the environment as {_ENV_PREFIX[stage]}<FLAG> (e.g. {_ENV_PREFIX[stage]}EPOCHS=3). "
+              "Precedence: defaults < preset < environment < --config files and flags, in order.")
+    p = ArgumentParser(prog=prog, description=description, epilog=epilog, env_prefix=_ENV_PREFIX[stage][:-1],
+                       default_env=True, exit_on_error=False, print_config=None)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML config file (as --print-config writes it)")
+    p.add_class_arguments(cls, as_group=False, fail_untyped=True)
+    bools = _bool_fields(cls)
+    for action in list(p._actions):
+        for opt in list(action.option_strings):
+            if opt.startswith("--") and "_" in opt:  # --snapshot-url as well as --snapshot_url
+                dashed = opt.replace("_", "-")
+                action.option_strings.insert(0 if action.dest != "deepspeed_config" else 1, dashed)
+                p._option_string_actions[dashed] = action
+        if action.dest in bools:  # `--twa` alone means true
+            action.nargs, action.const = "?", True
     return p
+
+
+def _bool_fields(cls: type) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    return {f.name for f in dataclasses.fields(cls) if bool in (hints[f.name], *typing.get_args(hints[f.name]))}
+
+
+def _split_argv(argv: Sequence[str], bools: set[str]) -> tuple[list[str], str | None, bool]:
+    """(argv for the parser, --preset NAME, --print-config); drops the DeepSpeed launcher's --local_rank."""
+    out: list[str] = []
+    preset, print_config = None, False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        flag = name.replace("-", "_")
+        if flag == "__local_rank":
+            i += 1 if eq or i + 1 >= len(argv) or argv[i + 1].startswith("-") else 2
+            continue
+        if flag == "__print_config":
+            print_config = True
+        elif flag == "__preset":
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError("--preset: expected a preset name")
+                i, value = i + 1, argv[i + 1]
+            preset = value
+        elif flag.startswith("__no_") and flag[5:] in bools and not eq:
+            out.append(f"--{flag[5:]}=false")
+        else:
+            out.append(arg)
+        i += 1
+    return out, preset, print_config
+
+
+def _one_line(err: BaseException) -> str:
+    """jsonargparse's (often multi-line) message as one line that names the flag."""
+    import re
+
+    msg = " ".join(str(err).split())
+    literal = re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", msg)
+    if literal:
+        choices = ", ".join(c.strip().strip("'") for c in literal.group(1).split(","))
+        msg = re.sub(r"Expected a typing.*$", f"must be one of {choices}, got {literal.group(2)!r}", msg)
+    required = re.match(r"the following arguments are required: (.*)$", msg)
+    if required:
+        flags = ", ".join("--" + k.strip().replace("_", "-") for k in required.group(1).split(","))
+        return f"{flags}: required"
+    for prefix in ('Parser key "', 'Key "'):
+        if msg.startswith(prefix):
+            key, _, rest = msg[len(prefix):].partition('"')
+            return f"--{key.replace('_', '-')}: {rest.lstrip(': ')}"
+    return msg
+
+
+def parse_config(cls: type, argv: Sequence[str] | None, *, stage: str, prog: str, description: str,
+                 default_preset: str | None = None):
+    """Parse argv into a ``cls`` instance. Errors are ValueErrors of one line naming the flag.
+
+    ``default_preset`` applies when argv has no configuration at all.
+    """
+    from argparse import ArgumentError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(cls, stage=stage, prog=prog, description=description)
+    rest, preset, print_config = _split_argv(argv, _bool_fields(cls))
+    if preset is None and not rest:
+        preset = default_preset
+    if preset is not None:
+        values = load_preset(stage, preset)
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(values) - set(hints))
+        if unknown:
+            raise ValueError(f"--preset {preset}: unknown keys {unknown} in {PRESETS_DIR / stage / preset}.yaml")
+        # YAML reads `5` as an int; a float field keeps a float, so --print-config shows the same value
+        parser.set_defaults(**{k: float(v) if float in (hints[k], *typing.get_args(hints[k])) and type(v) is int
+                               else v for k, v in values.items()})
+    try:
+        ns = parser.parse_args(rest)
+    except ArgumentError as e:
+        raise ValueError(_one_line(e)) from None
+    fields = {f.name: ns.get(f.name) for f in dataclasses.fields(cls) if f.init}
+    cfg = cls(**fields)
+    if print_config:
+        print(dump_config(cfg, stage=stage, preset=preset), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+def dump_config(cfg: Any, *, stage: str, preset: str | None = None) -> str:
+    """The resolved config as YAML; `--config` of this text gives the same config."""
+    import yaml
+
+    head = f"# twa_scale {stage} config, fully resolved" + (f" (from preset {preset})" if preset else "") + "\n"
+    d = cfg.to_dict()  # redacts what must never be printed (storage_options may hold credentials)
+    for key in [k for k, v in d.items() if v == "<redacted>"]:
+        del d[key]
+        head += f"# {key}: omitted (it may hold credentials); set it with --{key.replace('_', '-')} or the environment\n"
+    return head + yaml.safe_dump(d, sort_keys=False)
 
 
 def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parse argv into a TrainConfig. No arguments at all selects the `quickstart` preset."""
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ns = build_train_parser().parse_args(argv)
-    user = {k: v for k, v in vars(ns).items() if v is not None and k not in ("preset", "local_rank")}
-    preset = ns.preset or ("quickstart" if not user else None)
-    base = dataclasses.asdict(PRESETS[preset]()) if preset else {}
-    if preset:  # derived fields are recomputed from the merged values
-        base.pop("run_id"), base.pop("checkpoint_dir")
-    return TrainConfig(**{**base, **user})
-
+    return parse_config(TrainConfig, argv, stage="train", prog="launch/train.py", default_preset="quickstart",
+                        description="Train a model with DeepSpeed while streaming weight snapshots; optionally "
+                                    "run TWA after. With no arguments: the `quickstart` preset.")

@@ -11,32 +11,58 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["default_ds_config_path", "load_ds_config", "resolve_batch", "build_optimizer", "lr_factor",
-           "build_engine"]
+__all__ = ["default_ds_config_path", "find_ds_config", "load_ds_config", "resolve_batch", "build_optimizer",
+           "milestones", "lr_factor", "build_lr_scheduler", "build_engine"]
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+# ds_configs/ at the repository root, also shipped inside the package (twa_scale/ds_configs is a link to it
+# in the source tree and a copy in an installed wheel), so the defaults are found from any directory.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
 
 
 def default_ds_config_path() -> Path:
     """CPU smoke config without a GPU, the single-GPU CIFAR config with one."""
-    return REPO_CONFIGS / ("cifar_1gpu.json" if torch.cuda.is_available() else "cpu_smoke.json")
+    return SHIPPED_CONFIGS / ("cifar_1gpu.json" if torch.cuda.is_available() else "cpu_smoke.json")
+
+
+def find_ds_config(path: str) -> Path:
+    """``path`` if it is a file, else the shipped config of that name for ``ds_configs/NAME.json``."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.parent in (Path("."), Path("ds_configs")) and (SHIPPED_CONFIGS / p.name).is_file():
+        return SHIPPED_CONFIGS / p.name
+    raise ValueError(f"--deepspeed_config {path}: file not found")
+
+
+# Sections twa_scale would have to ignore: the code builds its own optimizer and schedule from the flags.
+_REFUSED_SECTIONS = {"optimizer": "--lr, --momentum and --weight-decay",
+                     "scheduler": "--schedule and --warmup-epochs"}
 
 
 def load_ds_config(path: str | None) -> dict:
-    p = Path(path) if path else default_ds_config_path()
-    if not p.is_file():
-        raise ValueError(f"--deepspeed_config {p}: file not found")
+    p = find_ds_config(path) if path else default_ds_config_path()
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"--deepspeed_config {p}: invalid JSON ({e})") from None
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}  # "_comment" keys document the file
+    for section, flags in _REFUSED_SECTIONS.items():
+        if section in cfg:
+            raise ValueError(f"--deepspeed_config {p}: the {section!r} section is not supported (twa_scale builds "
+                             f"its own from {flags}); remove it and set those flags")
     if "bf16" in cfg and cfg["bf16"].get("enabled"):
         raise ValueError(f"--deepspeed_config {p}: the bf16 section breaks BatchNorm in DeepSpeed 0.19; "
                          "use \"torch_autocast\": {\"enabled\": true, \"dtype\": \"bfloat16\"}")
     if not torch.cuda.is_available():
         cfg.pop("torch_autocast", None)  # CPU runs stay in fp32
     return cfg
+
+
+def _nearest_multiples(value: int, unit: int, n: int = 3) -> list[int]:
+    below = [value // unit * unit - i * unit for i in range(n)]
+    above = [(value // unit + 1) * unit + i * unit for i in range(n)]
+    cands = sorted((c for c in below + above if c >= unit), key=lambda c: (abs(c - value), c))
+    return sorted(cands[:n])
 
 
 def resolve_batch(ds: dict, *, batch_size: int | None, micro_batch: int | None, world: int) -> tuple[int, int, int]:
@@ -58,7 +84,10 @@ def resolve_batch(ds: dict, *, batch_size: int | None, micro_batch: int | None, 
     if total is None:
         total = micro * world * (accum or 1)
     if micro < 1 or total % (world * micro):
-        raise ValueError(f"--batch-size {total} does not divide over {world} ranks × --micro-batch {micro}")
+        unit = world * (micro if micro_batch or micro >= 1 else (accum or 1))
+        near = ", ".join(map(str, _nearest_multiples(total, unit)))
+        raise ValueError(f"--batch-size {total} does not divide over {world} ranks × --micro-batch "
+                         f"{micro if micro >= 1 else '(derived)'}; nearest valid: {near}")
     accum = total // (world * micro)
     ds.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
     return total, micro, accum
@@ -73,28 +102,51 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
                            lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
 
 
-def lr_factor(step: int, total_steps: int, *, schedule: str, warmup_steps: int) -> float:
-    """Multiplier of the peak LR at optimizer step ``step`` (0-based)."""
+def milestones(epochs: int) -> tuple[int, int]:
+    """Epochs at which the `step` schedule divides the lr by 10: the TWA authors' MultiStepLR
+    (train_twa.py: milestones=[int(0.5E), int(0.75E + 0.9)], stepped once per epoch)."""
+    return int(epochs * 0.5), int(epochs * 0.75 + 0.9)
+
+
+def lr_factor(step: int, *, schedule: str, epochs: int, steps_per_epoch: int, warmup_steps: int = 0) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): the one schedule of both stages.
+
+    A linear warm-up of ``warmup_steps`` ((t+1)/W, as the journal's cosine_lr) comes first. Then
+    `step` holds 1, 0.1, 0.01 by epoch, switching at :func:`milestones` (absolute epochs, as torch's
+    MultiStepLR); `step-per-iter` switches at 50% and 75% of the post-warm-up steps; `cosine` and
+    `linear` decay over the post-warm-up steps; `constant` stays at 1.
+    """
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = step / max(total_steps, 1)
-    if schedule == "step":  # TWA paper: ÷10 at 50% and again at 75% of training
-        return 1.0 if progress < 0.5 else (0.1 if progress < 0.75 else 0.01)
+    if schedule == "step":
+        epoch = step // max(steps_per_epoch, 1)
+        return 0.1 ** sum(epoch >= m for m in milestones(epochs))
+    p = (step - warmup_steps) / max(epochs * steps_per_epoch - warmup_steps, 1)
+    if schedule == "step-per-iter":
+        return 1.0 if p < 0.5 else (0.1 if p < 0.75 else 0.01)
     if schedule == "cosine":
-        span = max(total_steps - warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
-    return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+    if schedule == "linear":
+        return max(1.0 - p, 0.0)
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"--schedule: unknown schedule {schedule!r}")
+
+
+def build_lr_scheduler(opt: torch.optim.Optimizer, *, schedule: str, epochs: int, steps_per_epoch: int,
+                       warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """:func:`lr_factor` as a torch LambdaLR, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+        s, schedule=schedule, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_steps=warmup_steps))
 
 
 def build_engine(model: torch.nn.Module, cfg, ds: dict, *, steps_per_epoch: int):
-    """A DeepSpeed engine with the paper's SGD and a per-step LR schedule."""
+    """A DeepSpeed engine with the paper's SGD and the LR schedule of :func:`lr_factor`, stepped per step."""
     import deepspeed
 
     opt = build_optimizer(model, cfg)
-    total = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, schedule=cfg.schedule, warmup_steps=warmup))
+    sched = build_lr_scheduler(opt, schedule=cfg.schedule, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                               warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
     if ds.get("zero_optimization", {}).get("stage", 0) > 0:
         ds.setdefault("zero_allow_untested_optimizer", True)  # torch SGD is fine under ZeRO 1-2
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)

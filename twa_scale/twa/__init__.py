@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from twa_scale.twa.config import TwaConfig, build_twa_parser, parse_twa_args
+from twa_scale.twa.config import TwaConfig, parse_twa_args
 
-__all__ = ["TwaConfig", "run_twa", "parse_twa_args", "build_twa_parser", "load_run_inputs"]
+__all__ = ["TwaConfig", "run_twa", "parse_twa_args", "load_run_inputs"]
 
 
 def load_run_inputs(cfg: TwaConfig):

@@ -1,35 +1,41 @@
-"""Typed configuration of the TWA stage, its CLI, and named presets.
+"""Typed configuration of the TWA stage, and its command line (the mechanism in :mod:`twa_scale.config`).
 
-Paper mode (ICLR 2023) is the default: Gram-Schmidt basis of the raw snapshots,
-start at the SWA mean, projected SGD (lr 2, momentum 0.9, wd 1e-5, 10 epochs,
-step schedule), BatchNorm recalibrated at start and end. The released ImageNet
-values are lr 0.3 and 2 epochs (:func:`paper_imagenet`). Journal mode
-(arXiv 2205.13104) is the set of options in :func:`journal`.
+Paper mode (ICLR 2023) is the default: Gram-Schmidt basis of the raw snapshots (seq 0 included,
+as in the authors' head-stage scripts), start at the SWA mean, projected SGD (batch 128, lr 2,
+momentum 0.9, wd 1e-5, 10 epochs, the authors' epoch-wise MultiStepLR), BatchNorm recalibrated at
+start and end. Named presets are shipped YAML files in ``twa_scale/presets/twa/``: `paper_cifar`,
+`paper_imagenet` (batch 256, lr 0.3, 2 epochs) and `journal` (arXiv 2205.13104).
+
+The lr belongs to a batch: unless ``--lr`` is given, lr = base_lr × batch_size / base_batch_size
+(linear scaling from the preset's batch), and the scaled value is logged and kept in the config.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-from typing import Any, Sequence
+import logging
+from typing import Any, Literal, Sequence
 
-from twa_scale.config import add_dataclass_flags
+from twa_scale.config import Schedule, check_choice, parse_config
 
-__all__ = ["TwaConfig", "build_twa_parser", "parse_twa_args", "parse_select", "paper_cifar", "paper_imagenet",
-           "journal", "PRESETS"]
+__all__ = ["TwaConfig", "parse_twa_args", "parse_select"]
 
-SCHEDULES = ("step", "linear", "constant", "cosine")
-OPTIMIZERS = ("sgd", "adamw")
-DIRECTIONS = ("raw", "centered")
-COEFFICIENTS = ("global", "layerwise")
-P_BITS = (32, 16, 8, 4, 2, 1)
-FIT_ON = ("train", "holdout")
+log = logging.getLogger(__name__)
+
+Optimizer = Literal["sgd", "adamw"]
+Directions = Literal["raw", "centered"]
+Coefficients = Literal["global", "layerwise"]
+PBits = Literal[32, 16, 8, 4, 2, 1]
+QuantGranularity = Literal["row-block", "block"]
+FitOn = Literal["train", "holdout"]
 
 
 def parse_select(spec: str | None) -> tuple[int | None, int | None, int]:
-    """``A:B[:STRIDE]`` over snapshot sequence numbers, Python slice semantics (A <= seq < B)."""
+    """``A:B[:STRIDE]`` over snapshot sequence numbers, Python slice semantics (A <= seq < B).
+
+    None selects every committed snapshot, seq 0 (the initial weights) included.
+    """
     if spec is None:
-        return 1, None, 1
+        return None, None, 1
     parts = spec.split(":")
     if len(parts) not in (2, 3):
         raise ValueError(f"--select {spec!r}: expected A:B or A:B:STRIDE (e.g. 1:101 or 0::2)")
@@ -53,39 +59,48 @@ class TwaConfig:
     storage_options: str | None = None
     """JSON object of fsspec filesystem arguments for the snapshot and output URLs; never logged."""
     select: str | None = None
-    """Snapshots A:B[:STRIDE] by sequence number (A <= seq < B); default `1:` = all but seq 0 (the random init)."""
+    """Snapshots A:B[:STRIDE] by sequence number (A <= seq < B); None: every committed snapshot, seq 0
+    (the initial weights) included, as in the authors' head-stage scripts."""
     start: int | None = None
     """Start from snapshot SEQ instead of the SWA mean of the selected snapshots."""
     epochs: int = 10
     """TWA epochs (paper: 10 on CIFAR, 2 on ImageNet). 0 evaluates the start point only."""
-    lr: float = 2.0
-    """Learning rate on the coefficients (paper: 2 on CIFAR, 0.3 on ImageNet)."""
+    lr: float | None = None
+    """Learning rate on the coefficients; None: base_lr × batch_size / base_batch_size (logged)."""
+    base_lr: float = 2.0
+    """The preset's lr at its batch base_batch_size (paper: 2 at 128 on CIFAR, 0.3 at 256 on ImageNet)."""
+    base_batch_size: int = 128
+    """The global batch that base_lr was tuned at."""
     momentum: float = 0.9
     """SGD momentum on the coefficients."""
     weight_decay: float = 1e-5
     """Weight decay on the coefficients (paper 1e-5; journal mode uses 0)."""
-    schedule: str = "step"
-    """`step` (÷10 at 50% and 75%), `linear` (to 0), `constant`, or `cosine`."""
+    schedule: Schedule = "step"
+    """`step`: the authors' epoch-wise MultiStepLR, ÷10 at epochs int(0.5E) and int(0.75E+0.9);
+    `step-per-iter` (÷10 at 50% and 75% of the steps), `linear` (to 0), `constant`, or `cosine`."""
     warmup: float = 0.0
-    """Linear warm-up as a fraction of all TWA steps (any schedule)."""
-    optimizer: str = "sgd"
+    """Linear warm-up as a fraction of all TWA steps, int(fraction × steps) steps as in the journal's code."""
+    optimizer: Optimizer = "sgd"
     """`sgd` (paper) or `adamw` (journal)."""
-    directions: str = "raw"
+    directions: Directions = "raw"
     """`raw` snapshots (paper) or `centered` on the SWA mean (journal)."""
-    coefficients: str = "global"
+    coefficients: Coefficients = "global"
     """`global` (one per direction) or `layerwise` (one per direction and block, journal)."""
     block_size: int | None = None
     """Block size in parameters for layer-wise coefficients and quantisation; None = one block per tensor."""
-    p_bits: int = 32
-    """Storage precision of P: 32, 16, or 8/4/2/1-bit per-(snapshot, block) min/max quantisation."""
-    fit_on: str = "train"
+    p_bits: PBits = 32
+    """Storage precision of P: 32, 16, or 8/4/2/1-bit min/max quantisation (see --quant-granularity)."""
+    quant_granularity: QuantGranularity = "row-block"
+    """Quantisation ranges of P: `row-block`, one min/max per (snapshot, block) (finer, this project's);
+    `block`, one min/max per block shared by all snapshots (the journal's code)."""
+    fit_on: FitOn = "train"
     """Fit the coefficients on `train` (TWA-t) or on the `holdout` split the training excluded (TWA-v)."""
     compile: bool | None = None
     """Fuse the packed-P unpack into the products with torch.compile (p-bits <= 8); None = on CUDA only."""
     rank_tol: float = 1e-5
     """Drop a snapshot whose residual after the earlier ones is below this fraction of its norm."""
-    batch_size: int | None = None
-    """Global batch size of the TWA steps; None = the training run's, else 128."""
+    batch_size: int = 128
+    """Global batch size of the TWA steps (its own, not the training run's); see --lr."""
     bn_batches: int | None = None
     """Batches per rank for BatchNorm recalibration; None = one full pass over the training data."""
     eval_every: int = 1
@@ -120,24 +135,33 @@ class TwaConfig:
         parse_select(self.select)
         if self.epochs < 0:
             bad("epochs", f"must be >= 0, got {self.epochs}")
+        for flag, v in (("batch-size", self.batch_size), ("base-batch-size", self.base_batch_size)):
+            if v < 1:
+                bad(flag, f"must be >= 1, got {v}")
+        if self.base_lr <= 0:
+            bad("base-lr", f"must be > 0, got {self.base_lr}")
+        if self.lr is None:
+            self.lr = self.base_lr * self.batch_size / self.base_batch_size
+            if self.batch_size != self.base_batch_size:
+                log.info("--lr %g: scaled linearly from lr %g at batch %d to --batch-size %d (set --lr to override)",
+                         self.lr, self.base_lr, self.base_batch_size, self.batch_size)
         if self.lr <= 0:
             bad("lr", f"must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             bad("momentum", f"must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             bad("weight-decay", f"must be >= 0, got {self.weight_decay}")
-        for flag, v, allowed in (("schedule", self.schedule, SCHEDULES), ("optimizer", self.optimizer, OPTIMIZERS),
-                                 ("directions", self.directions, DIRECTIONS),
-                                 ("coefficients", self.coefficients, COEFFICIENTS),
-                                 ("p-bits", self.p_bits, P_BITS), ("fit-on", self.fit_on, FIT_ON)):
-            if v not in allowed:
-                bad(flag, f"must be one of {', '.join(map(str, allowed))}, got {v!r}")
+        for flag, v, allowed in (("schedule", self.schedule, Schedule), ("optimizer", self.optimizer, Optimizer),
+                                 ("directions", self.directions, Directions),
+                                 ("coefficients", self.coefficients, Coefficients), ("p-bits", self.p_bits, PBits),
+                                 ("quant-granularity", self.quant_granularity, QuantGranularity),
+                                 ("fit-on", self.fit_on, FitOn)):
+            check_choice(flag, v, allowed)
         if not 0 <= self.warmup < 1:
             bad("warmup", f"is a fraction of the TWA steps in [0, 1), got {self.warmup}")
         if not 0 < self.rank_tol < 1:
             bad("rank-tol", f"must be in (0, 1), got {self.rank_tol}")
-        for flag, v in (("block-size", self.block_size), ("batch-size", self.batch_size),
-                        ("bn-batches", self.bn_batches), ("limit-train", self.limit_train),
+        for flag, v in (("block-size", self.block_size), ("bn-batches", self.bn_batches), ("limit-train", self.limit_train),
                         ("limit-val", self.limit_val)):
             if v is not None and v < 1:
                 bad(flag, f"must be >= 1, got {v}")
@@ -165,39 +189,7 @@ class TwaConfig:
         return d
 
 
-# --- presets: plain functions returning keyword overrides ------------------------------------
-def paper_cifar() -> dict[str, Any]:
-    """ICLR 2023 released CIFAR settings (the defaults)."""
-    return dict(epochs=10, lr=2.0, momentum=0.9, weight_decay=1e-5, schedule="step")
-
-
-def paper_imagenet() -> dict[str, Any]:
-    """ICLR 2023 released ImageNet settings: lr 0.3, 2 epochs."""
-    return dict(epochs=2, lr=0.3, momentum=0.9, weight_decay=1e-5, schedule="step")
-
-
-def journal() -> dict[str, Any]:
-    """arXiv 2205.13104: centred, layer-wise coefficients, AdamW + warmup + cosine, no weight decay, TWA-v."""
-    return dict(directions="centered", coefficients="layerwise", optimizer="adamw", schedule="cosine",
-                warmup=0.1, weight_decay=0.0, lr=0.01, fit_on="holdout")
-
-
-PRESETS = {"paper_cifar": paper_cifar, "paper_imagenet": paper_imagenet, "journal": journal}
-
-
-def build_twa_parser() -> argparse.ArgumentParser:
-    """One flag per TwaConfig field (help from the field docstrings)."""
-    p = argparse.ArgumentParser(prog="launch/twa.py", description="Trainable Weight Averaging over streamed snapshots.")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from named settings; flags override them")
-    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
-    add_dataclass_flags(p, TwaConfig, flag=lambda name: "--" + name.replace("_", "-"),
-                        choices={"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "directions": DIRECTIONS,
-                                 "coefficients": COEFFICIENTS, "p_bits": P_BITS, "fit_on": FIT_ON})
-    return p
-
-
 def parse_twa_args(argv: Sequence[str] | None = None) -> TwaConfig:
-    ns = build_twa_parser().parse_args(argv)
-    user = {k: v for k, v in vars(ns).items() if v is not None and k not in ("preset", "local_rank")}
-    base = PRESETS[ns.preset]() if ns.preset else {}
-    return TwaConfig(**{**base, **user})
+    """Parse argv into a TwaConfig (flags, --config, --preset, environment TWA_SCALE_TWA_*)."""
+    return parse_config(TwaConfig, argv, stage="twa", prog="launch/twa.py",
+                        description="Trainable Weight Averaging over streamed snapshots.")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -24,12 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from twa_scale import comm
+from twa_scale.engine import lr_factor
 from twa_scale.layout import FlatLayout
 from twa_scale.twa.bn import has_batchnorm, recalibrate_bn
 from twa_scale.twa.config import TwaConfig, parse_select
 from twa_scale.twa.subspace import Basis, build_basis, use_compiled_kernels
 
-__all__ = ["SliceLoader", "SnapshotRef", "select_snapshots", "ShardedFlat", "make_schedule", "solve", "agree"]
+__all__ = ["SliceLoader", "SnapshotRef", "select_snapshots", "ShardedFlat", "solve", "agree"]
 
 log = logging.getLogger(__name__)
 
@@ -122,25 +122,6 @@ class ShardedFlat:
         comm.all_gather(self.full, self.local)
         for r, (s, e) in enumerate(self.slices):
             self.layout.scatter(self.full[r * self.m: r * self.m + e - s], params, s, e)
-
-
-def make_schedule(kind: str, total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
-    """LR factor for step t: optional linear warm-up, then step (÷10 at 50%, 75%), linear, constant, cosine."""
-    warm = int(round(warmup_fraction * total_steps))
-
-    def factor(t: int) -> float:
-        if t < warm:
-            return (t + 1) / warm
-        p = (t - warm) / max(total_steps - warm, 1)
-        if kind == "step":
-            return 1.0 if p < 0.5 else (0.1 if p < 0.75 else 0.01)
-        if kind == "linear":
-            return max(1.0 - p, 0.0)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * p))
-        return 1.0
-
-    return factor
 
 
 def _build_optimizer(cfg: TwaConfig, theta: nn.Parameter) -> torch.optim.Optimizer:
@@ -253,7 +234,9 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
     if cfg.epochs and steps_per_epoch == 0:
         raise ValueError(f"--batch-size: the {cfg.fit_on} split has {len(fit_data)} samples, fewer than one "
                          f"global batch of {per_rank_batch * world}")
-    factor = make_schedule(cfg.schedule, cfg.epochs * steps_per_epoch, cfg.warmup)
+    def factor(t: int) -> float:  # the training job's schedule function
+        return lr_factor(t, schedule=cfg.schedule, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                         warmup_steps=int(cfg.warmup * cfg.epochs * steps_per_epoch))
     history: list[dict] = []
     proj_seconds, step = 0.0, 0
     t_train = time.perf_counter()
