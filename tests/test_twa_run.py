@@ -84,7 +84,7 @@ def test_journal_mode_with_batchnorm_on_holdout(tmp_path):
     model, snaps = make_trajectory(cfg, 4, steps_between=2, lr=0.05)
     url = f"file://{tmp_path}/store"
     write_run(url, "r20", model, snaps, cfg=cfg, writer_world=1)
-    res = run_twa(TwaConfig(snapshot_url=url, run_id="r20", epochs=1, batch_size=32, directions="centered",
+    res = run_twa(TwaConfig(snapshot_url=url, run_id="r20", epochs=1, batch_size=32, directions="centered", select="1:",
                             coefficients="layerwise", block_size=20000, optimizer="adamw", schedule="cosine",
                             warmup=0.2, weight_decay=0.0, lr=0.01, p_bits=4, fit_on="holdout", bn_batches=2))
     layout = FlatLayout.from_model(model)
@@ -117,7 +117,7 @@ def test_identical_snapshots(mlp_traj, tmp_path):
     url = f"file://{tmp_path}/store"
     write_run(url, "same", model, [snaps[0]] + [snaps[2]] * 4, cfg=digits_config(), writer_world=1)
     with pytest.raises(ValueError, match="dimension 1"):
-        run_twa(TwaConfig(snapshot_url=url, run_id="same"))
+        run_twa(TwaConfig(snapshot_url=url, run_id="same", select="1:"))
     assert _no_output(url, "same")
 
 
@@ -177,7 +177,7 @@ def test_cifar10_trained_on_2_ranks_to_s3_then_twa_on_3(s3_url, tmp_path):
                                               "--batch-size", "48", "--bn-batches", "2", "--data", data],
                             ranks=3, timeout=600)
     res = json.loads(fsspec.open(f"{s3_url}/c10/twa/result.json").open().read())
-    assert res["world_size"] == 3 and [s["seq"] for s in res["snapshots"]] == [1, 2, 3]
+    assert res["world_size"] == 3 and [s["seq"] for s in res["snapshots"]] == [0, 1, 2, 3]  # seq 0 by default
     assert res["twa_accuracy"] is not None and res["swa_accuracy"] is not None
     assert len(set(res["bytes_read_per_rank"])) <= 2  # balanced slices differ by at most one value
     with fsspec.open(f"{s3_url}/c10/twa/model.safetensors", "rb") as f:
