@@ -380,21 +380,20 @@ POD_FIELDS = {"run_id", "snapshot_url", "checkpoint_dir", "metrics_port", "deeps
 
 
 def test_gpu_overlay_runs_the_resnet50_imagenet_and_paper_imagenet_presets():
-    from twa_scale.config import PRESETS as TRAIN_PRESETS
-    from twa_scale.twa.config import PRESETS as TWA_PRESETS
+    from twa_scale.config import load_preset
     from twa_scale.twa.config import TwaConfig
 
     docs = render("overlays/gpu-8xN")
     train, _ = _parse_pod_args(docs, "train")
-    preset = TRAIN_PRESETS["resnet50_imagenet"]()
-    got, want = dataclasses.asdict(train), dataclasses.asdict(preset)
-    diff = {k: (got[k], want[k]) for k in want if k not in POD_FIELDS and got[k] != want[k]}
+    want = load_preset("train", "resnet50_imagenet")
+    got = dataclasses.asdict(train)
+    diff = {k: (got[k], want[k]) for k in want if k not in POD_FIELDS | {"data"} and got[k] != want[k]}
     assert diff == {}, f"gpu-8xN train differs from preset resnet50_imagenet (pod, preset): {diff}"
     # the same DeepSpeed config, served from the ConfigMap
-    assert train.deepspeed_config.rsplit("/", 1)[1] == preset.deepspeed_config.rsplit("/", 1)[1]
+    assert train.deepspeed_config.rsplit("/", 1)[1] == want["deepspeed_config"].rsplit("/", 1)[1]
     twa, _ = _parse_pod_args(docs, "twa")
     want_twa = dataclasses.asdict(TwaConfig(run_id=twa.run_id, snapshot_url=twa.snapshot_url,
-                                            metrics_port=twa.metrics_port, **TWA_PRESETS["paper_imagenet"]()))
+                                            metrics_port=twa.metrics_port, **load_preset("twa", "paper_imagenet")))
     got_twa = dataclasses.asdict(twa)
     diff = {k: (got_twa[k], want_twa[k]) for k in want_twa if got_twa[k] != want_twa[k]}
     assert diff == {}, f"gpu-8xN twa differs from preset paper_imagenet (pod, preset): {diff}"
