@@ -345,8 +345,8 @@ def _pod_paths(monkeypatch):
     """Dataset directories under /data exist only inside the pod (the PVC): accept them here."""
     from twa_scale import data
 
-    check = data.check_image_folder
-    monkeypatch.setattr(data, "check_image_folder", lambda p: None if str(p).startswith("/data/") else check(p))
+    check = data.check_data_spec
+    monkeypatch.setattr(data, "check_data_spec", lambda p: None if str(p).startswith("/data/") else check(p))
 
 
 def _parse_pod_args(docs, name: str):
