@@ -11,10 +11,31 @@
 # First it installs the carried wheels, .whl/*.whl (built here by ../shared/offline/gpu-wheelhouse.sh:
 # deepspeed and its few dependencies the GPU image lacks), into a private target directory put on
 # PYTHONPATH. Nothing is installed in a --dry-run.
+#
+#   bash bench/gpu_acceptance.sh --prepare           # here (pip works): build .whl/ and .data/ to carry
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 py=${PYTHON:-python3}
+
+# Runtime dependencies (pyproject.toml) that the GPU image lacks beyond deepspeed's: carried as wheels
+# at the versions installed here.
+EXTRA_WHEELS=(simplejpeg typing_extensions)  # typing_extensions: pydantic 2.14 needs Sentinel (>= 4.14)
+if [[ ${1:-} == --prepare ]]; then
+  set -e
+  bash "$repo/../shared/offline/gpu-wheelhouse.sh" .whl
+  pins=()
+  for name in "${EXTRA_WHEELS[@]}"; do
+    pins+=("$name==$("$py" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
+  done
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "${pins[@]}"
+  mkdir -p .data && cp "$repo/../shared/datasets/cifar10.tar.gz" .data/
+  du -sh .whl .data
+  echo "carry .whl and .data (git-ignored) with the checkout; then: bash bench/gpu_acceptance.sh OUT_DIR"
+  exit 0
+fi
 dry=0
 for arg in "$@"; do [[ $arg == --dry-run ]] && dry=1; done
 
