@@ -379,21 +379,47 @@ def test_pod_args_parse_with_the_real_cli(target):
 POD_FIELDS = {"run_id", "snapshot_url", "checkpoint_dir", "metrics_port", "deepspeed_config"}
 
 
+def _flag_name(arg: str) -> str:
+    return arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+
+
+def _preset_alone(docs, name: str, extra: set[str] = frozenset()):
+    """What the pod's --preset resolves to with nothing else but the pod's own fields (POD_FIELDS)."""
+    from twa_scale.config import parse_train_args
+    from twa_scale.twa import parse_twa_args
+
+    spec = rjobs(docs)[name]
+    env = pod_env(docs, spec)
+    args = [a.replace("/etc/twa-scale/ds/", f"{REPO}/ds_configs/") for a in container_args(docs, spec)]
+    keep = [a for a in args if _flag_name(a) in {"preset"} | POD_FIELDS | extra]
+    keep += ["--metrics-port", env["TWA_METRICS_PORT"]]
+    return {"train": parse_train_args, "twa": parse_twa_args}[name](keep)
+
+
 def test_gpu_overlay_runs_the_resnet50_imagenet_and_paper_imagenet_presets():
+    """Every field the gpu-8xN pods resolve equals the preset's, except where the run lives (POD_FIELDS)
+    and the TWA selection: the paper's "60+2" head stage averages the first 60 of the 90 epochs,
+    snapshots 0..300 at 5 per epoch (twa_scale/presets/twa/paper_imagenet.yaml)."""
     from twa_scale.config import load_preset
-    from twa_scale.twa.config import TwaConfig
 
     docs = render("overlays/gpu-8xN")
+    assert _flag_name("--preset=x") == "preset" and "deepspeed_config" in POD_FIELDS
     train, _ = _parse_pod_args(docs, "train")
-    want = load_preset("train", "resnet50_imagenet")
-    got = dataclasses.asdict(train)
-    diff = {k: (got[k], want[k]) for k in want if k not in POD_FIELDS | {"data"} and got[k] != want[k]}
+    assert container_args(docs, rjobs(docs)["train"])[0] == "--preset=resnet50_imagenet"
+    got, want = dataclasses.asdict(train), dataclasses.asdict(_preset_alone(docs, "train"))
+    diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
     assert diff == {}, f"gpu-8xN train differs from preset resnet50_imagenet (pod, preset): {diff}"
+    preset = load_preset("train", "resnet50_imagenet")
+    assert {k: got[k] for k in preset if k != "deepspeed_config"} == \
+        {k: v for k, v in preset.items() if k != "deepspeed_config"}
     # the same DeepSpeed config, served from the ConfigMap
-    assert train.deepspeed_config.rsplit("/", 1)[1] == want["deepspeed_config"].rsplit("/", 1)[1]
+    assert train.deepspeed_config.rsplit("/", 1)[1] == preset["deepspeed_config"].rsplit("/", 1)[1]
+
     twa, _ = _parse_pod_args(docs, "twa")
-    want_twa = dataclasses.asdict(TwaConfig(run_id=twa.run_id, snapshot_url=twa.snapshot_url,
-                                            metrics_port=twa.metrics_port, **load_preset("twa", "paper_imagenet")))
-    got_twa = dataclasses.asdict(twa)
-    diff = {k: (got_twa[k], want_twa[k]) for k in want_twa if got_twa[k] != want_twa[k]}
+    assert container_args(docs, rjobs(docs)["twa"])[0] == "--preset=paper_imagenet"
+    got, want = dataclasses.asdict(twa), dataclasses.asdict(_preset_alone(docs, "twa"))
+    assert got["select"] == "0:301"
+    diff = {k: (got[k], want[k]) for k in want if k != "select" and got[k] != want[k]}
     assert diff == {}, f"gpu-8xN twa differs from preset paper_imagenet (pod, preset): {diff}"
+    preset = load_preset("twa", "paper_imagenet")
+    assert {k: got[k] for k in preset if k != "select"} == {k: v for k, v in preset.items() if k != "select"}
