@@ -3,15 +3,19 @@
     python bench/twa_step.py                  # ResNet-50's D, n in {25,50,100}, W in {1,2,4}, fp32 and 4-bit P
     python bench/twa_step.py --quick          # small D, a minute on a laptop CPU
     python bench/twa_step.py --out bench/out/twa_step.json
+    python bench/twa_step.py --bits 32 4 2 1 8 --n 25 50 --world 4   # every packed width
 
 One process simulates rank 0 of W ranks (rank 0's share of the work; all ranks do the
 same amount). Timed per step, on the device this runs on (CUDA when available):
   ours:    c = P[:, S_r] g[S_r]  and  w[S_r] = w_start + P[:, S_r]ᵀ (theta - theta0), through
-           twa_scale.twa.subspace.Basis (the code the solver runs), fp32 or packed 4-bit P;
+           twa_scale.twa.subspace.Basis (the code the solver runs), fp32 or packed 1/2/4/8-bit P
+           through the kernel path the stage would pick (`--kernel`, recorded as `p_kernels`);
   authors: the released code's pattern: concatenate the full gradient, c = P_r g, Pᵀ_r c,
            clone the result back into every parameter's .grad (P_r: n/W rows of P, full D).
 Reported: ms per step, the memory floor 2·n·d·bytes ÷ measured copy bandwidth (d = D/W),
-the ratio to the floor, the speed-up over the authors' style, peak memory, and the bytes
+the ratio to the floor (also against a floor that counts the d-length vectors g, w_start and
+out, which every step must move too), the speed-up over the authors' style and over fp32 P
+at the same n and W, peak memory, the machine's load average, and the bytes
 each scheme communicates per step on top of the data-parallel gradient reduction
 (ours: an all-reduce of n floats; authors': an all-reduce of D floats).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -28,8 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from twa_scale.twa.subspace import (Basis, GroupedQuant, chunk_groups, local_pieces,  # noqa: E402
-                                    use_compiled_kernels)
+from twa_scale.twa.quant import TILE_BYTES, DenseP, GroupedP, Kernels, resolve_kernels  # noqa: E402
+from twa_scale.twa.subspace import Basis  # noqa: E402
 
 RESNET50_D = 25_557_032
 
@@ -120,52 +125,49 @@ def _blocks(shapes) -> list[tuple[int, int]]:
     return blocks
 
 
-def _basis(buf: torch.Tensor, n: int, d: int, blocks, bits: int, dev: torch.device) -> Basis:
+def _basis(buf: torch.Tensor, n: int, d: int, blocks, bits: int, dev: torch.device, kernels: Kernels) -> Basis:
     """A Basis over rank 0's slice [0, d) with synthetic P (values do not change the cost)."""
-    pieces = local_pieces(blocks, 0, d, layerwise=False)
-    w_start = torch.randn(d, device=dev)
-    common = dict(pieces=pieces, num_coef_blocks=1, k=n, M=torch.zeros(1, n, n, dtype=torch.float64),
-                  theta0=torch.zeros(n, 1, dtype=torch.float64, device=dev),
-                  alpha_start=torch.zeros(n, dtype=torch.float64), w_start=w_start, bits=bits, report={})
-    if bits == 32:
-        return Basis(dense=buf[: n * d].view(n, d), quant=None, **common)
-    return Basis(dense=None, quant=None, grouped=_grouped(buf, n, d, blocks, bits, dev), **common)
+    storage = (DenseP(buf[: n * d].view(n, d)) if bits == 32
+               else _grouped(buf, n, d, blocks, bits, dev, kernels))
+    return Basis(num_coef_blocks=1, k=n, M=torch.zeros(1, n, n, dtype=torch.float64),
+                 theta0=torch.zeros(n, 1, dtype=torch.float64, device=dev),
+                 alpha_start=torch.zeros(n, dtype=torch.float64), w_start=torch.randn(d, device=dev),
+                 storage=storage, bits=bits, report={})
 
 
-def _grouped(buf: torch.Tensor, n: int, d: int, blocks, bits: int, dev: torch.device) -> GroupedQuant:
-    """The solver's packed-P layout for global coefficients (GroupedQuant), with synthetic codes:
-    groups of 8 columns inside one block are packed, groups on a block edge stay fp32."""
-    m = d // 8
+def _grouped(buf: torch.Tensor, n: int, d: int, blocks, bits: int, dev: torch.device, kernels: Kernels) -> GroupedP:
+    """The solver's packed-P layout (GroupedP) with synthetic codes: full groups of 64*8/bits
+    columns inside each block are packed, the rest of a block stays fp32, as GroupedP.build does."""
+    gsize = TILE_BYTES * 8 // bits
+    starts, pids, side = [], [], []
     local = [(max(b0, 0), min(b1, d)) for b0, b1 in blocks if b0 < d]
-    nb = len(local)
-    pid = torch.full((m,), nb, dtype=torch.int32, device=dev)
     for i, (b0, b1) in enumerate(local):
-        g0, g1 = -(-b0 // 8), min(b1 // 8, m)
-        if g0 < g1:
-            pid[g0:g1] = i
-    mixed_groups = torch.nonzero(pid == nb).squeeze(1)
-    mixed_idx = torch.cat([(8 * mixed_groups.unsqueeze(1) + torch.arange(8, device=dev)).reshape(-1),
-                           torch.arange(8 * m, d, device=dev)])
-    packed = buf.view(torch.uint8)[: n * m * bits].view(n, m * bits)
-    lo = torch.rand(n, nb + 1, device=dev) - 0.5
-    scale = torch.rand(n, nb + 1, device=dev) * 1e-3
-    lo[:, nb] = 0
-    scale[:, nb] = 0
-    return GroupedQuant(packed, pid, lo, scale, mixed_idx, torch.randn(n, mixed_idx.numel(), device=dev), bits, d,
-                        GroupedQuant.block_runs(pid, nb, chunk_groups(dev)))
+        full = (b1 - b0) // gsize
+        starts.append(torch.arange(full, device=dev) * gsize + b0)
+        pids.append(torch.full((full,), i, dtype=torch.int64, device=dev))
+        side.append(torch.arange(b0 + full * gsize, b1, device=dev))
+    gstart, pid, side_idx = torch.cat(starts), torch.cat(pids), torch.cat(side)
+    nb, ng = len(local), gstart.numel()
+    side_blk = torch.bucketize(side_idx, torch.tensor([b1 for _, b1 in local], device=dev), right=True)
+    packed = buf.view(torch.uint8)[: ng * n * TILE_BYTES].view(ng, n, TILE_BYTES)
+    lo = torch.rand(n, nb, device=dev) - 0.5
+    scale = torch.rand(n, nb, device=dev) * 1e-3
+    return GroupedP(packed, gstart, pid, torch.zeros(nb, dtype=torch.int64, device=dev), lo, scale, side_idx,
+                    side_blk, torch.randn(n, side_idx.numel(), device=dev), bits, d, 1, kernels)
 
 
-def _run_ours(n: int, d: int, bits: int, blocks, dev: torch.device, reps: int) -> tuple[float, int, int]:
+def _run_ours(n: int, d: int, bits: int, blocks, dev: torch.device, reps: int,
+              kernels: Kernels) -> tuple[float, int, int]:
     """Seconds per step of our projection + reconstruction, peak bytes, bytes of P."""
     with _Peak(dev) as peak:
-        nbytes = n * (d // 8) * bits if bits < 32 else n * d * 4
+        nbytes = n * d * bits // 8 + n * TILE_BYTES if bits < 32 else n * d * 4
         buf = torch.empty(max(nbytes // 4 + 1, 1), dtype=torch.float32, device=dev)
         # constant fills: fast at GB sizes, and no denormals/NaN to distort CPU timings
         if bits == 32:
             buf.fill_(0.01)
         else:
             buf.view(torch.uint8).fill_(0x5A)
-        basis = _basis(buf, n, d, blocks, bits, dev)
+        basis = _basis(buf, n, d, blocks, bits, dev, kernels)
         g = torch.randn(d, device=dev)
         w = torch.empty(d, device=dev)
         theta = torch.randn(n, 1, dtype=torch.float64, device=dev)
@@ -200,7 +202,8 @@ def _run_authors(rows: int, D: int, shapes, dev: torch.device, reps: int) -> tup
         return _time(authors, dev, reps), peak.bytes()
 
 
-def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.device, reps: int, bw: float) -> dict:
+def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.device, reps: int, bw: float,
+                 kernels: Kernels) -> dict:
     d = -(-D // world)
     rows = max(1, n // world)          # authors: n/W rows of P per rank, full width D
     blocks = _blocks(shapes)
@@ -208,12 +211,14 @@ def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.devic
     row = {"n": n, "world": world, "p_bits": bits, "D": D, "d_per_rank": d}
 
     # each side runs in its own function so its buffers are freed before the other allocates
-    t_ours, row["ours_peak_bytes"], row["ours_p_bytes"] = _run_ours(n, d, bits, blocks, dev, reps)
+    t_ours, row["ours_peak_bytes"], row["ours_p_bytes"] = _run_ours(n, d, bits, blocks, dev, reps, kernels)
     t_auth, row["authors_peak_bytes"] = _run_authors(rows, D, shapes, dev, reps)
     floor = 2 * n * d * elem_bytes / bw
+    floor_vectors = (2 * n * d * elem_bytes + 12 * d) / bw   # + read g, read w_start, write out
     row.update(
         ours_ms=1e3 * t_ours, authors_ms=1e3 * t_auth, floor_ms=1e3 * floor,
         ours_over_floor=t_ours / floor, speedup_vs_authors=t_auth / t_ours,
+        floor_with_vectors_ms=1e3 * floor_vectors, ours_over_floor_with_vectors=t_ours / floor_vectors,
         ours_comm_bytes_per_step=4 * n, authors_comm_bytes_per_step=4 * D,
     )
     return row
@@ -229,8 +234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--max-p-gb", type=float, default=None,
                     help="skip configs whose fp32 P share exceeds this (default: 3 on CPU, none on GPU)")
-    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="torch.compile-fused packed-P kernels (auto: on CUDA only, as in the TWA stage)")
+    ap.add_argument("--kernel", choices=["auto", "native", "compile", "eager"], default="auto",
+                    help="packed-P kernel path (auto: what the TWA stage picks: C on CPU, torch.compile on CUDA)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default 1 on CPU: on a shared 2-core host, OpenMP barriers stall for "
                          "whole time slices when a sibling process holds a core)")
@@ -246,9 +251,10 @@ def main(argv=None) -> int:
     reps = args.reps or (3 if dev.type == "cpu" else 20)
     max_p = args.max_p_gb if args.max_p_gb is not None else (3.0 if dev.type == "cpu" else float("inf"))
     shapes = _param_shapes(D)
-    compiled = args.compile == "on" or (args.compile == "auto" and dev.type == "cuda")
-    if compiled:
-        use_compiled_kernels(True)  # compiled on first use: the warm-up calls of the first 4-bit config
+    if args.kernel != "auto":
+        os.environ["TWA_SCALE_P_KERNEL"] = args.kernel
+    kernels = resolve_kernels(dev)   # compiled (if so) on first use: the warm-up calls of the first config
+    load_before = os.getloadavg()
     bw = copy_bandwidth(dev, min(1 << 30, max(4 * D, 256 << 20)), reps)
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu'}),"
           f" D={D}, copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
@@ -261,7 +267,7 @@ def main(argv=None) -> int:
                 if p_gb > max_p:
                     skipped.append({"n": n, "world": world, "p_bits": bits, "reason": f"fp32 P share {p_gb:.1f} GB"})
                     continue
-                r = bench_config(n, world, bits, D, shapes, dev, reps, bw)
+                r = bench_config(n, world, bits, D, shapes, dev, reps, bw, kernels)
                 rows.append(r)
                 print(f"bits {bits:>2} n {n:>3} W {world}: ours {r['ours_ms']:8.2f} ms (floor {r['floor_ms']:7.2f},"
                       f" x{r['ours_over_floor']:.2f})  authors {r['authors_ms']:8.2f} ms  speed-up "
@@ -280,12 +286,22 @@ def main(argv=None) -> int:
                                     "ideal": r["world"] / base["world"]})
     fp32 = [r for r in rows if r["p_bits"] == 32]
     q4 = [r for r in rows if r["p_bits"] == 4]
+    for r in rows:
+        same = next((f for f in fp32 if (f["n"], f["world"]) == (r["n"], r["world"])), None)
+        if same and r["p_bits"] != 32:
+            r["speedup_vs_fp32_same_n"] = same["ours_ms"] / r["ours_ms"]
     goals = {
         "fp32_over_floor_max": max((r["ours_over_floor"] for r in fp32), default=None),
         "fp32_over_floor_goal": 1.15,
         "fp32_at_n50_over_floor": next((r["ours_over_floor"] for r in fp32 if r["n"] == 50), None),
         "q4_speedup_vs_authors_min": min((r["speedup_vs_authors"] for r in q4), default=None),
         "q4_speedup_goal": 9.0,
+        "q4_over_floor_max": max((r["ours_over_floor"] for r in q4), default=None),
+        "q4_over_floor_goal": 2.0,
+        "q4_over_floor_with_vectors_max": max((r["ours_over_floor_with_vectors"] for r in q4), default=None),
+        "q4_speedup_vs_fp32_same_n_min": min((r["speedup_vs_fp32_same_n"] for r in q4
+                                              if "speedup_vs_fp32_same_n" in r), default=None),
+        "q4_speedup_vs_fp32_goal": 3.0,
         "comm_bytes_max_n256": 4 * 256,
         "comm_bytes_goal": 64 * 1024,
     }
@@ -298,7 +314,9 @@ def main(argv=None) -> int:
         "D": D,
         "quick": args.quick,
         "reps": reps,
-        "compiled_kernels": compiled,
+        "p_kernels": kernels.path,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "copy_bandwidth_GBps": bw / 1e9,
         "configs": rows,
         "skipped": skipped,

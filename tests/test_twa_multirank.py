@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from twa_scale.layout import FlatLayout
-from twa_scale.twa.testing import (digits_config, gram_schmidt, make_trajectory, projection_worker, run_ranks,
+from tests.support.twa import (digits_config, gram_schmidt, make_trajectory, projection_worker, run_ranks,
                                    twa_worker, write_run)
 
 pytestmark = pytest.mark.multirank

@@ -11,7 +11,7 @@ from safetensors.torch import load as st_load
 from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
 from twa_scale.twa import TwaConfig, run_twa
-from twa_scale.twa.testing import digits_config, make_trajectory, write_run
+from tests.support.twa import digits_config, make_trajectory, write_run
 
 
 def _rel(a, b):
@@ -50,7 +50,8 @@ def test_paper_mode_writes_outputs_and_stays_in_the_span(mlp_run):
     on_disk = json.loads(fs.cat_file(f"{root}/result.json"))
     assert on_disk["mode"] == "paper" and [s["seq"] for s in on_disk["snapshots"]] == [1, 2, 3, 4, 5, 6]
     assert len(on_disk["epochs"]) == 2 and on_disk["swa_accuracy"] is not None and on_disk["twa_accuracy"] is not None
-    assert on_disk["reduced_floats_per_step"] == 6
+    assert on_disk["reduced_floats_per_step"] == 7  # k = 6 coefficients + the loss for the guard
+    assert on_disk["returned"] == "twa" and on_disk["guard"]["attempts"][-1]["lr"] == on_disk["lr_final"]
     assert on_disk["bytes_read_per_rank"] == [6 * FlatLayout.from_model(model).D * 4]
     w, _ = _final_weights(url, "mlp", "mlp")
     x = torch.stack(snaps[1:]).double()
@@ -58,7 +59,7 @@ def test_paper_mode_writes_outputs_and_stays_in_the_span(mlp_run):
     coef = torch.linalg.lstsq(x.T, w.double().unsqueeze(1)).solution
     assert _rel((x.T @ coef).squeeze(1), w) < 1e-5
     # ...and the reported alpha reproduces them
-    alpha = torch.tensor(res["alpha"], dtype=torch.float64)
+    alpha = torch.tensor(res.alpha, dtype=torch.float64)
     assert _rel(alpha @ x, w) < 1e-5
 
 
@@ -67,8 +68,8 @@ def test_epochs_0_reproduces_the_swa_point_exactly(mlp_run):
     res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=0, batch_size=48, select="1:"))
     w, _ = _final_weights(url, "mlp", "mlp")
     assert torch.equal(w, torch.stack(snaps[1:]).double().mean(0).float())
-    assert res["alpha"] == pytest.approx([1 / 6] * 6, abs=1e-12)
-    assert res["twa_accuracy"] == res["swa_accuracy"]
+    assert res.alpha == pytest.approx([1 / 6] * 6, abs=1e-12)
+    assert res.twa_accuracy == res.swa_accuracy and res.returned == "start"
 
 
 def test_start_from_a_snapshot_with_epochs_0(mlp_run):
@@ -88,12 +89,12 @@ def test_journal_mode_with_batchnorm_on_holdout(tmp_path):
                             coefficients="layerwise", block_size=20000, optimizer="adamw", schedule="cosine",
                             warmup=0.2, weight_decay=0.0, lr=0.01, p_bits=4, fit_on="holdout", bn_batches=2))
     layout = FlatLayout.from_model(model)
-    assert res["mode"] == "journal"
+    assert res.mode == "journal"
     n_blocks = len(layout.blocks(20000))
-    assert torch.tensor(res["alpha"]).shape == (4, n_blocks)
-    assert res["reduced_floats_per_step"] == 4 * n_blocks
-    # packed 4-bit P: about an eighth of fp32 (plus per-(snapshot, block) ranges)
-    assert res["p_bytes_per_rank"][0] < 4 * layout.D * 4 / 8 * 1.1
+    assert torch.tensor(res.alpha).shape == (4, n_blocks)
+    assert res.reduced_floats_per_step == 4 * n_blocks + 1
+    # packed 4-bit P: about an eighth of fp32 (plus ranges and fp32 columns at block edges)
+    assert res.p_bytes_per_rank[0] < 4 * layout.D * 4 / 8 * 1.25
     _, sd = _final_weights(url, "r20", "resnet20")
     means = [v for k, v in sd.items() if k.endswith("running_mean")]
     assert means and all(torch.isfinite(m).all() for m in means)
@@ -184,3 +185,36 @@ def test_cifar10_trained_on_2_ranks_to_s3_then_twa_on_3(s3_url, tmp_path):
         sd = st_load(f.read())
     assert any(k.endswith("running_var") for k in sd)
     assert "TWA" in proc.stdout
+
+
+def test_guard_restarts_a_diverging_fit_at_a_lower_lr(mlp_run):
+    """lr 500 blows up in the first epoch: the guard restarts from the start point at lr x 0.001,
+    result.json records both attempts, and the returned model is not worse than the start."""
+    url, _, _ = mlp_run
+    res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=2, lr=500.0, guard_lr_factor=0.001,
+                            batch_size=48))
+    first, last = res.guard["attempts"][0], res.guard["attempts"][-1]
+    assert first["outcome"] == "diverged" and ("start loss" in first["reason"] or "non-finite" in first["reason"])
+    assert last["outcome"] == "ok" and last["lr"] == pytest.approx(0.5) == res.lr_final
+    assert res.guard["retries"] == len(res.guard["attempts"]) - 1 == 1
+    assert last["guard_accuracy"] >= res.guard["start_accuracy"] - 0.003 or last["guard_loss"] <= res.guard["start_loss"]
+    on_disk = json.loads(fsspec.open(f"{url}/mlp/twa/result.json").open().read())
+    assert on_disk["guard"]["attempts"] == res.guard["attempts"] and on_disk["returned"] == "twa"
+
+
+def test_guard_gives_up_with_an_error_naming_the_lr_and_writes_nothing(mlp_run):
+    from twa_scale.twa.stage import TwaGuardError
+
+    url, _, _ = mlp_run
+    with pytest.raises(TwaGuardError, match=r"last was lr 5000\b.*No result model written"):
+        run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=1, lr=5e5, guard_retries=1, guard_lr_factor=0.01,
+                          batch_size=48))
+    assert _no_output(url, "mlp")
+
+
+def test_batch_that_does_not_divide_uses_the_largest_that_fits():
+    from twa_scale.twa.stage import effective_batch
+
+    assert effective_batch(128, 3) == (42, 126)
+    assert effective_batch(120, 3) == (40, 120)
+    assert effective_batch(2, 3) == (1, 3)

@@ -11,9 +11,9 @@ from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
 from twa_scale.twa.config import TwaConfig, parse_select, parse_twa_args
 from twa_scale.twa.solver import ShardedFlat, select_snapshots, SnapshotRef
-from twa_scale.twa.subspace import (build_basis, gram, pack_bits, quantize_rows, sequential_cholesky,
-                                    unpack_bits)
-from twa_scale.twa.testing import gram_schmidt
+from twa_scale.twa.quant import Kernels, pack_bits, pack_tiles, quantize_rows, unpack_bits, unpack_tiles
+from twa_scale.twa.subspace import build_basis, gram, sequential_cholesky
+from tests.support.twa import gram_schmidt
 
 
 def _trajectory(n=6, d=2000, seed=0):
@@ -41,9 +41,10 @@ def test_basis_equals_sequential_gram_schmidt():
     b = build_basis(x, 0, x.shape[1], BLOCKS)
     ref = gram_schmidt(x)
     assert b.k == ref.shape[0] == 6
-    assert _rel(b.dense, ref) < 1e-5
+    p = b.dequantized()
+    assert _rel(p, ref) < 1e-5
     eye = torch.eye(b.k, dtype=torch.float64)
-    assert (b.dense.double() @ b.dense.double().T - eye).abs().max() < 1e-5
+    assert (p.double() @ p.double().T - eye).abs().max() < 1e-5
 
 
 def test_projection_and_reconstruction_match_authors_dense_formulation():
@@ -78,8 +79,9 @@ def test_start_at_a_snapshot():
             # theta0 really holds the start point's coordinates: base + sum theta0[i, l] P_il = x[2]
             base = torch.zeros(x.shape[1], dtype=torch.float64) if directions == "raw" else x.double().mean(0)
             w = base.clone()
-            for p in b.pieces:
-                w[p.lo:p.hi] += b.dense[:, p.lo:p.hi].double().T @ b.theta0[:, p.coef].double()
+            p = b.dequantized().double()
+            for l, (s, e) in enumerate(BLOCKS):
+                w[s:e] += p[:, s:e].T @ b.theta0[:, l if layerwise else 0].double()
             assert _rel(w, x[2]) < 1e-5
 
 
@@ -97,7 +99,7 @@ def test_layerwise_alpha_is_exact(directions):
     g = torch.randn(x.shape[1])
     c = b.project(g)
     for l, (s, e) in enumerate(BLOCKS):
-        p = b.dense[:, s:e]
+        p = b.dequantized()[:, s:e]
         assert torch.allclose(p.norm(dim=1), torch.ones(6), atol=1e-5)
         assert torch.allclose(c[:, l], p @ g[s:e], atol=1e-4)
 
@@ -115,7 +117,7 @@ def test_nearly_dependent_snapshots_are_dropped_never_nan():
     b = build_basis(x, 0, x.shape[1], BLOCKS)
     assert b.report["dropped"] == [3]
     assert b.k == 5
-    assert torch.isfinite(b.dense).all()
+    assert torch.isfinite(b.dequantized()).all()
     g = torch.randn(x.shape[1])
     ref = gram_schmidt(x)
     assert _rel(b.reconstruct(b.theta0 + b.project(g)) - b.w_start, ref.T @ (ref @ g.double())) < 1e-5
@@ -143,22 +145,30 @@ def test_pack_unpack_roundtrip_and_size(bits):
     assert torch.equal(unpack_bits(packed, bits, 37), codes)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_tile_pack_roundtrip(bits):
+    codes = torch.randint(0, 1 << bits, (5, 3, 64 * 8 // bits), dtype=torch.uint8)
+    packed = pack_tiles(codes, bits)
+    assert packed.shape == (5, 3, 64)
+    assert torch.equal(unpack_tiles(packed, bits), codes.int())
+
+
 @pytest.mark.parametrize("layerwise", [False, True])
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_quantised_p_dequantises_within_its_bound(bits, layerwise):
     x = _trajectory()
     dense = build_basis(x, 0, x.shape[1], BLOCKS, layerwise=layerwise)
     q = build_basis(x, 0, x.shape[1], BLOCKS, bits=bits, layerwise=layerwise)
-    # packed: memory really shrinks (plus ranges, a group index, and fp32 columns at block edges)
-    d = x.shape[1]
-    assert q.nbytes <= dense.nbytes * bits / 32 + d / 2 + 4 * q.k * (16 * len(BLOCKS) + 8) + 16 * q.k * len(q.pieces)
-    err = (q.dequantized() - dense.dense).abs()
+    # packed: memory shrinks (plus ranges, a group table, and fp32 columns at block edges)
+    assert q.nbytes < dense.nbytes
+    dense_p = dense.dequantized()
+    err = (q.dequantized() - dense_p).abs()
     assert (err <= q.max_error()).all()
     # min/max quantisation: each (direction, block) range is reproduced at both ends
     deq = q.dequantized()
     for b0, b1 in BLOCKS:
-        assert torch.allclose(deq[:, b0:b1].amax(1), dense.dense[:, b0:b1].amax(1), atol=1e-6)
-        assert torch.allclose(deq[:, b0:b1].amin(1), dense.dense[:, b0:b1].amin(1), atol=1e-6)
+        assert torch.allclose(deq[:, b0:b1].amax(1), dense_p[:, b0:b1].amax(1), atol=1e-6)
+        assert torch.allclose(deq[:, b0:b1].amin(1), dense_p[:, b0:b1].amin(1), atol=1e-6)
     # the quantised basis keeps the start point exact
     assert torch.equal(q.reconstruct(q.theta0), x.double().mean(0).float())
 
@@ -193,42 +203,63 @@ def test_world_larger_than_d_is_rejected():
         ShardedFlat(layout, layout.D + 1, 0, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-@pytest.mark.parametrize("layerwise,kernel", [(False, "runs"), (False, "gather"), (True, "runs")])
-def test_quantised_products_equal_dequantised_dense(bits, layerwise, kernel, monkeypatch):
-    monkeypatch.setenv("TWA_CHUNK_COLUMNS", "96")  # several kernel chunks per slice
-    monkeypatch.setenv("TWA_GROUPED_KERNEL", kernel)  # the GPU (gather) and CPU (runs) paths
-    """project/reconstruct read packed codes directly; they must equal the dequantised P's products."""
+def test_packed_p_at_4_bits_is_an_eighth_of_fp32():
+    x = _trajectory(d=200_000)
+    blocks = [(0, 100_000), (100_000, 100_050), (100_050, 200_000)]
+    dense = build_basis(x, 0, x.shape[1], blocks)
+    q = build_basis(x, 0, x.shape[1], blocks, bits=4)
+    assert q.nbytes <= dense.nbytes / 8 * 1.1  # + the group table: 16 bytes per 128 columns, all rows
+
+
+@pytest.mark.parametrize("granularity", ["row-block", "block"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("layerwise", [False, True])
+@pytest.mark.parametrize("path", ["eager", "native"])
+def test_quantised_products_equal_dequantised_dense(bits, layerwise, path, granularity):
+    """project/reconstruct read packed codes directly; they equal the products of the dequantised P."""
     x = _trajectory()
-    q = build_basis(x, 0, x.shape[1], BLOCKS, bits=bits, max_columns=300, layerwise=layerwise)
+    q = build_basis(x, 0, x.shape[1], BLOCKS, bits=bits, max_columns=300, layerwise=layerwise,
+                    granularity=granularity, kernels=Kernels(path, 200))  # eager: several chunks per slice
     deq = q.dequantized()
+    assert (q.dequantized() - build_basis(x, 0, x.shape[1], BLOCKS, layerwise=layerwise).dequantized()).abs().le(
+        q.max_error()).all()
     g = torch.randn(x.shape[1])
     blocks = BLOCKS if layerwise else [(0, x.shape[1])]
     c = q.project(g)
-    for l, (b0, b1) in enumerate(blocks):
-        # scale*(codes.g) + lo*sum(g) cancels a little more than the dense product: fp32 rounding only
-        assert _rel(c[:, l], deq[:, b0:b1] @ g[b0:b1]) < 1e-4
+    ref_c = torch.stack([deq[:, b0:b1] @ g[b0:b1] for b0, b1 in blocks], 1)
+    # scale*(codes.g) + lo*sum(g) cancels a little more than the dense product: fp32 rounding only
+    assert _rel(c, ref_c) < 1e-5
     theta = q.theta0 + torch.randn_like(q.theta0)
     delta = (theta - q.theta0).float()
     ref = torch.cat([deq[:, b0:b1].T @ delta[:, l] for l, (b0, b1) in enumerate(blocks)])
     assert _rel(q.reconstruct(theta) - q.w_start, ref) < 1e-5
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["runs", "gather"])
-def test_compiled_packed_kernels_match_eager(kernel, monkeypatch):
-    """The torch.compile-fused kernels (used on GPU, opt-in on CPU) compute the same products."""
-    from twa_scale.twa.subspace import use_compiled_kernels
-
-    monkeypatch.setenv("TWA_GROUPED_KERNEL", kernel)
+def test_block_granularity_shares_one_range_per_block():
+    """The journal's granularity: all directions of a block share its min/max; row-block is finer."""
     x = _trajectory()
-    q = build_basis(x, 0, x.shape[1], BLOCKS, bits=4)
+    fine = build_basis(x, 0, x.shape[1], BLOCKS, bits=2)
+    coarse = build_basis(x, 0, x.shape[1], BLOCKS, bits=2, granularity="block")
+    assert coarse.report["quant_granularity"] == "block"
+    st = coarse.storage
+    assert torch.equal(st.lo, st.lo[:1].expand_as(st.lo)) and torch.equal(st.scale, st.scale[:1].expand_as(st.scale))
+    exact = build_basis(x, 0, x.shape[1], BLOCKS).dequantized()
+    assert (coarse.dequantized() - exact).abs().mean() > (fine.dequantized() - exact).abs().mean()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("path", ["native", pytest.param("compile", marks=pytest.mark.slow)])
+def test_fused_kernels_equal_eager(bits, path):
+    """The fused kernels (C on CPU, torch.compile) give the eager path's results within 1e-5 relative."""
+    x = _trajectory(d=20_000)
+    blocks = [(0, 7000), (7000, 7003), (7003, 20_000)]
+    eager = build_basis(x, 0, x.shape[1], blocks, bits=bits, kernels=Kernels("eager", 4096))
+    fused = build_basis(x, 0, x.shape[1], blocks, bits=bits, kernels=Kernels(path, 4096))
+    if path == "native":
+        from twa_scale.twa.quant import _native
+        if _native() is None:
+            pytest.skip("no C compiler: the native path falls back to eager")
     g = torch.randn(x.shape[1])
-    theta = q.theta0 + torch.randn_like(q.theta0)
-    eager_c, eager_w = q.project(g), q.reconstruct(theta)
-    use_compiled_kernels(True)
-    try:
-        assert _rel(q.project(g), eager_c) < 1e-5
-        assert _rel(q.reconstruct(theta) - q.w_start, eager_w - q.w_start) < 1e-5
-    finally:
-        use_compiled_kernels(False)
+    theta = eager.theta0 + torch.randn_like(eager.theta0)
+    assert _rel(fused.project(g), eager.project(g)) < 1e-5
+    assert _rel(fused.reconstruct(theta) - fused.w_start, eager.reconstruct(theta) - eager.w_start) < 1e-5

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "init", "is_distributed", "rank", "world_size", "local_rank", "local_world_size", "node_rank",
-    "all_reduce", "reduce_scatter", "all_gather", "broadcast_object", "barrier", "device", "destroy",
+    "all_reduce", "reduce_scatter", "all_gather", "broadcast_object", "barrier", "device", "destroy", "agree",
 ]
+
+T = TypeVar("T")
+# error kinds re-raised by name on the ranks that did not fail, so launchers report them alike
+_AGREED_ERRORS = {"ValueError": ValueError, "KeyError": KeyError, "OSError": OSError}
 
 
 def init(timeout_seconds: float = 1800.0) -> None:
@@ -136,3 +141,41 @@ def barrier() -> None:
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agree(fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` on every rank; if it raises on any rank, it raises on every rank.
+
+    Without this a rank that hits a corrupt shard (or any bad input) would raise while
+    the others block forever in the next collective. The failing rank re-raises its own
+    error; the others raise the same kind (TransientError, ValueError, KeyError, OSError,
+    else RuntimeError) naming that rank and ``what`` it was doing. Costs one all-reduce of
+    one float, plus a small broadcast on failure.
+    """
+    err: BaseException | None = None
+    out: Any = None
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+        err = e
+    if not is_distributed():
+        if err is not None:
+            raise err
+        return out
+    flag = torch.tensor([float(rank() + 1) if err is not None else 0.0], device=device())
+    all_reduce(flag, op="max")
+    bad = int(flag.item())
+    if not bad:
+        return out
+    from twa_scale.errors import is_transient
+
+    kind = ("TransientError" if err is not None and is_transient(err)
+            else next((name for name, k in _AGREED_ERRORS.items() if isinstance(err, k)), "RuntimeError"))
+    info = broadcast_object((kind, f"{type(err).__name__}: {err}") if err is not None else None, src=bad - 1)
+    if err is not None:
+        raise err
+    if info[0] == "TransientError":  # the exit status (75: restart) must not depend on the rank
+        from twa_scale.errors import TransientError as kind_cls
+    else:
+        kind_cls = _AGREED_ERRORS.get(info[0], RuntimeError)
+    raise kind_cls(f"rank {bad - 1} failed while {what}: {info[1]}")

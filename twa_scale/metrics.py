@@ -181,6 +181,8 @@ def _build_families(max_series: int) -> SimpleNamespace:
         twa_loss=gauge("twa_loss", "TWA training loss of the last step."),
         twa_accuracy=gauge("twa_accuracy_ratio", "TWA model accuracy at the last evaluation (0..1)."),
         twa_effective_rank=gauge("twa_effective_rank", "Directions kept in the TWA subspace."),
+        twa_guard_retries=counter("twa_guard_retries", "TWA attempts the guard rejected (diverged or worse than "
+                                  "the start) and restarted at a lower learning rate."),
         twa_coefficient=gauge("twa_coefficient", f"Averaging coefficient per snapshot index "
                               f"(first {max_series} only).", extra=("index",)),
         twa_coefficients_count=gauge("twa_coefficients", "Number of averaging coefficients in the solution."),
@@ -191,7 +193,8 @@ def _build_families(max_series: int) -> SimpleNamespace:
 _ROLE_COUNTERS = {
     "train": ("train_samples", "train_step_seconds", "data_bad_images", "snap_stall", "snap_upload", "snap_bytes",
               "snap_retries", "snap_failures", "snap_skipped", "snap_committed"),
-    "twa": ("data_bad_images", "twa_load_bytes", "twa_load_seconds", "twa_projection_seconds", "twa_steps"),
+    "twa": ("data_bad_images", "twa_load_bytes", "twa_load_seconds", "twa_projection_seconds", "twa_steps",
+            "twa_guard_retries"),
 }
 
 
@@ -455,6 +458,13 @@ def twa_eval(accuracy: float) -> None:
     m = _m
     if m is not None:
         m.twa_accuracy.set(accuracy)
+
+
+def twa_guard_retry(outcome: str) -> None:
+    """The guard rejected one TWA attempt (``outcome``: diverged | worse_than_start)."""
+    m = _m
+    if m is not None:
+        m.twa_guard_retries.inc()
 
 
 def twa_effective_rank(k: int) -> None:

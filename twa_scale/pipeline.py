@@ -17,7 +17,8 @@ def run_pipeline(cfg: TrainConfig) -> dict:
         overrides = {k: v for k, v in (("epochs", cfg.twa_epochs), ("lr", cfg.twa_lr)) if v is not None}
         out["twa"] = run_twa(TwaConfig(snapshot_url=cfg.snapshot_url, run_id=cfg.run_id,
                                        storage_options=cfg.storage_options,
-                                       metrics_port=cfg.metrics_port, metrics_addr=cfg.metrics_addr, **overrides))
+                                       metrics_port=cfg.metrics_port, metrics_addr=cfg.metrics_addr,
+                                       **overrides)).to_dict()
     if comm.rank() == 0:
         print(_table(out), flush=True)
     return out

@@ -67,21 +67,6 @@ class SnapshotPlan:
         return epochs_done // self.every if epochs_done % self.every == 0 else None
 
 
-def _on_rank0(fn):
-    """Run ``fn`` on rank 0 and re-raise its error on every rank (so no rank hangs in a collective)."""
-    from twa_scale.errors import TransientError, is_transient
-
-    err = None
-    if comm.rank() == 0:
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, on all ranks
-            err = (is_transient(e), f"{e}")
-    err = comm.broadcast_object(err)
-    if err:  # keep the class that decides the exit status: 75 (transient) or 2
-        raise (TransientError if err[0] else ValueError)(err[1])
-
-
 def _share_cpu_threads(device: torch.device) -> None:
     """Split the node's cores between its local ranks: torch defaults every process to all
     cores, which oversubscribes a CPU node W-fold. An explicit OMP_NUM_THREADS wins."""
@@ -123,8 +108,18 @@ def run_training(cfg: TrainConfig) -> dict:
     meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes, "image_size": data.image_size,
             "data": cfg.data, "config": cfg.to_dict()}
     # The store is checked before any training step: an unwritable URL fails here, on every rank.
-    _on_rank0(lambda: store.create_run(cfg.snapshot_url, cfg.run_id, layout, meta=meta, world_size=world,
-                                       dtype=cfg.snapshot_dtype, storage_options=cfg.storage_options))
+
+    def create_run() -> None:  # on rank 0; a failure is a one-line error on every rank
+        if comm.rank() == 0:
+            from twa_scale.errors import TransientError, is_transient
+
+            try:
+                store.create_run(cfg.snapshot_url, cfg.run_id, layout, meta=meta, world_size=world,
+                                 dtype=cfg.snapshot_dtype, storage_options=cfg.storage_options)
+            except Exception as e:  # noqa: BLE001 - keep the class that decides the exit status: 75 or 2
+                raise (TransientError if is_transient(e) else ValueError)(str(e)) from e
+
+    comm.agree(create_run, f"creating run {cfg.run_id!r} in the store")
 
     engine = build_engine(model, cfg, ds, steps_per_epoch=steps_per_epoch)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last

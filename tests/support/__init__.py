@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+
+from bench.s3server import free_port  # noqa: F401 - shared with the benchmarks
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
@@ -34,22 +35,3 @@ def require_cifar10() -> Path:
     if not (CIFAR10 / "train").is_dir():
         missing(f"CIFAR-10 at {CIFAR10}")
     return CIFAR10
-
-
-def free_port(avoid_plus: int | None = None) -> int:
-    """A free TCP port on loopback; with ``avoid_plus``, port+avoid_plus is free too
-    (SeaweedFS binds gRPC at HTTP port + 10000)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if avoid_plus is None:
-            return port
-        if port + avoid_plus < 65535 and port < 55000:
-            with socket.socket() as s2:
-                try:
-                    s2.bind(("127.0.0.1", port + avoid_plus))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port found")

@@ -96,11 +96,27 @@ class TwaConfig:
     fit_on: FitOn = "train"
     """Fit the coefficients on `train` (TWA-t) or on the `holdout` split the training excluded (TWA-v)."""
     compile: bool | None = None
-    """Fuse the packed-P unpack into the products with torch.compile (p-bits <= 8); None = on CUDA only."""
+    """Packed-P kernels (p-bits <= 8): True = torch.compile, False = eager; None = auto (a C kernel on CPU,
+    torch.compile on CUDA). The knob TWA_SCALE_P_KERNEL overrides both."""
+    guard: bool = True
+    """Never return a model worse than the start silently: on divergence in the first epoch, or a result
+    below the start on the guard split, restart at a lower lr; fail with an error when every lr fails."""
+    guard_retries: int = 3
+    """Restarts the guard may make (each at lr x guard-lr-factor)."""
+    guard_lr_factor: float = 0.25
+    """Learning-rate factor of each restart."""
+    guard_loss_factor: float = 4.0
+    """First-epoch divergence: the running mean loss exceeds this many times the start point's loss."""
+    guard_tolerance: float = 0.003
+    """Accuracy (0..1) the fitted point may lose against the start on the guard split (a fit that also
+    raises the guard loss fails beyond it)."""
+    guard_samples: int = 1024
+    """Size of the guard split carved from the training data when the run has no hold-out split."""
     rank_tol: float = 1e-5
     """Drop a snapshot whose residual after the earlier ones is below this fraction of its norm."""
     batch_size: int = 128
-    """Global batch size of the TWA steps (its own, not the training run's); see --lr."""
+    """Global batch size of the TWA steps (its own, not the training run's); see --lr. When it does not
+    divide over the ranks, the largest per-rank batch that fits is used and the effective batch reported."""
     bn_batches: int | None = None
     """Batches per rank for BatchNorm recalibration; None = one full pass over the training data."""
     eval_every: int = 1
@@ -162,11 +178,18 @@ class TwaConfig:
         if not 0 < self.rank_tol < 1:
             bad("rank-tol", f"must be in (0, 1), got {self.rank_tol}")
         for flag, v in (("block-size", self.block_size), ("bn-batches", self.bn_batches), ("limit-train", self.limit_train),
-                        ("limit-val", self.limit_val)):
+                        ("limit-val", self.limit_val), ("guard-samples", self.guard_samples)):
             if v is not None and v < 1:
                 bad(flag, f"must be >= 1, got {v}")
-        if self.eval_every < 0:
-            bad("eval-every", f"must be >= 0, got {self.eval_every}")
+        for flag, v in (("eval-every", self.eval_every), ("guard-retries", self.guard_retries)):
+            if v < 0:
+                bad(flag, f"must be >= 0, got {v}")
+        for flag, v, ok, want in (
+                ("guard-lr-factor", self.guard_lr_factor, 0 < self.guard_lr_factor < 1, "in (0, 1)"),
+                ("guard-loss-factor", self.guard_loss_factor, self.guard_loss_factor > 1, "> 1"),
+                ("guard-tolerance", self.guard_tolerance, 0 <= self.guard_tolerance < 1, "in [0, 1)")):
+            if not ok:
+                bad(flag, f"must be {want}, got {v}")
         if not 0 <= self.metrics_port < 65536:
             bad("metrics-port", f"must be in [0, 65535], got {self.metrics_port}")
         from twa_scale.store.backend import parse_storage_options

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Callable, Sequence
 
 import torch
 
-__all__ = [
-    "Reduce", "Piece", "Basis", "QuantizedRows", "identity_reduce", "gram", "sequential_cholesky",
-    "orthonormalize", "build_basis", "quantize_rows", "pack_bits", "unpack_bits", "local_pieces",
-    "use_compiled_kernels", "GroupedQuant",
-]
+from twa_scale.twa.quant import Kernels, PStorage, build_storage
+
+__all__ = ["Reduce", "Piece", "Basis", "identity_reduce", "gram", "sequential_cholesky", "orthonormalize",
+           "build_basis", "local_pieces"]
 
 Reduce = Callable[..., torch.Tensor]  # (tensor, op="sum"|"min"|"max") -> tensor, in place
 # Columns processed at once when building/applying the basis: bounds temporaries to
@@ -130,366 +128,6 @@ def _apply_small(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return q
 
 
-# --- bit packing and quantisation --------------------------------------------------------
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in [0, 2^bits) along the last dim; 8 codes -> ``bits`` bytes.
-
-    The last dimension is zero-padded to a multiple of 8 first.
-    """
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
-    *lead, d = values.shape
-    pad = (-d) % 8
-    v = values.to(torch.uint8)
-    if pad:
-        v = torch.nn.functional.pad(v, (0, pad))
-    if bits == 8:
-        return v.contiguous()
-    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
-        per = 8 // bits
-        v = v.reshape(*lead, -1, per).to(torch.int32)
-        shifts = torch.arange(per, device=v.device, dtype=torch.int32) * bits
-        return (v << shifts).sum(-1).to(torch.uint8)
-    # 3, 5, 6, 7 bits: 8 codes make a 64-bit word of which `bits` bytes are used
-    v = v.reshape(*lead, -1, 8).to(torch.int64)
-    word = (v << (torch.arange(8, device=v.device, dtype=torch.int64) * bits)).sum(-1)
-    byte_shifts = torch.arange(bits, device=v.device, dtype=torch.int64) * 8
-    return ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*lead, -1)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: uint8 codes with last dimension ``d``."""
-    *lead, nb = packed.shape
-    if bits == 8:
-        return packed[..., :d]
-    if 8 % bits == 0:
-        per = 8 // bits
-        shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
-        v = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return v.reshape(*lead, nb * per)[..., :d]
-    b = packed.reshape(*lead, -1, bits).to(torch.int64)
-    word = (b << (torch.arange(bits, device=packed.device, dtype=torch.int64) * 8)).sum(-1)
-    v = (word.unsqueeze(-1) >> (torch.arange(8, device=packed.device, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
-    return v.to(torch.uint8).reshape(*lead, -1)[..., :d]
-
-
-def _codes_dot(packed: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes @ g straight from packed bytes (bits in 1, 2, 4, 8); g padded to the packed width.
-
-    Written as one elementwise-and-reduce expression so torch.compile fuses the unpack
-    into the product: only the packed bytes travel from memory.
-    """
-    per = 8 // bits
-    gv = g.view(-1, per)
-    mask = (1 << bits) - 1
-    acc = ((packed & mask).float() * gv[:, 0]).sum(1)
-    for t in range(1, per):
-        acc = acc + (((packed >> (t * bits)) & mask).float() * gv[:, t]).sum(1)
-    return acc
-
-
-def _codes_t_dot(packed: torch.Tensor, a: torch.Tensor, bits: int) -> torch.Tensor:
-    """codesᵀ a from packed bytes: the padded-width vector (see :func:`_codes_dot`)."""
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    cols = [(((packed >> (t * bits)) & mask).float() * a[:, None]).sum(0) for t in range(per)]
-    return torch.stack(cols, 1).reshape(-1)
-
-
-EAGER_CHUNK_BYTES = 1 << 14  # per row: k x 16K float temporaries stay in cache
-
-
-def _codes_dot_eager(packed: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """Eager form of :func:`_codes_dot`: unpack one code plane of a column chunk at a time
-    and hand it to a BLAS matrix-vector product (no fused kernel without torch.compile)."""
-    per, mask = 8 // bits, (1 << bits) - 1
-    gv = g.view(-1, per)
-    acc = torch.zeros(packed.shape[0], dtype=torch.float32, device=packed.device)
-    for b0 in range(0, packed.shape[1], EAGER_CHUNK_BYTES):
-        pk = packed[:, b0:b0 + EAGER_CHUNK_BYTES]
-        for t in range(per):
-            plane = pk if bits == 8 else (pk >> (t * bits)) & mask
-            acc.addmv_(plane.float(), gv[b0:b0 + EAGER_CHUNK_BYTES, t])
-    return acc
-
-
-def _codes_t_dot_eager(packed: torch.Tensor, a: torch.Tensor, bits: int) -> torch.Tensor:
-    per, mask = 8 // bits, (1 << bits) - 1
-    out = torch.empty(packed.shape[1], per, dtype=torch.float32, device=packed.device)
-    for b0 in range(0, packed.shape[1], EAGER_CHUNK_BYTES):
-        pk = packed[:, b0:b0 + EAGER_CHUNK_BYTES]
-        for t in range(per):
-            plane = pk if bits == 8 else (pk >> (t * bits)) & mask
-            torch.mv(plane.float().T, a, out=out[b0:b0 + EAGER_CHUNK_BYTES, t])
-    return out.reshape(-1)
-
-
-_KERNELS: dict[str, Callable] = {"dot": _codes_dot_eager, "t_dot": _codes_t_dot_eager}
-
-
-def use_compiled_kernels(enabled: bool = True) -> None:
-    """Fuse unpack + product with torch.compile (Triton on GPU, C++ on CPU); costs a
-    one-off compile of ~10-30 s, worth it for runs longer than a few hundred steps."""
-    fusable = {"dot": _codes_dot, "t_dot": _codes_t_dot, "gdot": _grouped_dot, "gt_dot": _grouped_t_dot}
-    eager = {"dot": _codes_dot_eager, "t_dot": _codes_t_dot_eager, "gdot": _grouped_dot, "gt_dot": _grouped_t_dot}
-    for name, fn in fusable.items():
-        _KERNELS[name] = torch.compile(fn, dynamic=True) if enabled else eager[name]
-
-
-@dataclasses.dataclass
-class QuantizedRows:
-    """k rows of one column piece, per-row min/max uniform codes of ``bits`` bits."""
-    packed: torch.Tensor   # k x ceil(d*bits/8) uint8
-    lo: torch.Tensor       # k fp32
-    scale: torch.Tensor    # k fp32; value = lo + scale * code
-    bits: int
-    d: int
-
-    def dequantize(self) -> torch.Tensor:
-        codes = unpack_bits(self.packed, self.bits, self.d).to(self.lo.dtype)
-        return torch.addcmul(self.lo.unsqueeze(1), codes, self.scale.unsqueeze(1))
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.numel() + 8 * self.lo.numel()
-
-    @property
-    def padded(self) -> int:
-        return self.packed.shape[1] * 8 // self.bits
-
-    def dot(self, g: torch.Tensor) -> torch.Tensor:
-        """P_piece @ g = scale * (codes @ g) + lo * sum(g), without materialising P."""
-        if 8 % self.bits:
-            return self.dequantize() @ g
-        pad = self.padded - g.numel()
-        gp = torch.nn.functional.pad(g, (0, pad)) if pad else g
-        return self.scale * _KERNELS["dot"](self.packed, gp, self.bits) + self.lo * g.sum()
-
-    def t_dot(self, a: torch.Tensor) -> torch.Tensor:
-        """P_pieceᵀ a = codesᵀ (scale * a) + sum(lo * a)."""
-        if 8 % self.bits:
-            return self.dequantize().T @ a
-        return _KERNELS["t_dot"](self.packed, self.scale * a, self.bits)[: self.d] + (self.lo * a).sum()
-
-    def max_error(self) -> torch.Tensor:
-        """Per-row bound: half a quantisation step (plus fp32 rounding of the affine map)."""
-        return self.scale / 2 + 1e-6 * (self.lo.abs() + self.scale * ((1 << self.bits) - 1))
-
-
-def quantize_rows(x: torch.Tensor, bits: int, lo: torch.Tensor | None = None,
-                  hi: torch.Tensor | None = None) -> QuantizedRows:
-    """Min/max uniform quantisation of each row of ``x`` (k x d) to ``bits`` bits.
-
-    ``lo``/``hi`` default to this piece's row min/max; the caller passes the
-    per-(snapshot, block) range when a block is split over several pieces.
-    """
-    if lo is None:
-        lo = x.amin(1)
-    if hi is None:
-        hi = x.amax(1)
-    levels = (1 << bits) - 1
-    scale = (hi - lo) / levels
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round((x - lo.unsqueeze(1)) / safe.unsqueeze(1)).clamp_(0, levels)
-    return QuantizedRows(pack_bits(codes, bits), lo.float().clone(), scale.float().clone(), bits, x.shape[1])
-
-
-# --- whole-slice packed P for global coefficients ---------------------------------------------
-def _grouped_dot(pk: torch.Tensor, g8: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, pid: torch.Tensor,
-                 bits: int) -> torch.Tensor:
-    """sum over groups m of (scale[:, pid_m] * codes_m + lo[:, pid_m]) . g_m  ->  k partial sums.
-
-    ``pk`` (k x M x bits bytes) holds 8 codes per group of 8 columns; written as one
-    elementwise-and-reduce expression so torch.compile fuses unpack, dequantisation
-    and product into one pass over the packed bytes.
-    """
-    per, mask = 8 // bits, (1 << bits) - 1
-    acc = None
-    for t in range(8):
-        code = ((pk[:, :, t // per] >> ((t % per) * bits)) & mask).float()
-        term = code * g8[:, t]
-        acc = term if acc is None else acc + term
-    return (acc * scale[:, pid] + lo[:, pid] * g8.sum(1)).sum(1)
-
-
-def _grouped_t_dot(pk: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pid: torch.Tensor, w8: torch.Tensor,
-                   out8: torch.Tensor, bits: int) -> None:
-    """out8 = w8 + codesᵀ a[:, pid] + b[pid], group by group (a = scale*delta, b = sum_i lo*delta)."""
-    per, mask = 8 // bits, (1 << bits) - 1
-    coef = a[:, pid]
-    cols = [(((pk[:, :, t // per] >> ((t % per) * bits)) & mask).float() * coef).sum(0) for t in range(8)]
-    out8.copy_(w8 + torch.stack(cols, 1) + b[pid].unsqueeze(1))
-
-
-_KERNELS["gdot"] = _grouped_dot
-_KERNELS["gt_dot"] = _grouped_t_dot
-
-
-def chunk_groups(device: torch.device) -> int:
-    """Groups of 8 columns per kernel call: small enough that a chunk of g stays in cache
-    while all k rows use it, large enough that launches do not dominate."""
-    env = os.environ.get("TWA_CHUNK_COLUMNS")
-    if env:
-        return max(1, int(env) // 8)
-    return (1 << 19) if device.type == "cuda" else (1 << 15)
-
-
-@dataclasses.dataclass
-class GroupedQuant:
-    """P[:, S_r] packed as one matrix: groups of 8 columns, each group inside one layer block,
-    with that (direction, block)'s min/max range. Groups that straddle a block boundary
-    (at most one per boundary) and the <8-column tail are quantised the same way but kept
-    dequantised in a small fp32 side matrix ("mixed" columns), so the kernels see one range
-    per group."""
-    packed: torch.Tensor      # k x (M * bits) uint8
-    pid: torch.Tensor         # M int32: local block id of each group; nb = dummy (mixed group)
-    lo: torch.Tensor          # k x (nb + 1) fp32 (dummy column 0)
-    scale: torch.Tensor       # k x (nb + 1) fp32 (dummy column 0)
-    mixed_idx: torch.Tensor   # int64 columns kept in fp32
-    mixed: torch.Tensor       # k x len(mixed_idx) fp32
-    bits: int
-    d: int
-    runs: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (g0, g1, block) pure runs
-    mixed_block: torch.Tensor | None = None  # local block id of each edge column (for the error bound)
-
-    @property
-    def groups(self) -> int:
-        return self.pid.numel()
-
-    @property
-    def nbytes(self) -> int:
-        return (self.packed.numel() + self.pid.numel() * self.pid.element_size()
-                + 4 * (self.lo.numel() + self.scale.numel() + self.mixed.numel()) + 8 * self.mixed_idx.numel())
-
-    @classmethod
-    def build(cls, q: torch.Tensor, pieces: Sequence["Piece"], lo_blk: torch.Tensor, hi_blk: torch.Tensor,
-              bits: int) -> "GroupedQuant":
-        k, d = q.shape
-        dev = q.device
-        m_groups = d // 8
-        used = sorted({p.block for p in pieces})
-        local = {b: i for i, b in enumerate(used)}
-        nb, levels = len(used), (1 << bits) - 1
-        lo = torch.zeros(k, nb + 1, dtype=torch.float32, device=dev)
-        scale = torch.zeros_like(lo)
-        if nb:
-            lo[:, :nb] = lo_blk[:, used]
-            scale[:, :nb] = (hi_blk[:, used] - lo_blk[:, used]) / levels
-        col_id = torch.empty(d, dtype=torch.int64, device=dev)
-        for p in pieces:
-            col_id[p.lo:p.hi] = local[p.block]
-        first, last = col_id[: 8 * m_groups: 8], col_id[7: 8 * m_groups: 8]
-        pure = first == last
-        pid = torch.where(pure, first, torch.full_like(first, nb)).to(torch.int32)  # 0.5 byte per column
-        packed = torch.empty(k, m_groups * bits, dtype=torch.uint8, device=dev)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        step = chunk_groups(dev)
-        for g0 in range(0, m_groups, step):
-            g1 = min(g0 + step, m_groups)
-            cols = col_id[8 * g0: 8 * g1]
-            x = q[:, 8 * g0: 8 * g1]
-            codes = torch.round((x - lo[:, cols]) / safe[:, cols]).clamp_(0, levels)
-            codes.view(k, g1 - g0, 8)[:, ~pure[g0:g1]] = 0
-            packed[:, g0 * bits: g1 * bits] = pack_bits(codes, bits)
-        mixed_groups = torch.nonzero(~pure).squeeze(1)
-        mixed_idx = torch.cat([(8 * mixed_groups.unsqueeze(1) + torch.arange(8, device=dev)).reshape(-1),
-                               torch.arange(8 * m_groups, d, device=dev)])
-        runs = cls.block_runs(pid, nb, step)
-        # edge columns are quantised like all others (a code depends only on its block's range),
-        # only stored dequantised: the effective P is the same for every world size and grouping
-        cid = col_id[mixed_idx]
-        codes = torch.round((q[:, mixed_idx] - lo[:, cid]) / safe[:, cid]).clamp_(0, levels)
-        mixed = lo[:, cid] + scale[:, cid] * codes
-        return cls(packed, pid, lo, scale, mixed_idx, mixed, bits, d, runs, cid)
-
-    @staticmethod
-    def block_runs(pid: torch.Tensor, dummy: int, step: int) -> list[tuple[int, int, int]]:
-        """Maximal runs of groups of one block, cut to ``step`` groups: the per-run kernels need no gather."""
-        m = pid.numel()
-        if m == 0:
-            return []
-        edges = (torch.nonzero(pid[1:] != pid[:-1]).squeeze(1) + 1).tolist()
-        starts, stops = [0] + edges, edges + [m]
-        values = pid[torch.tensor(starts, dtype=torch.long, device=pid.device)].tolist()
-        runs = []
-        for a, b, v in zip(starts, stops, values):
-            if v != dummy:
-                runs += [(g0, min(g0 + step, b), v) for g0 in range(a, b, step)]
-        return runs
-
-    @staticmethod
-    def _use_gather_kernel(device: torch.device) -> bool:
-        """One gather kernel per chunk suits GPUs (few launches, the range table sits in cache);
-        per-run kernels suit CPUs (no gathers). TWA_GROUPED_KERNEL=gather|runs overrides."""
-        choice = os.environ.get("TWA_GROUPED_KERNEL")
-        return choice == "gather" if choice else device.type == "cuda"
-
-    def dequantize(self) -> torch.Tensor:
-        """The effective P (k x d fp32), for checks."""
-        m8 = 8 * self.groups
-        codes = unpack_bits(self.packed, self.bits, m8).float()
-        cols = self.pid.repeat_interleave(8)
-        out = torch.empty(self.packed.shape[0], self.d, dtype=torch.float32, device=self.packed.device)
-        out[:, :m8] = self.lo[:, cols] + self.scale[:, cols] * codes
-        out[:, self.mixed_idx] = self.mixed
-        return out
-
-    def max_error(self) -> torch.Tensor:
-        """Per-entry bound (k x d): half a quantisation step of its (direction, block)."""
-        m8 = 8 * self.groups
-        cols = self.pid.repeat_interleave(8)
-        out = torch.zeros(self.packed.shape[0], self.d, dtype=torch.float32, device=self.packed.device)
-        levels = (1 << self.bits) - 1
-        out[:, :m8] = self.scale[:, cols] / 2 + 1e-6 * (self.lo[:, cols].abs() + self.scale[:, cols] * levels)
-        if self.mixed_block is None:
-            out[:, self.mixed_idx] = 0
-        else:
-            mb = self.mixed_block
-            out[:, self.mixed_idx] = self.scale[:, mb] / 2 + 1e-6 * (self.lo[:, mb].abs() + self.scale[:, mb] * levels)
-        return out
-
-    def dot(self, g: torch.Tensor) -> torch.Tensor:
-        """P g (k,) in chunks of groups; only packed bytes and g are read."""
-        k = self.packed.shape[0]
-        pk = self.packed.view(k, self.groups, self.bits)
-        g8 = g[: 8 * self.groups].view(self.groups, 8)
-        out = self.mixed @ g[self.mixed_idx]
-        if not self._use_gather_kernel(g.device):
-            pk2 = self.packed
-            for g0, g1, b in self.runs:
-                gr = g[8 * g0: 8 * g1]
-                out += (self.scale[:, b] * _KERNELS["dot"](pk2[:, g0 * self.bits: g1 * self.bits], gr, self.bits)
-                        + self.lo[:, b] * gr.sum())
-            return out
-        step = chunk_groups(g.device)
-        for g0 in range(0, self.groups, step):
-            g1 = min(g0 + step, self.groups)
-            out += _KERNELS["gdot"](pk[:, g0:g1], g8[g0:g1], self.scale, self.lo, self.pid[g0:g1], self.bits)
-        return out
-
-    def reconstruct(self, w_start: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out = w_start + Pᵀ delta."""
-        k = self.packed.shape[0]
-        pk = self.packed.view(k, self.groups, self.bits)
-        a = self.scale * delta.unsqueeze(1)
-        b = (self.lo * delta.unsqueeze(1)).sum(0)
-        m8 = 8 * self.groups
-        if not self._use_gather_kernel(out.device):
-            out.copy_(w_start)  # mixed groups (codes 0) keep w_start until the fp32 fix-up below
-            for g0, g1, blk in self.runs:
-                out[8 * g0: 8 * g1] += (_KERNELS["t_dot"](self.packed[:, g0 * self.bits: g1 * self.bits],
-                                                          a[:, blk], self.bits) + b[blk])
-            out[self.mixed_idx] = w_start[self.mixed_idx] + self.mixed.T @ delta
-            return out
-        w8, o8 = w_start[:m8].view(self.groups, 8), out[:m8].view(self.groups, 8)
-        step = chunk_groups(out.device)
-        for g0 in range(0, self.groups, step):
-            g1 = min(g0 + step, self.groups)
-            _KERNELS["gt_dot"](pk[:, g0:g1], a, b, self.pid[g0:g1], w8[g0:g1], o8[g0:g1], self.bits)
-        out[self.mixed_idx] = w_start[self.mixed_idx] + self.mixed.T @ delta
-        return out
-
-
 # --- the basis a rank holds -------------------------------------------------------------------
 @dataclasses.dataclass
 class Piece:
@@ -513,44 +151,24 @@ def local_pieces(blocks: Sequence[tuple[int, int]], start: int, stop: int, layer
 
 @dataclasses.dataclass
 class Basis:
-    """P[:, S_r] in the chosen precision, and how it relates to the snapshots.
+    """P[:, S_r] and how it relates to the snapshots; how P is stored is ``storage``'s business.
 
     Weights are w = w_start + sum_{i,l} (theta - theta0)[i, l] * P_{i,l}: at theta = theta0
     the model is exactly at the start point in every precision.
     """
-    pieces: list[Piece]
     num_coef_blocks: int            # L (1 in global mode)
     k: int                          # number of directions
     M: torch.Tensor                 # L x k x n float64: P_l = M_l X_l
     theta0: torch.Tensor            # k x L float64: coordinates of the start point
     alpha_start: torch.Tensor       # n float64: w_start = sum alpha_start_i w_i
     w_start: torch.Tensor           # d_r fp32
-    dense: torch.Tensor | None      # k x d_r (fp32 or fp16) when not quantised
-    quant: list[QuantizedRows] | None
+    storage: PStorage
     bits: int
     report: dict
-    grouped: GroupedQuant | None = None   # global coefficients, packed P (1/2/4/8 bits)
-
-    # -- per-step operations ---------------------------------------------------------------
-    def _rows(self, piece_index: int, dtype: torch.dtype) -> torch.Tensor:
-        if self.quant is not None:
-            return self.quant[piece_index].dequantize()
-        p = self.pieces[piece_index]
-        return self.dense[:, p.lo:p.hi].to(dtype)
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
         """c[i, l] = sum over this slice's columns of block l of P[i, j] g[j]  (k x L)."""
-        if self.grouped is not None:
-            return self.grouped.dot(g).unsqueeze(1)
-        if self.quant is None and self.num_coef_blocks == 1 and self.dense.dtype == torch.float32:
-            return torch.mv(self.dense, g).unsqueeze(1)
-        out = torch.zeros(self.k, self.num_coef_blocks, dtype=torch.float32, device=g.device)
-        for j, p in enumerate(self.pieces):
-            if self.quant is not None:
-                out[:, p.coef] += self.quant[j].dot(g[p.lo:p.hi])
-            else:
-                out[:, p.coef] += torch.mv(self._rows(j, g.dtype), g[p.lo:p.hi])
-        return out
+        return self.storage.project(g)
 
     def reconstruct(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """w[S_r] = w_start + Pᵀ (theta - theta0) per block, written into ``out``."""
@@ -558,17 +176,7 @@ class Basis:
         delta = (theta.detach().double() - self.theta0).to(torch.float32)
         if out is None:
             out = torch.empty_like(self.w_start)
-        if self.grouped is not None:
-            return self.grouped.reconstruct(self.w_start, delta[:, 0], out)
-        if self.quant is None and self.num_coef_blocks == 1 and self.dense.dtype == torch.float32:
-            return torch.addmv(self.w_start, self.dense.T, delta[:, 0], out=out)
-        out.copy_(self.w_start)
-        for j, p in enumerate(self.pieces):
-            if self.quant is not None:
-                out[p.lo:p.hi] += self.quant[j].t_dot(delta[:, p.coef])
-            else:
-                out[p.lo:p.hi].addmv_(self._rows(j, out.dtype).T, delta[:, p.coef])
-        return out
+        return self.storage.reconstruct(self.w_start, delta, out)
 
     def alpha(self, theta: torch.Tensor) -> torch.Tensor:
         """Averaging weights A (n x L): block l of w is sum_i A[i, l] w_{i,l}.
@@ -580,33 +188,22 @@ class Basis:
 
     def dequantized(self) -> torch.Tensor:
         """The effective P[:, S_r] (k x d fp32) whatever the storage, for checks."""
-        if self.grouped is not None:
-            return self.grouped.dequantize()
-        if self.quant is not None:
-            return torch.cat([q.dequantize() for q in self.quant], 1)
-        return self.dense.float()
+        return self.storage.dequantize()
 
     def max_error(self) -> torch.Tensor:
         """Per-entry quantisation bound (k x d): |P_stored - P| <= bound."""
-        if self.grouped is not None:
-            return self.grouped.max_error()
-        if self.quant is not None:
-            return torch.cat([q.max_error().unsqueeze(1).expand(-1, q.d) for q in self.quant], 1)
-        return torch.zeros(self.k, self.w_start.numel(), device=self.w_start.device)
+        return self.storage.max_error()
 
     @property
     def nbytes(self) -> int:
-        if self.grouped is not None:
-            return self.grouped.nbytes
-        if self.quant is not None:
-            return sum(q.nbytes for q in self.quant)
-        return self.dense.numel() * self.dense.element_size()
+        return self.storage.nbytes
 
 
 def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tuple[int, int]], *,
                 directions: str = "raw", layerwise: bool = False, bits: int = 32,
                 alpha_start: torch.Tensor | None = None, reduce: Reduce = identity_reduce,
-                tol: float = 1e-5, max_columns: int = CHUNK_COLUMNS) -> Basis:
+                tol: float = 1e-5, max_columns: int = CHUNK_COLUMNS, granularity: str = "row-block",
+                kernels: Kernels | None = None) -> Basis:
     """Build this rank's P[:, S_r] from its snapshot slice ``local`` (n x d_r fp32).
 
     - global coefficients: an orthonormal basis (Cholesky-QR twice) of the raw or
@@ -675,27 +272,10 @@ def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tup
         report.update(kept=list(range(n)), dropped=[], zero_blocks=zero_blocks)
     report.update(k=k, num_coef_blocks=num_l, directions=directions, bits=bits)
 
-    dense, quant, grouped = None, None, None
-    if bits == 32:
-        dense = q
-    elif bits == 16:
-        dense = q.half()
-    else:
-        # per-(direction, block) ranges: min/max over the whole block, all ranks
-        lo = torch.full((k, len(blocks)), math.inf, dtype=torch.float32, device=dev)
-        hi = torch.full((k, len(blocks)), -math.inf, dtype=torch.float32, device=dev)
-        for p in pieces:
-            lo[:, p.block] = torch.minimum(lo[:, p.block], q[:, p.lo:p.hi].amin(1))
-            hi[:, p.block] = torch.maximum(hi[:, p.block], q[:, p.lo:p.hi].amax(1))
-        # every rank must quantise a block with the same range, so min/max are all-reduced
-        lo, hi = reduce(lo, op="min"), reduce(hi, op="max")
-        if not layerwise and 8 % bits == 0:
-            # one packed matrix for the whole slice: a few kernel calls per step, not one per layer
-            grouped = GroupedQuant.build(q, pieces, lo, hi, bits)
-        else:
-            quant = [quantize_rows(q[:, p.lo:p.hi], bits, lo[:, p.block], hi[:, p.block]) for p in pieces]
-        del q
-    return Basis(pieces=pieces, num_coef_blocks=num_l, k=k, M=m_all, theta0=theta0,
-                 alpha_start=alpha_start, w_start=w_start, dense=dense, quant=quant, bits=bits, report=report,
-                 grouped=grouped)
-
+    spans = [(p.lo, p.hi, p.block, p.coef) for p in pieces]
+    storage = build_storage(q, spans, len(blocks), bits=bits, num_coef=num_l, reduce=reduce,
+                            granularity=granularity, kernels=kernels)
+    if bits < 16:
+        report.update(quant_granularity=granularity)
+    return Basis(num_coef_blocks=num_l, k=k, M=m_all, theta0=theta0, alpha_start=alpha_start, w_start=w_start,
+                 storage=storage, bits=bits, report=report)

@@ -1,5 +1,5 @@
-"""Helpers for TWA tests and benchmarks: real snapshot trajectories, runs written
-through the store by any number of writer ranks, and gloo process groups on CPU.
+"""Helpers for TWA tests: real snapshot trajectories, runs written through the store
+by any number of writer ranks, and gloo process groups on CPU.
 
 Workers live here (an importable module) so ``torch.multiprocessing.spawn`` can
 start them whatever the test runner's import mode.
@@ -7,20 +7,15 @@ start them whatever the test runner's import mode.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 import uuid
 from typing import Any, Callable, Sequence
 
 import torch
 
+from tests.support import free_port
+
 __all__ = ["digits_config", "make_trajectory", "write_run", "run_ranks", "gram_schmidt"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def digits_config(**overrides):
@@ -123,7 +118,7 @@ def run_ranks(world: int, fn: Callable, *args, out_dir: str) -> list[dict]:
     import torch.multiprocessing as mp
 
     os.makedirs(out_dir, exist_ok=True)
-    mp.spawn(_worker, args=(world, _free_port(), fn, args, out_dir), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), fn, args, out_dir), nprocs=world, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
 
@@ -142,8 +137,8 @@ def projection_worker(rank: int, world: int, snaps: torch.Tensor, blocks: list, 
     comm.all_reduce(c)
     pg_local = basis.reconstruct(basis.theta0 + c) - basis.w_start  # Pᵀ c on this slice
     return {"c": c, "pg": _gather_slices(pg_local, d_total, world), "k": basis.k,
-            "q": torch.stack([_gather_slices(basis.dense[i].float(), d_total, world) for i in range(basis.k)])
-            if basis.dense is not None else torch.zeros(0)}
+            "q": torch.stack([_gather_slices(basis.dequantized()[i], d_total, world) for i in range(basis.k)])
+            if bits == 32 else torch.zeros(0)}
 
 
 def _gather_slices(local: torch.Tensor, d_total: int, world: int) -> torch.Tensor:
@@ -164,6 +159,6 @@ def twa_worker(rank: int, world: int, cfg_kwargs: dict) -> dict:
     from twa_scale.twa import TwaConfig, run_twa
 
     res = run_twa(TwaConfig(**cfg_kwargs))
-    return {"coefficients": torch.tensor(res["coefficients"], dtype=torch.float64),
-            "alpha": torch.tensor(res["alpha"], dtype=torch.float64),
-            "twa_accuracy": res["twa_accuracy"], "bytes_read": torch.tensor(res["bytes_read_per_rank"])}
+    return {"coefficients": torch.tensor(res.coefficients, dtype=torch.float64),
+            "alpha": torch.tensor(res.alpha, dtype=torch.float64),
+            "twa_accuracy": res.twa_accuracy, "bytes_read": torch.tensor(res.bytes_read_per_rank)}

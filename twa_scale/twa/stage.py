@@ -1,0 +1,382 @@
+"""The TWA stage driver: load a stored run, fit the coefficients under a guard, summarise.
+
+    from twa_scale.twa.stage import run_twa
+    result = run_twa(TwaConfig(snapshot_url="file:///runs", run_id="resnet20-digits-s0"))
+    print(result.twa_accuracy, result.guard["final_lr"])
+
+The guard: TWA never returns a model worse than its start without saying so. The start
+point (the SWA mean of the selection, BatchNorm recalibrated) is evaluated on the reported
+val split and on a *guard split* that the report never uses: the run's hold-out split when
+the coefficients are fitted on the training data, else a fixed subset of the training data
+(``guard_samples``). An attempt fails when its first epoch diverges (non-finite loss, or a
+running mean loss above ``guard_loss_factor`` x the start's guard loss) or when the fitted
+point ends below the start's guard accuracy by more than ``guard_tolerance`` with a higher
+guard loss too. A failed attempt
+restarts from the start point at lr x ``guard_lr_factor``, at most ``guard_retries`` times,
+each logged and counted in ``twa_guard_retries_total``. When every attempt fails, the stage
+raises a one-line error naming the learning rates, and writes nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from twa_scale import comm
+from twa_scale.errors import ConfigError
+from twa_scale.layout import FlatLayout
+from twa_scale.twa.bn import has_batchnorm, recalibrate_bn
+from twa_scale.twa.config import TwaConfig
+from twa_scale.twa.quant import resolve_kernels
+from twa_scale.twa.solver import (Attempt, CoefficientLoop, ShardedFlat, SliceLoader, SnapshotRef, load_slices,
+                                  select_snapshots)
+from twa_scale.twa.subspace import Basis, build_basis
+
+__all__ = ["TwaInputs", "TwaResult", "TwaGuardError", "load_inputs", "effective_batch", "guard_split", "solve",
+           "run_twa"]
+
+log = logging.getLogger(__name__)
+
+
+class TwaGuardError(ConfigError):
+    """Every attempt diverged or ended worse than the start point (exit 2: rerunning cannot help)."""
+
+
+def _metrics():
+    from twa_scale import metrics
+    return metrics
+
+
+# --- load ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TwaInputs:
+    """A stored run, checked: its reader, a model of its layout, the selection and its data."""
+    reader: Any
+    model: nn.Module
+    layout: FlatLayout
+    refs: list[SnapshotRef]
+    train_cfg: Any
+    data: Any
+
+
+def load_inputs(cfg: TwaConfig) -> TwaInputs:
+    """Open the run and validate it before any TWA work (same checks on every rank)."""
+    from twa_scale import store
+    from twa_scale.config import TrainConfig
+    from twa_scale.data import build_data
+    from twa_scale.models import build_model
+
+    reader = store.open_run(cfg.snapshot_url, cfg.run_id, storage_options=cfg.storage_options)
+    meta = reader.manifest.meta
+    for key in ("model", "num_classes"):
+        if key not in meta:
+            raise ValueError(f"run {cfg.snapshot_url.rstrip('/')}/{cfg.run_id}: manifest meta has no {key!r}; "
+                             "it was not written by launch/train.py")
+    torch.manual_seed(cfg.seed)
+    model = build_model(meta["model"], int(meta["num_classes"])).to(comm.device())
+    layout = FlatLayout.from_model(model)
+    reader.layout.check_matches(layout, what=f"model {meta['model']!r} with {meta['num_classes']} classes")
+    refs = select_snapshots(reader.snapshots(), cfg.select)
+    train_cfg = TrainConfig.from_dict(meta.get("config") or {})
+    for name in ("data", "limit_train", "limit_val"):
+        if getattr(cfg, name) is not None:
+            setattr(train_cfg, name, getattr(cfg, name))
+    data = build_data(train_cfg)
+    if data.num_classes != int(meta["num_classes"]) or (meta.get("classes") and data.classes
+                                                        and list(meta["classes"]) != list(data.classes)):
+        raise ConfigError(f"--data {train_cfg.data}: its {data.num_classes} classes do not match the "
+                          f"{meta['num_classes']} classes the run's model {meta['model']!r} was trained on")
+    return TwaInputs(reader, model, layout, refs, train_cfg, data)
+
+
+def effective_batch(requested: int, world: int) -> tuple[int, int]:
+    """(per-rank batch, effective global batch): the largest per-rank batch whose total fits
+    in ``requested`` (at least 1 per rank). Any world size works; the caller reports the total."""
+    per_rank = max(1, requested // world)
+    return per_rank, per_rank * world
+
+
+def guard_split(data, cfg: TwaConfig) -> tuple[Any, str]:
+    """The split the guard evaluates on, never the reported val split."""
+    if data.holdout is not None and len(data.holdout) and cfg.fit_on == "train":
+        return data.holdout, f"holdout ({len(data.holdout)} samples)"
+    base = getattr(data, "train_eval", None) or data.train
+    n = min(cfg.guard_samples, len(base))
+    idx = torch.randperm(len(base), generator=torch.Generator().manual_seed(cfg.seed + 7919))[:n].sort().values
+    return torch.utils.data.Subset(base, idx.tolist()), f"train subset ({n} samples)"
+
+
+# --- result -------------------------------------------------------------------------------------
+@dataclasses.dataclass(kw_only=True)
+class TwaResult:
+    """What a TWA stage returns and writes as result.json (identical on every rank)."""
+    mode: str
+    world_size: int
+    snapshots: list[dict]
+    start: Any
+    hyperparameters: dict
+    global_batch: int
+    """The requested global batch."""
+    effective_global_batch: int
+    """per_rank_batch x world_size: the largest that fits in global_batch."""
+    per_rank_batch: int
+    steps: int
+    basis: dict
+    effective_rank: int
+    coefficients: list
+    alpha: list
+    alpha_exact: bool
+    alpha_sum: list
+    epochs: list[dict]
+    start_accuracy: float
+    start_loss: float
+    swa_accuracy: float | None
+    twa_accuracy: float
+    twa_loss: float
+    returned: str
+    """Which point the model file holds: `twa` (the fitted point) or `start` (--epochs 0)."""
+    lr_final: float
+    guard: dict
+    """The guard's split, the start's guard accuracy/loss, and every attempt (lr, outcome, reason)."""
+    p_kernels: str
+    timings: dict
+    bytes_read_per_rank: list[int]
+    p_bytes_per_rank: list[int]
+    reduced_floats_per_step: int
+    run_id: str | None = None
+    snapshot_url: str | None = None
+    model: str | None = None
+    output: str | None = None
+    outputs: dict | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+# --- fit --------------------------------------------------------------------------------------
+def _fit(cfg: TwaConfig, loop: CoefficientLoop, start_guard: dict,
+         eval_point: Callable[[str], tuple[dict, dict]]) -> tuple[Attempt, nn.Parameter, dict, list[Attempt]]:
+    """Attempts at lr, lr*f, lr*f^2 ... until one passes the guard; returns (attempt, theta, val eval, all)."""
+    ref = start_guard["loss"] if cfg.guard else None
+    if ref is not None and not math.isfinite(ref):
+        raise ValueError(f"the start point's loss on the guard split is {ref}: the selected snapshots are broken")
+    attempts: list[Attempt] = []
+    lr = cfg.lr
+    for i in range(cfg.guard_retries + 1 if cfg.guard else 1):
+        att, theta = loop.run(lr, ref_loss=ref)
+        attempts.append(att)
+        if att.outcome != "diverged":
+            val, gev = eval_point("twa")
+            att.guard_accuracy, att.guard_loss = gev["accuracy"], gev["loss"]
+            if not cfg.guard:
+                att.outcome = "unchecked"
+                return att, theta, val, attempts
+            floor = start_guard["accuracy"] - cfg.guard_tolerance
+            # worse = less accurate beyond the tolerance *and* a higher loss: one sample of a small
+            # guard split can cost more than the tolerance, a real regression costs both
+            if math.isfinite(gev["loss"]) and (gev["accuracy"] >= floor or gev["loss"] <= start_guard["loss"]):
+                return att, theta, val, attempts
+            att.outcome = "worse_than_start"
+            att.reason = (f"guard accuracy {gev['accuracy']:.4f} < start {start_guard['accuracy']:.4f} - "
+                          f"{cfg.guard_tolerance:g} and guard loss {gev['loss']:.4g} > start {start_guard['loss']:.4g}"
+                          if math.isfinite(gev["loss"]) else "non-finite guard loss")
+        _metrics().twa_guard_retry(att.outcome)
+        last = i == cfg.guard_retries
+        msg = (f"TWA guard: lr {lr:g} {att.outcome.replace('_', ' ')} ({att.reason}); "
+               + ("no retries left" if last else f"restarting from the start point at lr {lr * cfg.guard_lr_factor:g}"))
+        log.warning(msg)
+        if comm.rank() == 0:
+            print(msg, flush=True)
+        lr *= cfg.guard_lr_factor
+    tried = ", ".join(f"{a.lr:g} ({a.outcome.replace('_', ' ')})" for a in attempts)
+    raise TwaGuardError(f"TWA failed at every learning rate tried: {tried}; the last was lr "
+                        f"{attempts[-1].lr:g}. No result model written. Try a smaller --lr, or --select fewer "
+                        "early snapshots")
+
+
+# --- the stage on a built model -----------------------------------------------------------------
+def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequence[SnapshotRef],
+          load: SliceLoader, fit_data, val_data, bn_data, guard_data=None, guard_name: str = "",
+          per_rank_batch: int, device: torch.device | None = None, make_loader: Callable[..., Any] | None = None,
+          evaluate: Callable[..., dict] | None = None) -> tuple[TwaResult, Basis]:
+    """Load the slices, build the basis, fit under the guard, summarise: (result, basis).
+
+    ``load`` reads snapshot slices, so tests can drive this without a store. The model ends
+    at the returned weights with recalibrated BatchNorm. ``guard_data`` None: the guard
+    evaluates on ``fit_data``.
+    """
+    if make_loader is None:
+        from twa_scale.data import make_loader
+    if evaluate is None:
+        from twa_scale.evaluation import evaluate
+    device = device or comm.device()
+    rank, world = comm.rank(), comm.world_size()
+    timings: dict[str, float] = {}
+    t_total = time.perf_counter()
+
+    n = len(refs)
+    if n < 2:
+        raise ValueError(f"--select {cfg.select or '1:'}: TWA needs at least 2 snapshots, selected {n} "
+                         f"({[r.seq for r in refs]})")
+    seqs = [r.seq for r in refs]
+    alpha_start = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    if cfg.start is not None:
+        if cfg.start not in seqs:
+            raise ValueError(f"--start {cfg.start}: not among the selected snapshots {seqs}")
+        alpha_start = torch.zeros(n, dtype=torch.float64)
+        alpha_start[seqs.index(cfg.start)] = 1.0
+    params = layout.trainable(model)
+    flat = ShardedFlat(layout, world, rank, device)  # world > D fails here, identically on every rank
+
+    # --- load: only columns S_r of each snapshot, then the basis --------------------------------
+    x, bytes_read, timings["load_seconds"] = comm.agree(
+        lambda: load_slices(refs, load, flat.start, flat.stop, device), "reading snapshot slices")
+    t0 = time.perf_counter()
+    kernels = resolve_kernels(device, cfg.compile)
+    basis = build_basis(x, flat.start, flat.stop, layout.blocks(cfg.block_size), directions=cfg.directions,
+                        layerwise=cfg.coefficients == "layerwise", bits=cfg.p_bits, alpha_start=alpha_start,
+                        reduce=comm.all_reduce, tol=cfg.rank_tol, granularity=cfg.quant_granularity,
+                        kernels=kernels)
+    del x
+    timings["basis_seconds"] = time.perf_counter() - t0
+    _metrics().twa_effective_rank(basis.k)
+    if basis.report.get("dropped"):
+        msg = (f"TWA basis: dropped {len(basis.report['dropped'])} nearly dependent direction(s) "
+               f"(seq {[seqs[i] for i in basis.report['dropped']]}); effective rank {basis.k} of {n}")
+        log.warning(msg)
+        if rank == 0:
+            print(msg, flush=True)
+
+    workers = cfg.num_workers
+    val_loader = make_loader(val_data, batch_size=per_rank_batch, train=False, num_workers=workers)
+    guard_data = fit_data if guard_data is None else guard_data
+    guard_loader = make_loader(guard_data, batch_size=per_rank_batch, train=False, num_workers=workers)
+
+    def timed(key: str, fn):
+        t = time.perf_counter()
+        out = fn()
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+        return out
+
+    def eval_val(tag: str) -> dict:
+        return timed("eval_seconds", lambda: evaluate(model, val_loader, device, desc=tag))
+
+    def eval_point(tag: str) -> tuple[dict, dict]:
+        """BatchNorm recalibrated at the current weights, then the val and guard splits."""
+        if has_batchnorm(model):
+            bn_loader = make_loader(bn_data, batch_size=per_rank_batch, train=True, seed=cfg.seed, epoch=10_000,
+                                    num_workers=workers)
+            timed("bn_seconds", lambda: recalibrate_bn(model, bn_loader, device, max_batches=cfg.bn_batches))
+        ev = eval_val(tag)
+        _metrics().twa_eval(ev["accuracy"])
+        gev = timed("eval_seconds", lambda: evaluate(model, guard_loader, device, desc=f"{tag} (guard)"))
+        return ev, gev
+
+    steps_per_epoch = len(make_loader(fit_data, batch_size=per_rank_batch, train=True, seed=cfg.seed, epoch=0))
+    if cfg.epochs and steps_per_epoch == 0:
+        raise ValueError(f"--batch-size: the {cfg.fit_on} split has {len(fit_data)} samples, fewer than one "
+                         f"global batch of {per_rank_batch * world}")
+    loop = CoefficientLoop(cfg=cfg, basis=basis, flat=flat, model=model, params=params,
+                           loader=lambda epoch: make_loader(fit_data, batch_size=per_rank_batch, train=True,
+                                                            seed=cfg.seed, epoch=epoch, num_workers=workers),
+                           steps_per_epoch=steps_per_epoch, device=device, evaluate_val=eval_val, timings=timings)
+
+    # --- the start point is evaluated in every case ----------------------------------------------
+    theta = loop.restart()
+    start_eval, start_guard = eval_point("start")
+    _metrics().twa_coefficients(basis.alpha(theta).flatten().tolist())
+
+    # --- fit ------------------------------------------------------------------------------------------
+    attempts: list[Attempt] = []
+    if cfg.epochs:
+        chosen, theta, final_eval, attempts = _fit(cfg, loop, start_guard, eval_point)
+        history, lr_final, returned = chosen.epochs, chosen.lr, "twa"
+        if history:
+            history[-1].update(val_loss=final_eval["loss"], val_accuracy=final_eval["accuracy"])
+    else:
+        final_eval, history, lr_final, returned = start_eval, [], cfg.lr, "start"
+
+    # --- summarise --------------------------------------------------------------------------------
+    steps = int(timings.pop("steps", 0))
+    timings["projection_ms_per_step"] = 1e3 * timings.pop("projection_seconds", 0.0) / max(steps, 1)
+    timings["total_seconds"] = time.perf_counter() - t_total
+    per_rank = torch.zeros(world * 2, dtype=torch.float64, device=device)
+    comm.all_gather(per_rank, torch.tensor([float(bytes_read), float(basis.nbytes)], dtype=torch.float64,
+                                           device=device))
+    alpha = basis.alpha(theta)
+    layerwise = basis.num_coef_blocks > 1 or cfg.coefficients == "layerwise"
+    report = dict(basis.report)
+    report["kept"] = [seqs[i] for i in report.get("kept", [])] if not layerwise else seqs
+    report["dropped"] = [seqs[i] for i in report.get("dropped", [])]
+    coef = theta.detach().double()
+    result = TwaResult(
+        mode=cfg.mode, world_size=world, snapshots=[dataclasses.asdict(r) for r in refs],
+        start="swa" if cfg.start is None else cfg.start,
+        hyperparameters={k: v for k, v in cfg.to_dict().items()
+                         if k not in ("snapshot_url", "run_id", "output", "metrics_port", "metrics_addr")},
+        global_batch=cfg.batch_size or per_rank_batch * world, effective_global_batch=per_rank_batch * world,
+        per_rank_batch=per_rank_batch, steps=steps, basis=report, effective_rank=basis.k,
+        coefficients=coef.squeeze(1).tolist() if not layerwise else coef.tolist(),
+        alpha=alpha.squeeze(1).tolist() if not layerwise else alpha.tolist(),
+        alpha_exact=cfg.p_bits == 32, alpha_sum=alpha.sum(0).tolist(), epochs=history,
+        start_accuracy=start_eval["accuracy"], start_loss=start_eval["loss"],
+        swa_accuracy=start_eval["accuracy"] if cfg.start is None else None,
+        twa_accuracy=final_eval["accuracy"], twa_loss=final_eval["loss"], returned=returned, lr_final=lr_final,
+        guard={"enabled": cfg.guard, "split": guard_name or "fit split", "start_accuracy": start_guard["accuracy"],
+               "start_loss": start_guard["loss"], "retries": max(len(attempts) - 1, 0),
+               "attempts": [a.to_dict() for a in attempts]},
+        p_kernels=kernels.path if cfg.p_bits <= 8 else "dense", timings=timings,
+        bytes_read_per_rank=[int(v) for v in per_rank[0::2].tolist()],
+        p_bytes_per_rank=[int(v) for v in per_rank[1::2].tolist()],
+        reduced_floats_per_step=basis.k * basis.num_coef_blocks + 1,
+    )
+    return result, basis
+
+
+def run_twa(cfg: TwaConfig) -> TwaResult:
+    """Run the TWA stage on every rank of the job; returns the result (same on every rank).
+
+    Rank 0 writes model.safetensors, coefficients.png and, last, result.json under
+    ``cfg.output_url``; nothing is written when an input check or the guard fails.
+    """
+    from twa_scale import metrics, report
+
+    comm.init()
+    metrics.setup(run_id=cfg.run_id, role="twa", port=cfg.metrics_port, addr=cfg.metrics_addr)
+    inp = load_inputs(cfg)
+    world = comm.world_size()
+    requested = cfg.batch_size
+    per_rank, total = effective_batch(requested, world)
+    if total != requested and comm.rank() == 0:
+        print(f"TWA batch: {requested} does not divide over {world} ranks; using {per_rank} per rank "
+              f"(effective global batch {total})", flush=True)
+    if cfg.fit_on == "holdout" and not inp.data.holdout:
+        raise ValueError("--fit-on holdout: the run has no held-out split; train it with --holdout-fraction > 0")
+    fit = inp.data.train if cfg.fit_on == "train" else inp.data.holdout
+    guard_data, guard_name = guard_split(inp.data, cfg)
+    result, _ = solve(cfg, model=inp.model, layout=inp.layout, refs=inp.refs, load=inp.reader.read, fit_data=fit,
+                      val_data=inp.data.val, bn_data=inp.data.train, guard_data=guard_data, guard_name=guard_name,
+                      per_rank_batch=per_rank)
+    result.global_batch = requested
+    result.run_id, result.snapshot_url, result.output = cfg.run_id, cfg.snapshot_url, cfg.output_url
+    result.model = inp.reader.manifest.meta["model"]
+    state = inp.model.state_dict()
+
+    def write():
+        if comm.rank() == 0:
+            out = result.to_dict()
+            result.outputs = report.write_outputs(out, state, cfg.output_url, plot=cfg.plot,
+                                                  storage_options=cfg.storage_options)
+            print(report.format_table(out), flush=True)
+
+    comm.agree(write, f"writing the TWA result to {cfg.output_url}")
+    return result
