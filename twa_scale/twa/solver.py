@@ -165,8 +165,9 @@ class CoefficientLoop:
         return theta
 
     def run(self, lr: float, *, ref_loss: float | None) -> tuple[Attempt, nn.Parameter]:
-        """Fit at ``lr``. With ``ref_loss``, stop early as ``diverged`` when the first epoch's
-        running mean loss is non-finite or above guard_loss_factor x ref_loss."""
+        """Fit at ``lr``. With ``ref_loss`` (the start point's loss), stop early as ``diverged`` when a
+        first-epoch loss is non-finite or the running mean is above guard_loss_factor x the reference
+        (the larger of ``ref_loss`` and the first batch's loss, which is still at the start point)."""
         cfg, world = self.cfg, comm.world_size()
         att = Attempt(lr=lr)
         theta = self.restart()
@@ -201,6 +202,9 @@ class CoefficientLoop:
                 _metrics().twa_projection(dt)
                 step_loss = buf[-1].item() / world
                 if ref_loss is not None and epoch == 0:
+                    if run_n == 0 and math.isfinite(step_loss):
+                        # the first batch is still at the start point, in train mode (batch statistics)
+                        ref_loss = max(ref_loss, step_loss)
                     run_loss, run_n = run_loss + step_loss, run_n + 1
                     mean = run_loss / run_n
                     if not math.isfinite(step_loss) or (run_n >= min(3, self.steps_per_epoch)
