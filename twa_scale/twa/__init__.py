@@ -8,7 +8,7 @@ Modules: ``subspace`` (basis maths), ``quant`` (how P is stored and multiplied),
 """
 from __future__ import annotations
 
-from twa_scale.twa.config import TwaConfig, build_twa_parser, parse_twa_args
+from twa_scale.twa.config import TwaConfig, parse_twa_args
 from twa_scale.twa.stage import TwaResult, run_twa
 
-__all__ = ["TwaConfig", "TwaResult", "run_twa", "parse_twa_args", "build_twa_parser"]
+__all__ = ["TwaConfig", "TwaResult", "run_twa", "parse_twa_args"]
