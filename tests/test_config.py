@@ -214,7 +214,8 @@ def test_other_schedules_and_warmup_are_shared_by_both_stages():
     c = [lr_factor(s, schedule="cosine", warmup_steps=10, **kw) for s in range(200)]
     assert c[0] == pytest.approx(0.1) and c[9] == 1.0 and c[10] == 1.0 and c[-1] < 0.001
     assert all(a >= b for a, b in zip(c[10:], c[11:]))
-    assert lr_factor(100, schedule="linear", **kw) == pytest.approx(0.5) and lr_factor(5, schedule="constant", **kw) == 1
+    assert lr_factor(100, schedule="linear", **kw) == pytest.approx(0.5)
+    assert lr_factor(5, schedule="constant", **kw) == 1
     # warm-up, then the milestones stay at absolute epochs
     assert [lr_factor(s, schedule="step", warmup_steps=50, **kw) for s in (0, 49, 50, 99, 100)] == \
         [pytest.approx(0.02), 1.0, 1.0, 1.0, pytest.approx(0.1)]
@@ -258,3 +259,26 @@ def test_ci_runs_the_readme_test_command():
     block = re.search(r"<!-- ci:test-command -->\s*```bash\n(.*?)\n```", (root / "README.md").read_text(), re.S)
     assert block, "README.md lost its ci:test-command block"
     assert block.group(1).strip() in (root / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_lists_every_knob_and_only_knobs_reads_the_environment():
+    """Every TWA_SCALE_* variable is declared once in knobs.py and listed in the README; no other module
+    reads a TWA_* variable itself."""
+    import re
+    from pathlib import Path
+
+    from twa_scale import knobs
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("### Environment variables"):]
+    section = section[:section.index("\n### ")]
+    listed = set(re.findall(r"^\| `(TWA_SCALE_[A-Z0-9_]+)`", section, re.M))
+    source = (root / "twa_scale" / "knobs.py").read_text()
+    declared = set(knobs.KNOBS) | {n for n in re.findall(r'"(TWA_SCALE_[A-Z0-9_]+)"', source) if not n.endswith("_")}
+    assert listed == declared, (f"README lacks {sorted(declared - listed)}; "
+                                f"README has undeclared {sorted(listed - declared)}")
+    reads = re.compile(r"""(?:environ\.get|getenv|environ\[|env_int|env_float)\(?\s*["']TWA""")
+    offenders = [str(p.relative_to(root)) for p in (root / "twa_scale").rglob("*.py")
+                 if p.name != "knobs.py" and reads.search(p.read_text())]
+    assert not offenders, f"read TWA_* environment variables outside knobs.py: {offenders}"

@@ -8,6 +8,8 @@ from torch import nn
 from twa_scale.layout import FlatLayout, balanced_slices
 from twa_scale.models import build_model
 
+pytestmark = pytest.mark.unit
+
 
 def _net():
     torch.manual_seed(0)

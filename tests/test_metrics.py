@@ -91,8 +91,8 @@ def test_one_exporter_aggregates_local_ranks(tmp_path):
         print("ready", flush=True)
         sys.stdin.readline()   # hold until the test has scraped
     """
-    env = {"TWA_METRICS_DIR": str(tmp_path / "prom"), "TWA_METRICS_LINGER_SECONDS": "0"}
-    procs = [_spawn(worker, {**env, "RANK": str(r), "LOCAL_RANK": str(r), "TWA_NODE_NAME": "n0"}) for r in (0, 1)]
+    env = {"TWA_SCALE_METRICS_DIR": str(tmp_path / "prom"), "TWA_SCALE_METRICS_LINGER_SECONDS": "0"}
+    procs = [_spawn(worker, {**env, "RANK": str(r), "LOCAL_RANK": str(r), "TWA_SCALE_NODE_NAME": "n0"}) for r in (0, 1)]
     try:
         for p in procs:
             assert p.stdout.readline().strip() == "ready", p.stderr.read()
@@ -146,7 +146,7 @@ def test_coefficients_are_bounded_and_role_switch_keeps_exporter():
         metrics.twa_coefficients(torch.full((5, 4), 0.05))   # n x L layer-wise: 20 values
         metrics.twa_step(0.3); metrics.twa_eval(0.9); metrics.twa_effective_rank(5)
         print(urllib.request.urlopen("http://127.0.0.1:{port}/metrics").read().decode())
-    """, env={"LOCAL_RANK": "0", "RANK": "0", "TWA_METRICS_LINGER_SECONDS": "0"})
+    """, env={"LOCAL_RANK": "0", "RANK": "0", "TWA_SCALE_METRICS_LINGER_SECONDS": "0"})
     assert r.returncode == 0, r.stderr
     coef = _samples(r.stdout, "twa_scale_twa_coefficient")
     assert len(coef) == 8 and all('role="twa"' in ln for ln in coef), coef
@@ -164,7 +164,7 @@ def test_exporter_lingers_for_one_scrape_after_exit():
         print("ready", flush=True)
         sys.stdin.readline()
         metrics.train_epoch(2, 0.75, 0.5)   # final value, written just before exit
-    """, {"LOCAL_RANK": "0", "RANK": "0", "TWA_METRICS_LINGER_SECONDS": "20"})
+    """, {"LOCAL_RANK": "0", "RANK": "0", "TWA_SCALE_METRICS_LINGER_SECONDS": "20"})
     try:
         assert p.stdout.readline().strip() == "ready", p.stderr.read()
         assert _samples(_scrape(port), "twa_scale_train_epoch")[0].endswith(" 1.0")
@@ -185,7 +185,7 @@ def test_exporter_does_not_linger_without_a_scraper():
     r = _run(f"""
         metrics.setup(run_id="nolinger", role="train", port={port}, addr="127.0.0.1")
         metrics.train_epoch(1, 0.25, 1.0)
-    """, env={"LOCAL_RANK": "0", "RANK": "0", "TWA_METRICS_LINGER_SECONDS": "30"})
+    """, env={"LOCAL_RANK": "0", "RANK": "0", "TWA_SCALE_METRICS_LINGER_SECONDS": "30"})
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - t0 < 20
 
@@ -204,8 +204,8 @@ def test_exposition_passes_promtool(tmp_path):
         metrics.twa_load(0.1, 100); metrics.twa_projection(0.001); metrics.twa_step(0.5)
         metrics.twa_eval(0.9); metrics.twa_effective_rank(5); metrics.twa_coefficients([0.2, 0.8])
         print(urllib.request.urlopen("http://127.0.0.1:{port}/metrics").read().decode())
-    """, env={"LOCAL_RANK": "0", "RANK": "0", "TWA_METRICS_LINGER_SECONDS": "0",
-              "TWA_METRICS_DIR": str(tmp_path / "prom")})
+    """, env={"LOCAL_RANK": "0", "RANK": "0", "TWA_SCALE_METRICS_LINGER_SECONDS": "0",
+              "TWA_SCALE_METRICS_DIR": str(tmp_path / "prom")})
     assert r.returncode == 0, r.stderr
     lint = subprocess.run([promtool, "check", "metrics"], input=r.stdout, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr

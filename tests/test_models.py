@@ -4,6 +4,8 @@ import torch
 
 from twa_scale.models import CIFAR_MODELS, build_model, model_names
 
+pytestmark = pytest.mark.unit
+
 # Parameter counts published for these architectures (CIFAR-10 heads).
 EXPECTED_PARAMS = {"resnet20": 0.27e6, "resnet56": 0.85e6, "preresnet164": 1.70e6, "wrn28_10": 36.5e6,
                    "cifar_vgg16_bn": 15.0e6}

@@ -6,7 +6,7 @@
 
 Prometheus scrapes every second. The run ends quickly, so the exporter (local rank 0)
 stays up after the run until one more scrape has read the final values
-(TWA_METRICS_LINGER_SECONDS caps the wait). The dashboard's queries are then run through
+(TWA_SCALE_METRICS_LINGER_SECONDS caps the wait). The dashboard's queries are then run through
 `/api/v1/query_range` over the run's time window, the way Grafana draws its panels, with
 `$run_id` set to this run and `$__rate_interval` to 5 s (Grafana's rule: 4 x scrape interval,
 rounded up). `promtool check metrics` lints the run's own exposition, rebuilt from the
@@ -53,7 +53,7 @@ def scraped_run(tmp_path_factory):
                "--snapshot-url", f"file://{tmp}/snap", "--run-id", RUN_ID, "--checkpoint-dir", str(tmp / "ckpt"),
                "--metrics-port", str(port), "--metrics-addr", "127.0.0.1"]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env=env(TWA_METRICS_DIR=str(mpdir), TWA_METRICS_LINGER_SECONDS="15"))
+                              env=env(TWA_SCALE_METRICS_DIR=str(mpdir), TWA_SCALE_METRICS_LINGER_SECONDS="15"))
         end = time.time()
         assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         yield prom, start, end, mpdir, tmp / "snap" / RUN_ID

@@ -115,7 +115,8 @@ def test_too_many_snapshots_per_epoch_is_a_one_line_error(tmp_path):
                   "--batch-size", "128", "--checkpoint-dir", str(tmp_path / "c")], check=False)
     assert proc.returncode != 0
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "--snapshots-per-epoch 50: larger than the 11 optimizer steps" in err[0], proc.stderr[-2000:]
+    assert len(err) == 1, proc.stderr[-2000:]
+    assert "--snapshots-per-epoch 50: larger than the 11 optimizer steps" in err[0], proc.stderr[-2000:]
 
 
 @pytest.mark.multirank

@@ -246,7 +246,8 @@ def test_unreachable_endpoint_fails_before_training(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        with pytest.raises(OSError, match=r"s3://twa-test/x is not reachable \(endpoint http://127.0.0.1:\d+, bucket twa-test\)"):
+        with pytest.raises(OSError, match=r"s3://twa-test/x is not reachable "
+                                          r"\(endpoint http://127.0.0.1:\d+, bucket twa-test\)"):
             store.create_run("s3://twa-test/x", "run1", FlatLayout.from_model(_model()), meta={}, world_size=1)
     finally:
         s3fs.S3FileSystem.clear_instance_cache()

@@ -131,7 +131,8 @@ def test_upload_gives_up_after_bounded_retries_and_training_continues(fresh_s3, 
         while s.stats["failed"] == 0 and time.monotonic() < deadline:
             time.sleep(0.2)
     assert s.stats["failed"] == 1 and s.stats["retries"] >= 1
-    assert "snapshot seq 0 FAILED" in caplog.text and "s3://twa-retry/x/run1/snapshots/00000000/shard-00000-of-00001." in caplog.text
+    assert "snapshot seq 0 FAILED" in caplog.text
+    assert "s3://twa-retry/x/run1/snapshots/00000000/shard-00000-of-00001." in caplog.text
     fresh_s3.start()
     s.snapshot(1, 1, 1, params)
     summary = s.close()

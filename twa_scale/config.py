@@ -358,7 +358,8 @@ def dump_config(cfg: Any, *, stage: str, preset: str | None = None) -> str:
     d = cfg.to_dict()  # redacts what must never be printed (storage_options may hold credentials)
     for key in [k for k, v in d.items() if v == "<redacted>"]:
         del d[key]
-        head += f"# {key}: omitted (it may hold credentials); set it with --{key.replace('_', '-')} or the environment\n"
+        flag = "--" + key.replace("_", "-")
+        head += f"# {key}: omitted (it may hold credentials); set it with {flag} or the environment\n"
     return head + yaml.safe_dump(d, sort_keys=False)
 
 

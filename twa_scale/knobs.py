@@ -1,18 +1,35 @@
-"""Tunables read from the environment, so a Kubernetes manifest can set them without new flags.
+"""Every environment variable twa_scale reads, declared once, under the one prefix ``TWA_SCALE_``.
 
-A malformed value fails with an error that names the variable.
+Tunables a Kubernetes manifest sets without new flags. A malformed value fails with an error that
+names the variable. The README's "Environment variables" table lists every variable declared here
+(tests/test_config.py keeps the two in step). Besides these the code reads only variables other
+tools define: the launcher's RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR, AWS_* for S3, and
+OMP_NUM_THREADS / PROMETHEUS_MULTIPROC_DIR.
+
+Every flag of both stages can also come from the environment (see :mod:`twa_scale.config`):
+``TWA_SCALE_TRAIN_<FLAG>`` and ``TWA_SCALE_TWA_<FLAG>``, e.g. ``TWA_SCALE_TRAIN_EPOCHS=3`` or
+``TWA_SCALE_TWA_CONFIG=twa.yaml``.
+
+Renamed (the old names are no longer read): TWA_METRICS_DIR, TWA_METRICS_LINGER_SECONDS and
+TWA_NODE_NAME gained the ``TWA_SCALE_`` prefix; TWA_CHUNK_COLUMNS and TWA_GROUPED_KERNEL (packed-P
+kernel choices, read on every step) are replaced by TWA_SCALE_P_CHUNK_COLUMNS and TWA_SCALE_P_KERNEL,
+resolved once when P is built (:mod:`twa_scale.twa.quant`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any, Callable
 
-__all__ = ["env_int", "env_float", "TRAIN_CONFIG_ENV_PREFIX", "TWA_CONFIG_ENV_PREFIX", "p_kernel", "p_chunk_columns",
-           "P_KERNELS"]
+__all__ = ["Knob", "KNOBS", "env_int", "env_float", "TRAIN_CONFIG_ENV_PREFIX", "TWA_CONFIG_ENV_PREFIX",
+           "UPLOAD_PART_BYTES", "UPLOAD_CONCURRENCY", "CHECKSUM_CHUNK_BYTES", "SNAPSHOT_BACKPRESSURE",
+           "UPLOAD_TIMEOUT_SECONDS", "COMMIT_TIMEOUT_SECONDS", "SIGTERM_FLUSH_SECONDS", "METRICS_DIR",
+           "METRICS_LINGER_SECONDS", "NODE_NAME", "P_KERNEL", "P_KERNELS", "P_CHUNK_COLUMNS", "p_kernel",
+           "p_chunk_columns"]
 
-# Every flag of launch/train.py and launch/twa.py can also come from the environment (twa_scale.config):
-# TWA_SCALE_TRAIN_<FLAG> and TWA_SCALE_TWA_<FLAG>, e.g. TWA_SCALE_TRAIN_EPOCHS=3, TWA_SCALE_TWA_CONFIG=twa.yaml.
-TRAIN_CONFIG_ENV_PREFIX = "TWA_SCALE_TRAIN_"
-TWA_CONFIG_ENV_PREFIX = "TWA_SCALE_TWA_"
+PREFIX = "TWA_SCALE_"
+TRAIN_CONFIG_ENV_PREFIX = PREFIX + "TRAIN_"
+TWA_CONFIG_ENV_PREFIX = PREFIX + "TWA_"
 
 
 def env_int(name: str, default: int) -> int:
@@ -35,20 +52,78 @@ def env_float(name: str, default: float) -> float:
         raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
 
 
+def _env_str(name: str, default: str | None) -> str | None:
+    return os.environ.get(name) or default
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """One environment variable: its name, default, meaning, and how it is read."""
+
+    name: str
+    default: Any
+    doc: str
+    read: Callable[[str, Any], Any]
+    choices: tuple[str, ...] | None = None
+
+    def get(self) -> Any:
+        """The current value (read now, so a test or a launcher may set the variable late)."""
+        value = self.read(self.name, self.default)
+        if self.choices and value not in self.choices:
+            raise ValueError(f"environment variable {self.name}={value!r} is not one of {', '.join(self.choices)}")
+        return value
+
+
+KNOBS: dict[str, Knob] = {}
+
+
+def _declare(name: str, default: Any, doc: str, read: Callable[[str, Any], Any] = env_int, **kw) -> Knob:
+    assert name.startswith(PREFIX) and name not in KNOBS, name
+    KNOBS[name] = knob = Knob(name, default, doc, read, **kw)
+    return knob
+
+
+# --- snapshot streaming (twa_scale.streamer) ------------------------------------------------
+UPLOAD_PART_BYTES = _declare("TWA_SCALE_UPLOAD_PART_BYTES", 16 << 20,
+                             "Multipart part size of snapshot uploads to S3 (>= 5 MiB).")
+UPLOAD_CONCURRENCY = _declare("TWA_SCALE_UPLOAD_CONCURRENCY", 16, "Parts uploaded at once per rank.")
+CHECKSUM_CHUNK_BYTES = _declare("TWA_SCALE_CHECKSUM_CHUNK_BYTES", 4 << 20,
+                                "Bytes per CRC-32 chunk of a shard (the unit of verified ranged reads).")
+SNAPSHOT_BACKPRESSURE = _declare("TWA_SCALE_SNAPSHOT_BACKPRESSURE", "block",
+                                 "`block`: training waits for a free host buffer (counted as stall); `skip`: "
+                                 "drop the snapshot, counted and logged.", _env_str, choices=("block", "skip"))
+UPLOAD_TIMEOUT_SECONDS = _declare("TWA_SCALE_UPLOAD_TIMEOUT_SECONDS", 600.0,
+                                  "How long one shard upload may retry before its snapshot is reported failed.",
+                                  env_float)
+COMMIT_TIMEOUT_SECONDS = _declare("TWA_SCALE_COMMIT_TIMEOUT_SECONDS", 900.0,
+                                  "How long rank 0 waits for every rank's shard before reporting a snapshot "
+                                  "failed.", env_float)
+SIGTERM_FLUSH_SECONDS = _declare("TWA_SCALE_SIGTERM_FLUSH_SECONDS", 25.0,
+                                 "On SIGTERM (preemption), how long pending snapshots may flush before exit.",
+                                 env_float)
+# --- metrics (twa_scale.metrics) ------------------------------------------------------------
+METRICS_DIR = _declare("TWA_SCALE_METRICS_DIR", None,
+                       "Directory the local ranks share for Prometheus multiprocess values (default: a "
+                       "per-launch directory under the system temp dir).", _env_str)
+METRICS_LINGER_SECONDS = _declare("TWA_SCALE_METRICS_LINGER_SECONDS", 30.0,
+                                  "At exit, how long a scraped exporter waits for one last scrape.", env_float)
+NODE_NAME = _declare("TWA_SCALE_NODE_NAME", None, "The `node` label of metrics (default: the hostname).", _env_str)
+# --- packed-P kernels (twa_scale.twa.quant), resolved once when P is built ----------------
 P_KERNELS = ("auto", "native", "compile", "eager")
+P_KERNEL = _declare("TWA_SCALE_P_KERNEL", "auto",
+                    "How packed (1/2/4/8-bit) P is multiplied: `auto` (the C kernel on CPU when a compiler is "
+                    "found, torch.compile on CUDA, else eager), `native`, `compile` or `eager`.",
+                    lambda name, default: (os.environ.get(name) or default).strip().lower(), choices=P_KERNELS)
+P_CHUNK_COLUMNS = _declare("TWA_SCALE_P_CHUNK_COLUMNS", 1 << 15,
+                           "Columns per step of the eager packed-P path (bounds its temporaries); replaces "
+                           "TWA_CHUNK_COLUMNS.")
 
 
 def p_kernel() -> str:
-    """TWA_SCALE_P_KERNEL: how packed (1/2/4/8-bit) P is multiplied: auto | native | compile | eager.
-
-    auto: the C kernel on CPU when a compiler is found, torch.compile on CUDA, else eager.
-    """
-    raw = (os.environ.get("TWA_SCALE_P_KERNEL") or "auto").strip().lower()
-    if raw not in P_KERNELS:
-        raise ValueError(f"environment variable TWA_SCALE_P_KERNEL={raw!r} is not one of {', '.join(P_KERNELS)}")
-    return raw
+    """TWA_SCALE_P_KERNEL (see :data:`P_KERNEL`)."""
+    return P_KERNEL.get()
 
 
 def p_chunk_columns() -> int:
-    """TWA_SCALE_P_CHUNK_COLUMNS: columns per step of the eager packed-P path (bounds its temporaries)."""
-    return max(1, env_int("TWA_SCALE_P_CHUNK_COLUMNS", 1 << 15))
+    """TWA_SCALE_P_CHUNK_COLUMNS (see :data:`P_CHUNK_COLUMNS`), at least 1."""
+    return max(1, P_CHUNK_COLUMNS.get())

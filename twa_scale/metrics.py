@@ -18,7 +18,7 @@ histograms are summed over processes; gauges use ``mostrecent`` so no ``pid``
 label leaks into the exposition. Every series carries ``run_id``, ``role``,
 ``node`` and ``rank`` (global rank), so per-rank values never collide.
 
-The directory is ``$TWA_METRICS_DIR`` or ``$PROMETHEUS_MULTIPROC_DIR`` when
+The directory is ``$TWA_SCALE_METRICS_DIR`` or ``$PROMETHEUS_MULTIPROC_DIR`` when
 set, otherwise ``<tmp>/twa_scale_metrics-<uid>/<run_id>-<port>-<launcher pid>``:
 all local ranks of one ``deepspeed`` launch are children of the same launcher
 process, so they agree on the directory without talking, and two runs on one
@@ -29,7 +29,7 @@ local ranks that start first.
 End of run: a short job can finish between two scrapes. When local rank 0
 exits and Prometheus has scraped this exporter at least once, the exporter
 stays up until one more scrape has read the final values, for at most
-``$TWA_METRICS_LINGER_SECONDS`` (default 30 s). With no scraper seen, it
+``$TWA_SCALE_METRICS_LINGER_SECONDS`` (default 30 s). With no scraper seen, it
 exits at once.
 """
 from __future__ import annotations
@@ -45,11 +45,12 @@ import threading
 import time
 from types import SimpleNamespace
 
-from twa_scale.knobs import env_float, env_int
+from twa_scale import knobs
+from twa_scale.knobs import env_int
 
 __all__ = [
-    "DEFAULT_PORT", "MetricsPortInUseError", "setup", "shutdown", "is_enabled", "server_port",
-    "metrics_dir", "train_step", "train_epoch", "snapshot_stall", "snapshot_upload",
+    "MetricsPortInUseError", "setup", "shutdown", "is_enabled", "server_port",
+    "train_step", "train_epoch", "snapshot_stall", "snapshot_upload",
     "snapshot_retry", "snapshot_failure", "snapshot_skipped", "snapshot_queue_depth",
     "snapshot_committed", "twa_load", "twa_projection", "twa_step", "twa_eval",
     "twa_effective_rank", "twa_coefficients", "data_bad_images",
@@ -57,13 +58,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The exporter port the Kubernetes manifests use (``TWA_METRICS_PORT``). The CLI flag
-#: ``--metrics-port`` defaults to 0, which disables the exporter.
-DEFAULT_PORT = 9400
 PREFIX = "twa_scale_"
 LABELS = ("run_id", "role", "node", "rank")
 DEFAULT_MAX_SERIES = 256
-DEFAULT_LINGER_SECONDS = 30.0
 
 # Bucket edges in seconds, chosen for the span each timer really covers.
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -79,7 +76,7 @@ class MetricsPortInUseError(RuntimeError):
 
 _lock = threading.Lock()
 _m = None   # _Bound metric children of this process; None = disabled (every call a no-op)
-_state = SimpleNamespace(dir=None, server=None, thread=None, port=None, addr=None,
+_state = SimpleNamespace(server=None, port=None,
                          scrapes=0, is_rank0=False, max_series=DEFAULT_MAX_SERIES,
                          atexit_registered=False, families=None, coef_warned=False)
 
@@ -101,9 +98,9 @@ def _safe(text: str) -> str:
 
 def _choose_dir(run_id: str, port: int | None) -> tuple[str, bool]:
     """Directory shared by the local ranks of this launch; (path, per_launch)."""
-    for var in ("TWA_METRICS_DIR", "PROMETHEUS_MULTIPROC_DIR"):
-        if os.environ.get(var):
-            return os.environ[var], False
+    for path in (knobs.METRICS_DIR.get(), os.environ.get("PROMETHEUS_MULTIPROC_DIR")):
+        if path:
+            return path, False
     # All local ranks of one launcher share its pid; a lone process uses its own.
     launcher = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
     base = os.path.join(tempfile.gettempdir(), f"twa_scale_metrics-{os.getuid()}")   # per user: /tmp is shared
@@ -236,7 +233,7 @@ def _start_server(path: str, port: int, addr: str) -> None:
     MultiProcessCollector(registry, path=path)
     registry.register(_ScrapeCounter())
     try:
-        server, thread = start_http_server(port, addr=addr, registry=registry)
+        server, _ = start_http_server(port, addr=addr, registry=registry)
     except OSError as e:
         if e.errno in (98, 48, 10048):   # EADDRINUSE on Linux / macOS / Windows
             raise MetricsPortInUseError(
@@ -244,7 +241,7 @@ def _start_server(path: str, port: int, addr: str) -> None:
                 f"node?); choose another --metrics-port, or --metrics-port 0 to disable the exporter"
             ) from e
         raise RuntimeError(f"cannot serve metrics on {addr}:{port}: {e}") from e
-    _state.server, _state.thread = server, thread
+    _state.server = server
     _state.port = server.server_address[1]
     log.info("metrics: serving http://%s:%d/metrics from %s", addr, _state.port, path)
 
@@ -280,7 +277,7 @@ def setup(*, run_id: str, role: str, port: int | None, addr: str = "0.0.0.0",
             log.warning("metrics: exporter already serves port %s; ignoring port %s", _state.port, port)
         rank = env_int("RANK", 0)
         local_rank = env_int("LOCAL_RANK", 0)
-        node = os.environ.get("TWA_NODE_NAME") or socket.gethostname()
+        node = knobs.NODE_NAME.get() or socket.gethostname()
         labels = {"run_id": str(run_id), "role": role, "node": node, "rank": str(rank)}
         if _state.families is None:
             path, per_launch = _choose_dir(str(run_id), port)
@@ -291,7 +288,7 @@ def setup(*, run_id: str, role: str, port: int | None, addr: str = "0.0.0.0",
             from prometheus_client import values
             if not getattr(values.ValueClass, "_multiprocess", False):
                 values.ValueClass = values.MultiProcessValue()
-            _state.dir, _state.is_rank0, _state.max_series = path, local_rank == 0, max_series
+            _state.is_rank0, _state.max_series = local_rank == 0, max_series
             if _state.is_rank0:
                 _prune_stale(path, per_launch)
                 _start_server(path, int(port), addr)
@@ -299,7 +296,6 @@ def setup(*, run_id: str, role: str, port: int | None, addr: str = "0.0.0.0",
                     atexit.register(_linger_then_stop)
                     _state.atexit_registered = True
             _state.families = _build_families(max_series)
-            _state.addr = addr
         _m = _bind(_state.families, labels, rank == 0)
 
 
@@ -307,7 +303,7 @@ def _linger_then_stop() -> None:
     """atexit: let a scraper that has been watching read the final values once."""
     if _state.server is None:
         return
-    linger = env_float("TWA_METRICS_LINGER_SECONDS", DEFAULT_LINGER_SECONDS)
+    linger = knobs.METRICS_LINGER_SECONDS.get()
     if _state.scrapes > 0 and linger > 0:
         seen, deadline = _state.scrapes, time.monotonic() + linger
         while _state.scrapes <= seen and time.monotonic() < deadline:
@@ -324,7 +320,7 @@ def shutdown() -> None:
         if _state.server is not None:
             _state.server.shutdown()
             _state.server.server_close()
-            _state.server = _state.thread = None
+            _state.server = None
 
 
 def is_enabled() -> bool:
@@ -335,11 +331,6 @@ def is_enabled() -> bool:
 def server_port() -> int | None:
     """Port this process serves on (local rank 0 only), else None."""
     return _state.port if _state.server is not None else None
-
-
-def metrics_dir() -> str | None:
-    """The multiprocess directory shared by this node's ranks (None before setup)."""
-    return _state.dir
 
 
 # ------------------------------------------------------------------------ training

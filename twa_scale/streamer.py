@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import queue
 import random
 import signal
@@ -33,8 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from twa_scale import comm, metrics
-from twa_scale.knobs import env_float, env_int
+from twa_scale import comm, knobs, metrics
 from twa_scale import store as _store
 from twa_scale.layout import FlatLayout
 
@@ -53,27 +51,27 @@ class StreamerConfig:
     """Stored dtype; must match the run's (``create_run(dtype=...)``)."""
     storage_options: dict | None = None
     """fsspec filesystem arguments for the store (``--storage-options``); never logged."""
-    part_bytes: int = dataclasses.field(default_factory=lambda: env_int("TWA_SCALE_UPLOAD_PART_BYTES", 16 << 20))
+    part_bytes: int = dataclasses.field(default_factory=knobs.UPLOAD_PART_BYTES.get)
     """Multipart part size for S3 uploads (>= 5 MiB). Env: TWA_SCALE_UPLOAD_PART_BYTES."""
-    concurrency: int = dataclasses.field(default_factory=lambda: env_int("TWA_SCALE_UPLOAD_CONCURRENCY", 16))
+    concurrency: int = dataclasses.field(default_factory=knobs.UPLOAD_CONCURRENCY.get)
     """Parts uploaded at once. Env: TWA_SCALE_UPLOAD_CONCURRENCY."""
     chunk_bytes: int = dataclasses.field(
-        default_factory=lambda: env_int("TWA_SCALE_CHECKSUM_CHUNK_BYTES", _store.DEFAULT_CHUNK_BYTES))
+        default_factory=knobs.CHECKSUM_CHUNK_BYTES.get)
     """Checksum chunk size (CRC-32 per chunk). Env: TWA_SCALE_CHECKSUM_CHUNK_BYTES."""
     buffers: int = 2
     """Host buffers per rank (2 = double buffering)."""
     backpressure: str = dataclasses.field(
-        default_factory=lambda: os.environ.get("TWA_SCALE_SNAPSHOT_BACKPRESSURE", "block"))
+        default_factory=knobs.SNAPSHOT_BACKPRESSURE.get)
     """"block" (default; waiting counts as stall) or "skip" (drop, count and log)."""
     upload_timeout_seconds: float = dataclasses.field(
-        default_factory=lambda: env_float("TWA_SCALE_UPLOAD_TIMEOUT_SECONDS", 600.0))
+        default_factory=knobs.UPLOAD_TIMEOUT_SECONDS.get)
     """Total time one shard upload may spend retrying before the snapshot is reported failed."""
     retry_initial_seconds: float = 0.5
     """First backoff delay; doubles per attempt, with ±50% jitter."""
     retry_max_seconds: float = 20.0
     """Largest backoff delay."""
     commit_timeout_seconds: float = dataclasses.field(
-        default_factory=lambda: env_float("TWA_SCALE_COMMIT_TIMEOUT_SECONDS", 900.0))
+        default_factory=knobs.COMMIT_TIMEOUT_SECONDS.get)
     """How long rank 0 waits for every rank's shard of a snapshot before reporting it failed."""
     open_timeout_seconds: float = 120.0
     """How long ranks > 0 wait for rank 0's run.json."""
@@ -465,7 +463,7 @@ def flush_on_sigterm(streamer: SnapshotStreamer, deadline_seconds: float | None 
     Any other exit waits for the bounded upload retries. ``close()`` afterwards returns the summary.
     """
     if deadline_seconds is None:
-        deadline_seconds = env_float("TWA_SCALE_SIGTERM_FLUSH_SECONDS", 25.0)
+        deadline_seconds = knobs.SIGTERM_FLUSH_SECONDS.get()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_preempted) if main else None
     timeout = None

@@ -177,8 +177,9 @@ class TwaConfig:
             bad("warmup", f"is a fraction of the TWA steps in [0, 1), got {self.warmup}")
         if not 0 < self.rank_tol < 1:
             bad("rank-tol", f"must be in (0, 1), got {self.rank_tol}")
-        for flag, v in (("block-size", self.block_size), ("bn-batches", self.bn_batches), ("limit-train", self.limit_train),
-                        ("limit-val", self.limit_val), ("guard-samples", self.guard_samples)):
+        for flag, v in (("block-size", self.block_size), ("bn-batches", self.bn_batches),
+                        ("limit-train", self.limit_train), ("limit-val", self.limit_val),
+                        ("guard-samples", self.guard_samples)):
             if v is not None and v < 1:
                 bad(flag, f"must be >= 1, got {v}")
         for flag, v in (("eval-every", self.eval_every), ("guard-retries", self.guard_retries)):

@@ -1,0 +1,37 @@
+"""The installed package, as a user gets it: `pip install .` (not editable) into a fresh venv, then the
+console script trains from an empty directory, with the default (shipped) DeepSpeed config and presets."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REPO
+
+
+@pytest.mark.slow
+def test_non_editable_install_trains_from_an_empty_directory(tmp_path):
+    venv, work = tmp_path / "venv", tmp_path / "empty"
+    work.mkdir()
+    # the venv reuses the installed torch/deepspeed; the package itself is built from this checkout
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps",
+                          "--quiet", str(REPO)], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import twa_scale, twa_scale.engine as e; print(twa_scale.__file__); "
+                            "print(e.default_ds_config_path())"],
+                           cwd=work, env=env, capture_output=True, text=True, check=True, timeout=300)
+    pkg, ds = where.stdout.split()[-2:]
+    assert pkg.startswith(str(venv)) and ds.startswith(str(venv)) and os.path.isfile(ds), where.stdout
+    run = subprocess.run([str(venv / "bin" / "twa-scale"), "train", "--data", "digits", "--epochs", "1", "--no-twa",
+                          "--model", "mlp"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    metrics = json.loads((work / "twa_runs" / "mlp-digits-s0" / "train" / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 1 and "val_accuracy" in metrics["final"]
+    assert subprocess.run([str(venv / "bin" / "twa-scale"), "twa", "--preset", "paper_imagenet", "--snapshot-url",
+                           "file:///x", "--run-id", "r", "--print-config"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=300).stdout.count("base_lr: 0.3") == 1  # presets ship too
