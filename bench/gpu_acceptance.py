@@ -293,7 +293,8 @@ def decode_probe(data_root: str, out: str, per_class: int, batch: int, workers: 
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             rates.append(n / (time.perf_counter() - t0))
-        res["decoders"][decode] = {"images_per_second": round(max(rates[1:]), 1), "passes": [round(r, 1) for r in rates]}
+        res["decoders"][decode] = {"images_per_second": round(max(rates[1:]), 1),
+                                   "passes": [round(r, 1) for r in rates]}
     Path(out).write_text(json.dumps(res))
 
 

@@ -175,7 +175,8 @@ def agree(fn: Callable[[], T], what: str) -> T:
     if err is not None:
         raise err
     if info[0] == "TransientError":  # the exit status (75: restart) must not depend on the rank
-        from twa_scale.errors import TransientError as kind_cls
+        from twa_scale.errors import TransientError
+        kind_cls: type[Exception] = TransientError
     else:
         kind_cls = _AGREED_ERRORS.get(info[0], RuntimeError)
     raise kind_cls(f"rank {bad - 1} failed while {what}: {info[1]}")
