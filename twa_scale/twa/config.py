@@ -36,18 +36,9 @@ def parse_select(spec: str | None) -> tuple[int | None, int | None, int]:
     """
     if spec is None:
         return None, None, 1
-    parts = spec.split(":")
-    if len(parts) not in (2, 3):
-        raise ValueError(f"--select {spec!r}: expected A:B or A:B:STRIDE (e.g. 1:101 or 0::2)")
-    try:
-        a = int(parts[0]) if parts[0] else None
-        b = int(parts[1]) if parts[1] else None
-        stride = int(parts[2]) if len(parts) == 3 and parts[2] else 1
-    except ValueError:
-        raise ValueError(f"--select {spec!r}: A, B and STRIDE must be integers") from None
-    if stride < 1:
-        raise ValueError(f"--select {spec!r}: STRIDE must be >= 1")
-    return a, b, stride
+    from twa_scale.twa.selection import parse_range
+
+    return parse_range(spec, flag="--select", number=int, unit="of snapshot seqs", example="1:101 or 0::2")
 
 
 @dataclasses.dataclass(kw_only=True)

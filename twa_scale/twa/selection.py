@@ -14,26 +14,34 @@ from typing import Any, Sequence
 
 from twa_scale.errors import ConfigError
 
-__all__ = ["parse_select_epochs", "position", "select_by_epochs", "check_select_seqs"]
+__all__ = ["parse_range", "parse_select_epochs", "position", "select_by_epochs", "check_select_seqs"]
 
 log = logging.getLogger(__name__)
+
+
+def parse_range(spec: str, *, flag: str, number: type, unit: str, example: str) -> tuple[Any, Any, int]:
+    """``A:B[:STRIDE]`` with A, B of type ``number`` (either may be empty) and STRIDE >= 1 (default 1);
+    a one-line :class:`ConfigError` naming ``flag`` otherwise. Shared by --select and --select-epochs."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise ConfigError(f"{flag} {spec}: expected A:B or A:B:STRIDE {unit} (e.g. {example})")
+    try:
+        a = number(parts[0]) if parts[0] else None
+        b = number(parts[1]) if parts[1] else None
+        stride = int(parts[2]) if len(parts) == 3 and parts[2] else 1
+    except ValueError:
+        kind = "integers" if number is int else "numbers"
+        raise ConfigError(f"{flag} {spec}: A and B must be {kind} ({unit}), STRIDE an integer") from None
+    if stride < 1:
+        raise ConfigError(f"{flag} {spec}: STRIDE must be >= 1")
+    return a, b, stride
 
 
 def parse_select_epochs(spec: str | None) -> tuple[float | None, float | None, int]:
     """``A:B[:STRIDE]`` in epochs, both ends included (A <= epoch position <= B); STRIDE counts snapshots."""
     if spec is None:
         return None, None, 1
-    parts = spec.split(":")
-    if len(parts) not in (2, 3):
-        raise ConfigError(f"--select-epochs {spec}: expected A:B or A:B:STRIDE in epochs (e.g. 0:60 or 0:60:2)")
-    try:
-        a = float(parts[0]) if parts[0] else None
-        b = float(parts[1]) if parts[1] else None
-        stride = int(parts[2]) if len(parts) == 3 and parts[2] else 1
-    except ValueError:
-        raise ConfigError(f"--select-epochs {spec}: A and B must be numbers (epochs), STRIDE an integer") from None
-    if stride < 1:
-        raise ConfigError(f"--select-epochs {spec}: STRIDE must be >= 1")
+    a, b, stride = parse_range(spec, flag="--select-epochs", number=float, unit="in epochs", example="0:60 or 0:60:2")
     if (a is not None and a < 0) or (a is not None and b is not None and b < a):
         raise ConfigError(f"--select-epochs {spec}: expected 0 <= A <= B")
     return a, b, stride
