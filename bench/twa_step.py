@@ -202,7 +202,7 @@ def _run_authors(rows: int, D: int, shapes, dev: torch.device, reps: int) -> tup
         return _time(authors, dev, reps), peak.bytes()
 
 
-def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.device, reps: int, bw: float,
+def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.device, reps: int,
                  kernels: Kernels) -> dict:
     d = -(-D // world)
     rows = max(1, n // world)          # authors: n/W rows of P per rank, full width D
@@ -210,6 +210,9 @@ def bench_config(n: int, world: int, bits: int, D: int, shapes, dev: torch.devic
     elem_bytes = 4 if bits == 32 else bits / 8
     row = {"n": n, "world": world, "p_bits": bits, "D": D, "d_per_rank": d}
 
+    # the host may be shared: the floor uses a copy bandwidth measured next to this config, at P's size
+    bw = copy_bandwidth(dev, int(min(1 << 30, max(n * d * elem_bytes, 64 << 20))), reps)
+    row["copy_bandwidth_GBps"] = bw / 1e9
     # each side runs in its own function so its buffers are freed before the other allocates
     t_ours, row["ours_peak_bytes"], row["ours_p_bytes"] = _run_ours(n, d, bits, blocks, dev, reps, kernels)
     t_auth, row["authors_peak_bytes"] = _run_authors(rows, D, shapes, dev, reps)
@@ -267,7 +270,7 @@ def main(argv=None) -> int:
                 if p_gb > max_p:
                     skipped.append({"n": n, "world": world, "p_bits": bits, "reason": f"fp32 P share {p_gb:.1f} GB"})
                     continue
-                r = bench_config(n, world, bits, D, shapes, dev, reps, bw, kernels)
+                r = bench_config(n, world, bits, D, shapes, dev, reps, kernels)
                 rows.append(r)
                 print(f"bits {bits:>2} n {n:>3} W {world}: ours {r['ours_ms']:8.2f} ms (floor {r['floor_ms']:7.2f},"
                       f" x{r['ours_over_floor']:.2f})  authors {r['authors_ms']:8.2f} ms  speed-up "

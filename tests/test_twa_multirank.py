@@ -94,3 +94,20 @@ def test_corrupt_shard_seen_by_one_rank_fails_every_rank_and_writes_nothing(traj
     assert outs[0]["error"].startswith("OSError: rank 1 failed") and victim.name in outs[0]["error"]
     fs, root = fsspec.core.url_to_fs(f"{url}/bad/twa")
     assert not fs.exists(root)
+
+
+@pytest.mark.slow
+def test_all_defaults_on_3_ranks_never_end_below_swa(tmp_path):
+    """Issue 10's done-check, scaled down: ResNet-20 (BatchNorm) snapshots written by 2 ranks, TWA with every
+    default on 3 ranks (batch 128 does not divide: 42 per rank). It exits normally, and TWA ends within
+    0.3 points of SWA or above, whether the guard had to restart at a lower lr or not."""
+    cfg = digits_config(model="resnet20", limit_train=384, limit_val=240, seed=3)
+    model, snaps = make_trajectory(cfg, 6, steps_between=3, lr=0.05)
+    url = f"file://{tmp_path}/store"
+    write_run(url, "r20", model, snaps, cfg=cfg, writer_world=2)
+    outs = run_ranks(3, twa_worker, dict(snapshot_url=url, run_id="r20", plot=False), out_dir=str(tmp_path / "w"))
+    assert all(o["ok"] for o in outs), [o.get("trace") for o in outs]
+    res = outs[0]["result"]
+    assert res["effective_batch"] == 126 and res["outcomes"][-1] == "ok"
+    assert res["twa_accuracy"] >= res["swa_accuracy"] - 0.003, res
+    assert all(o["result"]["twa_accuracy"] == res["twa_accuracy"] for o in outs)

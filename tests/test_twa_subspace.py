@@ -263,3 +263,52 @@ def test_fused_kernels_equal_eager(bits, path):
     theta = eager.theta0 + torch.randn_like(eager.theta0)
     assert _rel(fused.project(g), eager.project(g)) < 1e-5
     assert _rel(fused.reconstruct(theta) - fused.w_start, eager.reconstruct(theta) - eager.w_start) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_packed_kernels_on_cuda_equal_eager(bits):
+    """On a GPU the stage picks torch.compile (Triton) for packed P: same products as the eager path."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from twa_scale.twa.quant import resolve_kernels
+
+    dev = torch.device("cuda")
+    assert resolve_kernels(dev).path == "compile"
+    x = _trajectory(d=300_000).to(dev)
+    blocks = [(0, 100_000), (100_000, 100_003), (100_003, 300_000)]
+    eager = build_basis(x, 0, x.shape[1], blocks, bits=bits, kernels=Kernels("eager", 1 << 15))
+    fused = build_basis(x, 0, x.shape[1], blocks, bits=bits, kernels=resolve_kernels(dev))
+    g = torch.randn(x.shape[1], device=dev)
+    theta = eager.theta0 + torch.randn_like(eager.theta0)
+    assert _rel(fused.project(g), eager.project(g)) < 1e-5
+    assert _rel(fused.reconstruct(theta) - fused.w_start, eager.reconstruct(theta) - eager.w_start) < 1e-5
+
+
+def test_growing_basis_equals_the_from_scratch_build():
+    """Issue 11's incremental basis: appending snapshots one by one gives build_basis's P, start point
+    and products to 1e-6, and drops a nearly dependent snapshot exactly as the full build does."""
+    from twa_scale.twa.subspace import GrowingBasis
+
+    x = _trajectory(n=8)
+    x = torch.cat([x[:5], (0.5 * x[1] + 0.5 * x[3] + 1e-9 * torch.randn_like(x[0]))[None], x[5:]])
+    grow = GrowingBasis(0, x.shape[1])
+    added = [grow.append(row) for row in x]
+    for n in (4, x.shape[0]):
+        ref = build_basis(x[:n], 0, x.shape[1], BLOCKS)
+        if n == 4:
+            part = GrowingBasis(0, x.shape[1])
+            for row in x[:4]:
+                part.append(row)
+            b = part.basis()
+        else:
+            b = grow.basis()
+        assert b.k == ref.k and b.report["dropped"] == ref.report["dropped"]
+        assert _rel(b.dequantized(), ref.dequantized()) < 1e-6
+        assert _rel(b.theta0, ref.theta0) < 1e-6 and _rel(b.w_start, ref.w_start) < 1e-6
+        g = torch.randn(x.shape[1])
+        assert _rel(b.project(g), ref.project(g)) < 1e-6
+        theta = ref.theta0 + torch.randn_like(ref.theta0)
+        assert _rel(b.reconstruct(theta), ref.reconstruct(theta)) < 1e-6
+        assert _rel(b.alpha(theta), ref.alpha(theta)) < 1e-6
+    assert added == [True] * 5 + [False] + [True] * 3

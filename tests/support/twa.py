@@ -161,4 +161,6 @@ def twa_worker(rank: int, world: int, cfg_kwargs: dict) -> dict:
     res = run_twa(TwaConfig(**cfg_kwargs))
     return {"coefficients": torch.tensor(res.coefficients, dtype=torch.float64),
             "alpha": torch.tensor(res.alpha, dtype=torch.float64),
-            "twa_accuracy": res.twa_accuracy, "bytes_read": torch.tensor(res.bytes_read_per_rank)}
+            "twa_accuracy": res.twa_accuracy, "swa_accuracy": res.swa_accuracy,
+            "bytes_read": torch.tensor(res.bytes_read_per_rank), "lr_final": res.lr_final,
+            "outcomes": [a["outcome"] for a in res.guard["attempts"]], "effective_batch": res.effective_global_batch}

@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from twa_scale.twa.quant import Kernels, PStorage, build_storage
+from twa_scale.twa.quant import DenseP, Kernels, PStorage, build_storage
 
-__all__ = ["Reduce", "Piece", "Basis", "identity_reduce", "gram", "sequential_cholesky", "orthonormalize",
+__all__ = ["Reduce", "Piece", "Basis", "GrowingBasis", "identity_reduce", "gram", "sequential_cholesky", "orthonormalize",
            "build_basis", "local_pieces"]
 
 Reduce = Callable[..., torch.Tensor]  # (tensor, op="sum"|"min"|"max") -> tensor, in place
@@ -279,3 +279,92 @@ def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tup
         report.update(quant_granularity=granularity)
     return Basis(num_coef_blocks=num_l, k=k, M=m_all, theta0=theta0, alpha_start=alpha_start, w_start=w_start,
                  storage=storage, bits=bits, report=report)
+
+
+# --- a basis that grows one snapshot at a time (paper mode) ----------------------------------
+class GrowingBasis:
+    """Paper mode's basis over snapshots that arrive one by one (a follower of a live run).
+
+    Keeps this rank's snapshot slices X (n x d_r), the float64 Gram matrix and the first
+    Cholesky-QR pass (R, M), so appending snapshot n+1 costs its inner products with the
+    n others, O(n * d_r), one all-reduce of n+1 floats, and one new row of P (O(n * d_r)):
+    nothing is rebuilt. The directions are the sequential Gram-Schmidt ones, as
+    :func:`build_basis` gives from scratch (there with a second re-orthogonalisation
+    pass; the two agree to about 1e-7). Start point: the SWA mean of all snapshots.
+    """
+
+    def __init__(self, start: int, stop: int, *, reduce: Reduce = identity_reduce, tol: float = 1e-5,
+                 device: torch.device | None = None):
+        self.start, self.stop, self.reduce, self.tol = start, stop, reduce, tol
+        self.device = device or torch.device("cpu")
+        d = stop - start
+        self.x = torch.empty(0, d, dtype=torch.float32, device=self.device)
+        self.g = torch.zeros(0, 0, dtype=torch.float64, device=self.device)
+        self.r = torch.zeros(0, 0, dtype=torch.float64, device=self.device)
+        self.m = torch.zeros(0, 0, dtype=torch.float64, device=self.device)   # k x n: Q = M X
+        self.q = torch.empty(0, d, dtype=torch.float32, device=self.device)
+        self.kept: list[int] = []
+        self.residuals: list[float] = []
+        self.sum = torch.zeros(d, dtype=torch.float64, device=self.device)    # for the SWA mean
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    def append(self, x_new: torch.Tensor) -> bool:
+        """Add snapshot slice ``x_new`` (d_r); returns False when it was dropped as nearly dependent."""
+        x_new = x_new.to(self.device, torch.float32).reshape(1, -1)
+        n = self.n
+        col = torch.zeros(n + 1, dtype=torch.float64, device=self.device)
+        for s in range(0, x_new.shape[1], CHUNK_COLUMNS):
+            v = x_new[0, s:s + CHUNK_COLUMNS].double()
+            if n:
+                col[:n] += self.x[:, s:s + CHUNK_COLUMNS].double() @ v
+            col[n] += v @ v
+        col = self.reduce(col)  # the one collective: n + 1 floats
+        g = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=self.device)
+        g[:n, :n], g[n, :], g[:, n] = self.g, col, col
+        self.g = g
+        self.x = torch.cat([self.x, x_new])
+        self.sum += x_new[0].double()
+        self.m = torch.nn.functional.pad(self.m, (0, 1))
+        # one step of sequential_cholesky: the new vector's coordinates on the kept directions
+        k = len(self.kept)
+        coord = (torch.linalg.solve_triangular(self.r.T, col[self.kept].unsqueeze(1), upper=False).squeeze(1)
+                 if k else col.new_zeros(0))
+        norm2 = float(col[n])
+        resid2 = norm2 - float(coord @ coord)
+        frac = math.sqrt(max(resid2, 0.0) / norm2) if norm2 > 0 else 0.0
+        self.residuals.append(frac)
+        if frac <= self.tol:
+            return False
+        rk = math.sqrt(resid2)
+        grown = g.new_zeros(k + 1, k + 1)
+        grown[:k, :k], grown[:k, k], grown[k, k] = self.r, coord, rk
+        self.r = grown
+        # q_new = (x_new - sum_j coord_j q_j) / r: as a combination of the snapshots, then one row of P
+        row = -(coord @ self.m) if k else g.new_zeros(n + 1)
+        row[n] += 1.0
+        row /= rk
+        self.m = torch.cat([self.m, row.unsqueeze(0)])
+        q_new = torch.empty(1, x_new.shape[1], dtype=torch.float32, device=self.device)
+        for s in range(0, x_new.shape[1], CHUNK_COLUMNS):
+            q_new[0, s:s + CHUNK_COLUMNS] = (row @ self.x[:, s:s + CHUNK_COLUMNS].double()).float()
+        self.q = torch.cat([self.q, q_new])
+        self.kept.append(n)
+        return True
+
+    def basis(self) -> Basis:
+        """The current fp32 basis (paper mode: raw directions, global coefficients, SWA start)."""
+        n = self.n
+        if len(self.kept) < 2:
+            raise ValueError(f"the {n} snapshots so far span a space of dimension {len(self.kept)}; "
+                             "TWA needs at least 2 independent snapshots")
+        alpha = torch.full((n,), 1.0 / n, dtype=torch.float64, device=self.device)
+        theta0 = (self.m @ self.g @ alpha).unsqueeze(1)
+        dropped = [i for i in range(n) if i not in self.kept]
+        report = {"n": n, "k": len(self.kept), "kept": list(self.kept), "dropped": dropped,
+                  "residuals": [round(r, 9) for r in self.residuals], "tol": self.tol, "num_coef_blocks": 1,
+                  "directions": "raw", "bits": 32, "incremental": True}
+        return Basis(num_coef_blocks=1, k=len(self.kept), M=self.m.unsqueeze(0), theta0=theta0, alpha_start=alpha,
+                     w_start=(self.sum / n).float(), storage=DenseP(self.q), bits=32, report=report)
