@@ -19,8 +19,8 @@ import torch
 
 from twa_scale.twa.quant import DenseP, Kernels, PStorage, build_storage
 
-__all__ = ["Reduce", "Piece", "Basis", "GrowingBasis", "identity_reduce", "gram", "sequential_cholesky", "orthonormalize",
-           "build_basis", "local_pieces"]
+__all__ = ["Reduce", "Piece", "Basis", "GrowingBasis", "identity_reduce", "gram", "sequential_cholesky",
+           "orthonormalize", "build_basis", "local_pieces"]
 
 Reduce = Callable[..., torch.Tensor]  # (tensor, op="sum"|"min"|"max") -> tensor, in place
 # Columns processed at once when building/applying the basis: bounds temporaries to
