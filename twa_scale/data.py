@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 
 from twa_scale import comm
 from twa_scale.decode import DECODERS, Recipe, decode_batch, gpu_finish, normalize, recipe_for
-from twa_scale.errors import ConfigError
+from twa_scale.errors import ConfigError, TransientError, is_connection_error
 from twa_scale.shards import (INDEX_NAME, FolderSource, ShardSource, check_shards_present, image_size_of, is_url,
                               open_index, scan_image_folder)
 
@@ -227,8 +227,9 @@ class ImageDataset(Dataset):
             blobs = self.source.read(src.tolist())
         except ConfigError as e:
             return {"error": str(e)}
-        except OSError as e:
-            return {"error": f"--data {self.label}: reading {self.source.name(int(src[0]))}: {e}"}
+        except OSError as e:  # the store is down (transient, exit 75) or refuses access (permanent, exit 2)
+            return {"error": f"--data {self.label}: reading {self.source.name(int(src[0]))}: {e}",
+                    "transient": is_connection_error(e)}
         x, ok, bad = decode_batch(blobs, self.recipe, rng, mode)
         if normalized and mode == "cpu":
             x = normalize(x, self.recipe)
@@ -369,7 +370,7 @@ class _ImageLoader:
         self.keys.keys = self.items
         for item in self.loader:
             if item.get("error"):
-                raise ConfigError(item["error"])
+                raise (TransientError if item.get("transient") else ConfigError)(item["error"])
             for name, err in item["bad"]:
                 log.warning("skipped undecodable image %s (%s)", name, err)
                 metrics.data_bad_images(1)
@@ -386,7 +387,7 @@ class _ImageLoader:
                 x = gpu_finish(x, ds.recipe, self.device)
             elif self.on_device:
                 x = x.to(self.device, non_blocking=True)
-            if self.on_device and not self.uint8:
+            if self.on_device and not self.uint8 and x.dtype == torch.uint8:  # (`pil` batches come normalised)
                 x = normalize(x, ds.recipe)
             yield x, item["y"]
 
