@@ -237,8 +237,9 @@ def test_two_ranks_train_from_packed_s3(tmp_path, s3_url):
 
 
 def test_twa_refuses_a_dataset_whose_classes_differ_from_the_model(tmp_path):
-    from twa_scale.twa import TwaConfig, load_run_inputs
-    from twa_scale.twa.testing import digits_config, make_trajectory, write_run
+    from tests.support.twa import digits_config, make_trajectory, write_run
+    from twa_scale.twa import TwaConfig
+    from twa_scale.twa.stage import load_inputs
 
     url = f"file://{tmp_path}/c3"
     shards.pack(str(_tree(tmp_path / "tree", 4, 2, classes=3)), url, progress=False)
@@ -246,7 +247,7 @@ def test_twa_refuses_a_dataset_whose_classes_differ_from_the_model(tmp_path):
     model, snaps = make_trajectory(cfg, 2, steps_between=1)
     write_run(f"file://{tmp_path}/runs", "r", model, snaps, cfg=cfg, writer_world=1)
     with pytest.raises(ConfigError, match="3 classes do not match the 10 classes"):
-        load_run_inputs(TwaConfig(snapshot_url=f"file://{tmp_path}/runs", run_id="r", data=url))
+        load_inputs(TwaConfig(snapshot_url=f"file://{tmp_path}/runs", run_id="r", data=url))
 
 
 def test_index_dataclasses_round_trip(packed):
