@@ -208,7 +208,7 @@ def test_two_pods_train_on_s3_then_twa(image, s3_server, data_dir):
     assert "Building extension" not in logs and "ninja" not in logs.lower(), "a pod compiled an op"
     os.environ.update(s3_server.env)
     reader = store.open_run(url, run)
-    assert reader.manifest["world_size"] == 2
+    assert reader.manifest.world_size == 2
     assert [s.seq for s in reader.snapshots()] == [0, 1, 2]
     assert reader.verify() == []
 
