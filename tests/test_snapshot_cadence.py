@@ -137,3 +137,12 @@ def test_five_snapshots_per_epoch_on_two_ranks_cifar10(tmp_path):
     assert _seqs(select_by_epochs(snaps, "0:1")) == [0, 1, 2, 3, 4, 5]
     assert _seqs(select_by_epochs(snaps, "1:2:2")) == [5, 7, 9]
     assert _seqs(select_by_epochs(snaps, "0.5:1.5")) == [3, 4, 5, 6, 7]
+    # The TWA stage resolves --select-epochs the same way (epochs 0: start point only, quick).
+    twa = ["launch/twa.py", "--snapshot-url", url, "--run-id", "k5", "--epochs", "0", "--batch-size", "64",
+           "--output", f"file://{tmp_path}/twa"]
+    python(twa[0], twa[1:] + ["--select-epochs", "1:2:2"])
+    result = json.loads((tmp_path / "twa" / "result.json").read_text())
+    assert [(s["seq"], s["epoch"]) for s in result["snapshots"]] == [(5, 1.0), (7, 1.4), (9, 1.8)]
+    bad = python(twa[0], twa[1:] + ["--select-epochs", "0:3"], check=False)
+    err = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode != 0 and len(err) == 1 and "epoch 3 (B) is not committed" in err[0], bad.stderr[-2000:]

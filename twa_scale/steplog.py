@@ -71,8 +71,8 @@ class StepLog:
         self.syncs = 0
         self.last_loss: float | None = None
 
-    def step(self, loss: torch.Tensor, samples: int, lr: float, *extra: torch.Tensor) -> None:
-        """Record one step without a host sync; reads the buffer when the window is full."""
+    def step(self, loss: torch.Tensor, samples: int, lr: float, *extra: torch.Tensor) -> list[StepRow] | None:
+        """Record one step without a host sync; when that fills the window, read it and return its rows."""
         i = len(self._host)
         row = self._buf[i]
         row[0].copy_(loss.detach(), non_blocking=True)
@@ -80,7 +80,8 @@ class StepLog:
             row[j].copy_(v.detach(), non_blocking=True)
         self._host.append((int(samples), float(lr)))
         if len(self._host) == self.every:
-            self.flush()
+            return self.flush()
+        return None
 
     def flush(self) -> list[StepRow]:
         """Read the buffered steps (one sync), add them to the sums, export them; returns their rows."""

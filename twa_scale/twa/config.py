@@ -52,6 +52,11 @@ class TwaConfig:
     select: str | None = None
     """Snapshots A:B[:STRIDE] by sequence number (A <= seq < B); None: every committed snapshot, seq 0
     (the initial weights) included, as in the authors' head-stage scripts."""
+    select_epochs: str | None = None
+    """Snapshots A:B[:STRIDE] by training epoch, both ends included, through each snapshot's recorded
+    epoch position: 0:60 takes every snapshot taken up to the end of epoch 60, whatever the snapshot
+    cadence was (seq 0, the initial weights, is at epoch 0); STRIDE keeps every STRIDE-th of them.
+    Exclusive with --select."""
     start: int | None = None
     """Start from snapshot SEQ instead of the SWA mean of the selected snapshots."""
     epochs: int = 10
@@ -130,6 +135,9 @@ class TwaConfig:
     """Prometheus exporter port of this node (0: off)."""
     metrics_addr: str = "0.0.0.0"
     """Bind address of the Prometheus exporter."""
+    log_every_steps: int = 50
+    """Read the per-step loss from the device every N steps (one host sync per N steps, not per step);
+    the divergence guard and the per-step Prometheus series see the steps at that cadence."""
 
     def __post_init__(self) -> None:
         def bad(flag: str, msg: str):
@@ -140,6 +148,13 @@ class TwaConfig:
         if not self.run_id:
             bad("run-id", "is required")
         parse_select(self.select)
+        if self.select_epochs is not None:
+            from twa_scale.twa.selection import parse_select_epochs
+            parse_select_epochs(self.select_epochs)
+            if self.select is not None:
+                bad("select-epochs", f"cannot be combined with --select {self.select} (pick one)")
+        if self.log_every_steps < 1:
+            bad("log-every-steps", f"must be >= 1, got {self.log_every_steps}")
         if self.epochs < 0:
             bad("epochs", f"must be >= 0, got {self.epochs}")
         for flag, v in (("batch-size", self.batch_size), ("base-batch-size", self.base_batch_size)):

@@ -26,6 +26,7 @@ from torch import nn
 from twa_scale import comm
 from twa_scale.engine import lr_factor
 from twa_scale.layout import FlatLayout
+from twa_scale.steplog import StepLog
 from twa_scale.twa.config import TwaConfig, parse_select
 from twa_scale.twa.subspace import Basis
 
@@ -180,9 +181,30 @@ class CoefficientLoop:
         proj_seconds, step = 0.0, 0
         t_train = time.perf_counter()
         self.model.train()
+        guard = {"ref": ref_loss, "sum": 0.0, "n": 0}
+
+        def diverged(rows) -> str | None:
+            """The first-epoch guard over the steps just read (the loss of all ranks, extra[1])."""
+            for row in rows:
+                step_loss = row.extra[1]
+                if guard["n"] == 0 and math.isfinite(step_loss):
+                    # the first batch is still at the start point, in train mode (batch statistics)
+                    guard["ref"] = max(guard["ref"], step_loss)
+                guard["sum"], guard["n"] = guard["sum"] + step_loss, guard["n"] + 1
+                mean = guard["sum"] / guard["n"]
+                if not math.isfinite(step_loss):
+                    return f"epoch 1 step {guard['n']}: non-finite loss"
+                if guard["n"] >= min(3, self.steps_per_epoch) and mean > cfg.guard_loss_factor * guard["ref"]:
+                    return (f"epoch 1 step {guard['n']}: mean loss {mean:.4g} > {cfg.guard_loss_factor:g} x "
+                            f"start loss {guard['ref']:.4g}")
+            return None
+
         for epoch in range(cfg.epochs):
-            sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-            run_loss, run_n = 0.0, 0
+            # Losses stay on the device; the host reads them every log_every_steps steps (one sync),
+            # so the guard sees a diverging first epoch at that cadence (a restart resets theta anyway).
+            steps = StepLog(cfg.log_every_steps, self.device, extra=2,
+                            on_rows=lambda rows: [_metrics().twa_step(r.extra[1]) for r in rows])
+            check = ref_loss is not None and epoch == 0
             for xb, yb in self.loader(epoch):
                 for group in opt.param_groups:
                     group["lr"] = lr * factor(step)
@@ -200,29 +222,23 @@ class CoefficientLoop:
                 dt = time.perf_counter() - tp
                 proj_seconds += dt
                 _metrics().twa_projection(dt)
-                step_loss = buf[-1].item() / world
-                if ref_loss is not None and epoch == 0:
-                    if run_n == 0 and math.isfinite(step_loss):
-                        # the first batch is still at the start point, in train mode (batch statistics)
-                        ref_loss = max(ref_loss, step_loss)
-                    run_loss, run_n = run_loss + step_loss, run_n + 1
-                    mean = run_loss / run_n
-                    if not math.isfinite(step_loss) or (run_n >= min(3, self.steps_per_epoch)
-                                                        and mean > cfg.guard_loss_factor * ref_loss):
-                        att.outcome = "diverged"
-                        att.reason = (f"epoch 1 step {run_n}: mean loss {mean:.4g} > {cfg.guard_loss_factor:g} x "
-                                      f"start loss {ref_loss:.4g}" if math.isfinite(step_loss)
-                                      else f"epoch 1 step {run_n}: non-finite loss")
-                        att.steps = step + 1
-                        return att, theta
                 theta.grad = buf[:-1].view_as(c).to(theta.dtype)
                 opt.step()
                 self.basis.reconstruct(theta.detach(), out=self.w_local)
                 self.flat.assemble(self.w_local, self.params)
                 step += 1
-                sums += torch.tensor([loss.item() * yb.numel(), (logits.argmax(1) == yb).sum().item(), yb.numel()],
-                                     dtype=torch.float64)
-                _metrics().twa_step(step_loss)
+                rows = steps.step(loss, yb.numel(), lr * factor(step - 1), (logits.argmax(1) == yb).sum(),
+                                  buf[-1] / world)
+                if check and rows and (reason := diverged(rows)):
+                    att.outcome, att.reason, att.steps = "diverged", reason, step
+                    return att, theta
+            rows = steps.flush()
+            if check and (reason := diverged(rows)):
+                att.outcome, att.reason, att.steps = "diverged", reason, step
+                return att, theta
+            # loss sum, correct, count; on the device (NCCL reduces device tensors only)
+            sums = torch.tensor([steps.loss_sum, steps.extra_sums[0], steps.samples], dtype=torch.float64,
+                                device=self.device)
             comm.all_reduce(sums)
             row = {"epoch": epoch + 1, "train_loss": sums[0].item() / max(sums[2].item(), 1),
                    "train_accuracy": sums[1].item() / max(sums[2].item(), 1), "lr": lr * factor(max(step - 1, 0))}

@@ -65,6 +65,16 @@ class TwaInputs:
     data: Any
 
 
+def _select(infos, cfg: TwaConfig) -> list[SnapshotRef]:
+    """--select-epochs through the records' epoch positions, else --select by seq (ends checked)."""
+    from twa_scale.twa.selection import check_select_seqs, position, select_by_epochs
+
+    if cfg.select_epochs is not None:
+        return [SnapshotRef(i.seq, i.step, position(i)) for i in select_by_epochs(infos, cfg.select_epochs)]
+    check_select_seqs(infos, cfg.select)
+    return select_snapshots(infos, cfg.select)
+
+
 def load_inputs(cfg: TwaConfig) -> TwaInputs:
     """Open the run and validate it before any TWA work (same checks on every rank)."""
     from twa_scale import store
@@ -82,7 +92,7 @@ def load_inputs(cfg: TwaConfig) -> TwaInputs:
     model = build_model(meta["model"], int(meta["num_classes"])).to(comm.device())
     layout = FlatLayout.from_model(model)
     reader.layout.check_matches(layout, what=f"model {meta['model']!r} with {meta['num_classes']} classes")
-    refs = select_snapshots(reader.snapshots(), cfg.select)
+    refs = _select(reader.snapshots(), cfg)
     train_cfg = TrainConfig.from_dict(meta.get("config") or {})
     for name in ("data", "limit_train", "limit_val"):
         if getattr(cfg, name) is not None:
