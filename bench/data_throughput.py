@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tests.support.s3 import SeaweedS3  # noqa: E402
+from twa_scale import data as data_mod  # noqa: E402
 from twa_scale import shards  # noqa: E402
 from twa_scale.config import TrainConfig  # noqa: E402
 from twa_scale.data import build_data, make_loader  # noqa: E402
@@ -93,26 +94,30 @@ def _proc_cpu(pid: int | None) -> float:
 _SERVER = [None]
 
 
-def measure(make, *, epochs: int, server_pid: int | None = None) -> dict:
-    """Run ``epochs`` passes over the loader ``make(epoch)``; per-pass images, wall, CPU seconds."""
-    rows = []
-    for epoch in range(epochs):
-        cpu0, srv0, t0 = _cpu_seconds(_SERVER[0]), _proc_cpu(server_pid), time.perf_counter()
-        n = 0
-        for x, y in make(epoch):
-            assert x.dtype in (torch.float32, torch.uint8) and x.shape[-2:] == (224, 224)
-            n += len(y)
-        wall = time.perf_counter() - t0
-        rows.append({"images": n, "wall_seconds": wall, "cpu_seconds": _cpu_seconds(_SERVER[0]) - cpu0,
-                     "server_cpu_seconds": _proc_cpu(server_pid) - srv0})
-    best = rows[1:] or rows  # the first pass includes page-cache warm-up
-    ips = statistics.median(r["images"] / r["wall_seconds"] for r in best)
-    per_core = statistics.median(r["images"] / r["cpu_seconds"] for r in best)
-    out = {"images_per_second": round(ips, 1), "images_per_core_second": round(per_core, 1), "passes": rows}
-    if server_pid is not None:
+def one_pass(make, epoch: int, server_pid: int | None = None) -> dict:
+    """One pass over the loader ``make(epoch)``: images, wall, CPU seconds (ours and the server's)."""
+    cpu0, srv0, t0 = _cpu_seconds(_SERVER[0]), _proc_cpu(server_pid), time.perf_counter()
+    n = 0
+    for x, y in make(epoch):
+        assert x.dtype in (torch.float32, torch.uint8) and x.shape[-2:] == (224, 224)
+        n += len(y)
+    return {"images": n, "wall_seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds(_SERVER[0]) - cpu0,
+            "server_cpu_seconds": _proc_cpu(server_pid) - srv0}
+
+
+def summarize(rows: list[dict], server: bool) -> dict:
+    best = rows[1:] or rows  # the first pass includes worker start-up and page-cache warm-up
+    out = {"images_per_second": round(statistics.median(r["images"] / r["wall_seconds"] for r in best), 1),
+           "images_per_core_second": round(statistics.median(r["images"] / r["cpu_seconds"] for r in best), 1),
+           "passes": rows}
+    if server:
         out["server_cpu_seconds_per_1k_images"] = round(
             1000 * statistics.median(r["server_cpu_seconds"] / r["images"] for r in best), 3)
     return out
+
+
+def measure(make, *, epochs: int, server_pid: int | None = None) -> dict:
+    return summarize([one_pass(make, e, server_pid) for e in range(epochs)], server_pid is not None)
 
 
 def pil_loader(root: Path, workers: int, batch: int):
@@ -203,13 +208,20 @@ def main() -> int:
             "packed_s3_fast_uint8": lambda w: new_loader(s3, w, args.batch, uint8=True),
             "synthetic": lambda w: synthetic_loader(n, w, args.batch),
         }
-        for name, build in paths.items():
-            for w in args.workers:
+        # Passes are interleaved across configurations (pass 0 of each, then pass 1 of each, ...), so
+        # drifting load on a shared machine hits every configuration alike; loaders stay warm meanwhile.
+        data_mod._MAX_LOADERS = 64
+        configs = [(name, w, build(w)) for name, build in paths.items() for w in args.workers]
+        rows: dict = {}
+        for epoch in range(args.epochs):
+            for name, w, make in configs:
                 pid = server.proc.pid if name.startswith("packed_s3") else None
-                r = measure(build(w), epochs=args.epochs, server_pid=pid)
-                results["paths"].setdefault(name, {})[f"workers={w}"] = r
-                print(f"{name:18s} workers={w}: {r['images_per_second']:7.1f} img/s  "
-                      f"{r['images_per_core_second']:7.1f} img/s per core", flush=True)
+                rows.setdefault((name, w), []).append(one_pass(make, epoch, pid))
+        for name, w, _ in configs:
+            r = summarize(rows[name, w], name.startswith("packed_s3"))
+            results["paths"].setdefault(name, {})[f"workers={w}"] = r
+            print(f"{name:24s} workers={w}: {r['images_per_second']:7.1f} img/s  "
+                  f"{r['images_per_core_second']:7.1f} img/s per core", flush=True)
         if torch.cuda.is_available():
             for w in args.workers:
                 r = measure(new_loader(s3, w, args.batch, decode="gpu", device=torch.device("cuda")),
