@@ -12,7 +12,7 @@ import torch
 from tests.support import REPO
 from tests.test_store import _model, _write
 from twa_scale import store
-from twa_scale.cli import main, split_run_url
+from twa_scale.cli import human_bytes, main, split_run_url
 from twa_scale.layout import FlatLayout
 
 
@@ -37,7 +37,7 @@ def test_ls_and_verify_good_run(store_url, capsys):
     out = capsys.readouterr().out
     assert "3 committed snapshot(s)" in out and f"D={layout.D}" in out
     rows = [line.split() for line in out.splitlines()[2:]]
-    assert rows == [[str(s), str(10 * s), str(s), str(4 * layout.D)] for s in range(3)]
+    assert rows == [[str(s), str(10 * s), str(s), *human_bytes(4 * layout.D).split()] for s in range(3)]
     assert main(["snapshots", "ls", "--json", f"{store_url}/run1"]) == 0
     assert json.loads(capsys.readouterr().out)[2] == {"seq": 2, "step": 20, "epoch": 2, "epoch_fraction": None,
                                                       "bytes": 4 * layout.D}

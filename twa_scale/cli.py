@@ -2,8 +2,9 @@
 
     twa-scale train [flags]              what `launch/train.py` does (same flags, --config, --preset)
     twa-scale twa [flags]                what `launch/twa.py` does
-    twa-scale snapshots ls URL/RUN       committed snapshots: seq, step, epoch, bytes
-    twa-scale snapshots verify URL/RUN   check every checksum; non-zero exit naming each bad object
+    twa-scale snapshots ls URL/RUN       committed snapshots: seq, step, epoch, size (--json: bytes); damaged marked
+    twa-scale snapshots verify URL/RUN   check every checksum; exit 1 naming each bad object
+    twa-scale runs ls URL                runs: fingerprint, lease holder, state, snapshot count
     twa-scale data pack SRC DST          ImageFolder tree -> WebDataset shards + index.json (resumable)
     twa-scale data verify URL            check every shard's sha256; exit 1 naming each bad shard
 
@@ -24,7 +25,7 @@ __all__ = ["main", "split_run_url", "COMMANDS", "launch_main", "run_stage"]
 
 
 def launch_main(parse: Callable[[], object], run: Callable[[object], object],
-                errors: tuple[type[BaseException], ...] = (ValueError,)) -> int:
+                errors: tuple[type[BaseException], ...] | None = None) -> int:
     """The body of every `launch/*.py`: parse, run, clean up; return the exit status.
 
     Exit statuses follow :mod:`twa_scale.errors`: bad flags and bad input (``errors``, any
@@ -36,7 +37,9 @@ def launch_main(parse: Callable[[], object], run: Callable[[object], object],
     import logging
 
     from twa_scale import comm
-    from twa_scale.errors import EXIT_CONFIG, exit_code
+    from twa_scale.errors import EXIT_CONFIG, EXPECTED_ERRORS, exit_code
+
+    errors = EXPECTED_ERRORS if errors is None else tuple(errors) + EXPECTED_ERRORS
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -80,23 +83,43 @@ def split_run_url(target: str) -> tuple[str, str]:
     return base, run
 
 
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
 def _snapshots_ls(args) -> int:
     from twa_scale.store import open_run
 
     url, run = split_run_url(args.target)
     reader = open_run(url, run, storage_options=args.storage_options)
-    infos = reader.snapshots()
+    infos, damaged = reader.scan()
     if args.json:
-        print(json.dumps([{"seq": i.seq, "step": i.step, "epoch": i.epoch, "epoch_fraction": i.epoch_fraction,
-                           "bytes": i.nbytes} for i in infos]))
+        rows = [{"seq": i.seq, "step": i.step, "epoch": i.epoch, "epoch_fraction": i.epoch_fraction,
+                 "bytes": i.nbytes} for i in infos]
+        rows += [{"seq": seq, "damaged": why} for seq, why in damaged.items()]
+        print(json.dumps(sorted(rows, key=lambda r: r["seq"])))
         return 0
     m = reader.manifest
-    print(f"run {run} at {url}: model {m.model}, D={m.D}, {m.dtype}, "
-          f"{len(infos)} committed snapshot(s)")
-    print(f"{'seq':>6} {'step':>10} {'epoch':>6} {'bytes':>14}")
-    for i in infos:
-        print(f"{i.seq:>6} {i.step:>10} {i.epoch:>6} {i.nbytes:>14}")
+    print(f"run {run} at {url}: model {m.model}, D={m.D}, {m.dtype}, {len(infos)} committed snapshot(s)"
+          + (f", {len(damaged)} DAMAGED" if damaged else ""))
+    print(f"{'seq':>6} {'step':>10} {'epoch':>8} {'size':>10}")
+    lines = {i.seq: f"{i.seq:>6} {i.step:>10} {_epoch(i):>8} {human_bytes(i.nbytes):>10}" for i in infos}
+    lines.update({seq: f"{seq:>6} {'DAMAGED':>10} {'':>8} {'':>10}  {why}" for seq, why in damaged.items()})
+    for seq in sorted(lines):
+        print(lines[seq])
     return 0
+
+
+def _epoch(info) -> str:
+    if info.epoch_fraction is not None and info.epoch_fraction != info.epoch:
+        return f"{info.epoch_fraction:.3g}"
+    return str(info.epoch)
 
 
 def _snapshots_verify(args) -> int:
@@ -115,12 +138,59 @@ def _snapshots_verify(args) -> int:
     return 0
 
 
+def _runs_ls(args) -> int:
+    import hashlib
+    import time
+
+    from twa_scale.store import FormatError, Lease, RunManifest, RunPaths, check_url, open_store
+
+    check_url(args.url)
+    st = open_store(args.url, args.storage_options)
+    now, rows = time.time(), []
+    for name in st.list_dirs(""):
+        paths = RunPaths(name)
+        try:
+            m = RunManifest.from_json(st.get(paths.manifest), st.describe(paths.manifest))
+        except FileNotFoundError:
+            continue  # not a run
+        except FormatError as e:
+            rows.append({"run": name, "state": "damaged", "problem": str(e)})
+            continue
+        ident = m.identity or {"layout_fingerprint": m.fingerprint}
+        fp = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+        try:
+            lease = Lease.from_json(st.get(paths.lease), st.describe(paths.lease))
+            age = lease.age_seconds(now)
+            state = "writing" if age < lease.timeout_seconds else "stale-lease"
+            holder = {"session": lease.session, "host": lease.host, "heartbeat_age_seconds": round(age, 1)}
+        except FileNotFoundError:
+            state, holder = "idle", None
+        except FormatError as e:
+            state, holder = "invalid-lease", {"problem": str(e)}
+        commits = sum(1 for k in st.find(paths.snapshots) if paths.commit_seq(k) is not None)
+        rows.append({"run": name, "model": m.model, "D": m.D, "dtype": m.dtype, "created_at": m.created_at,
+                     "fingerprint": fp, "identity": m.identity, "state": state, "lease": holder,
+                     "snapshots": commits})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'run':<28} {'model':<12} {'fingerprint':<13} {'snapshots':>9}  state")
+    for r in rows:
+        if "problem" in r:
+            print(f"{r['run']:<28} {'':<12} {'':<13} {'':>9}  DAMAGED {r['problem']}")
+            continue
+        who = (f" (session {r['lease']['session']} on {r['lease']['host']}, heartbeat "
+               f"{r['lease']['heartbeat_age_seconds']:.0f}s ago)") if r["lease"] and "session" in r["lease"] else ""
+        print(f"{r['run']:<28} {str(r['model']):<12} {r['fingerprint']:<13} {r['snapshots']:>9}  {r['state']}{who}")
+    return 0
+
+
 def _add_snapshots(sub) -> None:
     p = sub.add_parser("snapshots", help="list or verify the snapshots of a run")
     cmds = p.add_subparsers(dest="snapshots_command", required=True)
-    ls = cmds.add_parser("ls", help="committed snapshots: seq, step, epoch, bytes")
+    ls = cmds.add_parser("ls", help="committed snapshots: seq, step, epoch, size; damaged ones marked")
     ls.add_argument("target", metavar="URL/RUN")
-    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.add_argument("--json", action="store_true", help="print JSON (sizes in bytes) instead of a table")
     ls.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
     ls.set_defaults(func=_snapshots_ls)
     ver = cmds.add_parser("verify", help="check every checksum; exit 1 naming each bad object")
@@ -135,8 +205,18 @@ def _add_data(sub) -> None:
     add_cli_command(sub)
 
 
+def _add_runs(sub) -> None:
+    p = sub.add_parser("runs", help="list the runs under a snapshot URL")
+    cmds = p.add_subparsers(dest="runs_command", required=True)
+    ls = cmds.add_parser("ls", help="runs with their fingerprint, lease holder, state and snapshot count")
+    ls.add_argument("url", metavar="URL")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
+    ls.set_defaults(func=_runs_ls)
+
+
 # name -> function(subparsers) that adds a command group; another module may add e.g. "report".
-COMMANDS: dict[str, Callable] = {"snapshots": _add_snapshots, "data": _add_data}
+COMMANDS: dict[str, Callable] = {"snapshots": _add_snapshots, "runs": _add_runs, "data": _add_data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (2 for bad input, naming it)."""
+    import os
+
+    from twa_scale.errors import EXPECTED_ERRORS, exit_code
+
     argv = list(sys.argv[1:] if argv is None else argv)
     while argv and argv[0].startswith("--local_rank"):  # DeepSpeed's launcher puts it before the command
         argv = argv[1 if "=" in argv[0] else 2:]
@@ -159,10 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_stage(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-        print(f"twa-scale: error: {e}", file=sys.stderr)
-        return 2
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `twa-scale snapshots ls ... | head -2`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:  # noqa: BLE001 - classified; unexpected ones keep their traceback
+        code = exit_code(e, (*EXPECTED_ERRORS, OSError))
+        if code is None:
+            raise
+        print(f"twa-scale: error: {str(e).strip(chr(39))}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -160,8 +160,12 @@ class TrainConfig:
             bad("holdout-fraction", f"must be in [0, 1), got {self.holdout_fraction}")
         if not 0 <= self.metrics_port < 65536:
             bad("metrics-port", f"must be in [0, 65535], got {self.metrics_port}")
-        from twa_scale.store.backend import parse_storage_options
+        from twa_scale.store.backend import check_url, parse_storage_options
         parse_storage_options(self.storage_options)  # one-line error for bad JSON
+        try:
+            check_url(self.snapshot_url)  # s3:// without a bucket, s3:/typo
+        except ValueError as e:
+            bad("snapshot-url", str(e))
         if self.deepspeed_config is not None:
             from twa_scale.engine import find_ds_config
             find_ds_config(self.deepspeed_config)  # one-line error naming --deepspeed_config

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_TEMPFAIL", "ConfigError", "StoreUnreachableError",
+__all__ = ["EXPECTED_ERRORS", "EXIT_CONFIG", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_TEMPFAIL", "ConfigError", "StoreUnreachableError",
            "TransientError", "TwaScaleError", "exit_code", "is_connection_error", "is_transient"]
 
 EXIT_OK = 0
@@ -59,6 +59,12 @@ class StoreUnreachableError(TransientError, OSError):
     Also an ``OSError``, so code that catches store I/O errors still catches it. A store that answers
     "access denied" or "no such bucket" is a configuration problem (``PermissionError``/``ConfigError``).
     """
+
+
+# Bad input that a launch script or the CLI reports as one line with exit 2 (besides ConfigError): a
+# missing file or object, a refused permission, a malformed value, an uncommitted snapshot seq.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
+                                                    IsADirectoryError, PermissionError, KeyError)
 
 
 def is_connection_error(exc: BaseException) -> bool:

@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 __all__ = ["Knob", "KNOBS", "env_int", "env_float", "TRAIN_CONFIG_ENV_PREFIX", "TWA_CONFIG_ENV_PREFIX",
            "UPLOAD_PART_BYTES", "UPLOAD_CONCURRENCY", "CHECKSUM_CHUNK_BYTES", "SNAPSHOT_BACKPRESSURE",
-           "UPLOAD_TIMEOUT_SECONDS", "COMMIT_TIMEOUT_SECONDS", "SIGTERM_FLUSH_SECONDS", "METRICS_DIR",
+           "UPLOAD_TIMEOUT_SECONDS", "COMMIT_TIMEOUT_SECONDS", "STORE_RETRY_SECONDS", "LEASE_TIMEOUT_SECONDS",
+           "LEASE_HEARTBEAT_SECONDS", "SIGTERM_FLUSH_SECONDS", "METRICS_DIR",
            "METRICS_LINGER_SECONDS", "NODE_NAME", "P_KERNEL", "P_KERNELS", "P_CHUNK_COLUMNS", "p_kernel",
            "p_chunk_columns"]
 
@@ -101,6 +102,17 @@ COMMIT_TIMEOUT_SECONDS = _declare("TWA_SCALE_COMMIT_TIMEOUT_SECONDS", 900.0,
 SIGTERM_FLUSH_SECONDS = _declare("TWA_SCALE_SIGTERM_FLUSH_SECONDS", 25.0,
                                  "On SIGTERM (preemption), how long pending snapshots may flush before exit.",
                                  env_float)
+# --- the store (twa_scale.store): retries and the writer lease ----------------------------------
+STORE_RETRY_SECONDS = _declare("TWA_SCALE_STORE_RETRY_SECONDS", 600.0,
+                               "Deadline of the store's retry policy for the training job's small writes "
+                               "(run.json, metrics, commit markers, lease): a store outage shorter than this "
+                               "stalls that write, longer fails the job with exit 75.", env_float)
+LEASE_TIMEOUT_SECONDS = _declare("TWA_SCALE_LEASE_TIMEOUT_SECONDS", 120.0,
+                                 "A run's writer lease without a heartbeat for this long is stale: a --resume "
+                                 "may take it over. Keep it well above clock skew between nodes.", env_float)
+LEASE_HEARTBEAT_SECONDS = _declare("TWA_SCALE_LEASE_HEARTBEAT_SECONDS", None,
+                                   "How often the lease holder rewrites its heartbeat (default: a quarter of "
+                                   "the lease timeout, at most 10 s).", env_float)
 # --- metrics (twa_scale.metrics) ------------------------------------------------------------
 METRICS_DIR = _declare("TWA_SCALE_METRICS_DIR", None,
                        "Directory the local ranks share for Prometheus multiprocess values (default: a "

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import logging
 import queue
-import random
 import signal
 import threading
 import time
@@ -35,6 +34,7 @@ import torch
 from twa_scale import comm, knobs, metrics
 from twa_scale import store as _store
 from twa_scale.layout import FlatLayout
+from twa_scale.store.retry import PERMANENT_ERRORS, RetryDeadlineExceeded, RetryPolicy
 
 __all__ = ["StreamerConfig", "SnapshotStreamer", "Preempted", "flush_on_sigterm"]
 
@@ -65,7 +65,8 @@ class StreamerConfig:
     """"block" (default; waiting counts as stall) or "skip" (drop, count and log)."""
     upload_timeout_seconds: float = dataclasses.field(
         default_factory=knobs.UPLOAD_TIMEOUT_SECONDS.get)
-    """Total time one shard upload may spend retrying before the snapshot is reported failed."""
+    """Total time one shard upload may spend retrying before the snapshot is reported failed
+    (the deadline of the store's RetryPolicy for shard uploads and commits)."""
     retry_initial_seconds: float = 0.5
     """First backoff delay; doubles per attempt, with ±50% jitter."""
     retry_max_seconds: float = 20.0
@@ -112,13 +113,8 @@ class _Job:
     ready: object  # torch.cuda.Event or None
 
 
-class _GaveUp(Exception):
-    pass
-
-
-# Errors that retrying cannot fix; everything else (connection refused/reset, 5xx, timeouts,
-# a bucket briefly missing while the server restarts) is retried until the deadline.
-_PERMANENT = (PermissionError, ValueError, TypeError, NotImplementedError, KeyError)
+_GaveUp = RetryDeadlineExceeded
+_PERMANENT = PERMANENT_ERRORS
 
 
 class SnapshotStreamer:
@@ -130,15 +126,18 @@ class SnapshotStreamer:
     """
 
     def __init__(self, url: str, run_id: str, layout: FlatLayout, *, rank: int, world_size: int,
-                 config: StreamerConfig | None = None):
+                 config: StreamerConfig | None = None, writer: "_store.RunWriter | None" = None):
         self.config = cfg = config or StreamerConfig()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.layout, self.rank, self.world_size = layout, rank, world_size
         self.start, self.stop = layout.slice_for(rank, world_size)  # W > D -> ValueError
         self.session = self._session(cfg.session, world_size)
-        self._writer = _store.open_writer(url, run_id, layout, timeout_seconds=cfg.open_timeout_seconds,
-                                          storage_options=cfg.storage_options)
+        # Rank 0 of a training job passes the writer that holds the run's lease (create_run).
+        self._writer = writer or _store.open_writer(url, run_id, layout, timeout_seconds=cfg.open_timeout_seconds,
+                                                    storage_options=cfg.storage_options, session=self.session)
+        self._policy = RetryPolicy(deadline_seconds=cfg.upload_timeout_seconds,
+                                   initial_seconds=cfg.retry_initial_seconds, max_seconds=cfg.retry_max_seconds)
         if self._writer.dtype != cfg.dtype:
             raise ValueError(f"run {url}/{run_id} stores {self._writer.dtype} snapshots but "
                              f"StreamerConfig.dtype is {cfg.dtype}")
@@ -269,24 +268,14 @@ class SnapshotStreamer:
 
     # ------------------------------------------------------------------ background
     def _retry(self, what: str, fn: Callable, deadline: float):
-        delay, attempts = self.config.retry_initial_seconds, 0
-        while True:
-            attempts += 1
-            try:
-                return fn()
-            except _PERMANENT:
-                raise
-            except Exception as e:  # noqa: BLE001 - transient by default, bounded by the deadline
-                wait = delay * random.uniform(0.5, 1.5)
-                if time.monotonic() + wait > min(deadline, self._abort_at):
-                    raise _GaveUp(f"{what}: gave up after {attempts} attempt(s): {type(e).__name__}: {e}") from e
-                with self._lock:
-                    self.stats["retries"] += 1
-                metrics.snapshot_retry()
-                log.warning("rank %d: %s failed (%s: %s); retry %d in %.1fs", self.rank, what,
-                            type(e).__name__, e, attempts, wait)
-                time.sleep(wait)
-                delay = min(delay * 2, self.config.retry_max_seconds)
+        def counted(attempt: int, e: BaseException, wait: float) -> None:
+            with self._lock:
+                self.stats["retries"] += 1
+            metrics.snapshot_retry()
+            log.warning("rank %d: %s failed (%s: %s); retry %d in %.1fs", self.rank, what,
+                        type(e).__name__, e, attempt, wait)
+
+        return self._policy.call(what, fn, deadline=min(deadline, self._abort_at), on_retry=counted)
 
     def _fail(self, seq: int, why: str) -> None:
         with self._lock:

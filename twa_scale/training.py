@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -85,10 +86,9 @@ def _default_workers(cfg: TrainConfig) -> int:
 def run_training(cfg: TrainConfig) -> dict:
     """Train, snapshot and checkpoint; return the final metrics dict (same on every rank)."""
     from twa_scale import store
-    from twa_scale.streamer import SnapshotStreamer, StreamerConfig, flush_on_sigterm
 
     comm.init()
-    rank, world, device = comm.rank(), comm.world_size(), comm.device()
+    world, device = comm.world_size(), comm.device()
     _share_cpu_threads(device)
     metrics.setup(run_id=cfg.run_id, role="train", port=cfg.metrics_port, addr=cfg.metrics_addr)
     ds = load_ds_config(cfg.deepspeed_config)
@@ -107,19 +107,55 @@ def run_training(cfg: TrainConfig) -> dict:
         _load_snapshot(model, cfg)
     meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes, "image_size": data.image_size,
             "data": cfg.data, "config": cfg.to_dict()}
-    # The store is checked before any training step: an unwritable URL fails here, on every rank.
+    # The store is checked before any training step: an unwritable URL, an existing run without
+    # --resume, a different configuration or a live writer fails here, on every rank.
+    session = comm.broadcast_object(uuid.uuid4().hex[:12])
+    writer = {}  # rank 0: the RunWriter that holds the run's writer lease
 
     def create_run() -> None:  # on rank 0; a failure is a one-line error on every rank
         if comm.rank() == 0:
             from twa_scale.errors import TransientError, is_transient
 
             try:
-                store.create_run(cfg.snapshot_url, cfg.run_id, layout, meta=meta, world_size=world,
-                                 dtype=cfg.snapshot_dtype, storage_options=cfg.storage_options)
+                writer["w"] = store.create_run(
+                    cfg.snapshot_url, cfg.run_id, layout, meta=meta, world_size=world, dtype=cfg.snapshot_dtype,
+                    storage_options=cfg.storage_options, identity=run_identity(cfg, layout, data.num_classes, ds),
+                    resume=cfg.resume, session=session)
             except Exception as e:  # noqa: BLE001 - keep the class that decides the exit status: 75 or 2
                 raise (TransientError if is_transient(e) else ValueError)(str(e)) from e
 
     comm.agree(create_run, f"creating run {cfg.run_id!r} in the store")
+    try:
+        return _train(cfg, engine_args=(model, ds, steps_per_epoch), layout=layout, data=data, micro=micro,
+                      plan=plan, session=session, writer=writer.get("w"))
+    finally:
+        if "w" in writer:
+            writer["w"].close()  # releases the writer lease
+
+
+def run_identity(cfg: TrainConfig, layout: FlatLayout, num_classes: int, ds: dict) -> dict:
+    """What defines a training run (stored in run.json; a --resume must match it)."""
+    fields = ("model", "data", "seed", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "epochs",
+              "holdout_fraction", "limit_train", "snapshot_every", "snapshots_per_epoch", "snapshot_dtype",
+              "init_from")
+    conf = {f: getattr(cfg, f) for f in fields if hasattr(cfg, f)}
+    return {"model": {"name": cfg.model, "num_classes": num_classes},
+            "layout": {"fingerprint": layout.fingerprint, "D": layout.D, "entries": layout.to_json()["entries"]},
+            "data": {k: conf.get(k) for k in ("data", "holdout_fraction", "limit_train")},
+            "seed": cfg.seed,
+            "optimizer": {"name": "sgd", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+                          "batch_size": ds.get("train_batch_size")},
+            "schedule": {k: conf.get(k) for k in ("schedule", "warmup_epochs", "epochs")},
+            "cadence": {k: conf[k] for k in ("snapshot_every", "snapshots_per_epoch", "snapshot_dtype") if k in conf},
+            "init_from": cfg.init_from}
+
+
+def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session, writer) -> dict:
+    from twa_scale import store
+    from twa_scale.streamer import SnapshotStreamer, StreamerConfig, flush_on_sigterm
+
+    rank, world, device = comm.rank(), comm.world_size(), comm.device()
+    model, ds, steps_per_epoch = engine_args
 
     engine = build_engine(model, cfg, ds, steps_per_epoch=steps_per_epoch)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
@@ -130,14 +166,15 @@ def run_training(cfg: TrainConfig) -> dict:
             log.warning("--resume: no checkpoint in %s, starting from epoch 0", cfg.checkpoint_dir)
         else:
             start_epoch = int(client["epoch"])
-            history = [e for e in _read_metrics(cfg).get("epochs", []) if e["epoch"] <= start_epoch]
+            history = comm.broadcast_object(writer.read_metrics_rows(start_epoch) if rank == 0 else None)
             if rank == 0:
                 print(f"resumed from {path} at epoch {start_epoch}", flush=True)
 
     params = layout.trainable(model)
     streamer = SnapshotStreamer(cfg.snapshot_url, cfg.run_id, layout, rank=rank, world_size=world,
-                                config=StreamerConfig(dtype=cfg.snapshot_dtype,
-                                                      storage_options=store.parse_storage_options(cfg.storage_options)))
+                                config=StreamerConfig(dtype=cfg.snapshot_dtype, session=session,
+                                                      storage_options=store.parse_storage_options(cfg.storage_options)),
+                                writer=writer)
     # SIGTERM (preemption) unwinds the loop; pending snapshots then get a bounded flush.
     with flush_on_sigterm(streamer):
         # Snapshot 0 is the initial weights; after a resume the restored weights are re-snapshotted, and
@@ -161,7 +198,6 @@ def run_training(cfg: TrainConfig) -> dict:
             seq = plan.seq_at_boundary(epoch + 1)
             if seq is not None:
                 streamer.snapshot(seq, engine.global_steps, epoch + 1, params, epoch_fraction=float(epoch + 1))
-            _save_checkpoint(engine, cfg, epoch + 1)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "lr": engine.get_lr()[0],
                    "seconds": time.perf_counter() - t0}
@@ -170,7 +206,9 @@ def run_training(cfg: TrainConfig) -> dict:
             if rank == 0:
                 print(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
                       f"val_acc {val['accuracy']:.4f}  {row['seconds']:.1f}s", flush=True)
-                _write_metrics(cfg, history, final=None)
+                # Before the checkpoint that covers this epoch: a resume never lacks its row.
+                writer.write_metrics(history, final=None)
+            _save_checkpoint(engine, cfg, epoch + 1)
     summary = streamer.close()  # already closed: returns the summary
 
     last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
@@ -178,7 +216,7 @@ def run_training(cfg: TrainConfig) -> dict:
              "world_size": world, "train_seconds": sum(r["seconds"] for r in history),
              "snapshots": summary, "run_url": cfg.run_url}
     if rank == 0:
-        _write_metrics(cfg, history, final=final)
+        writer.write_metrics(history, final=final)
     comm.barrier()
     return final
 
@@ -233,20 +271,3 @@ def _save_checkpoint(engine, cfg: TrainConfig, epoch: int) -> None:
                       key=lambda p: int(p.name[5:]))
         for old in tags[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _metrics_url(cfg: TrainConfig) -> str:
-    return f"{cfg.run_url}/train/metrics.json"
-
-
-def _read_metrics(cfg: TrainConfig) -> dict:
-    from twa_scale import store
-
-    return store.read_json(_metrics_url(cfg), default={}, storage_options=cfg.storage_options)
-
-
-def _write_metrics(cfg: TrainConfig, history: list[dict], final: dict | None) -> None:
-    from twa_scale import store
-
-    store.write_json(_metrics_url(cfg), {"run_id": cfg.run_id, "epochs": history, "final": final},
-                     storage_options=cfg.storage_options)

@@ -4,19 +4,24 @@
     backend.py  ObjectStore: local (file://), S3, any other fsspec URL; chosen once from the URL
     writer.py   create_run / open_writer -> RunWriter (shards, commit markers)
     reader.py   open_run -> RunReader (.snapshots(), .read(seq, start, stop), .state_dict, .verify)
+    lease.py    the writer lease (one session writes a run at a time)
+    retry.py    the bounded retry policy of every store write
 """
 from __future__ import annotations
 
 from twa_scale.store.backend import (ObjectStore, StoreAccessError, StoreUnreachable, check_url, open_store,
                                      parse_storage_options)
 from twa_scale.store.format import (DEFAULT_CHUNK_BYTES, DTYPES, CommitMarker, CorruptSnapshotError, FormatError,
-                                    RunManifest, RunPaths, ShardMeta, check_dtype, checksums)
+                                    Lease, RunManifest, RunPaths, ShardMeta, check_dtype, checksums)
 from twa_scale.store.reader import RunReader, SnapshotInfo, open_run, read_json
-from twa_scale.store.writer import RunWriter, create_run, open_writer, write_json
+from twa_scale.store.lease import LeaseHeldError, LeaseLostError
+from twa_scale.store.retry import RetryDeadlineExceeded, RetryPolicy
+from twa_scale.store.writer import RunExistsError, RunWriter, create_run, open_writer, write_json
 
 __all__ = [
     "open_run", "create_run", "open_writer", "read_json", "write_json", "RunReader", "RunWriter", "SnapshotInfo",
-    "RunManifest", "ShardMeta", "CommitMarker", "RunPaths", "CorruptSnapshotError", "FormatError",
+    "RunManifest", "ShardMeta", "CommitMarker", "Lease", "RunPaths", "CorruptSnapshotError", "FormatError",
     "ObjectStore", "StoreUnreachable", "StoreAccessError", "open_store", "check_url", "parse_storage_options",
-    "DTYPES", "DEFAULT_CHUNK_BYTES", "check_dtype", "checksums",
+    "DTYPES", "DEFAULT_CHUNK_BYTES", "check_dtype", "checksums", "RunExistsError", "LeaseHeldError",
+    "LeaseLostError", "RetryPolicy", "RetryDeadlineExceeded",
 ]

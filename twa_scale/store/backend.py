@@ -10,9 +10,10 @@
 * :class:`FsspecStore` for every other fsspec URL (``memory://``, ...), whose PUTs are whole.
 
 Keys are '/'-separated names relative to the store's URL. Options reach the filesystem in this
-order, later ones winning: fsspec's own configuration (``fsspec.config.conf``: its config files
-and ``FSSPEC_<PROTOCOL>_*`` variables), this module's defaults, then ``storage_options``
-(``--storage-options JSON``); nested ``config_kwargs``/``client_kwargs`` dicts are merged key by key.
+order, later ones winning: this module's defaults, fsspec's own configuration
+(``fsspec.config.conf``: its config files and ``FSSPEC_<PROTOCOL>_*`` variables), then
+``storage_options`` (``--storage-options JSON``); nested ``config_kwargs``/``client_kwargs`` dicts
+are merged key by key.
 Options are never logged: they may hold credentials.
 """
 from __future__ import annotations
@@ -218,6 +219,16 @@ class FsspecStore(ObjectStore):
         except FileNotFoundError:
             return []
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Names of the immediate sub-directories (common prefixes) under ``prefix``."""
+        path = self._path(prefix)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
     def exists(self, key: str) -> bool:
         try:
             self.get(key)  # one GET, never a cached listing
@@ -320,7 +331,10 @@ class S3Store(FsspecStore):
         except FileExistsError:
             return False
         except OSError as e:
-            if "PreconditionFailed" in str(e) or "412" in str(e):
+            # s3fs turns 412 PreconditionFailed into OSError(EINVAL, "At least one of the pre-conditions
+            # you specified did not hold") (SeaweedFS 4.48 and AWS answer the same).
+            text = f"{e} {e.__cause__ or ''}".lower()
+            if "pre-condition" in text or "precondition" in text or "412" in text:
                 return False
             raise
 
@@ -331,16 +345,40 @@ class S3Store(FsspecStore):
         else:
             self.fs.pipe_file(self._path(key), _Parts(view), chunksize=part, max_concurrency=concurrency)
 
+    def _guard(self, fn, *args, **kwargs):
+        """Call into s3fs; botocore errors that are not OSErrors (NoCredentialsError, ...) become
+        one StoreUnreachableError/StoreAccessError naming endpoint and bucket."""
+        try:
+            out = fn(*args, **kwargs)
+        except (OSError, ValueError, TypeError):
+            raise
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors
+            raise self.unreachable(e) from e
+        if isinstance(out, list):
+            for x in out:
+                if isinstance(x, Exception) and not isinstance(x, (OSError, ValueError)):
+                    raise self.unreachable(x) from x
+        return out
+
     def get(self, key: str) -> bytes:
         try:
-            return self.fs.cat_file(self._path(key), max_concurrency=1)
+            return self._guard(self.fs.cat_file, self._path(key), max_concurrency=1)
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.describe(key)} does not exist") from None
 
     def get_many(self, keys):
         keys = list(keys)
-        return self.fs.cat_ranges([self._path(k) for k in keys], [None] * len(keys), [None] * len(keys),
-                                  on_error="return", max_concurrency=1)
+        return self._guard(self.fs.cat_ranges, [self._path(k) for k in keys], [None] * len(keys),
+                           [None] * len(keys), on_error="return", max_concurrency=1)
+
+    def get_ranges(self, keys, starts, ends):
+        return self._guard(super().get_ranges, keys, starts, ends)
+
+    def find(self, prefix: str) -> list[str]:
+        return self._guard(super().find, prefix)
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        return self._guard(super().list_dirs, prefix)
 
     def check_writable(self) -> None:
         """Resolve credentials, reach the endpoint, create a missing bucket, prove a write."""
@@ -403,7 +441,7 @@ def open_store(url: str, storage_options: dict | str | None = None, *, quick: bo
         defaults = dict(_S3_DEFAULTS)
         if not os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION"):
             defaults = _merge(defaults, {"config_kwargs": {"request_checksum_calculation": "when_required"}})
-        merged = _merge(conf.get("s3", {}), defaults, options)
+        merged = _merge(defaults, conf.get("s3", {}), options)
         fast = _merge(merged, {"config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 1}}})
         fs = fsspec.filesystem("s3", **(fast if quick else merged))
         if quick:

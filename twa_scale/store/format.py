@@ -33,9 +33,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from twa_scale.errors import ConfigError
 from twa_scale.layout import FlatLayout
 
-__all__ = ["CorruptSnapshotError", "FormatError", "RunManifest", "ShardMeta", "CommitMarker", "RunPaths",
+__all__ = ["CorruptSnapshotError", "FormatError", "RunManifest", "ShardMeta", "CommitMarker", "Lease", "RunPaths",
            "DTYPES", "DEFAULT_CHUNK_BYTES", "check_dtype", "checksums", "seal", "unseal"]
 
 if sys.byteorder != "little":  # shards are raw little-endian values; no byte swapping is implemented
@@ -48,8 +49,9 @@ READS = (1, 2)       # what it reads
 SEAL_KEY = "json_sha256"
 
 
-class CorruptSnapshotError(IOError):
-    """A stored object is missing, truncated or fails its checksum; the message names it."""
+class CorruptSnapshotError(ConfigError, IOError):
+    """A stored object is missing, truncated or fails its checksum; the message names it.
+    Permanent bad input (exit 2): retrying cannot repair it."""
 
 
 class FormatError(CorruptSnapshotError):
@@ -290,10 +292,44 @@ class RunManifest(_Record):
     def _decode(cls, name: str, value: Any, where: str, version: int) -> Any:
         if name == "layout":
             try:
-                return FlatLayout.from_json(value)
+                layout = FlatLayout.from_json(value)
             except (KeyError, TypeError, ValueError) as e:
                 raise FormatError(f"{where}: invalid layout: {e}") from None
+            _check_offsets(layout, where)
+            return layout
         return value
+
+
+def _check_offsets(layout: FlatLayout, where: str) -> None:
+    """The fingerprint covers names and shapes only: offsets and sizes must follow from them."""
+    offset = 0
+    for e in layout.entries:
+        numel = 1
+        for d in e.shape:
+            numel *= d
+        if e.offset != offset or e.numel != numel:
+            raise FormatError(f"{where}: layout entry {e.name!r} has offset {e.offset} and size {e.numel}; "
+                              f"its shape {list(e.shape)} after the entries before it needs offset {offset}, "
+                              f"size {numel}")
+        offset += numel
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Lease(_Record):
+    """The writer lease of a run: one session writes it at a time; a heartbeat proves it is alive."""
+
+    KIND: ClassVar[str] = "lease"
+
+    session: str
+    host: str
+    pid: int
+    acquired_at: float
+    heartbeat_at: float
+    timeout_seconds: float
+    """After this long without a heartbeat the lease is stale (a --resume may take it over)."""
+
+    def age_seconds(self, now: float) -> float:
+        return max(0.0, now - self.heartbeat_at)
 
 
 class RunPaths:
@@ -308,6 +344,10 @@ class RunPaths:
         self.lease = f"{run_id}/LEASE.json"
         self.snapshots = f"{run_id}/snapshots"
         self.metrics = f"{run_id}/train/metrics.json"
+        self.epoch_rows = f"{run_id}/train/epochs"
+
+    def epoch_row(self, epoch: int) -> str:
+        return f"{self.epoch_rows}/{epoch:06d}.json"
 
     def seq_dir(self, seq: int) -> str:
         return f"{self.snapshots}/{seq:08d}"

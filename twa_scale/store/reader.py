@@ -15,7 +15,7 @@ from twa_scale.store.backend import open_store
 from twa_scale.store.format import (DTYPES, CommitMarker, CorruptSnapshotError, FormatError, RunManifest,
                                     RunPaths, ShardMeta, checksums)
 
-__all__ = ["SnapshotInfo", "RunReader", "open_run", "read_json"]
+__all__ = ["SnapshotInfo", "RunReader", "open_run", "read_json", "verify_shard"]
 
 _READ_PIECE_BYTES = 16 << 20  # range reads are split so s3fs fetches pieces concurrently
 
@@ -68,15 +68,6 @@ class RunReader:
     def describe(self, key: str) -> str:
         return self.store.describe(key)
 
-    def _commit_keys(self) -> dict[int, str]:
-        # One flat listing (s3fs: fresh, paginated, no per-directory requests, no stale cache).
-        out = {}
-        for key in self.store.find(self.paths.snapshots):
-            seq = self.paths.commit_seq(key)
-            if seq is not None:
-                out[seq] = key
-        return out
-
     def _parse_marker(self, key: str, raw: bytes) -> CommitMarker:
         where = self.describe(key)
         marker = CommitMarker.from_json(raw, where)
@@ -95,17 +86,48 @@ class RunReader:
             self._commits[seq] = self._parse_marker(key, raw)
         return self._commits[seq]
 
-    def snapshots(self) -> list[SnapshotInfo]:
-        """Committed snapshots, sorted by seq."""
-        keys = self._commit_keys()
-        missing = {s: k for s, k in keys.items() if s not in self._commits}
-        if missing:
-            raw = self.store.get_many(list(missing.values()))
-            for (seq, key), data in zip(missing.items(), raw):
+    def scan(self) -> tuple[list[SnapshotInfo], dict[int, str]]:
+        """(committed snapshots, {seq: problem} of damaged ones), from one listing.
+
+        Committed: a valid marker whose shard objects are all present. Damaged: an empty or invalid
+        marker (never listed as committed), or a valid one whose objects are missing. Checksums
+        are checked by ``read`` and ``verify``, not here.
+        """
+        # One flat listing (s3fs: fresh, paginated, no per-directory requests, no stale cache).
+        keys = set(self.store.find(self.paths.snapshots))
+        markers = {seq: k for k in keys if (seq := self.paths.commit_seq(k)) is not None}
+        todo = {s: k for s, k in markers.items() if s not in self._commits}
+        damaged: dict[int, str] = {}
+        if todo:
+            for (seq, key), data in zip(todo.items(), self.store.get_many(list(todo.values()))):
                 if isinstance(data, Exception) or data is None:
-                    raise CorruptSnapshotError(f"cannot read {self.describe(key)}: {data}")
-                self._commits[seq] = self._parse_marker(key, data)
-        return [self.info(s) for s in sorted(keys)]
+                    damaged[seq] = f"cannot read {self.describe(key)}: {data}"
+                    continue
+                try:
+                    self._commits[seq] = self._parse_marker(key, data)
+                except FormatError as e:
+                    damaged[seq] = f"not committed: {e}"
+        infos = []
+        for seq in sorted(markers):
+            if seq in damaged:
+                continue
+            m = self._commits[seq]
+            absent = [k for sm in m.shards for k in (self.paths.shard_object(sm), self.paths.shard_meta_object(sm))
+                      if k not in keys]
+            if absent:
+                damaged[seq] = f"{self.describe(absent[0])} is missing" + (
+                    f" (and {len(absent) - 1} more object(s))" if len(absent) > 1 else "")
+                continue
+            infos.append(self.info(seq))
+        return infos, dict(sorted(damaged.items()))
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Committed, undamaged snapshots, sorted by seq (see :meth:`scan`)."""
+        return self.scan()[0]
+
+    def damaged(self) -> dict[int, str]:
+        """{seq: problem} of snapshots with an invalid marker or missing objects (see :meth:`scan`)."""
+        return self.scan()[1]
 
     def info(self, seq: int) -> SnapshotInfo:
         m = self._marker(seq)
@@ -197,42 +219,46 @@ class RunReader:
         return sd
 
     def verify(self, seqs: Sequence[int] | None = None) -> list[str]:
-        """Check every committed snapshot (or ``seqs``) in full; a list of problems, each naming
+        """Check every snapshot with a marker (or ``seqs``) in full; a list of problems, each naming
         the object at fault (empty when all is well)."""
         problems: list[str] = []
-        try:
-            infos = self.snapshots()
-        except CorruptSnapshotError as e:
-            return [str(e)]
-        for seq in (seqs if seqs is not None else [i.seq for i in infos]):
+        infos, damaged = self.scan()
+        if seqs is None:
+            problems += [f"snapshot seq {s}: {why}" for s, why in damaged.items()]
+            seqs = [i.seq for i in infos]
+        for seq in seqs:
             try:
                 marker = self._marker(seq)
             except (KeyError, CorruptSnapshotError) as e:
                 problems.append(str(e).strip("'\""))
                 continue
             for m in marker.shards:
-                key = self.paths.shard_object(m)
-                where = self.describe(key)
-                meta_key = self.paths.shard_meta_object(m)
-                try:
-                    if ShardMeta.from_json(self.store.get(meta_key), self.describe(meta_key)) != m:
-                        problems.append(f"{self.describe(meta_key)} differs from the copy in its commit marker")
-                except FileNotFoundError:
-                    problems.append(f"{self.describe(meta_key)} is missing")
-                except CorruptSnapshotError as e:
-                    problems.append(str(e))
-                try:
-                    blob = self.store.get(key)
-                except FileNotFoundError:
-                    problems.append(f"{where} is missing")
-                    continue
-                if len(blob) != m.nbytes:
-                    problems.append(f"{where} has {len(blob)} bytes, expected {m.nbytes} (truncated or overwritten)")
-                    continue
-                bad = [k for k, c in enumerate(checksums(memoryview(blob), m.chunk_bytes)) if c != m.chunks[k]]
-                if bad:
-                    problems.append(f"{where}: checksum mismatch in chunk(s) {bad}")
+                problems += verify_shard(self.store, self.paths, m)
         return problems
+
+
+def verify_shard(store, paths: RunPaths, m: ShardMeta) -> list[str]:
+    """Problems of one shard (its metadata object, size and every chunk's CRC-32), naming objects."""
+    problems = []
+    key, meta_key = paths.shard_object(m), paths.shard_meta_object(m)
+    where = store.describe(key)
+    try:
+        if ShardMeta.from_json(store.get(meta_key), store.describe(meta_key)) != m:
+            problems.append(f"{store.describe(meta_key)} differs from the copy in its commit marker")
+    except FileNotFoundError:
+        problems.append(f"{store.describe(meta_key)} is missing")
+    except CorruptSnapshotError as e:
+        problems.append(str(e))
+    try:
+        blob = store.get(key)
+    except FileNotFoundError:
+        return problems + [f"{where} is missing"]
+    if len(blob) != m.nbytes:
+        return problems + [f"{where} has {len(blob)} bytes, expected {m.nbytes} (truncated or overwritten)"]
+    bad = [k for k, c in enumerate(checksums(memoryview(blob), m.chunk_bytes)) if c != m.chunks[k]]
+    if bad:
+        problems.append(f"{where}: checksum mismatch in chunk(s) {bad}")
+    return problems
 
 
 def read_json(url: str, default: Any = ..., *, storage_options: dict | str | None = None) -> Any:

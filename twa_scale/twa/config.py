@@ -57,6 +57,8 @@ class TwaConfig:
     epoch position: 0:60 takes every snapshot taken up to the end of epoch 60, whatever the snapshot
     cadence was (seq 0, the initial weights, is at epoch 0); STRIDE keeps every STRIDE-th of them.
     Exclusive with --select."""
+    allow_gaps: bool = False
+    """Accept a --select range in which some seqs are not committed (otherwise refused, naming them)."""
     start: int | None = None
     """Start from snapshot SEQ instead of the SWA mean of the selected snapshots."""
     epochs: int = 10
@@ -199,8 +201,12 @@ class TwaConfig:
                 bad(flag, f"must be {want}, got {v}")
         if not 0 <= self.metrics_port < 65536:
             bad("metrics-port", f"must be in [0, 65535], got {self.metrics_port}")
-        from twa_scale.store.backend import parse_storage_options
+        from twa_scale.store.backend import check_url, parse_storage_options
         parse_storage_options(self.storage_options)  # one-line error for bad JSON
+        try:
+            check_url(self.snapshot_url)  # s3:// without a bucket, s3:/typo
+        except ValueError as e:
+            bad("snapshot-url", str(e))
 
     @property
     def output_url(self) -> str:
@@ -219,7 +225,24 @@ class TwaConfig:
         return d
 
 
+def join_negative_select(argv: Sequence[str]) -> list[str]:
+    """``--select -5:`` -> ``--select=-5:``: argparse would read ``-5:`` as a flag."""
+    import re
+
+    out, args = [], list(argv)
+    for i, a in enumerate(args):
+        if i and args[i - 1] == "--select" and re.fullmatch(r"-\d*:-?\d*(:\d*)?", a):
+            out[-1] = f"--select={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def parse_twa_args(argv: Sequence[str] | None = None) -> TwaConfig:
-    """Parse argv into a TwaConfig (flags, --config, --preset, environment TWA_SCALE_TWA_*)."""
+    """Parse argv into a TwaConfig (flags, --config, --preset, environment TWA_SCALE_TWA_*).
+    ``--select -5:`` is accepted as ``--select=-5:``."""
+    import sys
+
+    argv = join_negative_select(sys.argv[1:] if argv is None else argv)
     return parse_config(TwaConfig, argv, stage="twa", prog="launch/twa.py",
                         description="Trainable Weight Averaging over streamed snapshots.")

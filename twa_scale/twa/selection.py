@@ -91,6 +91,9 @@ def check_select_seqs(infos: Sequence[Any], spec: str | None) -> None:
 
     a, b, _ = parse_select(spec)
     seqs = sorted(i.seq for i in infos)
+    end = seqs[-1] + 1 if seqs else 0  # negative ends count back from here: -5: is the last five
+    a = a + end if a is not None and a < 0 else a
+    b = b + end if b is not None and b < 0 else b
     have = set(seqs)
     span = f"committed: seq {seqs[0]}..{seqs[-1]}" if seqs else "no snapshot is committed"
     for what, seq in (("A", a), ("B - 1", None if b is None else b - 1)):
@@ -101,3 +104,31 @@ def check_select_seqs(infos: Sequence[Any], spec: str | None) -> None:
         if gaps:
             log.warning("--select %s: seqs %s inside the range are not committed (failed snapshots?); "
                         "using the others", spec, gaps)
+
+
+def check_selection(spec: str | None, committed: Sequence[int], damaged: dict[int, str], *,
+                    allow_gaps: bool = False) -> None:
+    """Refuse a --select range that holds a damaged snapshot (naming its seq: an invalid commit
+    marker or a missing object, see ``RunReader.scan``) or, without ``allow_gaps``, a seq that is not
+    committed. A selection that avoids the damaged seqs works."""
+    from twa_scale.twa.config import parse_select
+
+    a, b, stride = parse_select(spec)
+    known = sorted(set(committed) | set(damaged))
+    if not known:
+        return
+    end = known[-1] + 1
+    a = a + end if a is not None and a < 0 else a
+    b = b + end if b is not None and b < 0 else b
+    lo = known[0] if a is None else a
+    hi = end if b is None else b
+    sel = f"--select {spec}" if spec else "the selection (every snapshot)"
+    bad = [s for s in range(lo, hi, stride) if s in damaged]
+    if bad:
+        raise ConfigError(f"{sel} includes damaged snapshot seq {bad[0]} ({damaged[bad[0]]})"
+                          + (f" and seqs {bad[1:]}" if bad[1:] else "") + "; choose a selection that avoids it")
+    have = set(committed)
+    gaps = [s for s in range(lo, min(hi, end), stride) if s not in have]
+    if gaps and not allow_gaps:
+        raise ConfigError(f"{sel}: snapshot seq(s) {gaps} are not committed; pass --allow-gaps to use the "
+                          "selection without them")

@@ -57,6 +57,9 @@ def select_snapshots(infos: Sequence[Any], spec: str | None) -> list[SnapshotRef
     refs = [SnapshotRef(int(i.seq), getattr(i, "step", None), getattr(i, "epoch", None)) for i in infos]
     if not refs:
         return []
+    end = refs[-1].seq + 1  # negative A or B count back from here: -5: is the last five seqs
+    a = a + end if a is not None and a < 0 else a
+    b = b + end if b is not None and b < 0 else b
     lo = refs[0].seq if a is None else a
     return [r for r in refs if r.seq >= lo and (b is None or r.seq < b) and (r.seq - lo) % stride == 0]
 

@@ -65,12 +65,14 @@ class TwaInputs:
     data: Any
 
 
-def _select(infos, cfg: TwaConfig) -> list[SnapshotRef]:
-    """--select-epochs through the records' epoch positions, else --select by seq (ends checked)."""
-    from twa_scale.twa.selection import check_select_seqs, position, select_by_epochs
+def _select(infos, cfg: TwaConfig, damaged: dict[int, str] | None = None) -> list[SnapshotRef]:
+    """--select-epochs through the records' epoch positions, else --select by seq (ends checked; a damaged
+    snapshot in the range refused, naming it; gaps refused unless --allow-gaps)."""
+    from twa_scale.twa.selection import check_select_seqs, check_selection, position, select_by_epochs
 
     if cfg.select_epochs is not None:
         return [SnapshotRef(i.seq, i.step, position(i)) for i in select_by_epochs(infos, cfg.select_epochs)]
+    check_selection(cfg.select, [i.seq for i in infos], damaged or {}, allow_gaps=cfg.allow_gaps)
     check_select_seqs(infos, cfg.select)
     return select_snapshots(infos, cfg.select)
 
@@ -92,7 +94,8 @@ def load_inputs(cfg: TwaConfig) -> TwaInputs:
     model = build_model(meta["model"], int(meta["num_classes"])).to(comm.device())
     layout = FlatLayout.from_model(model)
     reader.layout.check_matches(layout, what=f"model {meta['model']!r} with {meta['num_classes']} classes")
-    refs = _select(reader.snapshots(), cfg)
+    infos, damaged = reader.scan()
+    refs = _select(infos, cfg, damaged)
     train_cfg = TrainConfig.from_dict(meta.get("config") or {})
     for name in ("data", "limit_train", "limit_val"):
         if getattr(cfg, name) is not None:

@@ -1,0 +1,257 @@
+"""The typed on-storage format, strict URLs, storage options, the writer lease, commits that are
+never empty or stolen, damaged snapshots that damage only themselves; on memory, file and S3."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import torch
+
+from tests.test_store import _model, _write
+from twa_scale import store
+from twa_scale.cli import main
+from twa_scale.layout import FlatLayout
+from twa_scale.store import (CommitMarker, FormatError, Lease, LeaseHeldError, RetryDeadlineExceeded, RetryPolicy,
+                             RunExistsError, RunManifest, check_url, open_store)
+from twa_scale.store.lease import LeaseLostError, acquire_lease
+
+IDENTITY = {"model": {"name": "tiny"}, "seed": 0, "optimizer": {"lr": 0.1}}
+
+
+def _new(url, run_id="run1", *, session=None, resume=False, identity=IDENTITY, world=2):
+    layout = FlatLayout.from_model(_model())
+    return store.create_run(url, run_id, layout, meta={"model": "tiny"}, world_size=world, identity=identity,
+                            resume=resume, session=session or uuid.uuid4().hex[:12])
+
+
+def _objects(url, prefix="run1"):
+    st = open_store(url)
+    return {k: st.get(k) for k in st.find(prefix)}
+
+
+# ---------------------------------------------------------------- format
+def test_records_round_trip_and_name_the_object_when_bad():
+    layout = FlatLayout.from_model(_model())
+    m = RunManifest(run_id="r", url="memory://x", created_at=1.0, fingerprint=layout.fingerprint, D=layout.D,
+                    layout=layout, world_size=1, dtype="float32", identity=IDENTITY)
+    again = RunManifest.from_json(m.to_json(), "x/run.json")
+    assert again.identity == IDENTITY and again.layout.D == layout.D
+    obj = json.loads(m.to_json())
+    with pytest.raises(FormatError, match="x/run.json has format twa_scale.run/9, which this version"):
+        RunManifest.from_json({**obj, "format": "twa_scale.run/9"}, "x/run.json")
+    with pytest.raises(FormatError, match="x/run.json fails its own checksum"):
+        RunManifest.from_json({**obj, "world_size": 3}, "x/run.json")
+    with pytest.raises(FormatError, match="x/run.json is empty"):
+        RunManifest.from_json(b"", "x/run.json")
+    v1 = {k: v for k, v in obj.items() if k not in ("json_sha256", "run_id")} | {"format": "twa_scale.run/1"}
+    with pytest.raises(FormatError, match="x/run.json .*has no field 'run_id'"):
+        RunManifest.from_json(v1, "x/run.json")
+    # offsets and sizes must follow from names and shapes (the fingerprint covers only those)
+    entries = [list(e) for e in obj["layout"]["entries"]]
+    entries[1][3] += 1
+    forged = {k: v for k, v in obj.items() if k != "json_sha256"}
+    forged["layout"] = {**obj["layout"], "entries": entries}
+    with pytest.raises(FormatError, match="has offset"):
+        RunManifest.from_json(store.format.seal(forged), "x/run.json")
+
+
+def test_strict_urls():
+    for bad, needle in [("s3://", "names no bucket"), ("s3:///x", "names no bucket"),
+                        ("s3:/bucket/typo", "must be followed by '://'"), ("file://rel/path", "absolute path"),
+                        ("", "empty")]:
+        with pytest.raises(ValueError, match=needle):
+            check_url(bad)
+    assert check_url("s3://b/p") == ("s3", "b/p") and check_url("/abs/dir") == ("file", "/abs/dir")
+
+
+def test_storage_options_and_fsspec_config_reach_the_filesystem(monkeypatch):
+    pytest.importorskip("s3fs")
+    from fsspec.config import conf
+
+    monkeypatch.setitem(conf, "s3", {"endpoint_url": "http://from-fsspec-config:1", "config_kwargs": {"read_timeout": 7}})
+    st = open_store("s3://bkt/p")
+    assert st.fs.client_kwargs.get("endpoint_url") == "http://from-fsspec-config:1" or \
+        st.fs.endpoint_url == "http://from-fsspec-config:1"
+    assert st.fs.config_kwargs["read_timeout"] == 7 and st.fs.config_kwargs["connect_timeout"] == 10
+    st = open_store("s3://bkt/p", '{"endpoint_url": "http://from-flag:2", "config_kwargs": {"connect_timeout": 3}}')
+    assert "from-flag" in str(st.endpoint)
+    assert st.fs.config_kwargs["read_timeout"] == 7 and st.fs.config_kwargs["connect_timeout"] == 3
+    with pytest.raises(ValueError, match="--storage-options"):
+        open_store("s3://bkt/p", "[1]")
+
+
+def test_retry_policy_is_bounded_and_raises_permanent_errors_at_once():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        raise ConnectionResetError("reset")
+
+    t0 = time.monotonic()
+    with pytest.raises(RetryDeadlineExceeded, match="writing x: gave up after .* ConnectionResetError"):
+        RetryPolicy(deadline_seconds=0.5, initial_seconds=0.05).call("writing x", flaky)
+    assert len(calls) >= 2 and time.monotonic() - t0 < 2
+    with pytest.raises(PermissionError):
+        RetryPolicy().call("w", lambda: (_ for _ in ()).throw(PermissionError("denied")))
+
+
+# ---------------------------------------------------------------- run identity and lease
+def test_relaunch_without_resume_is_refused_and_changes_nothing(store_url):
+    w = _new(store_url)
+    _write(w, 0, torch.randn(w.layout.D), 2, session=w.session)
+    w.close()
+    before = _objects(store_url)
+    with pytest.raises(RunExistsError, match=r"run .*run1 already exists .* Pass --resume"):
+        _new(store_url)
+    assert _objects(store_url) == before
+    with pytest.raises(RunExistsError, match=r"fields that differ .*optimizer.lr \(0.1 -> 0.2\), seed \(0 -> 1\)"):
+        _new(store_url, resume=True, identity={**IDENTITY, "seed": 1, "optimizer": {"lr": 0.2}})
+    assert _objects(store_url) == before
+    _new(store_url, resume=True).close()  # the same identity resumes
+
+
+def test_second_writer_fails_fast_naming_the_holder(store_url):
+    a = _new(store_url, session="aaaa1111")
+    with pytest.raises(LeaseHeldError, match=r"being written by session aaaa1111 .*last heartbeat \d+s ago"):
+        _new(store_url, resume=True, session="bbbb2222")
+    a.close()
+    b = _new(store_url, resume=True, session="bbbb2222")  # released: free to take
+    b.close()
+
+
+def test_stale_lease_is_taken_over_by_resume_only(store_url):
+    st, paths = open_store(store_url), store.RunPaths("run1")
+    w = _new(store_url, session="old00001")
+    w.lease._stop.set()  # the holder "dies": no more heartbeats
+    stale = Lease(**{**{k: getattr(w.lease.lease, k) for k in ("session", "host", "pid", "acquired_at")},
+                     "heartbeat_at": time.time() - 500, "timeout_seconds": 120.0})
+    st.put_small(paths.lease, stale.to_json())
+    with pytest.raises(LeaseHeldError, match="stale .*relaunch with --resume"):
+        acquire_lease(st, paths, "new00002", resume=False)
+    new = acquire_lease(st, paths, "new00002", resume=True)
+    # the old holder notices at its next heartbeat and stops committing
+    with pytest.raises(LeaseLostError):
+        w.lease.heartbeat()
+    metas = _write(w, 3, torch.randn(w.layout.D), 2, session="old00001", commit=False)
+    with pytest.raises(LeaseLostError, match="taken over"):
+        w.commit(3, metas)
+    new.release()
+
+
+def test_commit_never_replaces_another_sessions_marker_and_cleanup_keeps_others(store_url):
+    w = _new(store_url, session="sessaaaa")
+    vec = torch.randn(w.layout.D)
+    _write(w, 0, vec, 2, session="sessaaaa")
+    other = _write(w, 0, vec + 1, 2, session="sessbbbb", commit=False)  # a second writer's shards
+    kept = w.commit(0, other)
+    assert kept.session == "sessaaaa"
+    assert torch.equal(store.open_run(store_url, "run1").read(0), vec)
+    w.remove_uncommitted(0)  # removes only its own session's unreferenced objects
+    names = {k.rsplit("/", 1)[-1] for k in open_store(store_url).find("run1/snapshots/00000000")}
+    assert any("sessbbbb" in n for n in names)
+    w.close()
+
+
+# ---------------------------------------------------------------- empty and damaged snapshots
+def test_empty_marker_is_never_listed_and_resume_recommits_it(store_url, capsys):
+    w = _new(store_url, session="sess0001")
+    vecs = [torch.randn(w.layout.D) for _ in range(3)]
+    for seq, v in enumerate(vecs):
+        _write(w, seq, v, 2, session="sess0001", step=seq, epoch=seq)
+    w.close()
+    st = open_store(store_url)
+    st.put_small("run1/snapshots/00000001/COMMIT.json", b"")  # SeaweedFS's zero-byte object
+    r = store.open_run(store_url, "run1")
+    infos, damaged = r.scan()
+    assert [i.seq for i in infos] == [0, 2] and list(damaged) == [1] and "is empty" in damaged[1]
+    assert main(["snapshots", "ls", f"{store_url}/run1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 DAMAGED" in out and any(line.split()[:2] == ["1", "DAMAGED"] for line in out.splitlines())
+    assert main(["snapshots", "verify", f"{store_url}/run1"]) == 1
+    assert "snapshot seq 1: not committed" in capsys.readouterr().err
+    _new(store_url, resume=True, session="sess0002").close()  # repairs on reopen
+    r = store.open_run(store_url, "run1")
+    assert [i.seq for i in r.snapshots()] == [0, 1, 2] and r.verify() == []
+    assert torch.equal(r.read(1), vecs[1])
+
+
+def test_damaged_snapshot_damages_only_itself_and_twa_selection_refuses_it(store_url, capsys):
+    from twa_scale.errors import ConfigError
+    from twa_scale.twa import check_selection
+    from twa_scale.twa.config import TwaConfig
+
+    w = _new(store_url, session="sess0001")
+    for seq in (0, 1, 2, 3, 5):
+        _write(w, seq, torch.randn(w.layout.D), 2, session="sess0001")
+    w.close()
+    st = open_store(store_url)
+    st.delete(next(k for k in st.find("run1/snapshots/00000002") if k.endswith(".bin")))
+    st.put_small("run1/snapshots/00000003/COMMIT.json", b'{"format": "twa_scale.commit/2"')
+    assert main(["snapshots", "verify", f"{store_url}/run1"]) == 1
+    err = capsys.readouterr().err
+    assert "seq 2" in err and "is missing" in err and "seq 3" in err and "2 problem(s)" in err
+    r = store.open_run(store_url, "run1")
+    infos, damaged = r.scan()
+    assert [i.seq for i in infos] == [0, 1, 5] and sorted(damaged) == [2, 3]
+    cfg = lambda sel, gaps=False: TwaConfig(snapshot_url=store_url, run_id="run1", select=sel, allow_gaps=gaps)  # noqa: E731
+    with pytest.raises(ConfigError, match=r"--select 1: includes damaged snapshot seq 2"):
+        check_selection(cfg("1:"), [0, 1, 5], damaged)
+    check_selection(cfg("0:2"), [0, 1, 5], damaged)  # avoids it
+    with pytest.raises(ConfigError, match=r"seq\(s\) \[4\] are not committed; pass --allow-gaps"):
+        check_selection(cfg("4:6"), [0, 1, 5], damaged)
+    check_selection(cfg("4:6", gaps=True), [0, 1, 5], damaged)
+    check_selection(cfg("-1:"), [0, 1, 5], damaged)  # the last one only
+
+
+def test_cli_one_line_errors(tmp_path, capsys, monkeypatch):
+    assert main(["snapshots", "ls", "s3:/bucket/typo/run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be followed by '://'" in err[0]
+    assert main(["runs", "ls", "s3://"]) == 2
+    assert "names no bucket" in capsys.readouterr().err
+
+
+@pytest.mark.s3
+def test_no_credentials_is_one_line_naming_endpoint_and_bucket(s3_server, monkeypatch, capsys, tmp_path):
+    import s3fs
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        code = main(["snapshots", "ls", "s3://twa-test/nocreds/run"])
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"endpoint {s3_server.endpoint}, bucket twa-test" in err[0] and "NoCredentialsError" in err[0]
+
+
+def test_runs_ls_lists_fingerprint_lease_and_state(tmp_path, capsys):
+    url = tmp_path.as_uri()
+    w = _new(url, "r-live", session="live0001")
+    _new(url, "r-done", session="done0001").close()
+    assert main(["runs", "ls", "--json", url]) == 0
+    rows = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["r-live"]["state"] == "writing" and rows["r-live"]["lease"]["session"] == "live0001"
+    assert rows["r-done"]["state"] == "idle" and rows["r-done"]["fingerprint"]
+    assert main(["runs", "ls", url]) == 0
+    assert "session live0001" in capsys.readouterr().out
+    w.close()
+
+
+def test_commit_marker_carries_epoch_fraction(store_url):
+    w = _new(store_url, session="frac0001")
+    view = memoryview(torch.zeros(w.layout.D).numpy()).cast("B")
+    meta = w.shard_meta(4, rank=0, world_size=1, session="frac0001", view=view, step=40, epoch=2,
+                        epoch_fraction=2.5)
+    w.put_shard(meta, view)
+    marker = w.commit(4, [meta])
+    assert CommitMarker.from_json(marker.to_json(), "m").epoch_fraction == 2.5
+    assert store.open_run(store_url, "run1").snapshots()[0].epoch_fraction == 2.5
+    w.close()
