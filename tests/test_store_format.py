@@ -70,7 +70,8 @@ def test_storage_options_and_fsspec_config_reach_the_filesystem(monkeypatch):
     pytest.importorskip("s3fs")
     from fsspec.config import conf
 
-    monkeypatch.setitem(conf, "s3", {"endpoint_url": "http://from-fsspec-config:1", "config_kwargs": {"read_timeout": 7}})
+    monkeypatch.setitem(conf, "s3", {"endpoint_url": "http://from-fsspec-config:1",
+                                     "config_kwargs": {"read_timeout": 7}})
     st = open_store("s3://bkt/p")
     assert st.fs.client_kwargs.get("endpoint_url") == "http://from-fsspec-config:1" or \
         st.fs.endpoint_url == "http://from-fsspec-config:1"
@@ -179,8 +180,7 @@ def test_empty_marker_is_never_listed_and_resume_recommits_it(store_url, capsys)
 
 def test_damaged_snapshot_damages_only_itself_and_twa_selection_refuses_it(store_url, capsys):
     from twa_scale.errors import ConfigError
-    from twa_scale.twa import check_selection
-    from twa_scale.twa.config import TwaConfig
+    from twa_scale.twa.selection import check_selection
 
     w = _new(store_url, session="sess0001")
     for seq in (0, 1, 2, 3, 5):
@@ -195,14 +195,16 @@ def test_damaged_snapshot_damages_only_itself_and_twa_selection_refuses_it(store
     r = store.open_run(store_url, "run1")
     infos, damaged = r.scan()
     assert [i.seq for i in infos] == [0, 1, 5] and sorted(damaged) == [2, 3]
-    cfg = lambda sel, gaps=False: TwaConfig(snapshot_url=store_url, run_id="run1", select=sel, allow_gaps=gaps)  # noqa: E731
+    ok = [0, 1, 5]
     with pytest.raises(ConfigError, match=r"--select 1: includes damaged snapshot seq 2"):
-        check_selection(cfg("1:"), [0, 1, 5], damaged)
-    check_selection(cfg("0:2"), [0, 1, 5], damaged)  # avoids it
+        check_selection("1:", ok, damaged)
+    with pytest.raises(ConfigError, match=r"every snapshot\) includes damaged snapshot seq 2"):
+        check_selection(None, ok, damaged)
+    check_selection("0:2", ok, damaged)  # avoids it
     with pytest.raises(ConfigError, match=r"seq\(s\) \[4\] are not committed; pass --allow-gaps"):
-        check_selection(cfg("4:6"), [0, 1, 5], damaged)
-    check_selection(cfg("4:6", gaps=True), [0, 1, 5], damaged)
-    check_selection(cfg("-1:"), [0, 1, 5], damaged)  # the last one only
+        check_selection("4:6", ok, damaged)
+    check_selection("4:6", ok, damaged, allow_gaps=True)
+    check_selection("-1:", ok, damaged)  # the last one only
 
 
 def test_cli_one_line_errors(tmp_path, capsys, monkeypatch):

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["EXPECTED_ERRORS", "EXIT_CONFIG", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_TEMPFAIL", "ConfigError", "StoreUnreachableError",
+__all__ = ["EXPECTED_ERRORS", "EXIT_CONFIG", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_TEMPFAIL", "ConfigError",
+           "StoreUnreachableError",
            "TransientError", "TwaScaleError", "exit_code", "is_connection_error", "is_transient"]
 
 EXIT_OK = 0

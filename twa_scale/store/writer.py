@@ -125,8 +125,9 @@ def create_run(url: str, run_id: str, layout: FlatLayout, *, meta: dict, world_s
         if existing.dtype != dtype:
             raise ValueError(f"run {where} stores {existing.dtype} snapshots, not {dtype}")
         if resume and identity is not None and existing.identity is not None and existing.identity != identity:
+            differ = ", ".join(identity_diff(existing.identity, identity))
             raise RunExistsError(f"--resume: run {where} was launched with a different configuration; fields "
-                                 f"that differ (stored -> now): {', '.join(identity_diff(existing.identity, identity))}."
+                                 f"that differ (stored -> now): {differ}."
                                  f" Relaunch with the original settings, or choose another --run-id")
     writer = RunWriter(store, paths, existing, session=session, retry=retry)
     if session is not None:
