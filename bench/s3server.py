@@ -3,7 +3,7 @@
 Lives beside the benchmarks so they need nothing from tests/; the test fixtures wrap it.
 
 `SeaweedS3` starts ``weed server`` on free loopback ports (each with its gRPC
-port at +10000 free too, DESIGN.md §3), waits until the S3 API answers, and can
+port at +10000 free too: weed binds gRPC there and fails unclearly otherwise), waits until the S3 API answers, and can
 be killed with SIGKILL and restarted on the same ports and data directory, so
 fault tests see the same store come back.
 """

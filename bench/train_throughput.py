@@ -58,7 +58,7 @@ def main() -> None:
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         # Plain PyTorch may keep channels_last parameters; the engine keeps them contiguous,
-        # because DeepSpeed 0.19 cannot flatten channels_last parameters (DESIGN.md §4).
+        # because DeepSpeed 0.19 cannot flatten channels_last parameters (ds_configs/README.md).
         plain_model = plain_model.to(memory_format=torch.channels_last)
 
     plain_opt = build_optimizer(plain_model, cfg)

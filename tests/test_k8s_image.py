@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.image, pytest.mark.slow]
 
 BASE = "localhost/debian-bookworm-minbase"
 IMAGE = "localhost/twa-scale:cpu-test"
-# crun refuses the hybrid cgroups here and the default ulimits cannot be raised (DESIGN.md §4)
+# crun refuses the hybrid cgroups here and the default ulimits cannot be raised (measured on the CI host)
 PODMAN_FLAGS = ["--runtime", "runc", "--network=host", "--ulimit", "nofile=20000:20000",
                 "--ulimit", "nproc=4096:4096"]
 RESULTS: dict = {}

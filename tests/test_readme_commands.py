@@ -1,0 +1,38 @@
+"""The README's command blocks marked `<!-- test:readme-commands -->` run as written (CPU, digits).
+
+Each runs with bash in a scratch directory that sees the repository's `launch/` (so the files the
+commands write stay out of the checkout). The only change: `deepspeed` gets a free --master_port, so
+parallel tests do not collide on DeepSpeed's default port.
+"""
+import os
+import re
+import subprocess
+
+import pytest
+
+from tests.support import REPO, free_port
+
+
+def _commands() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"<!-- test:readme-commands -->\s*```bash\n(.*?)\n```", readme, re.S)
+    return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_marks_command_blocks():
+    assert len(_commands()) >= 5
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_readme_commands_run_as_written(tmp_path):
+    (tmp_path / "launch").symlink_to(REPO / "launch")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for cmd in _commands():
+        run = re.sub(r"\bdeepspeed ", f"deepspeed --master_port {free_port()} ", cmd, count=1)
+        proc = subprocess.run(["bash", "-c", f"set -euo pipefail; {run}"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    resolved = (tmp_path / "my.yaml").read_text()
+    assert "model: mlp" in resolved and "epochs: 2" in resolved
+    assert (tmp_path / "twa_runs" / "mlp-digits-s0" / "train" / "metrics.json").is_file()
