@@ -241,7 +241,8 @@ def section_twa_step(r: Runner, a) -> dict:
     met = None if a.dry_run or not (fp32 and q4) else (
         max(fp32) <= goals["goal_fp32_over_floor"] and min(q4) >= goals["goal_q4_speedup_vs_authors"])
     return {**res, "status": "pass", "device": data.get("device_name"), "D": data.get("D"),
-            "compiled_kernels": data.get("compiled_kernels"), "copy_bandwidth_GBps": data.get("copy_bandwidth_GBps"),
+            "p_kernels": data.get("p_kernels", data.get("compiled_kernels")),
+            "copy_bandwidth_GBps": data.get("copy_bandwidth_GBps"),
             "configs": rows, "fp32_over_floor_max": max(fp32, default=None),
             "q4_speedup_vs_authors_min": min(q4, default=None), "goal": "fp32 <= 1.15x floor; 4-bit >= 9x authors",
             "met": met, "anchor": goals, "bench_goals": data.get("goals")}

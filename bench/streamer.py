@@ -60,29 +60,37 @@ def bench_stall_and_upload(url: str, name: str, model: torch.nn.Module, repeats:
     params = layout.trainable(model)
     store.create_run(url, name, layout, meta={"model": name}, world_size=1)
     s = SnapshotStreamer(url, name, layout, rank=0, world_size=1)
-    stalls, uploads = [], []
+    stalls, stall_cpu, uploads, crcs = [], [], [], []
     for seq in range(repeats + 1):
         before = dict(s.stats)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         s.snapshot(seq, seq, seq, params)
-        stall = time.perf_counter() - t0
+        stall, cpu = time.perf_counter() - t0, time.thread_time() - c0
         _wait_idle(s)  # measure the hot path alone, not back-pressure
         if seq:  # the first one warms the connection pool
             stalls.append(stall)
+            stall_cpu.append(cpu)
             uploads.append(s.stats["upload_seconds"] - before["upload_seconds"])
+            crcs.append(s.stats["checksum_seconds"] - before["checksum_seconds"])
     summary = s.close()
     src = layout.gather(params, 0, layout.D)
-    dst = torch.empty_like(src)
-    memcpy = []
-    for _ in range(max(3, repeats)):
-        t0 = time.perf_counter()
+    dst = torch.zeros_like(src)  # pages touched, like the streamer's buffers
+    memcpy, memcpy_cpu = [], []
+    for _ in range(max(5, repeats)):
+        t0, c0 = time.perf_counter(), time.thread_time()
         dst.copy_(src)
         memcpy.append(time.perf_counter() - t0)
+        memcpy_cpu.append(time.thread_time() - c0)
     nbytes = 4 * layout.D
     stall, copy = statistics.median(stalls), statistics.median(memcpy)
+    up, crc = statistics.median(uploads), statistics.median(crcs)
     return {"D": layout.D, "bytes": nbytes, "stall_seconds": stall, "memcpy_seconds": copy,
-            "stall_vs_memcpy": stall / copy, "upload_seconds": statistics.median(uploads),
-            "upload_MBps": nbytes / statistics.median(uploads) / 1e6, "failed": summary["failed"]}
+            "stall_vs_memcpy": stall / copy,
+            # thread CPU time: what the copy costs when other processes preempt this one (shared host)
+            "stall_cpu_seconds": statistics.median(stall_cpu), "memcpy_cpu_seconds": statistics.median(memcpy_cpu),
+            "stall_vs_memcpy_cpu": statistics.median(stall_cpu) / statistics.median(memcpy_cpu),
+            "upload_seconds": up, "checksum_seconds": crc, "upload_MBps": nbytes / up / 1e6,
+            "upload_incl_checksum_MBps": nbytes / (up + crc) / 1e6, "failed": summary["failed"]}
 
 
 def bench_hotpath(url: str, model_name: str, repeats: int) -> dict:
@@ -155,7 +163,8 @@ def bench_upload_baselines(url_bucket: str, nbytes: int, repeats: int, streamer_
     boto_MBps = nbytes / statistics.median(boto) / 1e6
     pipe_MBps = nbytes / statistics.median(pipe) / 1e6
     return {"boto3_upload_file_MBps": boto_MBps, "s3fs_pipe_file_MBps": pipe_MBps,
-            "streamer_vs_boto3": streamer_MBps / boto_MBps, "streamer_vs_s3fs_pipe_file": streamer_MBps / pipe_MBps}
+            "boto3_runs_seconds": boto, "streamer_vs_boto3": streamer_MBps / boto_MBps,
+            "streamer_vs_s3fs_pipe_file": streamer_MBps / pipe_MBps}
 
 
 def bench_read(url: str, name: str, repeats: int) -> dict:
@@ -182,14 +191,23 @@ def bench_read(url: str, name: str, repeats: int) -> dict:
     return {"read_MBps": o, "raw_cat_file_ranges_MBps": w, "read_vs_raw": o / w}
 
 
-def _train_loop(steps: int, on_epoch=None, steps_per_epoch: int = 10) -> float:
-    """Steps per second of a small CIFAR-style CPU train loop; ``on_epoch(k, params)`` each epoch."""
+def _cpu_seconds() -> float:
+    """CPU seconds of this process, all threads (training, streamer workers, s3fs's I/O thread)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _train_loop(steps: int, on_epoch=None, steps_per_epoch: int = 10, *, wait=None):
+    """Steps per second of a small CIFAR-style CPU train loop; ``on_epoch(k, params)`` each epoch.
+    With ``wait`` (called after the loop: uploads still in flight), returns (steps/s, steps per CPU second)."""
     torch.manual_seed(0)
     model = build_model("resnet20", 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     params = [p for p in model.parameters() if p.requires_grad]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     for step in range(steps):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -197,7 +215,11 @@ def _train_loop(steps: int, on_epoch=None, steps_per_epoch: int = 10) -> float:
         opt.step()
         if on_epoch is not None and (step + 1) % steps_per_epoch == 0:
             on_epoch((step + 1) // steps_per_epoch, params)
-    return steps / (time.perf_counter() - t0)
+    rate = steps / (time.perf_counter() - t0)
+    if wait is None:
+        return rate
+    wait()
+    return rate, steps / (_cpu_seconds() - c0)
 
 
 def bench_train(url: str, steps: int, steps_per_epoch: int) -> dict:
@@ -213,15 +235,23 @@ def bench_train(url: str, steps: int, steps_per_epoch: int) -> dict:
         seq[0] += 1
         s.snapshot(seq[0], seq[0], seq[0], params)
 
-    none, with_snap = [_train_loop(steps, steps_per_epoch=steps_per_epoch)], []
+    def run(on_epoch=None):
+        return _train_loop(steps, on_epoch=on_epoch, steps_per_epoch=steps_per_epoch, wait=lambda: _wait_idle(s))
+
+    none, with_snap = [run()], []
     for _ in range(2):
-        with_snap.append(_train_loop(steps, on_epoch=snap, steps_per_epoch=steps_per_epoch))
-        none.append(_train_loop(steps, steps_per_epoch=steps_per_epoch))
+        with_snap.append(run(snap))
+        none.append(run())
     summary = s.close()
-    base, snapped = statistics.median(none), statistics.median(with_snap)
+    base, snapped = statistics.median(r[0] for r in none), statistics.median(r[0] for r in with_snap)
+    base_cpu, snapped_cpu = statistics.median(r[1] for r in none), statistics.median(r[1] for r in with_snap)
     return {"steps_per_second_none": base, "steps_per_second_snapshot_every_epoch": snapped,
-            "runs_none": none, "runs_snapshot": with_snap,
-            "throughput_loss": 1 - snapped / base, "goal": "<= 0.03", "met": 1 - snapped / base <= 0.03,
+            "runs_none": none, "runs_snapshot": with_snap, "runs": "(steps/s wall, steps per CPU second)",
+            "throughput_loss": 1 - snapped / base,
+            # per CPU second of the process, uploads included until done: holds on a shared host, where
+            # other processes' load moves the wall-clock rate by more than the effect measured
+            "throughput_loss_cpu": 1 - snapped_cpu / base_cpu, "goal": "<= 0.03",
+            "met": 1 - snapped / base <= 0.03, "met_cpu": 1 - snapped_cpu / base_cpu <= 0.03,
             "snapshots": summary["snapshots"], "committed": len(summary["committed"]),
             "stall_seconds_total": summary["stall_seconds"], "steps_per_epoch": steps_per_epoch,
             "steps_per_run": steps}
@@ -310,7 +340,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     t_start = time.time()
     result: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
-                                "cuda": torch.cuda.is_available()}}
+                                "cuda": torch.cuda.is_available(), "load_average_before": os.getloadavg()}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if only == ["hotpath"]:  # no S3 server: the device-side cost does not depend on the store
@@ -336,6 +366,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             result[key] = fn()
             result[key]["section_seconds"] = time.time() - t0
+            result[key]["load_average_after"] = os.getloadavg()
             result["seconds"] = time.time() - t_start
             out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted run
             print(key, json.dumps(result[key]), flush=True)
@@ -344,6 +375,7 @@ def main(argv=None) -> int:
         def big_model() -> dict:
             big = bench_stall_and_upload(url, "resnet50", build_model("resnet50", 1000), args.repeats)
             big.update(bench_upload_baselines("twa-bench", big["bytes"], args.repeats, big["upload_MBps"]))
+            big["streamer_incl_checksum_vs_boto3"] = big["upload_incl_checksum_MBps"] / big["boto3_upload_file_MBps"]
             big.update(bench_read(url, "resnet50", args.repeats))
             return big
 

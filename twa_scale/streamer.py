@@ -160,7 +160,7 @@ class SnapshotStreamer:
         self._pending: set[int] = set()
         self.stats = {"snapshots": 0, "uploaded": 0, "failed": 0, "skipped": 0, "already_committed": 0,
                       "committed": [], "stall_seconds": 0.0, "max_stall_seconds": 0.0, "wait_seconds": 0.0,
-                      "upload_seconds": 0.0, "bytes": 0, "retries": 0}
+                      "upload_seconds": 0.0, "checksum_seconds": 0.0, "bytes": 0, "retries": 0}
         self._uploader = threading.Thread(target=self._upload_loop, name=f"twa-upload-r{rank}", daemon=True)
         self._uploader.start()
         self._committer = None
@@ -322,10 +322,12 @@ class SnapshotStreamer:
                     self._done(job.seq)
                 return
             view = memoryview(self._buffers[job.buffer].view(torch.uint8).numpy())
+            t_crc = time.perf_counter()
             meta = w.shard_meta(job.seq, rank=self.rank, world_size=self.world_size, session=self.session,
                                 view=view, step=job.step, epoch=job.epoch, epoch_fraction=job.epoch_fraction,
                                 chunk_bytes=cfg.chunk_bytes)
             t0 = time.perf_counter()
+            t_crc = t0 - t_crc
             self._retry(f"uploading {obj}", lambda: w.put_shard(meta, view, part_bytes=cfg.part_bytes,
                                                                  concurrency=cfg.concurrency), deadline)
         except (_GaveUp, *_PERMANENT) as e:
@@ -337,6 +339,7 @@ class SnapshotStreamer:
         with self._lock:
             self.stats["uploaded"] += 1
             self.stats["upload_seconds"] += dt
+            self.stats["checksum_seconds"] += t_crc
             self.stats["bytes"] += len(view)
         metrics.snapshot_upload(dt, len(view))
         if self.rank == 0:
