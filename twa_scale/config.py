@@ -50,6 +50,19 @@ def check_choice(flag: str, value: Any, allowed: Any) -> None:
         raise ValueError(f"--{flag}: must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
+def check_store_and_metrics(cfg: Any) -> None:
+    """The checks both stages share: --metrics-port, --storage-options (JSON), --snapshot-url (its form)."""
+    from twa_scale.store.backend import check_url, parse_storage_options
+
+    if not 0 <= cfg.metrics_port < 65536:
+        raise ValueError(f"--metrics-port: must be in [0, 65535], got {cfg.metrics_port}")
+    parse_storage_options(cfg.storage_options)  # one-line error for bad JSON
+    try:
+        check_url(cfg.snapshot_url)  # s3:// without a bucket, s3:/typo
+    except ValueError as e:
+        raise ValueError(f"--snapshot-url: {e}") from None
+
+
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig:
     model: str = "resnet20"
@@ -158,14 +171,7 @@ class TrainConfig:
         check_choice("snapshot-dtype", self.snapshot_dtype, SnapshotDtype)
         if not 0.0 <= self.holdout_fraction < 1.0:
             bad("holdout-fraction", f"must be in [0, 1), got {self.holdout_fraction}")
-        if not 0 <= self.metrics_port < 65536:
-            bad("metrics-port", f"must be in [0, 65535], got {self.metrics_port}")
-        from twa_scale.store.backend import check_url, parse_storage_options
-        parse_storage_options(self.storage_options)  # one-line error for bad JSON
-        try:
-            check_url(self.snapshot_url)  # s3:// without a bucket, s3:/typo
-        except ValueError as e:
-            bad("snapshot-url", str(e))
+        check_store_and_metrics(self)
         if self.deepspeed_config is not None:
             from twa_scale.engine import find_ds_config
             find_ds_config(self.deepspeed_config)  # one-line error naming --deepspeed_config

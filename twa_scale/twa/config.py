@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from typing import Any, Literal, Sequence
 
-from twa_scale.config import Schedule, check_choice, parse_config
+from twa_scale.config import Schedule, check_choice, check_store_and_metrics, parse_config
 
 __all__ = ["TwaConfig", "parse_twa_args", "parse_select"]
 
@@ -199,14 +199,7 @@ class TwaConfig:
                 ("guard-tolerance", self.guard_tolerance, 0 <= self.guard_tolerance < 1, "in [0, 1)")):
             if not ok:
                 bad(flag, f"must be {want}, got {v}")
-        if not 0 <= self.metrics_port < 65536:
-            bad("metrics-port", f"must be in [0, 65535], got {self.metrics_port}")
-        from twa_scale.store.backend import check_url, parse_storage_options
-        parse_storage_options(self.storage_options)  # one-line error for bad JSON
-        try:
-            check_url(self.snapshot_url)  # s3:// without a bucket, s3:/typo
-        except ValueError as e:
-            bad("snapshot-url", str(e))
+        check_store_and_metrics(self)
 
     @property
     def output_url(self) -> str:
