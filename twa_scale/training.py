@@ -227,7 +227,10 @@ def _load_snapshot(model: torch.nn.Module, cfg: TrainConfig) -> None:
 
     url, run_id, seq = cfg.parse_init_from()
     reader = store.open_run(url, run_id, storage_options=cfg.storage_options)
-    if seq not in {s.seq for s in reader.snapshots()}:
+    infos, damaged = reader.scan()
+    if seq in damaged:
+        raise ValueError(f"--init-from {cfg.init_from}: snapshot {seq} of {url}/{run_id} is damaged: {damaged[seq]}")
+    if seq not in {s.seq for s in infos}:
         raise ValueError(f"--init-from {cfg.init_from}: snapshot {seq} is not committed in {url}/{run_id}")
     model.load_state_dict(reader.state_dict(seq, model))
 
