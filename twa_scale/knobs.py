@@ -33,24 +33,22 @@ TRAIN_CONFIG_ENV_PREFIX = PREFIX + "TRAIN_"
 TWA_CONFIG_ENV_PREFIX = PREFIX + "TWA_"
 
 
-def env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: Any, kind: type, what: str) -> Any:
     raw = os.environ.get(name)
     if raw in (None, ""):
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+        raise ValueError(f"environment variable {name}={raw!r} is not {what}") from None
+
+
+def env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int, "an integer")
 
 
 def env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+    return _env_number(name, default, float, "a number")
 
 
 def _env_str(name: str, default: str | None) -> str | None:
