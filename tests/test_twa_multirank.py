@@ -102,7 +102,7 @@ def test_all_defaults_on_3_ranks_never_end_below_swa(tmp_path):
     default on 3 ranks (batch 128 does not divide: 42 per rank). It exits normally, and TWA ends within
     0.3 points of SWA or above, whether the guard had to restart at a lower lr or not."""
     cfg = digits_config(model="resnet20", limit_train=384, limit_val=240, seed=3)
-    model, snaps = make_trajectory(cfg, 6, steps_between=3, lr=0.05)
+    model, snaps = make_trajectory(cfg, 6, steps_between=12, lr=0.05)  # a trained model, as after real epochs
     url = f"file://{tmp_path}/store"
     write_run(url, "r20", model, snaps, cfg=cfg, writer_world=2)
     outs = run_ranks(3, twa_worker, dict(snapshot_url=url, run_id="r20", plot=False), out_dir=str(tmp_path / "w"))

@@ -470,6 +470,15 @@ _NATIVE_SRC = r"""
 
 #define INLINE static inline __attribute__((always_inline))
 
+#ifdef __AVX2__
+INLINE float hsum(__m256 s) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+#endif
+
 /* res[i*L + coef[pid[m]]] += scale[i, b] * (codes_i . g_m) + lo[i, b] * sum(g_m), group by group */
 INLINE void project_body(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
                          const float* scale, const float* lo, const float* g, double* res,
@@ -478,14 +487,47 @@ INLINE void project_body(const uint8_t* pk, const int64_t* gstart, const int64_t
     for (int64_t m = 0; m < ng; m++) {
         const float* gm = g + gstart[m];
         const int64_t b = pid[m], l = coef[b];
-        float gsum = 0.f;
-        for (int j = 0; j < per * TILE; j++) gsum += gm[j];
-        for (int64_t i = 0; i < k; i++) {
-            const uint8_t* row = pk + (m * k + i) * TILE;
-            float dot;
+        float gsum;
 #ifdef __AVX2__
+        {
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+            for (int j = 0; j < per * TILE; j += 16) {
+                s0 = _mm256_add_ps(s0, _mm256_loadu_ps(gm + j));
+                s1 = _mm256_add_ps(s1, _mm256_loadu_ps(gm + j + 8));
+            }
+            gsum = hsum(_mm256_add_ps(s0, s1));
+        }
+        const __m256i vmask = _mm256_set1_epi32(mask);
+        int64_t i = 0;
+        /* four rows at a time: eight independent accumulators hide the FMA latency, one load of g serves four rows */
+        for (; i + 4 <= k; i += 4) {
+            const uint8_t* row = pk + (m * k + i) * TILE;
+            __m256 acc[4][2];
+            for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+            for (int v = 0; v < TILE; v += 16) {
+                __m256i x[4][2];
+                for (int r = 0; r < 4; r++) {
+                    x[r][0] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + r * TILE + v)));
+                    x[r][1] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + r * TILE + v + 8)));
+                }
+                for (int t = 0; t < per; t++) {
+                    const __m256 g0 = _mm256_loadu_ps(gm + t * TILE + v), g1 = _mm256_loadu_ps(gm + t * TILE + v + 8);
+                    for (int r = 0; r < 4; r++) {
+                        __m256 c0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x[r][0], t * bits), vmask));
+                        __m256 c1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x[r][1], t * bits), vmask));
+                        acc[r][0] = _mm256_fmadd_ps(c0, g0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(c1, g1, acc[r][1]);
+                    }
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                const float dot = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+                res[(i + r) * L + l] += (double)(scale[(i + r) * nb + b] * dot + lo[(i + r) * nb + b] * gsum);
+            }
+        }
+        for (; i < k; i++) {
+            const uint8_t* row = pk + (m * k + i) * TILE;
             __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            const __m256i vmask = _mm256_set1_epi32(mask);
             for (int v = 0; v < TILE; v += 16) {
                 __m256i x0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + v)));
                 __m256i x1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + v + 8)));
@@ -496,18 +538,20 @@ INLINE void project_body(const uint8_t* pk, const int64_t* gstart, const int64_t
                     acc1 = _mm256_fmadd_ps(c1, _mm256_loadu_ps(gm + t * TILE + v + 8), acc1);
                 }
             }
-            __m256 s = _mm256_add_ps(acc0, acc1);
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-            dot = _mm_cvtss_f32(h);
-#else
-            dot = 0.f;
-            for (int t = 0; t < per; t++)
-                for (int v = 0; v < TILE; v++) dot += (float)((row[v] >> (t * bits)) & mask) * gm[t * TILE + v];
-#endif
+            const float dot = hsum(_mm256_add_ps(acc0, acc1));
             res[i * L + l] += (double)(scale[i * nb + b] * dot + lo[i * nb + b] * gsum);
         }
+#else
+        gsum = 0.f;
+        for (int j = 0; j < per * TILE; j++) gsum += gm[j];
+        for (int64_t i = 0; i < k; i++) {
+            const uint8_t* row = pk + (m * k + i) * TILE;
+            float dot = 0.f;
+            for (int t = 0; t < per; t++)
+                for (int v = 0; v < TILE; v++) dot += (float)((row[v] >> (t * bits)) & mask) * gm[t * TILE + v];
+            res[i * L + l] += (double)(scale[i * nb + b] * dot + lo[i * nb + b] * gsum);
+        }
+#endif
     }
 }
 
