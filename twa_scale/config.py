@@ -116,8 +116,11 @@ class TrainConfig:
     """Stored dtype of snapshots: float32, bfloat16 or float16."""
     checkpoint_dir: str | None = None
     """Local directory (disk or PVC) for DeepSpeed checkpoints; None uses ./twa_checkpoints/<run-id>."""
+    checkpoint_every_steps: int | None = None
+    """Also save a DeepSpeed checkpoint every N optimizer steps inside an epoch (the newest two are
+    kept); --resume then continues mid-epoch, exactly. None: only at each epoch's end."""
     resume: bool = False
-    """Continue from the latest DeepSpeed checkpoint in checkpoint_dir."""
+    """Continue from the latest DeepSpeed checkpoint in checkpoint_dir (mid-epoch ones included)."""
     init_from: str | None = None
     """Start from the weights of a committed snapshot, `URL/RUN@SEQ` (e.g. a tail-stage run that
     continues a finished run at a constant learning rate). BatchNorm statistics re-adapt in training."""
@@ -158,7 +161,8 @@ class TrainConfig:
             bad("warmup-epochs", f"must be >= 0, got {self.warmup_epochs}")
         for flag, v in (("batch-size", self.batch_size), ("micro-batch", self.micro_batch),
                         ("limit-train", self.limit_train), ("limit-val", self.limit_val),
-                        ("snapshots-per-epoch", self.snapshots_per_epoch)):
+                        ("snapshots-per-epoch", self.snapshots_per_epoch),
+                        ("checkpoint-every-steps", self.checkpoint_every_steps)):
             if v is not None and v < 1:
                 bad(flag, f"must be >= 1, got {v}")
         if self.log_every_steps < 1:

@@ -24,7 +24,8 @@ from typing import Any, Callable
 __all__ = ["Knob", "KNOBS", "env_int", "env_float", "TRAIN_CONFIG_ENV_PREFIX", "TWA_CONFIG_ENV_PREFIX",
            "UPLOAD_PART_BYTES", "UPLOAD_CONCURRENCY", "CHECKSUM_CHUNK_BYTES", "SNAPSHOT_BACKPRESSURE",
            "UPLOAD_TIMEOUT_SECONDS", "COMMIT_TIMEOUT_SECONDS", "STORE_RETRY_SECONDS", "LEASE_TIMEOUT_SECONDS",
-           "LEASE_HEARTBEAT_SECONDS", "SIGTERM_FLUSH_SECONDS", "METRICS_DIR",
+           "LEASE_HEARTBEAT_SECONDS", "SIGTERM_FLUSH_SECONDS", "FAULT_KILL_AT_STEP",
+           "METRICS_DIR",
            "METRICS_LINGER_SECONDS", "NODE_NAME", "P_KERNEL", "P_KERNELS", "P_CHUNK_COLUMNS", "p_kernel",
            "p_chunk_columns"]
 
@@ -111,6 +112,9 @@ LEASE_TIMEOUT_SECONDS = _declare("TWA_SCALE_LEASE_TIMEOUT_SECONDS", 120.0,
 LEASE_HEARTBEAT_SECONDS = _declare("TWA_SCALE_LEASE_HEARTBEAT_SECONDS", None,
                                    "How often the lease holder rewrites its heartbeat (default: a quarter of "
                                    "the lease timeout, at most 10 s).", env_float)
+FAULT_KILL_AT_STEP = _declare("TWA_SCALE_FAULT_KILL_AT_STEP", None,
+                              "Fault injection for tests: `RANK:STEP` makes that rank SIGKILL itself right after "
+                              "optimizer step STEP (a `kill -9` at a known point).", _env_str)
 # --- metrics (twa_scale.metrics) ------------------------------------------------------------
 METRICS_DIR = _declare("TWA_SCALE_METRICS_DIR", None,
                        "Directory the local ranks share for Prometheus multiprocess values (default: a "

@@ -7,16 +7,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import time
 import uuid
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from twa_scale import comm, metrics
+from twa_scale import checkpoints, comm, metrics
 from twa_scale.config import TrainConfig
 from twa_scale.data import build_data, make_loader
 from twa_scale.errors import ConfigError
@@ -29,7 +27,9 @@ from twa_scale.steplog import StepLog
 __all__ = ["run_training", "KEEP_CHECKPOINTS", "SnapshotPlan"]
 
 log = logging.getLogger("twa_scale.train")
-KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoint tags are deleted (ResNet-50 ones are ~300 MB each)
+KEEP_CHECKPOINTS = checkpoints.KEEP_CHECKPOINTS
+
+
 @dataclasses.dataclass(frozen=True)
 class SnapshotPlan:
     """Which snapshots a run takes, and their seqs. Snapshot 0 is the initial weights.
@@ -159,16 +159,18 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
 
     engine = build_engine(model, cfg, ds, steps_per_epoch=steps_per_epoch)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    start_epoch, history = 0, []
+    start_epoch, history, point = 0, [], None
     if cfg.resume:
-        path, client = engine.load_checkpoint(cfg.checkpoint_dir)
-        if path is None:
+        point = checkpoints.load(engine, cfg.checkpoint_dir)
+        if point is None:
             log.warning("--resume: no checkpoint in %s, starting from epoch 0", cfg.checkpoint_dir)
         else:
-            start_epoch = int(client["epoch"])
+            start_epoch = point.epoch
             history = comm.broadcast_object(writer.read_metrics_rows(start_epoch) if rank == 0 else None)
             if rank == 0:
-                print(f"resumed from {path} at epoch {start_epoch}", flush=True)
+                where = f", step {point.step_in_epoch} of {steps_per_epoch}" if point.mid_epoch else ""
+                print(f"resumed from {point.path} at epoch {start_epoch}{where} "
+                      f"(global step {engine.global_steps})", flush=True)
 
     params = layout.trainable(model)
     streamer = SnapshotStreamer(cfg.snapshot_url, cfg.run_id, layout, rank=rank, world_size=world,
@@ -179,9 +181,10 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
     with flush_on_sigterm(streamer):
         # Snapshot 0 is the initial weights; after a resume the restored weights are re-snapshotted, and
         # the resumed epoch's sub-epoch snapshots re-taken: a committed seq is kept (the streamer checks),
-        # so a snapshot lost with the killed process leaves no gap and none is written twice.
+        # so a snapshot lost with the killed process leaves no gap and none is written twice. (A
+        # checkpoint is saved only once every earlier snapshot is committed: see checkpoints.save.)
         seq = plan.seq_at_boundary(start_epoch)
-        if seq is not None:
+        if seq is not None and not (point and point.mid_epoch):
             streamer.snapshot(seq, engine.global_steps, start_epoch, params, epoch_fraction=float(start_epoch))
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
@@ -190,8 +193,15 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                 streamer.snapshot(plan.seq(epoch, j), engine.global_steps, epoch, params,
                                   epoch_fraction=epoch + j / plan.per_epoch)
 
+            def step_checkpoint(batch: int, step_in_epoch: int, steps: StepLog, epoch: int = epoch) -> None:
+                checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch, batch=batch, step_in_epoch=step_in_epoch,
+                                 loss_sum=steps.loss_sum, samples=steps.samples, streamer=streamer)
+
+            resume_at = point if point is not None and point.mid_epoch and epoch == start_epoch else None
             train_loss = _train_epoch(engine, data, cfg, epoch, micro, channels_last,
-                                      snapshots=plan.mid_epoch(), take_snapshot=mid_snapshot)
+                                      snapshots=plan.mid_epoch(), take_snapshot=mid_snapshot,
+                                      resume=resume_at, steps_per_epoch=steps_per_epoch,
+                                      checkpoint=step_checkpoint)
             val = evaluate(engine.module, make_loader(data.val, batch_size=micro * 2, train=False,
                                                       num_workers=_default_workers(cfg)),
                            device, desc=f"eval {epoch + 1}/{cfg.epochs}", channels_last=channels_last)
@@ -208,7 +218,8 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                       f"val_acc {val['accuracy']:.4f}  {row['seconds']:.1f}s", flush=True)
                 # Before the checkpoint that covers this epoch: a resume never lacks its row.
                 writer.write_metrics(history, final=None)
-            _save_checkpoint(engine, cfg, epoch + 1)
+            # The boundary snapshot queued above is re-taken by a resume: only earlier ones must be committed.
+            checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch + 1, streamer=streamer, drain_below=seq)
     summary = streamer.close()  # already closed: returns the summary
 
     last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
@@ -236,21 +247,31 @@ def _load_snapshot(model: torch.nn.Module, cfg: TrainConfig) -> None:
 
 
 def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channels_last: bool, *,
-                 snapshots: list[tuple[int, int]] = (), take_snapshot=None) -> float:
-    """One epoch; ``take_snapshot(j)`` runs after the optimizer step of each (step, j) in ``snapshots``."""
+                 snapshots: list[tuple[int, int]] = (), take_snapshot=None,
+                 resume: checkpoints.ResumePoint | None = None, steps_per_epoch: int = 0, checkpoint=None) -> float:
+    """One epoch; ``take_snapshot(j)`` runs after the optimizer step of each (step, j) in ``snapshots``;
+    ``checkpoint(batch, step_in_epoch, steplog)`` after every --checkpoint-every-steps-th optimizer step
+    inside the epoch. ``resume``: continue a mid-epoch checkpoint (its batch, RNG state and loss sums)."""
     device = engine.device
     # Dropout and augmentation draw from RNGs seeded by (seed, epoch, rank): resume-exact.
     torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7_919 + comm.rank())
+    start_batch, done0 = (resume.batch, resume.step_in_epoch) if resume else (0, 0)
+    if resume:
+        checkpoints.restore_rng(resume)  # where the interrupted run's RNGs stood at that step
     loader = make_loader(data.train, batch_size=micro, train=True, seed=cfg.seed, epoch=epoch,
-                         num_workers=_default_workers(cfg))
+                         num_workers=_default_workers(cfg), start_batch=start_batch)
     engine.train()
     bar = tqdm(loader, desc=f"train {epoch + 1}/{cfg.epochs}", disable=comm.rank() != 0, leave=False,
                mininterval=2.0)
     # Losses stay on the device; the host reads them every log_every_steps steps (no sync per step).
     steps = StepLog(cfg.log_every_steps, device, bar=bar,
                     on_rows=lambda rows: [metrics.train_step(r.seconds, r.samples, r.loss, r.lr) for r in rows])
-    pending, first_step = list(snapshots), engine.global_steps
-    for x, y in bar:
+    if resume:
+        steps.loss_sum, steps.samples = resume.loss_sum, resume.samples
+    pending = [(s, j) for s, j in snapshots if s > done0]  # earlier ones are committed (checkpoints.save)
+    first_step = engine.global_steps - done0
+    every, last_ckpt = cfg.checkpoint_every_steps, engine.global_steps
+    for batch, (x, y) in enumerate(bar, start=start_batch + 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -260,17 +281,15 @@ def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channel
         steps.step(loss, y.numel(), engine.get_lr()[0])
         if pending and engine.global_steps - first_step >= pending[0][0]:
             take_snapshot(pending.pop(0)[1])
+        gs = engine.global_steps
+        if every and gs != last_ckpt and gs % every == 0 and gs - first_step < steps_per_epoch:
+            last_ckpt = gs
+            steps.flush()  # the loss sums so far go into the checkpoint
+            checkpoint(batch, gs - first_step, steps)
+        checkpoints.maybe_fault(gs)
     steps.flush()
     loss_sum = torch.tensor([steps.loss_sum, steps.samples], dtype=torch.float64, device=device)  # NCCL: on device
     comm.all_reduce(loss_sum)
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
 
 
-def _save_checkpoint(engine, cfg: TrainConfig, epoch: int) -> None:
-    engine.save_checkpoint(cfg.checkpoint_dir, tag=f"epoch{epoch}", client_state={"epoch": epoch})
-    comm.barrier()
-    if comm.rank() == 0:  # keep the newest KEEP_CHECKPOINTS tags
-        tags = sorted((p for p in Path(cfg.checkpoint_dir).glob("epoch*") if p.is_dir()),
-                      key=lambda p: int(p.name[5:]))
-        for old in tags[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)

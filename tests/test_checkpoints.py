@@ -1,0 +1,65 @@
+"""Step-level (mid-epoch) DeepSpeed checkpoints and exact mid-epoch resume (issue 13 §1)."""
+import json
+import re
+import sys
+import time
+
+import pytest
+
+from tests.support.launch import deepspeed, run
+from twa_scale.store import open_run
+
+EVERY = 4  # --checkpoint-every-steps
+# digits, 2 gloo ranks × 64 images: 11 optimizer steps per epoch; 3 snapshots per epoch (after steps 3, 7, 11);
+# checkpoints after global steps 4, 8, 11 (epoch end), 12, 16, 20, 22 (end).
+ARGS = ["--data", "digits", "--model", "mlp", "--epochs", "2", "--no-twa", "--seed", "1", "--lr", "0.05",
+        "--snapshots-per-epoch", "3", "--checkpoint-every-steps", str(EVERY), "--log-every-steps", "3"]
+
+
+def _args(tmp_path, run_id):
+    return ARGS + ["--snapshot-url", f"file://{tmp_path}/snap", "--run-id", run_id,
+                   "--checkpoint-dir", str(tmp_path / f"ckpt-{run_id}")]
+
+
+def _metrics(tmp_path, run_id):
+    return json.loads((tmp_path / "snap" / run_id / "train" / "metrics.json").read_text())
+
+
+@pytest.mark.multirank
+def test_kill_one_rank_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    deepspeed("launch/train.py", _args(tmp_path, "full"), ranks=2)
+    full = _metrics(tmp_path, "full")
+
+    # kill -9 of rank 1 right after global step 18 (epoch 2, step 7 of 11): the newest checkpoint is global step 16.
+    # A short writer lease: the killed job may leave it held, and the relaunch takes it over once stale.
+    lease = {"TWA_SCALE_LEASE_TIMEOUT_SECONDS": "4"}
+    kill_at = 18
+    cut = deepspeed("launch/train.py", _args(tmp_path, "cut"), ranks=2, check=False,
+                    extra_env={"TWA_SCALE_FAULT_KILL_AT_STEP": f"1:{kill_at}", **lease})
+    assert cut.returncode != 0, cut.stdout[-2000:]
+    ckpt = tmp_path / "ckpt-cut"
+    assert (ckpt / "latest").read_text() == "epoch1-step5"  # global step 16
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["epoch1-step1", "epoch1-step5"]  # newest 2
+
+    time.sleep(4)
+    resumed = deepspeed("launch/train.py", _args(tmp_path, "cut") + ["--resume"], ranks=2, extra_env=lease)
+    m = re.search(r"resumed from \S+ at epoch 1, step 5 of 11 \(global step (\d+)\)", resumed.stdout)
+    assert m, resumed.stdout[-3000:]
+    assert kill_at - int(m.group(1)) <= EVERY  # at most --checkpoint-every-steps steps redone
+
+    got = _metrics(tmp_path, "cut")
+    assert [e["epoch"] for e in got["epochs"]] == [1, 2]
+    for a, b in zip(full["epochs"], got["epochs"], strict=True):
+        assert b["train_loss"] == a["train_loss"]
+        assert b["val_loss"] == a["val_loss"]
+        assert b["val_accuracy"] == a["val_accuracy"]
+    assert got["final"]["val_accuracy"] == full["final"]["val_accuracy"]
+
+    url = f"file://{tmp_path}/snap"
+    ref, cont = open_run(url, "full"), open_run(url, "cut")
+    seqs = [s.seq for s in cont.snapshots()]
+    assert seqs == list(range(7)), seqs  # contiguous, no duplicate
+    for s in seqs:
+        assert cont.read(s).equal(ref.read(s)), f"snapshot {s} differs from the uninterrupted run's"
+    verify = run([sys.executable, "-m", "twa_scale", "snapshots", "verify", f"{url}/cut"])
+    assert "7 committed snapshot(s), all checksums OK" in verify.stdout
