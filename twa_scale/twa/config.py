@@ -186,8 +186,7 @@ class TwaConfig:
         if not 0 < self.rank_tol < 1:
             bad("rank-tol", f"must be in (0, 1), got {self.rank_tol}")
         for flag, v in (("block-size", self.block_size), ("bn-batches", self.bn_batches),
-                        ("limit-train", self.limit_train), ("limit-val", self.limit_val),
-                        ("guard-samples", self.guard_samples)):
+                        ("limit-train", self.limit_train), ("limit-val", self.limit_val)):
             if v is not None and v < 1:
                 bad(flag, f"must be >= 1, got {v}")
         for flag, v in (("eval-every", self.eval_every), ("guard-retries", self.guard_retries)):
@@ -196,7 +195,8 @@ class TwaConfig:
         for flag, v, ok, want in (
                 ("guard-lr-factor", self.guard_lr_factor, 0 < self.guard_lr_factor < 1, "in (0, 1)"),
                 ("guard-loss-factor", self.guard_loss_factor, self.guard_loss_factor > 1, "> 1"),
-                ("guard-tolerance", self.guard_tolerance, 0 <= self.guard_tolerance < 1, "in [0, 1)")):
+                ("guard-tolerance", self.guard_tolerance, 0 <= self.guard_tolerance < 1, "in [0, 1)"),
+                ("guard-samples", self.guard_samples, self.guard_samples >= 1, ">= 1")):
             if not ok:
                 bad(flag, f"must be {want}, got {v}")
         check_store_and_metrics(self)
