@@ -150,6 +150,8 @@ class SnapshotStreamer:
         for i in range(cfg.buffers):
             self._free.put(i)
         self._staging: torch.Tensor | None = None
+        self._views_key: tuple | None = None
+        self._views: list[torch.Tensor] | None = None
         self._staging_done = None
         self._side_stream = None
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -240,10 +242,30 @@ class SnapshotStreamer:
         if threads > 1:
             torch.set_num_threads(1)
         try:
-            self.layout.gather(params, self.start, self.stop, out=buf)
+            self._gather(params, buf)
         finally:
             if threads > 1:
                 torch.set_num_threads(threads)
+
+    def _gather(self, params: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        """This rank's slice of the flat weights into ``out``, as ONE ``torch.cat`` over cached views.
+
+        Profiled (bench/streamer.py, thread CPU time): ``layout.gather`` issues ~5 tensor ops per
+        parameter (views, slice, copy), ~18 us each on CPU, a third of ResNet-50's stall and 15x the
+        memcpy for ResNet-20; one cat over views built once costs a single dispatch (one kernel on GPU).
+        The views are rebuilt when a parameter's storage moves; non-contiguous parameters (whose
+        ``reshape`` would be a copy, not a view) take the per-tensor path.
+        """
+        key = tuple((id(p), p.data_ptr()) for p in params)
+        if key != self._views_key:
+            pieces = list(self.layout._overlaps(self.start, self.stop))
+            contiguous = all(params[i].is_contiguous() for i, _, _, _ in pieces)
+            self._views = [params[i].detach().view(-1)[lo:hi] for i, _, lo, hi in pieces] if contiguous else None
+            self._views_key = key
+        if self._views is None:
+            self.layout.gather(params, self.start, self.stop, out=out)
+        else:
+            torch.cat(self._views, out=out)
 
     def _copy_from_device(self, params: Sequence[torch.Tensor], buf: torch.Tensor):
         device = params[0].device
@@ -254,7 +276,7 @@ class SnapshotStreamer:
         if self._staging_done is not None:  # the previous device-to-host copy still reads staging
             current.wait_event(self._staging_done)
         # Device-to-device on the training stream (ordered with the optimizer step) ...
-        self.layout.gather(params, self.start, self.stop, out=self._staging)
+        self._gather(params, self._staging)
         gathered = torch.cuda.Event()
         gathered.record(current)
         # ... and device-to-host on the side stream, overlapping the next steps.
