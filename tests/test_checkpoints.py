@@ -7,7 +7,8 @@ import time
 import pytest
 
 from tests.support.launch import deepspeed, run
-from twa_scale.store import open_run
+from twa_scale.checkpoints import committed_tags
+from twa_scale.store import open_run, open_store
 
 EVERY = 4  # --checkpoint-every-steps
 # digits, 2 gloo ranks × 64 images: 11 optimizer steps per epoch; 3 snapshots per epoch (after steps 3, 7, 11);
@@ -41,8 +42,16 @@ def test_kill_one_rank_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path)
     assert (ckpt / "latest").read_text() == "epoch1-step5"  # global step 16
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["epoch1-step1", "epoch1-step5"]  # newest 2
 
+    # Every checkpoint was also uploaded to the default --checkpoint-url (the run's prefix), newest 2 kept.
+    store = open_store(f"file://{tmp_path}/snap/cut/checkpoints")
+    assert committed_tags(store) == ["epoch1-step1", "epoch1-step5"]
+
+    # The relaunch is a fresh pod: an empty --checkpoint-dir, so it downloads the newest committed checkpoint.
     time.sleep(4)
-    resumed = deepspeed("launch/train.py", _args(tmp_path, "cut") + ["--resume"], ranks=2, extra_env=lease)
+    resumed = deepspeed("launch/train.py", _args(tmp_path, "cut") + ["--resume", "--checkpoint-dir",
+                                                                     str(tmp_path / "fresh")],
+                        ranks=2, extra_env=lease)
+    assert "downloaded checkpoint epoch1-step5" in resumed.stderr + resumed.stdout
     m = re.search(r"resumed from \S+ at epoch 1, step 5 of 11 \(global step (\d+)\)", resumed.stdout)
     assert m, resumed.stdout[-3000:]
     assert kill_at - int(m.group(1)) <= EVERY  # at most --checkpoint-every-steps steps redone
@@ -61,5 +70,6 @@ def test_kill_one_rank_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path)
     assert seqs == list(range(7)), seqs  # contiguous, no duplicate
     for s in seqs:
         assert cont.read(s).equal(ref.read(s)), f"snapshot {s} differs from the uninterrupted run's"
+    assert committed_tags(store) == ["epoch1-step9", "epoch2"]  # pruned on the store too
     verify = run([sys.executable, "-m", "twa_scale", "snapshots", "verify", f"{url}/cut"])
     assert "7 committed snapshot(s), all checksums OK" in verify.stdout

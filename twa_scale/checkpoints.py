@@ -29,7 +29,8 @@ import torch
 
 from twa_scale import comm, knobs
 
-__all__ = ["KEEP_CHECKPOINTS", "ResumePoint", "save", "load", "drain", "maybe_fault"]
+__all__ = ["KEEP_CHECKPOINTS", "ResumePoint", "save", "load", "drain", "prune", "upload", "fetch", "committed_tags",
+           "maybe_fault"]
 
 log = logging.getLogger("twa_scale.checkpoints")
 KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoint tags are deleted (ResNet-50 ones are ~300 MB each)
@@ -80,11 +81,13 @@ def drain(streamer, below: int | None = None, poll_seconds: float = 0.01) -> Non
 
 
 def save(engine, checkpoint_dir: str, *, epoch: int, batch: int = 0, step_in_epoch: int = 0,
-         loss_sum: float = 0.0, samples: int = 0, streamer=None, drain_below: int | None = None) -> str:
+         loss_sum: float = 0.0, samples: int = 0, streamer=None, drain_below: int | None = None,
+         url: str | None = None, storage_options=None) -> str:
     """Save the checkpoint of position (``epoch``, ``batch``) on every rank; returns its tag.
 
     ``batch`` 0 is an epoch boundary (``epoch`` is then the next epoch to run). First every snapshot
     of ``streamer`` (with a seq < ``drain_below``: the ones a resume would not re-take) is committed.
+    With ``url``, the checkpoint is then uploaded there (:func:`upload`).
     """
     drain(streamer, below=drain_below)
     ranks = _all_gather_object({"rng": _rng_state(), "loss_sum": float(loss_sum), "samples": int(samples)})
@@ -93,6 +96,8 @@ def save(engine, checkpoint_dir: str, *, epoch: int, batch: int = 0, step_in_epo
               "global_steps": int(engine.global_steps), "world_size": comm.world_size(), "ranks": ranks}
     engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client)
     comm.barrier()
+    if url:
+        upload(checkpoint_dir, tag, url, storage_options)
     if comm.rank() == 0:
         prune(checkpoint_dir, keep=KEEP_CHECKPOINTS)
     return tag
@@ -116,8 +121,11 @@ def prune(checkpoint_dir: str, keep: int = KEEP_CHECKPOINTS) -> list[str]:
     return [p.name for p in old]
 
 
-def load(engine, checkpoint_dir: str) -> ResumePoint | None:
-    """Load the newest checkpoint into ``engine`` (every rank); None when there is none."""
+def load(engine, checkpoint_dir: str, url: str | None = None, storage_options=None) -> ResumePoint | None:
+    """Load the newest checkpoint into ``engine`` (every rank); None when there is none. With ``url``,
+    a checkpoint missing locally is first downloaded from there (:func:`fetch`)."""
+    if url:
+        fetch(checkpoint_dir, url, storage_options)
     path, client = engine.load_checkpoint(checkpoint_dir)
     if path is None:
         return None
@@ -159,3 +167,95 @@ def maybe_fault(global_step: int) -> None:
         rank = _fault[0]
         log.warning("TWA_SCALE_FAULT_KILL_AT_STEP=%s: rank %s kills itself after step %d", spec, rank, global_step)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- checkpoints on object storage (--checkpoint-url) -------------------------------------------
+# DeepSpeed's checkpoint engines (deepspeed.runtime.checkpoint_engine: torch, Nebula, decoupled, fast)
+# all torch.save to local paths, and save_checkpoint/load_checkpoint themselves use os.makedirs and
+# open() on the `latest` file, so none of them writes to an fsspec URL. A checkpoint is therefore saved
+# to --checkpoint-dir (the local staging directory) and then uploaded through the store's backend:
+# `<url>/<tag>/<file>` for each file, then `<url>/<tag>/COMMIT.json` last, so a tag is visible (to a
+# resume, to pruning) only when complete. The newest KEEP_CHECKPOINTS committed tags are kept there too.
+COMMIT = "COMMIT.json"
+
+
+def _store(url: str, storage_options):
+    from twa_scale.store import open_store
+
+    return open_store(url, storage_options)
+
+
+def committed_tags(store) -> list[str]:
+    """Tags with a commit marker in ``store``, oldest first."""
+    tags = []
+    for key in store.find(""):
+        tag, _, name = key.partition("/")
+        m = _TAG.match(tag)
+        if m and name == COMMIT:
+            tags.append(((int(m.group(1)), int(m.group(2) or 0)), tag))
+    return [t for _, t in sorted(tags)]
+
+
+def upload(checkpoint_dir: str, tag: str, url: str, storage_options=None, keep: int = KEEP_CHECKPOINTS) -> None:
+    """Upload tag ``tag`` of ``checkpoint_dir`` to ``url`` (every rank calls this after the save).
+
+    Local rank 0 of each node uploads the files its node holds (on a shared volume every node sees
+    all; the puts are idempotent); rank 0 writes the commit marker once every node is done, then
+    prunes the store to the newest ``keep`` committed tags.
+    """
+    import json
+
+    local = Path(checkpoint_dir) / tag
+    mine = sorted(p.name for p in local.iterdir() if p.is_file()) if comm.local_rank() == 0 else []
+    listed = _all_gather_object(mine)
+    if comm.local_rank() == 0:
+        store = _store(url, storage_options)
+        for name in mine:
+            data = (local / name).read_bytes()
+            store.put_large(f"{tag}/{name}", memoryview(data))
+    comm.barrier()
+    if comm.rank() == 0:
+        store = _store(url, storage_options)
+        files = sorted(set().union(*map(set, listed)))
+        store.put_small(f"{tag}/{COMMIT}", json.dumps({"tag": tag, "files": files}).encode())
+        for old in committed_tags(store)[:-keep]:
+            store.delete(f"{old}/{COMMIT}")  # invisible first, then the files
+            for key in store.find(old):
+                store.delete(key)
+        log.info("checkpoint %s committed to %s", tag, url)
+
+
+def fetch(checkpoint_dir: str, url: str, storage_options=None) -> str | None:
+    """Make the checkpoint a resume loads present in ``checkpoint_dir`` on every node; returns its tag.
+
+    The local ``latest`` of rank 0 wins (a shared volume, or a node that kept its disk); else the newest
+    committed tag on ``url``, downloaded by local rank 0 of each node where files are missing.
+    """
+    import json
+
+    tag = None
+    if comm.rank() == 0:
+        latest = Path(checkpoint_dir) / "latest"
+        if latest.is_file() and (Path(checkpoint_dir) / latest.read_text().strip()).is_dir():
+            tag = latest.read_text().strip()
+        else:
+            tags = committed_tags(_store(url, storage_options))
+            tag = tags[-1] if tags else None
+    tag = comm.broadcast_object(tag)
+    if tag is not None and comm.local_rank() == 0:
+        store = _store(url, storage_options)
+        local = Path(checkpoint_dir) / tag
+        if store.exists(f"{tag}/{COMMIT}"):
+            files = json.loads(store.get(f"{tag}/{COMMIT}"))["files"]
+            missing = [f for f in files if not (local / f).is_file()]
+            if missing:
+                local.mkdir(parents=True, exist_ok=True)
+                for name in missing:
+                    tmp = local / f".{name}.part"
+                    tmp.write_bytes(store.get(f"{tag}/{name}"))
+                    os.replace(tmp, local / name)
+                log.warning("--resume: downloaded checkpoint %s (%d files) from %s", tag, len(missing), url)
+        if local.is_dir():
+            (Path(checkpoint_dir) / "latest").write_text(tag)
+    comm.barrier()
+    return tag

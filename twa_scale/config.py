@@ -116,6 +116,10 @@ class TrainConfig:
     """Stored dtype of snapshots: float32, bfloat16 or float16."""
     checkpoint_dir: str | None = None
     """Local directory (disk or PVC) for DeepSpeed checkpoints; None uses ./twa_checkpoints/<run-id>."""
+    checkpoint_url: str | None = None
+    """fsspec URL each DeepSpeed checkpoint is uploaded to after it is saved in checkpoint_dir (a commit
+    marker written last; the newest two kept); --resume downloads the newest committed one when
+    checkpoint_dir has none. None: `<snapshot-url>/<run-id>/checkpoints`; `none`: local only."""
     checkpoint_every_steps: int | None = None
     """Also save a DeepSpeed checkpoint every N optimizer steps inside an epoch (the newest two are
     kept); --resume then continues mid-epoch, exactly. None: only at each epoch's end."""
@@ -196,6 +200,14 @@ class TrainConfig:
             self.run_id = f"{self.model}-{Path(self.data).name or 'data'}-s{self.seed}"
         if self.checkpoint_dir is None:
             self.checkpoint_dir = str(Path.cwd() / "twa_checkpoints" / self.run_id)
+        if self.checkpoint_url is None:
+            self.checkpoint_url = self.run_url + "/checkpoints"
+        elif self.checkpoint_url not in ("", "none"):
+            from twa_scale.store.backend import check_url
+            try:
+                check_url(self.checkpoint_url)
+            except ValueError as e:
+                bad("checkpoint-url", str(e))
 
     def parse_init_from(self) -> tuple[str, str, int]:
         """(snapshot URL, run id, seq) of --init-from."""

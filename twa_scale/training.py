@@ -159,9 +159,11 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
 
     engine = build_engine(model, cfg, ds, steps_per_epoch=steps_per_epoch)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    ckpt_store = {"url": None if cfg.checkpoint_url in ("", "none") else cfg.checkpoint_url,
+                  "storage_options": cfg.storage_options}
     start_epoch, history, point = 0, [], None
     if cfg.resume:
-        point = checkpoints.load(engine, cfg.checkpoint_dir)
+        point = checkpoints.load(engine, cfg.checkpoint_dir, **ckpt_store)
         if point is None:
             log.warning("--resume: no checkpoint in %s, starting from epoch 0", cfg.checkpoint_dir)
         else:
@@ -195,7 +197,7 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
 
             def step_checkpoint(batch: int, step_in_epoch: int, steps: StepLog, epoch: int = epoch) -> None:
                 checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch, batch=batch, step_in_epoch=step_in_epoch,
-                                 loss_sum=steps.loss_sum, samples=steps.samples, streamer=streamer)
+                                 loss_sum=steps.loss_sum, samples=steps.samples, streamer=streamer, **ckpt_store)
 
             resume_at = point if point is not None and point.mid_epoch and epoch == start_epoch else None
             train_loss = _train_epoch(engine, data, cfg, epoch, micro, channels_last,
@@ -219,7 +221,8 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                 # Before the checkpoint that covers this epoch: a resume never lacks its row.
                 writer.write_metrics(history, final=None)
             # The boundary snapshot queued above is re-taken by a resume: only earlier ones must be committed.
-            checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch + 1, streamer=streamer, drain_below=seq)
+            checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch + 1, streamer=streamer, drain_below=seq,
+                             **ckpt_store)
     summary = streamer.close()  # already closed: returns the summary
 
     last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
