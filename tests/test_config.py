@@ -207,6 +207,12 @@ def test_paper_schedule_per_epoch_factors(epochs, factors):
     assert torch_lrs == pytest.approx([2.0 * f for f in factors])
 
 
+def test_one_epoch_step_schedule_keeps_the_peak_lr():
+    """E = 1: the authors' rule would put a milestone at epoch 0 (lr/10 for the whole job); ours waits."""
+    assert milestones(1) == (1, 1)
+    assert [lr_factor(s, schedule="step", epochs=1, steps_per_epoch=5) for s in range(5)] == [1.0] * 5
+
+
 def test_other_schedules_and_warmup_are_shared_by_both_stages():
     kw = dict(epochs=2, steps_per_epoch=100)
     f = [lr_factor(s, schedule="step-per-iter", **kw) for s in range(200)]

@@ -188,15 +188,20 @@ def _runs_ls(args) -> int:
 def _add_snapshots(sub) -> None:
     p = sub.add_parser("snapshots", help="list or verify the snapshots of a run")
     cmds = p.add_subparsers(dest="snapshots_command", required=True)
-    ls = cmds.add_parser("ls", help="committed snapshots: seq, step, epoch, size; damaged ones marked")
-    ls.add_argument("target", metavar="URL/RUN")
-    ls.add_argument("--json", action="store_true", help="print JSON (sizes in bytes) instead of a table")
-    ls.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
-    ls.set_defaults(func=_snapshots_ls)
-    ver = cmds.add_parser("verify", help="check every checksum; exit 1 naming each bad object")
-    ver.add_argument("target", metavar="URL/RUN")
-    ver.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
-    ver.set_defaults(func=_snapshots_verify)
+    _store_command(cmds, "ls", "committed snapshots: seq, step, epoch, size; damaged ones marked",
+                   _snapshots_ls, target="URL/RUN", json_help="print JSON (sizes in bytes) instead of a table")
+    _store_command(cmds, "verify", "check every checksum; exit 1 naming each bad object", _snapshots_verify,
+                   target="URL/RUN")
+
+
+def _store_command(cmds, name: str, help_text: str, func: Callable, *, target: str, json_help: str | None = None):
+    """A subcommand over one store location: its positional target, optional --json, --storage-options."""
+    p = cmds.add_parser(name, help=help_text)
+    p.add_argument("url" if target == "URL" else "target", metavar=target)
+    if json_help:
+        p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
+    p.set_defaults(func=func)
 
 
 def _add_data(sub) -> None:
@@ -208,11 +213,8 @@ def _add_data(sub) -> None:
 def _add_runs(sub) -> None:
     p = sub.add_parser("runs", help="list the runs under a snapshot URL")
     cmds = p.add_subparsers(dest="runs_command", required=True)
-    ls = cmds.add_parser("ls", help="runs with their fingerprint, lease holder, state and snapshot count")
-    ls.add_argument("url", metavar="URL")
-    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ls.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
-    ls.set_defaults(func=_runs_ls)
+    _store_command(cmds, "ls", "runs with their fingerprint, lease holder, state and snapshot count", _runs_ls,
+                   target="URL", json_help="print JSON instead of a table")
 
 
 # name -> function(subparsers) that adds a command group; another module may add e.g. "report".

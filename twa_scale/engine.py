@@ -104,8 +104,11 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
 
 def milestones(epochs: int) -> tuple[int, int]:
     """Epochs at which the `step` schedule divides the lr by 10: the TWA authors' MultiStepLR
-    (train_twa.py: milestones=[int(0.5E), int(0.75E + 0.9)], stepped once per epoch)."""
-    return int(epochs * 0.5), int(epochs * 0.75 + 0.9)
+    (train_twa.py: milestones=[int(0.5E), int(0.75E + 0.9)], stepped once per epoch).
+
+    Never before epoch 1: the authors' rule puts a milestone at epoch 0 when E = 1, which would run
+    a one-epoch job at lr/10 throughout. For E >= 2 this is exactly their rule."""
+    return max(1, int(epochs * 0.5)), max(1, int(epochs * 0.75 + 0.9))
 
 
 def lr_factor(step: int, *, schedule: str, epochs: int, steps_per_epoch: int, warmup_steps: int = 0) -> float:

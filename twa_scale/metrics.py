@@ -35,6 +35,7 @@ exits at once.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import re
@@ -328,17 +329,26 @@ def is_enabled() -> bool:
     return _m is not None
 
 
+def _when_enabled(record):
+    """Decorate ``record(m, ...)``: it runs with this process's bound metrics ``m``, and the call is a
+    no-op while metrics are disabled, so instrumented code never checks."""
+    @functools.wraps(record)
+    def call(*args, **kwargs) -> None:
+        m = _m
+        if m is not None:
+            record(m, *args, **kwargs)
+    return call
+
+
 def server_port() -> int | None:
     """Port this process serves on (local rank 0 only), else None."""
     return _state.port if _state.server is not None else None
 
 
 # ------------------------------------------------------------------------ training
-def train_step(seconds: float, samples: int, loss: float, lr: float) -> None:
+@_when_enabled
+def train_step(m, seconds: float, samples: int, loss: float, lr: float) -> None:
     """One optimizer step finished on this rank."""
-    m = _m
-    if m is None:
-        return
     m.train_step_seconds.observe(seconds)
     m.train_samples.inc(samples)
     m.train_loss.set(loss)
@@ -346,123 +356,103 @@ def train_step(seconds: float, samples: int, loss: float, lr: float) -> None:
     m.train_last_step_ts.set(time.time())
 
 
-def train_epoch(epoch: int, val_accuracy: float, val_loss: float) -> None:
+@_when_enabled
+def train_epoch(m, epoch: int, val_accuracy: float, val_loss: float) -> None:
     """An epoch finished and was evaluated; ``val_accuracy`` is a ratio in 0..1."""
-    m = _m
-    if m is None:
-        return
     m.train_epoch.set(epoch)
     m.train_val_accuracy.set(val_accuracy)
     m.train_val_loss.set(val_loss)
 
 
-def data_bad_images(n: int = 1) -> None:
+@_when_enabled
+def data_bad_images(m, n: int = 1) -> None:
     """``n`` undecodable images were skipped by this rank's data loader."""
-    m = _m
-    if m is not None:
-        m.data_bad_images.inc(n)
+    m.data_bad_images.inc(n)
 
 
 # ------------------------------------------------------------------------ streamer
-def snapshot_stall(seconds: float) -> None:
+@_when_enabled
+def snapshot_stall(m, seconds: float) -> None:
     """Training was blocked for ``seconds`` handing one snapshot to the streamer."""
-    m = _m
-    if m is not None:
-        m.snap_stall.observe(seconds)
+    m.snap_stall.observe(seconds)
 
 
-def snapshot_upload(seconds: float, nbytes: int) -> None:
+@_when_enabled
+def snapshot_upload(m, seconds: float, nbytes: int) -> None:
     """One snapshot shard was uploaded."""
-    m = _m
-    if m is None:
-        return
     m.snap_upload.observe(seconds)
     m.snap_bytes.inc(nbytes)
 
 
-def snapshot_retry() -> None:
+@_when_enabled
+def snapshot_retry(m) -> None:
     """An upload attempt failed and will be retried."""
-    m = _m
-    if m is not None:
-        m.snap_retries.inc()
+    m.snap_retries.inc()
 
 
-def snapshot_failure() -> None:
+@_when_enabled
+def snapshot_failure(m) -> None:
     """A snapshot failed for good (retries exhausted)."""
-    m = _m
-    if m is not None:
-        m.snap_failures.inc()
+    m.snap_failures.inc()
 
 
-def snapshot_skipped() -> None:
+@_when_enabled
+def snapshot_skipped(m) -> None:
     """A snapshot was dropped by back-pressure policy."""
-    m = _m
-    if m is not None:
-        m.snap_skipped.inc()
+    m.snap_skipped.inc()
 
 
-def snapshot_queue_depth(n: int) -> None:
+@_when_enabled
+def snapshot_queue_depth(m, n: int) -> None:
     """Snapshots currently queued or uploading on this rank."""
-    m = _m
-    if m is not None:
-        m.snap_queue.set(n)
+    m.snap_queue.set(n)
 
 
-def snapshot_committed(seq: int) -> None:
+@_when_enabled
+def snapshot_committed(m, seq: int) -> None:
     """Snapshot ``seq`` became visible to readers."""
-    m = _m
-    if m is None:
-        return
     m.snap_committed.inc()
     m.snap_last_seq.set(seq)
     m.snap_last_commit_ts.set(time.time())
 
 
 # ----------------------------------------------------------------------- TWA stage
-def twa_load(seconds: float, nbytes: int) -> None:
+@_when_enabled
+def twa_load(m, seconds: float, nbytes: int) -> None:
     """One snapshot slice of ``nbytes`` was read in ``seconds``."""
-    m = _m
-    if m is None:
-        return
     m.twa_load_seconds.observe(seconds)
     m.twa_load_bytes.inc(nbytes)
 
 
-def twa_projection(seconds: float) -> None:
+@_when_enabled
+def twa_projection(m, seconds: float) -> None:
     """One gradient projection (incl. its small all-reduce) took ``seconds``."""
-    m = _m
-    if m is not None:
-        m.twa_projection_seconds.observe(seconds)
+    m.twa_projection_seconds.observe(seconds)
 
 
-def twa_step(loss: float) -> None:
+@_when_enabled
+def twa_step(m, loss: float) -> None:
     """One TWA optimizer step finished with training loss ``loss``."""
-    m = _m
-    if m is None:
-        return
     m.twa_steps.inc()
     m.twa_loss.set(loss)
 
 
-def twa_eval(accuracy: float) -> None:
+@_when_enabled
+def twa_eval(m, accuracy: float) -> None:
     """The TWA model was evaluated; ``accuracy`` is a ratio in 0..1."""
-    m = _m
-    if m is not None:
-        m.twa_accuracy.set(accuracy)
+    m.twa_accuracy.set(accuracy)
 
 
-def twa_guard_retry(outcome: str) -> None:
+@_when_enabled
+def twa_guard_retry(m, outcome: str) -> None:
     """The guard rejected one TWA attempt (``outcome``: diverged | worse_than_start)."""
-    m = _m
-    if m is not None:
-        m.twa_guard_retries.inc()
+    m.twa_guard_retries.inc()
 
 
-def twa_effective_rank(k: int) -> None:
+@_when_enabled
+def twa_effective_rank(m, k: int) -> None:
     """Directions kept after dropping near-dependent snapshots."""
-    m = _m
-    if m is not None:
-        m.twa_effective_rank.set(k)
+    m.twa_effective_rank.set(k)
 
 
 def twa_coefficients(alpha) -> None:

@@ -77,18 +77,18 @@ class _PreBottleneck(nn.Module):
         return out + short
 
 
-class PreResNet(nn.Module):
-    def __init__(self, depth: int = 164, num_classes: int = 10):
+class _PreActNet(nn.Module):
+    """Stem conv, three stages of ``n`` pre-activation blocks (the first of stages 2 and 3 strides 2),
+    then BN-ReLU, global pooling and the classifier: the shape PreResNet and WRN share."""
+
+    def __init__(self, block, widths: tuple[int, int, int], expansion: int, n: int, stem: int, num_classes: int):
         super().__init__()
-        if (depth - 2) % 9:
-            raise ValueError(f"PreResNet (bottleneck) depth must be 9n+2, got {depth}")
-        n = (depth - 2) // 9
-        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        layers, cin = [], 16
-        for i, planes in enumerate((16, 32, 64)):
+        self.conv = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        layers, cin = [], stem
+        for i, width in enumerate(widths):
             for j in range(n):
-                layers.append(_PreBottleneck(cin, planes, 2 if (i > 0 and j == 0) else 1))
-                cin = planes * 4
+                layers.append(block(cin, width, 2 if (i > 0 and j == 0) else 1))
+                cin = width * expansion
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(cin)
         self.fc = nn.Linear(cin, num_classes)
@@ -96,6 +96,13 @@ class PreResNet(nn.Module):
     def forward(self, x):
         x = F.relu(self.bn(self.layers(self.conv(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class PreResNet(_PreActNet):
+    def __init__(self, depth: int = 164, num_classes: int = 10):
+        if (depth - 2) % 9:
+            raise ValueError(f"PreResNet (bottleneck) depth must be 9n+2, got {depth}")
+        super().__init__(_PreBottleneck, (16, 32, 64), 4, (depth - 2) // 9, 16, num_classes)
 
 
 # --- Wide ResNet 28-10 ---------------------------------------------------------------
@@ -113,24 +120,9 @@ class _WideBlock(nn.Module):
         return o + short
 
 
-class WideResNet(nn.Module):
+class WideResNet(_PreActNet):
     def __init__(self, depth: int = 28, widen: int = 10, num_classes: int = 10):
-        super().__init__()
-        n = (depth - 4) // 6
-        widths = (16, 16 * widen, 32 * widen, 64 * widen)
-        self.conv = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        layers, cin = [], widths[0]
-        for i, cout in enumerate(widths[1:]):
-            for j in range(n):
-                layers.append(_WideBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
-                cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(cin)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn(self.layers(self.conv(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        super().__init__(_WideBlock, (16 * widen, 32 * widen, 64 * widen), 1, (depth - 4) // 6, 16, num_classes)
 
 
 # --- VGG16-BN for 32x32 inputs ---------------------------------------------------------

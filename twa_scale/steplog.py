@@ -10,38 +10,22 @@ the progress bar), so the per-step series keep their resolution, at that cadence
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
 __all__ = ["StepLog", "StepRow"]
 
 
-class StepRow(tuple):
-    """(loss, samples, lr, seconds, *extra) of one step, as the host sees it after a read."""
+class StepRow(NamedTuple):
+    """One step's values, as the host sees them after a read."""
 
-    __slots__ = ()
-
-    @property
-    def loss(self) -> float:
-        return self[0]
-
-    @property
-    def samples(self) -> int:
-        return self[1]
-
-    @property
-    def lr(self) -> float:
-        return self[2]
-
-    @property
-    def seconds(self) -> float:
-        """The window's mean step time: single steps are not timed, since timing one needs a sync."""
-        return self[3]
-
-    @property
-    def extra(self) -> tuple[float, ...]:
-        return tuple(self[4:])
+    loss: float
+    samples: int
+    lr: float
+    seconds: float
+    """The window's mean step time: single steps are not timed, since timing one needs a sync."""
+    extra: tuple[float, ...] = ()
 
 
 class StepLog:
@@ -94,7 +78,7 @@ class StepLog:
         self._t0 = now
         rows = []
         for (samples, lr), vals in zip(self._host, values):
-            rows.append(StepRow((vals[0], samples, lr, per_step, *vals[1:])))
+            rows.append(StepRow(vals[0], samples, lr, per_step, tuple(vals[1:])))
             self.loss_sum += vals[0] * samples
             for j, v in enumerate(vals[1:]):
                 self.extra_sums[j] += v

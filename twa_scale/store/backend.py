@@ -255,7 +255,8 @@ class FsspecStore(ObjectStore):
 class LocalStore(FsspecStore):
     """A local (or mounted) directory."""
 
-    def put_small(self, key: str, data: bytes) -> None:
+    def _write_temp(self, key: str, data: bytes) -> tuple[str, str]:
+        """Write ``data`` durably to a hidden temporary beside ``key``'s path; (temp path, final path)."""
         path = self._path(key)
         d = os.path.dirname(path)
         self.fs.makedirs(d, exist_ok=True)
@@ -264,17 +265,14 @@ class LocalStore(FsspecStore):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        return tmp, path
+
+    def put_small(self, key: str, data: bytes) -> None:
+        tmp, path = self._write_temp(key, data)
         os.replace(tmp, path)
 
     def create(self, key: str, data: bytes) -> bool:
-        path = self._path(key)
-        d = os.path.dirname(path)
-        self.fs.makedirs(d, exist_ok=True)
-        tmp = f"{d}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp, path = self._write_temp(key, data)
         try:
             os.link(tmp, path)  # atomic, and fails when the name exists
             return True

@@ -167,10 +167,9 @@ class _Record:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ShardMeta(_Record):
-    """One writer rank's slice of one snapshot: where it sits in w and the CRC-32 of its chunks."""
+class _SnapshotRecord(_Record):
+    """What every per-snapshot record carries: where on the training trajectory it was taken."""
 
-    KIND: ClassVar[str] = "shard"
     OPTIONAL: ClassVar[dict[str, Any]] = {"epoch_fraction": None}
 
     seq: int
@@ -178,18 +177,29 @@ class ShardMeta(_Record):
     epoch: int
     epoch_fraction: float | None = None
     """Epochs of training done when the snapshot was taken (e.g. 2.5); None in format 1 records."""
-    rank: int
     world_size: int
-    start: int
-    stop: int
+    """Ranks that wrote the snapshot."""
     dtype: str
-    byteorder: str = "little"
     nbytes: int
-    object: str
-    """Name of the data object, relative to the snapshot's directory."""
+    """Bytes this record covers: one shard's data, or the whole snapshot's for a commit marker."""
     session: str
+    """Launch that wrote it (one writer per run: see writer.py's lease)."""
     fingerprint: str
     """Layout fingerprint of the run."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardMeta(_SnapshotRecord):
+    """One writer rank's slice of one snapshot: where it sits in w and the CRC-32 of its chunks."""
+
+    KIND: ClassVar[str] = "shard"
+
+    rank: int
+    start: int
+    stop: int
+    byteorder: str = "little"
+    object: str
+    """Name of the data object, relative to the snapshot's directory."""
     checksum: str = "crc32"
     chunk_bytes: int
     chunks: tuple[int, ...]
@@ -215,22 +225,11 @@ class ShardMeta(_Record):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CommitMarker(_Record):
+class CommitMarker(_SnapshotRecord):
     """The per-snapshot record, written last: a snapshot exists when its valid marker does."""
 
     KIND: ClassVar[str] = "commit"
-    OPTIONAL: ClassVar[dict[str, Any]] = {"epoch_fraction": None}
 
-    seq: int
-    step: int
-    epoch: int
-    epoch_fraction: float | None = None
-    """Epochs of training done when the snapshot was taken; None in format 1 records."""
-    world_size: int
-    dtype: str
-    fingerprint: str
-    session: str
-    nbytes: int
     committed_at: float
     shards: tuple[ShardMeta, ...]
 

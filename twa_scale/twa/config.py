@@ -16,6 +16,7 @@ import logging
 from typing import Any, Literal, Sequence
 
 from twa_scale.config import Schedule, check_choice, check_store_and_metrics, parse_config
+from twa_scale.twa.selection import parse_select, parse_select_epochs
 
 __all__ = ["TwaConfig", "parse_twa_args", "parse_select"]
 
@@ -27,18 +28,6 @@ Coefficients = Literal["global", "layerwise"]
 PBits = Literal[32, 16, 8, 4, 2, 1]
 QuantGranularity = Literal["row-block", "block"]
 FitOn = Literal["train", "holdout"]
-
-
-def parse_select(spec: str | None) -> tuple[int | None, int | None, int]:
-    """``A:B[:STRIDE]`` over snapshot sequence numbers, Python slice semantics (A <= seq < B).
-
-    None selects every committed snapshot, seq 0 (the initial weights) included.
-    """
-    if spec is None:
-        return None, None, 1
-    from twa_scale.twa.selection import parse_range
-
-    return parse_range(spec, flag="--select", number=int, unit="of snapshot seqs", example="1:101 or 0::2")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -151,7 +140,6 @@ class TwaConfig:
             bad("run-id", "is required")
         parse_select(self.select)
         if self.select_epochs is not None:
-            from twa_scale.twa.selection import parse_select_epochs
             parse_select_epochs(self.select_epochs)
             if self.select is not None:
                 bad("select-epochs", f"cannot be combined with --select {self.select} (pick one)")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from twa_scale.errors import ConfigError
 
-__all__ = ["parse_range", "parse_select_epochs", "position", "select_by_epochs", "check_select_seqs"]
+__all__ = ["parse_range", "parse_select", "parse_select_epochs", "position", "select_by_epochs", "check_select_seqs"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,16 @@ def parse_range(spec: str, *, flag: str, number: type, unit: str, example: str) 
     if stride < 1:
         raise ConfigError(f"{flag} {spec}: STRIDE must be >= 1")
     return a, b, stride
+
+
+def parse_select(spec: str | None) -> tuple[int | None, int | None, int]:
+    """``A:B[:STRIDE]`` over snapshot sequence numbers, Python slice semantics (A <= seq < B).
+
+    None selects every committed snapshot, seq 0 (the initial weights) included.
+    """
+    if spec is None:
+        return None, None, 1
+    return parse_range(spec, flag="--select", number=int, unit="of snapshot seqs", example="1:101 or 0::2")
 
 
 def parse_select_epochs(spec: str | None) -> tuple[float | None, float | None, int]:
@@ -87,7 +97,6 @@ def check_select_seqs(infos: Sequence[Any], spec: str | None) -> None:
     the end of the run, or starts at a failed snapshot, is an error instead of a silently shorter set."""
     if spec is None:
         return
-    from twa_scale.twa.config import parse_select
 
     a, b, _ = parse_select(spec)
     seqs = sorted(i.seq for i in infos)
@@ -111,7 +120,6 @@ def check_selection(spec: str | None, committed: Sequence[int], damaged: dict[in
     """Refuse a --select range that holds a damaged snapshot (naming its seq: an invalid commit
     marker or a missing object, see ``RunReader.scan``) or, without ``allow_gaps``, a seq that is not
     committed. A selection that avoids the damaged seqs works."""
-    from twa_scale.twa.config import parse_select
 
     a, b, stride = parse_select(spec)
     known = sorted(set(committed) | set(damaged))
