@@ -35,4 +35,8 @@ def test_readme_commands_run_as_written(tmp_path):
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     resolved = (tmp_path / "my.yaml").read_text()
     assert "model: mlp" in resolved and "epochs: 2" in resolved
-    assert (tmp_path / "twa_runs" / "mlp-digits-s0" / "train" / "metrics.json").is_file()
+    # one run each (a run id has one writer): the installed script, the module, the config file, the env
+    for run in ("installed", "module", "mlp-digits-s0", "env"):
+        assert (tmp_path / "twa_runs" / run / "train" / "metrics.json").is_file(), run
+    env_run = (tmp_path / "twa_runs" / "env" / "train" / "metrics.json").read_text()
+    assert '"epoch": 1' in env_run and '"epoch": 2' not in env_run  # TWA_SCALE_TRAIN_EPOCHS=1 took effect
