@@ -61,7 +61,8 @@ def test_full_run_same_coefficients_on_1_2_and_3_ranks(trajectory, tmp_path):
     model, snaps = trajectory
     url = f"file://{tmp_path}/store"
     write_run(url, "mlp-run", model, snaps, cfg=digits_config(), writer_world=2)
-    kw = dict(snapshot_url=url, run_id="mlp-run", select="1:", epochs=2, lr=1.0, batch_size=48, plot=False)  # 6 after init
+    # the 6 snapshots after the initial weights
+    kw = dict(snapshot_url=url, run_id="mlp-run", select="1:", epochs=2, lr=1.0, batch_size=48, plot=False)
     one = twa_worker(0, 1, dict(kw, output=f"{url}/out1"))
     for world in (2, 3):
         outs = run_ranks(world, twa_worker, dict(kw, output=f"{url}/out{world}"), out_dir=str(tmp_path / f"w{world}"))
