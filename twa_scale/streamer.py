@@ -113,10 +113,6 @@ class _Job:
     ready: object  # torch.cuda.Event or None
 
 
-_GaveUp = RetryDeadlineExceeded
-_PERMANENT = PERMANENT_ERRORS
-
-
 class SnapshotStreamer:
     """Streams this rank's slice of every snapshot to ``<url>/<run_id>`` in the background.
 
@@ -352,7 +348,7 @@ class SnapshotStreamer:
             t_crc = t0 - t_crc
             self._retry(f"uploading {obj}", lambda: w.put_shard(meta, view, part_bytes=cfg.part_bytes,
                                                                  concurrency=cfg.concurrency), deadline)
-        except (_GaveUp, *_PERMANENT) as e:
+        except (RetryDeadlineExceeded, *PERMANENT_ERRORS) as e:
             self._fail(job.seq, f"{obj}: {e}")
             if self.rank == 0:
                 self._done(job.seq)
@@ -397,7 +393,7 @@ class SnapshotStreamer:
         now = time.monotonic()
         try:
             metas = w.shard_metas(seq, self.world_size, self.session)
-        except _PERMANENT:
+        except PERMANENT_ERRORS:
             raise
         except Exception as e:  # noqa: BLE001 - storage hiccup: look again later
             metas = None
@@ -407,7 +403,7 @@ class SnapshotStreamer:
             marker = w.commit_url(seq)
             try:
                 self._retry(f"writing {marker}", lambda: w.commit(seq, metas), deadline)
-            except (_GaveUp, *_PERMANENT) as e:
+            except (RetryDeadlineExceeded, *PERMANENT_ERRORS) as e:
                 self._fail(seq, f"{marker}: {e}")
                 self._done(seq)
                 return
