@@ -5,12 +5,18 @@
     python bench/reproduce.py --smoke --out /tmp/twa-smoke        # the test suite's tiny run
     python bench/reproduce.py --out bench/results/cpu --report-only   # rebuild report.md from finished steps
     python bench/reproduce.py --out DIR --dry-run                 # print the commands, run nothing
+    python bench/reproduce.py --out bench/results/cpu-k5 --snapshots-per-epoch 5 --experiments head
+                                                                  # the paper's density: K=5 against K=1
 
 Every step is one of the project's own commands, run as a subprocess:
 `python launch/train.py ...` / `python launch/twa.py ...` (or `deepspeed --num_gpus N ...` with --ranks N).
 Per seed:
-  head        E epochs, step schedule (÷10 at 50% and 75%), a snapshot every epoch;
-  head-paper  TWA (paper mode) over snapshots 0..E/2 (`--select 0:E/2+1`), T TWA epochs;
+  head        E epochs, step schedule (the authors' epoch-wise MultiStepLR: ÷10 after epochs int(0.5E) and
+              int(0.75E + 0.9)), K snapshots per epoch (--snapshots-per-epoch, default 1);
+  head-paper  TWA (paper mode) over every snapshot up to epoch E/2 (`--select 0:E/2+1`; with K > 1
+              `--select-epochs 0:E/2`), T TWA epochs;
+  head-paper-k1  with K > 1: the same over the epoch-end snapshots only (`--select 0:K*E/2+1:K`), i.e. what
+              a K = 1 run gives, from the same SGD trajectory (snapshots do not change training);
   head-twav   TWA-v (journal mode: centred, layer-wise, AdamW + cosine, fitted on the hold-out);
   tail-lrX    K more epochs from the head run's final snapshot at a constant learning rate X
               (`--init-from ... --schedule constant`), for each X in --swa-lrs;
@@ -78,6 +84,10 @@ class Preset:
     swa_lrs: tuple[float, ...] = (0.05, 0.1)
     """Constant tail learning rates (the SWA paper's CIFAR swa_lr 0.05, and 0.1)."""
     seeds: tuple[int, ...] = (0, 1)
+    snapshots_per_epoch: int = 1
+    """K: snapshots per epoch of the head run (the authors' ImageNet script: 5)."""
+    experiments: tuple[str, ...] = ("head", "twav", "tail")
+    """Which parts run: head (SGD + paper-mode TWA), twav (journal TWA-v on the head), tail (SWA vs TWA)."""
     num_workers: int | None = None
     """DataLoader workers per rank (None: the trainer's default, and min(4, CPUs per rank - 1) for TWA)."""
     bn_batches: int | None = None
@@ -93,6 +103,12 @@ class Preset:
             raise ValueError(f"--twa-epochs: must be >= 1, got {self.twa_epochs}")
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
+        if self.snapshots_per_epoch < 1:
+            raise ValueError(f"--snapshots-per-epoch: must be >= 1, got {self.snapshots_per_epoch}")
+        unknown = set(self.experiments) - {"head", "twav", "tail"}
+        if "head" not in self.experiments or unknown:
+            raise ValueError(f"--experiments {','.join(self.experiments)}: choose from head,twav,tail "
+                             "(head is always needed)")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"--holdout-fraction: TWA-v needs a hold-out in (0, 1), got {self.holdout_fraction}")
 
@@ -180,21 +196,28 @@ def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
         args += extra
         return Step(name, "twa", "launch/twa.py", args, seed, role, swa_lr, run_id=run_id, output=out)
 
+    k = p.snapshots_per_epoch
     steps = []
     for s in p.seeds:
         head = f"head-s{s}"
-        sel = f"0:{p.half + 1}"
+        # K = 1 keeps the seq form of earlier reports (the same snapshots as --select-epochs 0:H).
+        sel = ["--select", f"0:{p.half + 1}"] if k == 1 else ["--select-epochs", f"0:{p.half}"]
+        cadence = ["--snapshots-per-epoch", str(k)] if k > 1 else []
         steps.append(train(head, s, "head", head, ["--epochs", str(p.epochs), "--lr", f"{p.lr:g}",
-                                                   "--schedule", "step"]))
+                                                   "--schedule", "step", *cadence]))
         steps.append(twa(f"head-paper-s{s}", s, "head-paper", head,
-                         ["--select", sel, "--lr", f"{p.twa_lr:g}", "--schedule", "step"]))
-        steps.append(twa(f"head-twav-s{s}", s, "head-twav", head,
-                         ["--preset", "journal", "--select", sel, "--fit-on", "holdout"]))
-        for lr in p.swa_lrs:
+                         [*sel, "--lr", f"{p.twa_lr:g}", "--schedule", "step"]))
+        if k > 1:
+            steps.append(twa(f"head-paper-k1-s{s}", s, "head-paper-k1", head,
+                             ["--select", f"0:{k * p.half + 1}:{k}", "--lr", f"{p.twa_lr:g}", "--schedule", "step"]))
+        if "twav" in p.experiments:
+            steps.append(twa(f"head-twav-s{s}", s, "head-twav", head,
+                             ["--preset", "journal", *sel, "--fit-on", "holdout"]))
+        for lr in (p.swa_lrs if "tail" in p.experiments else ()):
             tail = f"tail-lr{_lr_tag(lr)}-s{s}"
             steps.append(train(tail, s, "tail", tail,
                                ["--epochs", str(p.tail_epochs), "--lr", f"{lr:g}", "--schedule", "constant",
-                                "--init-from", f"{store}/{head}@{p.epochs}"], swa_lr=lr))
+                                "--init-from", f"{store}/{head}@{p.epochs * k}"], swa_lr=lr))
             steps.append(twa(f"tail-twa-lr{_lr_tag(lr)}-s{s}", s, "tail-twa", tail,
                              ["--select", f"0:{p.tail_epochs + 1}", "--lr", f"{p.twa_lr:g}", "--schedule", "step",
                               "--weight-decay", f"{p.tail_twa_weight_decay:g}"], swa_lr=lr))
@@ -344,6 +367,8 @@ def summarize(p: Preset, steps: list[Step], work: Path) -> dict:
             d["head"]["half_seconds"] = sum(r.get("seconds", 0.0) for r in d["head"]["epochs"] if r["epoch"] <= p.half)
         elif st.role == "head-paper":
             d["head_paper"] = _twa_summary(out)
+        elif st.role == "head-paper-k1":
+            d["head_paper_k1"] = _twa_summary(out)
         elif st.role == "head-twav":
             d["head_twav"] = _twa_summary(out)
         elif st.role == "tail":
@@ -355,13 +380,24 @@ def summarize(p: Preset, steps: list[Step], work: Path) -> dict:
 
 def build_table(p: Preset, seeds: dict) -> list[dict]:
     """Rows: method, stage, SGD epochs, TWA epochs, accuracy mean ± std over the seeds that have it."""
-    E, H, T, K = p.epochs, p.half, p.twa_epochs, p.tail_epochs
+    E, H, T, K, S = p.epochs, p.half, p.twa_epochs, p.tail_epochs, p.snapshots_per_epoch
+    n = f" (K={S}: {S * H + 1} snapshots)" if S > 1 else ""
     spec = [
         (f"SGD, full run ({E} epochs)", "head", E, 0, lambda d: d.get("head", {}).get("final_accuracy")),
         (f"SGD at half-way (epoch {H})", "head", H, 0, lambda d: d.get("head", {}).get("half_accuracy")),
-        (f"SWA of snapshots 0..{H}", "head", H, 0, lambda d: d.get("head_paper", {}).get("swa_accuracy")),
-        (f"TWA paper mode, snapshots 0..{H}", "head", H, T, lambda d: d.get("head_paper", {}).get("twa_accuracy")),
-        (f"TWA-v journal mode, snapshots 0..{H}", "head", H, T,
+        (f"SWA of snapshots to epoch {H}{n}", "head", H, 0, lambda d: d.get("head_paper", {}).get("swa_accuracy")),
+        (f"TWA paper mode, snapshots to epoch {H}{n}", "head", H, T,
+         lambda d: d.get("head_paper", {}).get("twa_accuracy")),
+    ]
+    if S > 1:
+        spec += [
+            (f"SWA of snapshots to epoch {H} (K=1: the {H + 1} epoch ends)", "head", H, 0,
+             lambda d: d.get("head_paper_k1", {}).get("swa_accuracy")),
+            (f"TWA at K=1, snapshots to epoch {H} ({H + 1} epoch ends)", "head", H, T,
+             lambda d: d.get("head_paper_k1", {}).get("twa_accuracy")),
+        ]
+    spec += [
+        (f"TWA-v journal mode, snapshots to epoch {H}{n}", "head", H, T,
          lambda d: d.get("head_twav", {}).get("twa_accuracy")),
     ]
     for lr in p.swa_lrs:
@@ -426,11 +462,20 @@ def findings(p: Preset, table: list[dict], seeds: dict) -> list[dict]:
                             f"(tie band ±{100 * t:.2f} pts) while spending {H + T} of {E} epochs "
                             f"({100 * saved:.0f}% saved; the paper: 100+10 of 200, 45%)."})
     twa_p = _row(table, "TWA paper mode")
+    twa_k1 = _row(table, "TWA at K=1")
+    if twa_p and twa_k1:
+        d, t = twa_p["accuracy_mean"] - twa_k1["accuracy_mean"], tol(twa_p, twa_k1)
+        S = p.snapshots_per_epoch
+        out.append({"claim": "density", "holds": True if d > t else (None if d >= -t else False), "difference": d,
+                    "tolerance": t,
+                    "text": f"Snapshot density: TWA over K={S} snapshots per epoch ({S * H + 1} snapshots) reaches "
+                            f"{_acc(twa_p)}, against {_acc(twa_k1)} over the {H + 1} epoch ends of the same runs "
+                            f"({_pts(d)}, tie band ±{100 * t:.2f} pts; the authors use K=5 on ImageNet)."})
     if swa_h and twa_p:
         d = twa_p["accuracy_mean"] - swa_h["accuracy_mean"]
         out.append({"claim": "head-swa", "holds": d > tol(twa_p, swa_h),
                     "difference": d,
-                    "text": f"Head stage, SWA of the same snapshots 0..{H}: {_acc(swa_h)}; TWA improves on it "
+                    "text": f"Head stage, SWA of the same snapshots (to epoch {H}): {_acc(swa_h)}; TWA improves on it "
                             f"by {_pts(d)} (the paper: uniform averaging fails in the head stage, TWA does not)."})
     twa_v = _row(table, "TWA-v journal mode")
     if twa_p and twa_v:
@@ -508,6 +553,8 @@ def plot_accuracy(p: Preset, seeds: dict, path: Path) -> None:
     point(H, [d.get("head_paper", {}).get("swa_accuracy") for d in ds], f"SWA 0..{H}", colors[1], "s")
     point(H + T, [d.get("head_paper", {}).get("twa_accuracy") for d in ds], f"TWA 0..{H} (+{T})", colors[0], "*")
     point(H + T, [d.get("head_twav", {}).get("twa_accuracy") for d in ds], f"TWA-v 0..{H} (+{T})", colors[2], "P")
+    point(H + T + 0.3, [d.get("head_paper_k1", {}).get("twa_accuracy") for d in ds], f"TWA K=1 0..{H} (+{T})",
+          colors[5 % len(colors)], "X")
     for i, lr in enumerate(p.swa_lrs):
         tag, c, dx = _lr_tag(lr), colors[(3 + i) % len(colors)], 0.25 * i  # dx: markers of each lr side by side
         tails = [(d["head"], d["tail"][tag]) for d in ds if tag in d["tail"] and "head" in d]
@@ -583,6 +630,7 @@ def render_report(res: dict, discussion: str | None) -> str:
         lines += [f"**Incomplete:** {len(res['missing_steps'])} step(s) have not finished: "
                   + ", ".join(res["missing_steps"]), ""]
     E, H, T, K = p["epochs"], p["epochs"] // 2, p["twa_epochs"], p["tail_epochs"]
+    S = p.get("snapshots_per_epoch", 1)
     twav = next((d["head_twav"]["hyperparameters"] for d in res["seeds"].values() if "head_twav" in d), None)
     twav_text = ("" if not twav else " TWA-v resolved to: " + ", ".join(
         f"{k} {twav.get(k)}" for k in ("optimizer", "lr", "schedule", "warmup", "weight_decay", "directions",
@@ -593,11 +641,14 @@ def render_report(res: dict, discussion: str | None) -> str:
               f"hold-out {p['holdout_fraction']:g} of the full training split (carved out before the subset; "
               f"excluded from every run's training), seeds {', '.join(map(str, p['seeds']))}.",
               f"- Head: SGD lr {p['lr']:g} (momentum 0.9, weight decay {p['weight_decay']:g}, batch "
-              f"{p['batch_size']}), step schedule ÷10 after {E * 0.5:g} and {E * 0.75:g} epochs, {E} epochs in all, "
-              f"a snapshot every epoch (seq 0 = initial weights).",
-              f"- Head TWA: snapshots 0..{H} (`--select 0:{H + 1}`), {T} TWA epochs, in paper mode "
+              f"{p['batch_size']}), step schedule ÷10 after epochs {int(0.5 * E)} and {int(0.75 * E + 0.9)} (the authors' "
+              f"epoch-wise MultiStepLR), {E} epochs in all, {S} snapshot(s) per epoch (seq 0 = initial weights).",
+              f"- Head TWA: every snapshot up to the end of epoch {H} ({S * H + 1} snapshots), {T} TWA epochs, in paper mode "
               f"(lr {p['twa_lr']:g}, step schedule, fitted on the training split) and in journal TWA-v mode "
-              f"(`--preset journal --fit-on holdout`).{twav_text} All resolved settings are in results.json.",
+              f"(`--preset journal --fit-on holdout`).{twav_text}"
+              + (f" With K={S}, the same TWA also runs over the {H + 1} epoch-end snapshots only "
+                 f"(`--select 0:{S * H + 1}:{S}`): the K=1 result on the same SGD runs." if S > 1 else "")
+              + " All resolved settings are in results.json.",
               f"- Tail: from the head run's final snapshot (seq {E}), {K} more epochs at a constant lr "
               f"{' and '.join(f'{lr:g}' for lr in p['swa_lrs'])} (`--init-from ... --schedule constant`); "
               f"then paper-mode TWA over the tail's {K + 1} snapshots (seq 0 = the head's final weights), "
@@ -702,6 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit-val", type=int)
     ap.add_argument("--holdout-fraction", type=float)
     ap.add_argument("--num-workers", type=int)
+    ap.add_argument("--snapshots-per-epoch", type=int, help="K, snapshots per epoch of the head run (default 1)")
+    ap.add_argument("--experiments", help="comma-separated parts to run: head,twav,tail (default all)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from finished steps; run nothing")
     ap.add_argument("--dry-run", action="store_true", help="print each step's command and whether it is done")
     return ap
@@ -712,6 +765,8 @@ def preset_from_args(a: argparse.Namespace) -> Preset:
     over = {"data": a.data, "model": a.model, "epochs": a.epochs, "twa_epochs": a.twa_epochs,
             "tail_epochs": a.tail_epochs, "twa_lr": a.twa_lr, "limit_train": a.limit_train, "limit_val": a.limit_val,
             "holdout_fraction": a.holdout_fraction, "num_workers": a.num_workers,
+            "snapshots_per_epoch": a.snapshots_per_epoch,
+            "experiments": tuple(a.experiments.split(",")) if a.experiments else None,
             "seeds": tuple(a.seeds) if a.seeds else None, "swa_lrs": tuple(a.swa_lrs) if a.swa_lrs else None}
     base.update({k: v for k, v in over.items() if v is not None})
     base["data"] = str(Path(base["data"]).resolve())

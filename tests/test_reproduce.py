@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import reproduce  # noqa: E402
 
 SMOKE_METHODS = [  # (method prefix, SGD epochs, TWA epochs) for E=2, T=1, K=1
-    ("SGD, full run", 2, 0), ("SGD at half-way", 1, 0), ("SWA of snapshots 0..1", 1, 0),
+    ("SGD, full run", 2, 0), ("SGD at half-way", 1, 0), ("SWA of snapshots to epoch 1", 1, 0),
     ("TWA paper mode", 1, 1), ("TWA-v journal mode", 1, 1),
     ("tail SGD, last point (lr 0.05)", 3, 0), ("SWA, tail lr 0.05", 3, 0), ("TWA, tail lr 0.05", 3, 1),
 ]
@@ -210,3 +210,27 @@ def test_table_and_findings_over_two_seeds():
     del seeds["1"]["head_twav"]
     row = next(r for r in reproduce.build_table(p, seeds) if r["method"].startswith("TWA-v"))
     assert row["n_seeds"] == 1 and row["accuracy_std"] == 0.0
+
+
+def test_density_plan_and_table_compare_k5_with_its_epoch_ends(tmp_path):
+    """--snapshots-per-epoch 5: one SGD run per seed, TWA over all 51 snapshots to epoch 10 and over the
+    11 epoch ends of the same run (the K=1 selection), no tail/TWA-v steps with --experiments head."""
+    args = ["--out", str(tmp_path), "--snapshots-per-epoch", "5", "--experiments", "head"]
+    p = reproduce.preset_from_args(reproduce.build_parser().parse_args(args))
+    steps = {s.name: s for s in reproduce.plan_steps(p, tmp_path / "work")}
+    assert sorted(steps) == sorted(f"{n}-s{s}" for s in (0, 1) for n in ("head", "head-paper", "head-paper-k1"))
+    head = steps["head-s0"].args
+    assert head[head.index("--snapshots-per-epoch") + 1] == "5" and head.count("--snapshot-every") == 1
+    paper, k1 = steps["head-paper-s0"].args, steps["head-paper-k1-s0"].args
+    assert paper[paper.index("--select-epochs") + 1] == "0:10" and k1[k1.index("--select") + 1] == "0:51:5"
+    seeds = {s: {"head": {"final_accuracy": 0.7, "half_accuracy": 0.6}, "tail": {},
+                 "head_paper": {"swa_accuracy": 0.5, "twa_accuracy": 0.70 + d},
+                 "head_paper_k1": {"swa_accuracy": 0.55, "twa_accuracy": 0.66 + d}} for s, d in (("0", 0), ("1", .01))}
+    table = reproduce.build_table(p, seeds)
+    assert [r["method"] for r in table][2:] == [
+        "SWA of snapshots to epoch 10 (K=5: 51 snapshots)", "TWA paper mode, snapshots to epoch 10 (K=5: 51 snapshots)",
+        "SWA of snapshots to epoch 10 (K=1: the 11 epoch ends)", "TWA at K=1, snapshots to epoch 10 (11 epoch ends)"]
+    density = next(f for f in reproduce.findings(p, table, seeds) if f["claim"] == "density")
+    assert density["difference"] == pytest.approx(0.04) and density["holds"] is True
+    with pytest.raises(ValueError, match="--experiments"):
+        reproduce.preset_from_args(reproduce.build_parser().parse_args([*args[:4], "--experiments", "tail"]))
