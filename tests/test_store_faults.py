@@ -15,6 +15,7 @@ from tests.support import REPO
 from tests.support.launch import env
 from tests.support.s3 import S3_ENV
 from twa_scale import store
+from twa_scale.checkpoints import committed_tags
 from twa_scale.cli import main
 from twa_scale.store import open_store
 
@@ -96,6 +97,10 @@ def test_60s_outage_mid_run_and_credentials_never_logged(fresh_s3, tmp_path):
     assert [i.seq for i in r.snapshots()] == [0, 1, 2, 3, 4] and r.verify() == []
     metrics = store.read_json(f"{url}/{run}/train/metrics.json")
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4]
+    # Checkpoints upload in the background with the same retries: the outage delayed them (a newer tag
+    # replaces one still waiting), and the newest is committed once the store is back; at most 2 are kept.
+    tags = committed_tags(open_store(f"{url}/{run}/checkpoints"))
+    assert tags[-1] == "epoch4" and len(tags) <= 2, tags
     assert secret not in out and secret not in errtext
     stored = _objects(url, run)
     assert not [k for k, v in stored.items() if secret.encode() in v]

@@ -16,12 +16,14 @@ resumed run never needs a snapshot from before its checkpoint: the committed seq
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -29,8 +31,8 @@ import torch
 
 from twa_scale import comm, knobs
 
-__all__ = ["KEEP_CHECKPOINTS", "ResumePoint", "save", "load", "drain", "prune", "upload", "fetch", "committed_tags",
-           "maybe_fault"]
+__all__ = ["KEEP_CHECKPOINTS", "ResumePoint", "Uploader", "save", "load", "drain", "prune", "fetch",
+           "committed_tags", "maybe_fault"]
 
 log = logging.getLogger("twa_scale.checkpoints")
 KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoint tags are deleted (ResNet-50 ones are ~300 MB each)
@@ -82,12 +84,12 @@ def drain(streamer, below: int | None = None, poll_seconds: float = 0.01) -> Non
 
 def save(engine, checkpoint_dir: str, *, epoch: int, batch: int = 0, step_in_epoch: int = 0,
          loss_sum: float = 0.0, samples: int = 0, streamer=None, drain_below: int | None = None,
-         url: str | None = None, storage_options=None) -> str:
+         uploader: Uploader | None = None) -> str:
     """Save the checkpoint of position (``epoch``, ``batch``) on every rank; returns its tag.
 
     ``batch`` 0 is an epoch boundary (``epoch`` is then the next epoch to run). First every snapshot
     of ``streamer`` (with a seq < ``drain_below``: the ones a resume would not re-take) is committed.
-    With ``url``, the checkpoint is then uploaded there (:func:`upload`).
+    With ``uploader``, the checkpoint is then queued for upload (in the background).
     """
     drain(streamer, below=drain_below)
     ranks = _all_gather_object({"rng": _rng_state(), "loss_sum": float(loss_sum), "samples": int(samples)})
@@ -95,11 +97,11 @@ def save(engine, checkpoint_dir: str, *, epoch: int, batch: int = 0, step_in_epo
     client = {"epoch": int(epoch), "batch": int(batch), "step_in_epoch": int(step_in_epoch),
               "global_steps": int(engine.global_steps), "world_size": comm.world_size(), "ranks": ranks}
     engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client)
-    comm.barrier()
-    if url:
-        upload(checkpoint_dir, tag, url, storage_options)
-    if comm.rank() == 0:
-        prune(checkpoint_dir, keep=KEEP_CHECKPOINTS)
+    comm.barrier()  # every rank of the node has written its files
+    if uploader is not None:
+        uploader.submit(checkpoint_dir, tag)
+    if comm.local_rank() == 0:
+        prune(checkpoint_dir, keep=KEEP_CHECKPOINTS, busy=uploader.busy() if uploader else ())
     return tag
 
 
@@ -113,9 +115,10 @@ def _tags(checkpoint_dir: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def prune(checkpoint_dir: str, keep: int = KEEP_CHECKPOINTS) -> list[str]:
-    """Delete all but the newest ``keep`` tags; returns the deleted tag names."""
-    old = _tags(checkpoint_dir)[:-keep] if keep else _tags(checkpoint_dir)
+def prune(checkpoint_dir: str, keep: int = KEEP_CHECKPOINTS, busy=()) -> list[str]:
+    """Delete all but the newest ``keep`` tags, and never a tag in ``busy`` (being uploaded); returns
+    the deleted tag names."""
+    old = [p for p in (_tags(checkpoint_dir)[:-keep] if keep else _tags(checkpoint_dir)) if p.name not in busy]
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
     return [p.name for p in old]
@@ -156,27 +159,40 @@ _fault: tuple[int, int] | None = None
 
 
 def maybe_fault(global_step: int) -> None:
-    """Test fault injection (``TWA_SCALE_FAULT_KILL_AT_STEP=RANK:STEP``): SIGKILL this rank after that step."""
+    """Test fault injection (``TWA_SCALE_FAULT_KILL_AT_STEP=RANK:STEP``): SIGKILL rank RANK after that step.
+
+    Every rank first lets its checkpoint uploads in flight finish and meets the others at a barrier, so
+    what a test can assert (the newest checkpoint is on the store) does not depend on thread timing; a
+    real crash can lose an upload in flight, and the resume then starts from the tag before it.
+    """
     global _fault
     if _fault is None:
-        spec = knobs.FAULT_KILL_AT_STEP.get()
-        rank, _, step = (spec or "-1:-1").partition(":")
-        _fault = (int(rank), int(step))
-    if _fault == (comm.rank(), global_step):
-        spec = f"{_fault[0]}:{_fault[1]}"
-        rank = _fault[0]
-        log.warning("TWA_SCALE_FAULT_KILL_AT_STEP=%s: rank %s kills itself after step %d", spec, rank, global_step)
-        os.kill(os.getpid(), signal.SIGKILL)
+        spec = knobs.FAULT_KILL_AT_STEP.get() or "-1:-1"
+        try:
+            rank, step = (int(x) for x in spec.split(":"))
+        except ValueError:
+            raise ValueError(f"TWA_SCALE_FAULT_KILL_AT_STEP={spec!r}: expected RANK:STEP, e.g. 1:18") from None
+        _fault = (rank, step)
+    if global_step == _fault[1]:
+        for uploader in list(_UPLOADERS):
+            uploader.wait()
+        comm.barrier()
+        if comm.rank() == _fault[0]:
+            log.warning("TWA_SCALE_FAULT_KILL_AT_STEP=%d:%d: rank %d kills itself after step %d", *_fault, _fault[0],
+                        global_step)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- checkpoints on object storage (--checkpoint-url) -------------------------------------------
 # DeepSpeed's checkpoint engines (deepspeed.runtime.checkpoint_engine: torch, Nebula, decoupled, fast)
 # all torch.save to local paths, and save_checkpoint/load_checkpoint themselves use os.makedirs and
 # open() on the `latest` file, so none of them writes to an fsspec URL. A checkpoint is therefore saved
-# to --checkpoint-dir (the local staging directory) and then uploaded through the store's backend:
-# `<url>/<tag>/<file>` for each file, then `<url>/<tag>/COMMIT.json` last, so a tag is visible (to a
-# resume, to pruning) only when complete. The newest KEEP_CHECKPOINTS committed tags are kept there too.
+# to --checkpoint-dir (the local staging directory) and then uploaded through the store's backend, in
+# the background (:class:`Uploader`): `<url>/<tag>/<file>` for each file, a marker per node, then
+# `<url>/<tag>/COMMIT.json` last, so a tag is visible (to a resume, to pruning) only when complete.
+# The newest KEEP_CHECKPOINTS committed tags are kept there too.
 COMMIT = "COMMIT.json"
+_UPLOADERS: list["Uploader"] = []  # open uploaders of this process (maybe_fault lets them finish)
 
 
 def _store(url: str, storage_options):
@@ -185,44 +201,180 @@ def _store(url: str, storage_options):
     return open_store(url, storage_options)
 
 
+def _tag_key(tag: str) -> tuple[int, int]:
+    m = _TAG.match(tag)
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
 def committed_tags(store) -> list[str]:
     """Tags with a commit marker in ``store``, oldest first."""
     tags = []
     for key in store.find(""):
         tag, _, name = key.partition("/")
-        m = _TAG.match(tag)
-        if m and name == COMMIT:
-            tags.append(((int(m.group(1)), int(m.group(2) or 0)), tag))
-    return [t for _, t in sorted(tags)]
+        if _TAG.match(tag) and name == COMMIT:
+            tags.append(tag)
+    return sorted(tags, key=_tag_key)
 
 
-def upload(checkpoint_dir: str, tag: str, url: str, storage_options=None, keep: int = KEEP_CHECKPOINTS) -> None:
-    """Upload tag ``tag`` of ``checkpoint_dir`` to ``url`` (every rank calls this after the save).
+class Uploader:
+    """Uploads checkpoint tags to ``url`` in a background thread, so training never waits for the store.
 
-    Local rank 0 of each node uploads the files its node holds (on a shared volume every node sees
-    all; the puts are idempotent); rank 0 writes the commit marker once every node is done, then
-    prunes the store to the newest ``keep`` committed tags.
+    One per process; only local rank 0 of each node uploads (the files its node's ranks wrote), then
+    writes ``<tag>/nodes/<node>.json``; rank 0 commits the tag once every node's marker is there and
+    prunes the store. Every store call retries transient errors up to ``TWA_SCALE_STORE_RETRY_SECONDS``,
+    so an outage delays uploads and costs training nothing. While one tag uploads, a newer one replaces
+    any tag still waiting (only the newest matters to a resume); :meth:`busy` names the tags local
+    pruning must keep. A tag whose upload fails for good is logged and skipped: the local copy stays,
+    and the next tag is tried.
     """
-    import json
 
-    local = Path(checkpoint_dir) / tag
-    mine = sorted(p.name for p in local.iterdir() if p.is_file()) if comm.local_rank() == 0 else []
-    listed = _all_gather_object(mine)
-    if comm.local_rank() == 0:
-        store = _store(url, storage_options)
-        for name in mine:
+    def __init__(self, url: str, storage_options=None, *, keep: int = KEEP_CHECKPOINTS):
+        from twa_scale.store import RetryPolicy
+
+        self.url, self.keep = url, keep
+        self.uploads = comm.local_rank() == 0
+        self.leader = comm.rank() == 0
+        self.node, self.nodes = comm.node_rank(), max(1, comm.world_size() // comm.local_world_size())
+        self._store = _store(url, storage_options) if self.uploads else None
+        self._retry = RetryPolicy()
+        self._cond = threading.Condition()
+        self._waiting: tuple[str, Path] | None = None
+        self._current: str | None = None
+        self._closed = False
+        self.committed: list[str] = []
+        self.failed: list[str] = []
+        self._thread = None
+        if self.uploads:
+            self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
+            self._thread.start()
+        _UPLOADERS.append(self)
+
+    @classmethod
+    @contextlib.contextmanager
+    def closing(cls, url: str | None, storage_options=None):
+        """``with Uploader.closing(url) as up:`` (None when ``url`` is None). On a normal exit the uploads
+        finish, each bounded by the retry deadline; when an exception (SIGTERM) ends the block they get
+        ``TWA_SCALE_SIGTERM_FLUSH_SECONDS``, the preemption grace period."""
+        if not url:
+            yield None
+            return
+        up = cls(url, storage_options)
+        try:
+            yield up
+        except BaseException:
+            up.close(timeout=knobs.SIGTERM_FLUSH_SECONDS.get())
+            raise
+        up.close()
+
+    def submit(self, checkpoint_dir: str, tag: str) -> None:
+        """Queue tag ``tag`` of ``checkpoint_dir`` (saved and complete on this node); returns at once."""
+        if not self.uploads:
+            return
+        with self._cond:
+            if self._waiting is not None:
+                log.info("checkpoint %s superseded by %s before its upload started", self._waiting[0], tag)
+            self._waiting = (tag, Path(checkpoint_dir) / tag)
+            self._cond.notify_all()
+
+    def busy(self) -> set[str]:
+        """Tags being uploaded or waiting: local pruning keeps them."""
+        with self._cond:
+            return {t for t in (self._current, self._waiting and self._waiting[0]) if t}
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until nothing is uploading or waiting (True), or ``timeout`` seconds pass (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._current is None and self._waiting is None, timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish the uploads (at most ``timeout`` seconds; None: each bounded by the retry deadline)."""
+        done = self.wait(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if not done:
+            log.error("checkpoint upload to %s still unfinished after %.0f s; the local checkpoint in "
+                      "--checkpoint-dir is kept", self.url, timeout)
+        if self in _UPLOADERS:
+            _UPLOADERS.remove(self)
+        return done
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._waiting is not None or self._closed)
+                if self._waiting is None:
+                    return
+                (tag, local), self._waiting = self._waiting, None
+                self._current = tag
+            try:
+                self._upload(tag, local)
+            except Exception as e:  # noqa: BLE001 - a lost upload must not end training: the next tag retries
+                self.failed.append(tag)
+                log.error("checkpoint %s: upload to %s failed (%s: %s); the local copy is kept",
+                          tag, self.url, type(e).__name__, e)
+            finally:
+                with self._cond:
+                    self._current = None
+                    self._cond.notify_all()
+
+    def _upload(self, tag: str, local: Path) -> None:
+        import json
+
+        st, call = self._store, self._retry.call
+        files = sorted(p.name for p in local.iterdir() if p.is_file())
+        for name in files:
             data = (local / name).read_bytes()
-            store.put_large(f"{tag}/{name}", memoryview(data))
-    comm.barrier()
-    if comm.rank() == 0:
-        store = _store(url, storage_options)
-        files = sorted(set().union(*map(set, listed)))
-        store.put_small(f"{tag}/{COMMIT}", json.dumps({"tag": tag, "files": files}).encode())
-        for old in committed_tags(store)[:-keep]:
-            store.delete(f"{old}/{COMMIT}")  # invisible first, then the files
-            for key in store.find(old):
-                store.delete(key)
-        log.info("checkpoint %s committed to %s", tag, url)
+            call(f"uploading {st.describe(f'{tag}/{name}')}", lambda n=name, d=data: st.put_large(f"{tag}/{n}",
+                                                                                                  memoryview(d)))
+        call(f"writing {st.describe(f'{tag}/nodes/{self.node}.json')}",
+             lambda: st.put_small(f"{tag}/nodes/{self.node}.json", json.dumps({"files": files}).encode()))
+        if self.leader:
+            self._commit(tag)
+
+    def _commit(self, tag: str) -> None:
+        """Rank 0: once every node's marker is in, write COMMIT.json, then prune older tags."""
+        import json
+
+        st, call = self._store, self._retry.call
+        deadline = time.monotonic() + self._retry.deadline_seconds
+        listed: dict[str, list[str]] = {}
+        while len(listed) < self.nodes:
+            for key in call(f"listing {st.describe(f'{tag}/nodes/')}", lambda: st.find(f"{tag}/nodes/")):
+                if key not in listed:
+                    raw = call(f"reading {st.describe(key)}", lambda k=key: st.get(k))
+                    try:
+                        listed[key] = json.loads(raw)["files"]
+                    except (ValueError, KeyError, TypeError):
+                        pass  # partial or empty: read again on the next round
+            if len(listed) >= self.nodes:
+                break
+            with self._cond:
+                if self._waiting is not None or time.monotonic() > deadline:  # a newer tag wins; theirs too
+                    log.warning("checkpoint %s: %d of %d nodes uploaded; not committed", tag, len(listed),
+                                self.nodes)
+                    return
+            time.sleep(0.2)
+        files = sorted(set().union(*map(set, listed.values())))
+        call(f"writing {st.describe(f'{tag}/{COMMIT}')}",
+             lambda: st.put_small(f"{tag}/{COMMIT}", json.dumps({"tag": tag, "files": files}).encode()))
+        self.committed.append(tag)
+        log.info("checkpoint %s committed to %s", tag, self.url)
+        self._prune(tag)
+
+    def _prune(self, newest: str) -> None:
+        """Delete every tag older than the newest ``keep`` committed ones, committed or not (an upload
+        superseded or abandoned leaves files without a marker): the marker first, then the files."""
+        st, call = self._store, self._retry.call
+        kept = call(f"listing {self.url}", lambda: committed_tags(st))[-self.keep:]
+        oldest = min((_tag_key(t) for t in kept), default=_tag_key(newest))
+        keys = call(f"listing {self.url}", lambda: st.find(""))
+        old = sorted({k.partition("/")[0] for k in keys if _TAG.match(k.partition("/")[0])
+                      and _tag_key(k.partition("/")[0]) < oldest})
+        for tag in old:
+            mine = [k for k in keys if k.partition("/")[0] == tag]
+            for key in sorted(mine, key=lambda k: not k.endswith(f"/{COMMIT}")):  # invisible first
+                call(f"deleting {st.describe(key)}", lambda k=key: st.delete(k))
 
 
 def fetch(checkpoint_dir: str, url: str, storage_options=None) -> str | None:

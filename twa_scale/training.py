@@ -159,11 +159,10 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
 
     engine = build_engine(model, cfg, ds, steps_per_epoch=steps_per_epoch)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    ckpt_store = {"url": None if cfg.checkpoint_url in ("", "none") else cfg.checkpoint_url,
-                  "storage_options": cfg.storage_options}
+    ckpt_url = None if cfg.checkpoint_url in ("", "none") else cfg.checkpoint_url
     start_epoch, history, point = 0, [], None
     if cfg.resume:
-        point = checkpoints.load(engine, cfg.checkpoint_dir, **ckpt_store)
+        point = checkpoints.load(engine, cfg.checkpoint_dir, url=ckpt_url, storage_options=cfg.storage_options)
         if point is None:
             log.warning("--resume: no checkpoint in %s, starting from epoch 0", cfg.checkpoint_dir)
         else:
@@ -179,8 +178,9 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                                 config=StreamerConfig(dtype=cfg.snapshot_dtype, session=session,
                                                       storage_options=store.parse_storage_options(cfg.storage_options)),
                                 writer=writer)
-    # SIGTERM (preemption) unwinds the loop; pending snapshots then get a bounded flush.
-    with flush_on_sigterm(streamer):
+    # SIGTERM (preemption) unwinds the loop; pending snapshots then get a bounded flush. Checkpoints
+    # upload in the background; the last one is waited for at the end (bounded: see Uploader.closing).
+    with flush_on_sigterm(streamer), checkpoints.Uploader.closing(ckpt_url, cfg.storage_options) as uploader:
         # Snapshot 0 is the initial weights; after a resume the restored weights are re-snapshotted, and
         # the resumed epoch's sub-epoch snapshots re-taken: a committed seq is kept (the streamer checks),
         # so a snapshot lost with the killed process leaves no gap and none is written twice. (A
@@ -197,7 +197,7 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
 
             def step_checkpoint(batch: int, step_in_epoch: int, steps: StepLog, epoch: int = epoch) -> None:
                 checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch, batch=batch, step_in_epoch=step_in_epoch,
-                                 loss_sum=steps.loss_sum, samples=steps.samples, streamer=streamer, **ckpt_store)
+                                 loss_sum=steps.loss_sum, samples=steps.samples, streamer=streamer, uploader=uploader)
 
             resume_at = point if point is not None and point.mid_epoch and epoch == start_epoch else None
             train_loss = _train_epoch(engine, data, cfg, epoch, micro, channels_last,
@@ -222,7 +222,7 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                 writer.write_metrics(history, final=None)
             # The boundary snapshot queued above is re-taken by a resume: only earlier ones must be committed.
             checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch + 1, streamer=streamer, drain_below=seq,
-                             **ckpt_store)
+                             uploader=uploader)
     summary = streamer.close()  # already closed: returns the summary
 
     last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
