@@ -642,7 +642,8 @@ def render_report(res: dict, discussion: str | None) -> str:
               f"excluded from every run's training), seeds {', '.join(map(str, p['seeds']))}.",
               f"- Head: SGD lr {p['lr']:g} (momentum 0.9, weight decay {p['weight_decay']:g}, batch "
               f"{p['batch_size']}), step schedule ÷10 after epochs {int(0.5 * E)} and {int(0.75 * E + 0.9)} "
-              f"(the authors' epoch-wise MultiStepLR), {E} epochs in all, {S} snapshot(s) per epoch (seq 0 = initial weights).",
+              f"(the authors' epoch-wise MultiStepLR), {E} epochs in all, {S} snapshot(s) per epoch "
+              "(seq 0 = initial weights).",
               f"- Head TWA: every snapshot up to the end of epoch {H} ({S * H + 1} snapshots), {T} TWA epochs, "
               "in paper mode "
               f"(lr {p['twa_lr']:g}, step schedule, fitted on the training split) and in journal TWA-v mode "
