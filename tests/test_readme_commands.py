@@ -4,6 +4,7 @@ Each runs with bash in a scratch directory that sees the repository's `launch/` 
 commands write stay out of the checkout). The only change: `deepspeed` gets a free --master_port, so
 parallel tests do not collide on DeepSpeed's default port.
 """
+import json
 import os
 import re
 import subprocess
@@ -38,5 +39,9 @@ def test_readme_commands_run_as_written(tmp_path):
     # one run each (a run id has one writer): the installed script, the module, the config file, the env
     for run in ("installed", "module", "mlp-digits-s0", "env"):
         assert (tmp_path / "twa_runs" / run / "train" / "metrics.json").is_file(), run
+    # The TWA section: 16 snapshots (3 epochs x 5 + seq 0) on 3 ranks, then the 4 epoch ends on 1 rank.
+    for out, n, world in ((tmp_path / "twa_runs" / "demo" / "twa", 16, 3), (tmp_path / "demo-k1", 4, 1)):
+        result = json.loads((out / "result.json").read_text())
+        assert len(result["snapshots"]) == n and result["world_size"] == world, (out, result.keys())
     env_run = (tmp_path / "twa_runs" / "env" / "train" / "metrics.json").read_text()
     assert '"epoch": 1' in env_run and '"epoch": 2' not in env_run  # TWA_SCALE_TRAIN_EPOCHS=1 took effect

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from typing import Any, Literal, Sequence
 
-from twa_scale.config import Schedule, check_choice, check_store_and_metrics, parse_config
+from twa_scale.config import DEFAULT_SNAPSHOT_URL, Schedule, check_choice, check_store_and_metrics, parse_config
 from twa_scale.twa.selection import parse_select, parse_select_epochs
 
 __all__ = ["TwaConfig", "parse_twa_args", "parse_select"]
@@ -32,8 +32,9 @@ FitOn = Literal["train", "holdout"]
 
 @dataclasses.dataclass(kw_only=True)
 class TwaConfig:
-    snapshot_url: str
-    """fsspec URL of the snapshot store (s3://bucket/prefix, file:///abs/path, memory://x)."""
+    snapshot_url: str = DEFAULT_SNAPSHOT_URL
+    """fsspec URL of the snapshot store (s3://bucket/prefix, file:///abs/path, memory://x); the default is
+    the training job's, ./twa_runs."""
     run_id: str
     """Run name under the snapshot URL."""
     storage_options: str | None = None
