@@ -218,7 +218,8 @@ def test_density_plan_and_table_compare_k5_with_its_epoch_ends(tmp_path):
     args = ["--out", str(tmp_path), "--snapshots-per-epoch", "5", "--experiments", "head"]
     p = reproduce.preset_from_args(reproduce.build_parser().parse_args(args))
     steps = {s.name: s for s in reproduce.plan_steps(p, tmp_path / "work")}
-    assert sorted(steps) == sorted(f"{n}-s{s}" for s in (0, 1) for n in ("head", "head-paper", "head-paper-k1"))
+    assert sorted(steps) == sorted(f"{n}-s{s}" for s in (0, 1) for n in ("head", "head-paper", "head-paper-k1",
+                                                                                   "head-paper-periter"))
     head = steps["head-s0"].args
     assert head[head.index("--snapshots-per-epoch") + 1] == "5" and head.count("--snapshot-every") == 1
     paper, k1 = steps["head-paper-s0"].args, steps["head-paper-k1-s0"].args
