@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from twa_scale.decode import DECODERS, Recipe, decode_batch, gpu_finish, normali
 from twa_scale.errors import ConfigError, TransientError, is_connection_error
 from twa_scale.shards import (INDEX_NAME, FolderSource, ShardSource, check_shards_present, image_size_of, is_url,
                               open_index, scan_image_folder)
+
+if TYPE_CHECKING:
+    from twa_scale.config import TrainConfig
 
 __all__ = ["DataBundle", "ImageDataset", "build_data", "make_loader", "check_image_folder", "check_data_spec",
            "SPLIT_SEED", "DEFAULT_MAX_BAD_FRACTION", "DECODERS"]
@@ -134,7 +137,7 @@ def _resolve_folder(spec: str) -> tuple[Path, Path, Path] | None:
     return root, train, val
 
 
-def _sharded(spec: str, decode: str) -> tuple:
+def _sharded(spec: str) -> tuple:
     """(train source, val source, classes, image size) of a packed dataset at SPEC."""
     url = spec if is_url(spec) else "file://" + str(Path(spec).resolve())
     idx = open_index(url)
@@ -143,14 +146,14 @@ def _sharded(spec: str, decode: str) -> tuple:
             idx.classes, idx.image_size)
 
 
-def build_data(cfg) -> DataBundle:
+def build_data(cfg: TrainConfig) -> DataBundle:
     """Datasets for a TrainConfig: train (minus hold-out), hold-out, val.
 
     ``cfg.data`` is `digits`, a local ImageFolder tree (scanned once per process, shared by every view),
     or a packed dataset (`twa-scale data pack`) at any fsspec URL or local path.
     """
-    decode = getattr(cfg, "decode", "cpu")
-    max_bad = getattr(cfg, "max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)
+    decode = cfg.decode
+    max_bad = cfg.max_bad_fraction
     if cfg.data == "digits":
         train_full, val = _digits()
         n_train = len(train_full)
@@ -167,7 +170,7 @@ def build_data(cfg) -> DataBundle:
             val_src = FolderSource(*scan_image_folder(root, val_dir, classes)[1:])
             size = image_size_of(paths)
         else:
-            train_src, val_src, classes, size = _sharded(cfg.data, decode)
+            train_src, val_src, classes, size = _sharded(cfg.data)
         num_classes = len(classes)
         n_train = len(train_src)
 

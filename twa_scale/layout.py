@@ -97,7 +97,7 @@ class FlatLayout:
     def slice_for(self, rank: int, world: int) -> tuple[int, int]:
         return self.slices(world)[rank]
 
-    def _overlaps(self, start: int, stop: int) -> Iterable[tuple[int, Entry, int, int]]:
+    def overlaps(self, start: int, stop: int) -> Iterable[tuple[int, Entry, int, int]]:
         """(index, entry, lo, hi) for every entry cut by [start, stop); lo/hi are within the entry."""
         for i, e in enumerate(self.entries):
             lo, hi = max(start, e.offset), min(stop, e.offset + e.numel)
@@ -110,12 +110,20 @@ class FlatLayout:
         self.check_matches(FlatLayout.from_model(model))
         return params
 
+    def slice_views(self, tensors: Sequence[torch.Tensor], start: int, stop: int) -> list[torch.Tensor] | None:
+        """Views of ``tensors`` (canonical order) whose concatenation is w[start:stop], or None when a
+        cut tensor is not contiguous (its flat ``view`` would fail; :meth:`gather` copies it instead)."""
+        pieces = list(self.overlaps(start, stop))
+        if not all(tensors[i].is_contiguous() for i, _, _, _ in pieces):
+            return None
+        return [tensors[i].detach().view(-1)[lo:hi] for i, _, lo, hi in pieces]
+
     def gather(self, tensors: Sequence[torch.Tensor], start: int, stop: int,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """Copy w[start:stop] out of ``tensors`` (canonical order) into ``out``."""
         if out is None:
             out = torch.empty(stop - start, dtype=torch.float32, device=tensors[0].device)
-        for i, e, lo, hi in self._overlaps(start, stop):
+        for i, e, lo, hi in self.overlaps(start, stop):
             dst = e.offset + lo - start
             out[dst: dst + hi - lo].copy_(tensors[i].detach().reshape(-1)[lo:hi], non_blocking=True)
         return out
@@ -125,7 +133,7 @@ class FlatLayout:
         if flat.numel() != stop - start:
             raise ValueError(f"slice [{start}, {stop}) needs {stop - start} values, got {flat.numel()}")
         with torch.no_grad():
-            for i, e, lo, hi in self._overlaps(start, stop):
+            for i, e, lo, hi in self.overlaps(start, stop):
                 src = e.offset + lo - start
                 tensors[i].view(-1)[lo:hi].copy_(flat[src: src + hi - lo])
 

@@ -254,9 +254,7 @@ class SnapshotStreamer:
         """
         key = tuple((id(p), p.data_ptr()) for p in params)
         if key != self._views_key:
-            pieces = list(self.layout._overlaps(self.start, self.stop))
-            contiguous = all(params[i].is_contiguous() for i, _, _, _ in pieces)
-            self._views = [params[i].detach().view(-1)[lo:hi] for i, _, lo, hi in pieces] if contiguous else None
+            self._views = self.layout.slice_views(params, self.start, self.stop)
             self._views_key = key
         if self._views is None:
             self.layout.gather(params, self.start, self.stop, out=out)

@@ -138,7 +138,7 @@ def run_identity(cfg: TrainConfig, layout: FlatLayout, num_classes: int, ds: dic
     fields = ("model", "data", "seed", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "epochs",
               "holdout_fraction", "limit_train", "snapshot_every", "snapshots_per_epoch", "snapshot_dtype",
               "init_from")
-    conf = {f: getattr(cfg, f) for f in fields if hasattr(cfg, f)}
+    conf = {f: getattr(cfg, f) for f in fields}
     return {"model": {"name": cfg.model, "num_classes": num_classes},
             "layout": {"fingerprint": layout.fingerprint, "D": layout.D, "entries": layout.to_json()["entries"]},
             "data": {k: conf.get(k) for k in ("data", "holdout_fraction", "limit_train")},
@@ -146,7 +146,7 @@ def run_identity(cfg: TrainConfig, layout: FlatLayout, num_classes: int, ds: dic
             "optimizer": {"name": "sgd", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
                           "batch_size": ds.get("train_batch_size")},
             "schedule": {k: conf.get(k) for k in ("schedule", "warmup_epochs", "epochs")},
-            "cadence": {k: conf[k] for k in ("snapshot_every", "snapshots_per_epoch", "snapshot_dtype") if k in conf},
+            "cadence": {k: conf[k] for k in ("snapshot_every", "snapshots_per_epoch", "snapshot_dtype")},
             "init_from": cfg.init_from}
 
 
