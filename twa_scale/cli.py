@@ -7,6 +7,7 @@
     twa-scale runs ls URL                runs: fingerprint, lease holder, state, snapshot count
     twa-scale data pack SRC DST          ImageFolder tree -> WebDataset shards + index.json (resumable)
     twa-scale data verify URL            check every shard's sha256; exit 1 naming each bad shard
+    twa-scale stop URL/RUN [--reason T]  ask the training job to end after its next snapshot (control/STOP.json)
 
 An installed package launches with DeepSpeed's launcher as a module or through the console script:
     deepspeed --num_gpus 2 --module twa_scale train --epochs 1
@@ -217,8 +218,27 @@ def _add_runs(sub) -> None:
                    target="URL", json_help="print JSON instead of a table")
 
 
+def _stop(args) -> int:
+    from twa_scale.control import write_stop
+
+    url, run = split_run_url(args.target)
+    marker = write_stop(url, run, reason=args.reason, rule="manual", by="user", storage_options=args.storage_options)
+    print(f"stop requested for {url}/{run}: {marker.reason} (training ends after its next snapshot)")
+    return 0
+
+
+def _add_stop(sub) -> None:
+    p = sub.add_parser("stop", help="ask a training job to end cleanly after its next snapshot (writes "
+                                    "<run>/control/STOP.json, as the live TWA follower's stop rule does)")
+    p.add_argument("target", metavar="URL/RUN")
+    p.add_argument("--reason", default="stopped by hand (twa-scale stop)", help="recorded in the marker")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
+    p.set_defaults(func=_stop)
+
+
 # name -> function(subparsers) that adds a command group; another module may add e.g. "report".
-COMMANDS: dict[str, Callable] = {"snapshots": _add_snapshots, "runs": _add_runs, "data": _add_data}
+COMMANDS: dict[str, Callable] = {"snapshots": _add_snapshots, "runs": _add_runs, "data": _add_data,
+                                  "stop": _add_stop}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -138,6 +138,10 @@ class TrainConfig:
     """DataLoader workers per rank; None: 0 for digits, else min(4, CPUs per local rank)."""
     channels_last: bool | None = None
     """channels_last activations on GPU (parameters stay contiguous for DeepSpeed); None = on for CUDA."""
+    obey_stop: bool = True
+    """At each snapshot, rank 0 reads <run>/control/STOP.json (written by the live TWA follower's stop rule
+    or `twa-scale stop`) and, when present, training ends cleanly after that snapshot (exit 0; metrics.json
+    records `stopped_by`). --no-obey-stop ignores the marker (a full run beside a record-only follower)."""
     twa: bool = False
     """Run the TWA stage in the same job after training."""
     twa_epochs: int | None = None

@@ -24,10 +24,38 @@ from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
 from twa_scale.steplog import StepLog
 
-__all__ = ["run_training", "KEEP_CHECKPOINTS", "SnapshotPlan"]
+__all__ = ["run_training", "KEEP_CHECKPOINTS", "SnapshotPlan", "StopCheck"]
 
 log = logging.getLogger("twa_scale.train")
 KEEP_CHECKPOINTS = checkpoints.KEEP_CHECKPOINTS
+
+
+class StopCheck:
+    """Obeys <run>/control/STOP.json (see twa_scale/control.py): called on every rank after each snapshot is
+    queued; rank 0 does one small read and broadcasts the decision, so all ranks end after the same snapshot.
+    The read never blocks on the follower and a store error is only a warning (StopWatch)."""
+
+    def __init__(self, cfg: TrainConfig):
+        from twa_scale.control import StopWatch
+
+        self.enabled = cfg.obey_stop
+        self.watch = StopWatch(cfg.snapshot_url, cfg.run_id, storage_options=cfg.storage_options) \
+            if self.enabled and comm.rank() == 0 else None
+        self.fields: dict | None = None  # set once the stop is taken: what metrics.json records
+
+    def __call__(self, seq: int, step: int, epoch_fraction: float) -> bool:
+        """True when training must end after snapshot ``seq`` (the same answer on every rank)."""
+        if not self.enabled:
+            return False
+        marker = self.watch.check() if self.watch is not None else None
+        fields = None if marker is None else {
+            "stopped_by": marker.by, "stop_reason": marker.reason, "stop_rule": marker.rule,
+            "stopped_epoch": epoch_fraction, "stopped_step": step, "stopped_seq": seq}
+        self.fields = comm.broadcast_object(fields)
+        if self.fields and comm.rank() == 0:
+            print(f"stop requested by {self.fields['stopped_by']} ({self.fields['stop_reason']}): training ends "
+                  f"after snapshot {seq} (epoch {epoch_fraction:g}, step {step})", flush=True)
+        return self.fields is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +202,7 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                       f"(global step {engine.global_steps})", flush=True)
 
     params = layout.trainable(model)
+    stop = StopCheck(cfg)
     streamer = SnapshotStreamer(cfg.snapshot_url, cfg.run_id, layout, rank=rank, world_size=world,
                                 config=StreamerConfig(dtype=cfg.snapshot_dtype, session=session,
                                                       storage_options=store.parse_storage_options(cfg.storage_options)),
@@ -188,12 +217,16 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
         seq = plan.seq_at_boundary(start_epoch)
         if seq is not None and not (point and point.mid_epoch):
             streamer.snapshot(seq, engine.global_steps, start_epoch, params, epoch_fraction=float(start_epoch))
+            stop(seq, engine.global_steps, float(start_epoch))
         for epoch in range(start_epoch, cfg.epochs):
+            if stop.fields:
+                break
             t0 = time.perf_counter()
 
-            def mid_snapshot(j: int, epoch: int = epoch) -> None:
-                streamer.snapshot(plan.seq(epoch, j), engine.global_steps, epoch, params,
-                                  epoch_fraction=epoch + j / plan.per_epoch)
+            def mid_snapshot(j: int, epoch: int = epoch) -> bool:
+                seq, fraction = plan.seq(epoch, j), epoch + j / plan.per_epoch
+                streamer.snapshot(seq, engine.global_steps, epoch, params, epoch_fraction=fraction)
+                return stop(seq, engine.global_steps, fraction)
 
             def step_checkpoint(batch: int, step_in_epoch: int, steps: StepLog, epoch: int = epoch) -> None:
                 checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch, batch=batch, step_in_epoch=step_in_epoch,
@@ -207,12 +240,18 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
             val = evaluate(engine.module, make_loader(data.val, batch_size=micro * 2, train=False,
                                                       num_workers=_default_workers(cfg)),
                            device, desc=f"eval {epoch + 1}/{cfg.epochs}", channels_last=channels_last)
-            seq = plan.seq_at_boundary(epoch + 1)
+            # A stop inside the epoch ends it at that snapshot: no end-of-epoch snapshot or checkpoint
+            # (the epoch is not done); the row records the partial epoch's evaluation.
+            stopped_inside = stop.fields is not None
+            seq = None if stopped_inside else plan.seq_at_boundary(epoch + 1)
             if seq is not None:
                 streamer.snapshot(seq, engine.global_steps, epoch + 1, params, epoch_fraction=float(epoch + 1))
+                stop(seq, engine.global_steps, float(epoch + 1))
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "lr": engine.get_lr()[0],
                    "seconds": time.perf_counter() - t0}
+            if stopped_inside:
+                row["epoch_fraction"] = stop.fields["stopped_epoch"]
             history.append(row)
             metrics.train_epoch(epoch + 1, val["accuracy"], val["loss"])
             if rank == 0:
@@ -220,6 +259,8 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                       f"val_acc {val['accuracy']:.4f}  {row['seconds']:.1f}s", flush=True)
                 # Before the checkpoint that covers this epoch: a resume never lacks its row.
                 writer.write_metrics(history, final=None)
+            if stopped_inside:
+                break
             # The boundary snapshot queued above is re-taken by a resume: only earlier ones must be committed.
             checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch + 1, streamer=streamer, drain_below=seq,
                              uploader=uploader)
@@ -228,7 +269,7 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
     last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
     final = {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"], "epochs": cfg.epochs,
              "world_size": world, "train_seconds": sum(r["seconds"] for r in history),
-             "snapshots": summary, "run_url": cfg.run_url}
+             "snapshots": summary, "run_url": cfg.run_url, **(stop.fields or {})}
     if rank == 0:
         writer.write_metrics(history, final=final)
     comm.barrier()
@@ -252,7 +293,8 @@ def _load_snapshot(model: torch.nn.Module, cfg: TrainConfig) -> None:
 def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channels_last: bool, *,
                  snapshots: list[tuple[int, int]] = (), take_snapshot=None,
                  resume: checkpoints.ResumePoint | None = None, steps_per_epoch: int = 0, checkpoint=None) -> float:
-    """One epoch; ``take_snapshot(j)`` runs after the optimizer step of each (step, j) in ``snapshots``;
+    """One epoch; ``take_snapshot(j)`` runs after the optimizer step of each (step, j) in ``snapshots`` and
+    returns True when training must end there (a stop request: the epoch ends early);
     ``checkpoint(batch, step_in_epoch, steplog)`` after every --checkpoint-every-steps-th optimizer step
     inside the epoch. ``resume``: continue a mid-epoch checkpoint (its batch, RNG state and loss sums)."""
     device = engine.device
@@ -282,8 +324,8 @@ def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channel
         engine.backward(loss)
         engine.step()
         steps.step(loss, y.numel(), engine.get_lr()[0])
-        if pending and engine.global_steps - first_step >= pending[0][0]:
-            take_snapshot(pending.pop(0)[1])
+        if pending and engine.global_steps - first_step >= pending[0][0] and take_snapshot(pending.pop(0)[1]):
+            break  # a stop request: the epoch ends at this snapshot
         gs = engine.global_steps
         if every and gs != last_ckpt and gs % every == 0 and gs - first_step < steps_per_epoch:
             last_ckpt = gs

@@ -12,7 +12,7 @@ from __future__ import annotations
 from twa_scale.store.backend import (ObjectStore, StoreAccessError, StoreUnreachable, check_url, open_store,
                                      parse_storage_options)
 from twa_scale.store.format import (DEFAULT_CHUNK_BYTES, DTYPES, CommitMarker, CorruptSnapshotError, FormatError,
-                                    Lease, RunManifest, RunPaths, ShardMeta, check_dtype, checksums)
+                                    Lease, RunManifest, RunPaths, ShardMeta, StopMarker, check_dtype, checksums)
 from twa_scale.store.reader import RunReader, SnapshotInfo, open_run, read_json
 from twa_scale.store.lease import LeaseHeldError, LeaseLostError
 from twa_scale.store.retry import RetryDeadlineExceeded, RetryPolicy
@@ -20,7 +20,8 @@ from twa_scale.store.writer import RunExistsError, RunWriter, create_run, open_w
 
 __all__ = [
     "open_run", "create_run", "open_writer", "read_json", "write_json", "RunReader", "RunWriter", "SnapshotInfo",
-    "RunManifest", "ShardMeta", "CommitMarker", "Lease", "RunPaths", "CorruptSnapshotError", "FormatError",
+    "RunManifest", "ShardMeta", "CommitMarker", "Lease", "StopMarker", "RunPaths", "CorruptSnapshotError",
+    "FormatError",
     "ObjectStore", "StoreUnreachable", "StoreAccessError", "open_store", "check_url", "parse_storage_options",
     "DTYPES", "DEFAULT_CHUNK_BYTES", "check_dtype", "checksums", "RunExistsError", "LeaseHeldError",
     "LeaseLostError", "RetryPolicy", "RetryDeadlineExceeded",

@@ -7,6 +7,8 @@ Objects of one run, under any store URL (``file://``, ``s3://``, ``memory://``):
     <url>/<run>/snapshots/<seq:08d>/shard-<r:05d>-of-<W:05d>.<session>.json ShardMeta
     <url>/<run>/snapshots/<seq:08d>/COMMIT.json                            CommitMarker, written last
     <url>/<run>/train/metrics.json                                         training curve
+    <url>/<run>/control/STOP.json                                          StopMarker: end training (live TWA)
+    <url>/<run>/twa/probes.json                                            the live TWA follower's probe records
 
 * A shard holds writer rank r's contiguous slice of the flat vector w (layout.py), in the run's
   stored dtype (float32 by default; bfloat16/float16 selectable), little-endian, nothing else.
@@ -36,7 +38,8 @@ import torch
 from twa_scale.errors import ConfigError
 from twa_scale.layout import FlatLayout
 
-__all__ = ["CorruptSnapshotError", "FormatError", "RunManifest", "ShardMeta", "CommitMarker", "Lease", "RunPaths",
+__all__ = ["CorruptSnapshotError", "FormatError", "RunManifest", "ShardMeta", "CommitMarker", "Lease", "StopMarker",
+           "RunPaths",
            "DTYPES", "DEFAULT_CHUNK_BYTES", "check_dtype", "checksums", "seal", "unseal"]
 
 if sys.byteorder != "little":  # shards are raw little-endian values; no byte swapping is implemented
@@ -331,6 +334,25 @@ class Lease(_Record):
         return max(0.0, now - self.heartbeat_at)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StopMarker(_Record):
+    """A request to end training after its next snapshot, written by the live TWA follower's stop rule or by
+    hand (`twa-scale stop`); the training job checks for it at each snapshot (see twa_scale/control.py)."""
+
+    KIND: ClassVar[str] = "stop"
+
+    reason: str
+    """Why, in one line (the rule's verdict, or the user's --reason)."""
+    rule: str
+    """The stop rule that fired (`plateau`, `target:0.97`), or `manual`."""
+    by: str
+    """Who asked: `twa` (the follower) or `user` (twa-scale stop); training records it as `stopped_by`."""
+    host: str
+    written_at: float
+    probes: tuple = ()
+    """The probe records the rule decided on (empty for a manual stop)."""
+
+
 class RunPaths:
     """Object names of one run, relative to the store URL."""
 
@@ -344,6 +366,8 @@ class RunPaths:
         self.snapshots = f"{run_id}/snapshots"
         self.metrics = f"{run_id}/train/metrics.json"
         self.epoch_rows = f"{run_id}/train/epochs"
+        self.stop = f"{run_id}/control/STOP.json"
+        self.probes = f"{run_id}/twa/probes.json"
 
     def epoch_row(self, epoch: int) -> str:
         return f"{self.epoch_rows}/{epoch:06d}.json"

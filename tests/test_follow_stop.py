@@ -1,0 +1,120 @@
+"""The stop marker (`<run>/control/STOP.json`) and the training job that obeys it (issue 11, step 2).
+
+    twa-scale stop file:///runs/RUN --reason "enough"      # training ends after its next snapshot, exit 0
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support import REPO, free_port
+from tests.support.launch import env
+from twa_scale.cli import main
+from twa_scale.control import StopWatch, write_stop
+from twa_scale.store import RunPaths, StopMarker, open_run
+
+
+def _make_run(url: str, run_id: str = "r") -> None:
+    from tests.test_store import _model
+    from twa_scale import store
+    from twa_scale.layout import FlatLayout
+
+    store.create_run(url, run_id, FlatLayout.from_model(_model()), meta={"model": "tiny"}, world_size=1)
+
+
+def test_marker_round_trip_and_absent(store_url):
+    _make_run(store_url)
+    watch = StopWatch(store_url, "r")
+    assert watch.check() is None
+    write_stop(store_url, "r", reason="plateau: +0.1 points over 3 probes", rule="plateau", by="twa",
+               probes=[{"first_seq": 0, "last_seq": 4, "twa_accuracy": 0.9}])
+    got = watch.check()
+    assert isinstance(got, StopMarker)
+    assert (got.by, got.rule, got.reason) == ("twa", "plateau", "plateau: +0.1 points over 3 probes")
+    assert got.probes[0]["last_seq"] == 4 and got.written_at > 0
+
+
+@pytest.mark.parametrize("content", [b"", b'{"format": "twa_scale.stop/2", "reason": "x"', b"{}",
+                                     b'{"format": "twa_scale.stop/2", "reason": "hand-edited", "rule": "manual", '
+                                     b'"by": "user", "host": "h", "written_at": 1.0, "json_sha256": "00"}'],
+                         ids=["empty", "partial", "not-a-marker", "bad-seal"])
+def test_malformed_marker_is_ignored_with_a_warning(tmp_path, caplog, content):
+    url = tmp_path.as_uri()
+    _make_run(url)
+    path = tmp_path / RunPaths("r").stop
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    watch = StopWatch(url, "r")
+    with caplog.at_level(logging.WARNING, logger="twa_scale.control"):
+        assert watch.check() is None
+        assert watch.check() is None
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, "one warning per distinct problem, not one per snapshot"
+    assert str(path) in warnings[0] and "malformed" in warnings[0]
+
+
+def test_unreadable_marker_is_a_warning_not_an_error(tmp_path, caplog):
+    url = tmp_path.as_uri()
+    _make_run(url)
+    (tmp_path / RunPaths("r").stop).mkdir(parents=True)  # a directory where the object should be: a read error
+    with caplog.at_level(logging.WARNING, logger="twa_scale.control"):
+        assert StopWatch(url, "r").check() is None
+    assert "cannot read" in caplog.text and "training continues" in caplog.text
+
+
+def test_cli_stop_writes_the_marker_and_refuses_an_unknown_run(tmp_path, capsys):
+    url = tmp_path.as_uri()
+    _make_run(url)
+    assert main(["stop", f"{url}/r", "--reason", "enough"]) == 0
+    assert "stop requested" in capsys.readouterr().out
+    marker = StopWatch(url, "r").check()
+    assert (marker.by, marker.rule, marker.reason) == ("user", "manual", "enough")
+    assert main(["stop", f"{url}/typo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "typo/run.json does not exist" in err[0]
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_two_rank_training_ignores_a_malformed_marker_then_obeys_twa_scale_stop(tmp_path):
+    """A real 2-rank digits run: a malformed STOP.json present from the start is ignored (warning naming it,
+    training goes on); `twa-scale stop` while it runs ends it after the next snapshot, exit 0."""
+    url, run, epochs = f"file://{tmp_path}/snap", "stopme", 60
+    stop_path = tmp_path / "snap" / RunPaths(run).stop
+    stop_path.parent.mkdir(parents=True)
+    stop_path.write_text('{"reason": "half a marker')
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", "--data", "digits",
+           "--model", "mlp", "--epochs", str(epochs), "--snapshots-per-epoch", "2", "--limit-train", "256",
+           "--limit-val", "128", "--batch-size", "32", "--no-twa", "--snapshot-url", url, "--run-id", run,
+           "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-url", "none"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        commits = tmp_path / "snap" / run / "snapshots"
+        deadline = time.monotonic() + 300
+        while not (commits / "00000004" / "COMMIT.json").exists():  # training went past 2 epochs' snapshots
+            assert proc.poll() is None, f"training ended early:\n{proc.communicate()[1][-4000:]}"
+            assert time.monotonic() < deadline, "no snapshot 4 after 300 s"
+            time.sleep(0.2)
+        asked = time.monotonic()
+        stop = subprocess.run([sys.executable, "-m", "twa_scale", "stop", f"{url}/{run}", "--reason", "test"],
+                              cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    assert f"ignoring a malformed stop marker: file://{stop_path}" in out + err, err[-3000:]
+    final = json.loads((tmp_path / "snap" / run / "train" / "metrics.json").read_text())["final"]
+    assert final["stopped_by"] == "user" and final["stop_reason"] == "test" and final["stop_rule"] == "manual"
+    assert 4 <= final["stopped_seq"] < 2 * epochs and final["stopped_epoch"] == final["stopped_seq"] / 2
+    assert final["stopped_step"] > 0
+    # ended after the snapshot that saw the marker: it is the last one, and it and those before it are committed
+    seqs = [s.seq for s in open_run(url, run).snapshots()]
+    assert seqs == list(range(final["stopped_seq"] + 1))
+    print(f"stopped at seq {final['stopped_seq']} {time.monotonic() - asked:.1f}s after the request")

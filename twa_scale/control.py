@@ -1,0 +1,80 @@
+"""The control marker of a run, ``<run>/control/STOP.json``: a request to end training after its next snapshot.
+
+    from twa_scale import control
+    control.write_stop("file:///runs", "r1", reason="TWA plateaued", rule="plateau", by="twa", probes=[...])
+    watch = control.StopWatch("file:///runs", "r1")   # the training job, rank 0
+    marker = watch.check()                             # None: keep training
+
+The live TWA follower writes it when its stop rule fires; a user writes it with ``twa-scale stop URL/RUN``.
+It goes through the store's atomic put (whole or nothing). Reading it must never hurt training: an absent
+marker is None, and so is an unreadable, empty, partial or otherwise malformed one, with a warning naming
+the object (the run keeps going).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Sequence
+
+from twa_scale.store import FormatError, RetryPolicy, RunPaths, StopMarker, open_store
+
+__all__ = ["write_stop", "StopWatch", "STOP_WRITE_RETRY_SECONDS"]
+
+log = logging.getLogger("twa_scale.control")
+
+# A follower or a user waits this long at most for a flaky store: the marker is worth a retry, not a hang.
+STOP_WRITE_RETRY_SECONDS = 60.0
+
+
+def write_stop(url: str, run_id: str, *, reason: str, rule: str = "manual", by: str = "user",
+               probes: Sequence[dict] = (), storage_options: dict | str | None = None,
+               require_run: bool = True) -> StopMarker:
+    """Write the run's STOP.json (replacing any earlier one) and return it.
+
+    ``require_run``: refuse, naming run.json, when the run does not exist (a typo in URL/RUN must not
+    silently create a marker no job will read).
+    """
+    paths = RunPaths(run_id)
+    store = open_store(url, storage_options)
+    if require_run and not store.exists(paths.manifest):
+        raise FileNotFoundError(f"no run {run_id!r} under {url}: {store.describe(paths.manifest)} does not exist")
+    marker = StopMarker(reason=reason, rule=rule, by=by, host=socket.gethostname(), written_at=time.time(),
+                        probes=tuple(probes))
+    RetryPolicy(deadline_seconds=STOP_WRITE_RETRY_SECONDS).call(
+        f"writing {store.describe(paths.stop)}", lambda: store.put_small(paths.stop, marker.to_json()))
+    log.info("wrote %s: %s", store.describe(paths.stop), reason)
+    return marker
+
+
+class StopWatch:
+    """The training job's view of STOP.json: one small GET per :meth:`check`, no retries.
+
+    The store is opened in quick mode (one attempt, short connect timeout), so a store outage costs a
+    snapshot at most that timeout and a warning, never the 600 s retry of the job's writes.
+    """
+
+    def __init__(self, url: str, run_id: str, *, storage_options: dict | str | None = None):
+        self.paths = RunPaths(run_id)
+        self.store = open_store(url, storage_options, quick=True)
+        self.where = self.store.describe(self.paths.stop)
+        self._last_problem: str | None = None
+
+    def check(self) -> StopMarker | None:
+        """The marker, or None when there is none or it cannot be used (warned once per distinct problem)."""
+        try:
+            raw = self.store.get(self.paths.stop)
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # noqa: BLE001 - any store failure: training goes on, and checks again next time
+            return self._ignore(f"cannot read {self.where} ({type(e).__name__}: {e}); training continues")
+        try:
+            return StopMarker.from_json(raw, self.where)
+        except FormatError as e:
+            return self._ignore(f"ignoring a malformed stop marker: {e}")
+
+    def _ignore(self, problem: str) -> None:
+        if problem != self._last_problem:
+            log.warning("%s", problem)
+            self._last_problem = problem
+        return None
