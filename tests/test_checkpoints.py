@@ -1,4 +1,5 @@
-"""Step-level (mid-epoch) DeepSpeed checkpoints and exact mid-epoch resume (issue 13 §1)."""
+"""Step-level (mid-epoch) DeepSpeed checkpoints and exact mid-epoch resume (issue 13 §1): after a kill -9,
+and after a SIGTERM that every rank answers with a checkpoint at one agreed step."""
 import json
 import re
 import sys
@@ -26,11 +27,36 @@ def _metrics(tmp_path, run_id):
     return json.loads((tmp_path / "snap" / run_id / "train" / "metrics.json").read_text())
 
 
-@pytest.mark.multirank
-def test_kill_one_rank_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
-    deepspeed("launch/train.py", _args(tmp_path, "full"), ranks=2)
-    full = _metrics(tmp_path, "full")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: (its store URL, its metrics.json)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    deepspeed("launch/train.py", _args(tmp, "full"), ranks=2)
+    return f"file://{tmp}/snap", _metrics(tmp, "full")
 
+
+def _same_as_reference(reference, tmp_path, run_id):
+    """Metrics and every committed snapshot equal the uninterrupted run's; the sequence has no gap."""
+    ref_url, full = reference
+    got = _metrics(tmp_path, run_id)
+    assert [e["epoch"] for e in got["epochs"]] == [1, 2]
+    for a, b in zip(full["epochs"], got["epochs"], strict=True):
+        assert b["train_loss"] == a["train_loss"]
+        assert b["val_loss"] == a["val_loss"]
+        assert b["val_accuracy"] == a["val_accuracy"]
+    assert got["final"]["val_accuracy"] == full["final"]["val_accuracy"]
+    url = f"file://{tmp_path}/snap"
+    ref, cont = open_run(ref_url, "full"), open_run(url, run_id)
+    seqs = [s.seq for s in cont.snapshots()]
+    assert seqs == list(range(7)), seqs  # contiguous, no duplicate
+    for s in seqs:
+        assert cont.read(s).equal(ref.read(s)), f"snapshot {s} differs from the uninterrupted run's"
+    verify = run([sys.executable, "-m", "twa_scale", "snapshots", "verify", f"{url}/{run_id}"])
+    assert "7 committed snapshot(s), all checksums OK" in verify.stdout
+
+
+@pytest.mark.multirank
+def test_kill_one_rank_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, reference):
     # kill -9 of rank 1 right after global step 18 (epoch 2, step 7 of 11): the newest checkpoint is global step 16.
     # A short writer lease: the killed job may leave it held, and the relaunch takes it over once stale.
     lease = {"TWA_SCALE_LEASE_TIMEOUT_SECONDS": "4"}
@@ -56,20 +82,31 @@ def test_kill_one_rank_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path)
     assert m, resumed.stdout[-3000:]
     assert kill_at - int(m.group(1)) <= EVERY  # at most --checkpoint-every-steps steps redone
 
-    got = _metrics(tmp_path, "cut")
-    assert [e["epoch"] for e in got["epochs"]] == [1, 2]
-    for a, b in zip(full["epochs"], got["epochs"], strict=True):
-        assert b["train_loss"] == a["train_loss"]
-        assert b["val_loss"] == a["val_loss"]
-        assert b["val_accuracy"] == a["val_accuracy"]
-    assert got["final"]["val_accuracy"] == full["final"]["val_accuracy"]
-
-    url = f"file://{tmp_path}/snap"
-    ref, cont = open_run(url, "full"), open_run(url, "cut")
-    seqs = [s.seq for s in cont.snapshots()]
-    assert seqs == list(range(7)), seqs  # contiguous, no duplicate
-    for s in seqs:
-        assert cont.read(s).equal(ref.read(s)), f"snapshot {s} differs from the uninterrupted run's"
+    _same_as_reference(reference, tmp_path, "cut")
     assert committed_tags(store) == ["epoch1-step9", "epoch2"]  # pruned on the store too
-    verify = run([sys.executable, "-m", "twa_scale", "snapshots", "verify", f"{url}/cut"])
-    assert "7 committed snapshot(s), all checksums OK" in verify.stdout
+
+
+@pytest.mark.multirank
+def test_sigterm_on_one_rank_checkpoints_every_rank_at_one_step_then_resume_matches(tmp_path, reference):
+    """SIGTERM reaches rank 1 only, after global step 13 (epoch 2, step 2 of 11; the newest periodic
+    checkpoint is step 12). The ranks agree one step later: both save epoch1-step3 (global step 14),
+    upload it, and exit 143. A fresh pod resumes there, not at step 12, and ends like the uninterrupted run."""
+    term_at = 13
+    cut = deepspeed("launch/train.py", _args(tmp_path, "term"), ranks=2, check=False,
+                    extra_env={"TWA_SCALE_FAULT_KILL_AT_STEP": f"1:{term_at}:TERM"})
+    log = cut.stdout + cut.stderr
+    assert cut.returncode == 143, log[-3000:]
+    assert "saving one at this step" in log, log[-3000:]
+    ckpt = tmp_path / "ckpt-term"
+    assert (ckpt / "latest").read_text() == "epoch1-step3"
+    # (rank 0 never got the signal: had it not joined the save, its collectives would hang the job)
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["epoch1-step1", "epoch1-step3"]
+    store = open_store(f"file://{tmp_path}/snap/term/checkpoints")
+    assert committed_tags(store)[-1] == "epoch1-step3"  # uploaded within the SIGTERM deadline
+
+    resumed = deepspeed("launch/train.py", _args(tmp_path, "term") + ["--resume", "--checkpoint-dir",
+                                                                      str(tmp_path / "fresh")], ranks=2)
+    assert "downloaded checkpoint epoch1-step3" in resumed.stderr + resumed.stdout
+    assert "resumed from" in resumed.stdout and "at epoch 1, step 3 of 11 (global step 14)" in resumed.stdout, \
+        resumed.stdout[-3000:]
+    _same_as_reference(reference, tmp_path, "term")

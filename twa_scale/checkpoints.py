@@ -11,6 +11,8 @@ the data the run stands, so ``--resume`` continues exactly where it stopped, mid
   (float64, as :class:`~twa_scale.steplog.StepLog` keeps them), so the epoch's ``train_loss`` row is the
   one an uninterrupted run writes.
 
+On SIGTERM every rank saves one at the same step (twa_scale/preemption.py), if it fits in the deadline.
+
 Before a checkpoint is saved every snapshot queued so far is committed (the streamer is drained), so a
 resumed run never needs a snapshot from before its checkpoint: the committed sequence has no gap.
 """
@@ -73,25 +75,41 @@ def _rng_state() -> dict:
     return state
 
 
-def drain(streamer, below: int | None = None, poll_seconds: float = 0.01) -> None:
+def drain(streamer, below: int | None = None, poll_seconds: float = 0.01,
+          timeout_seconds: float | None = None) -> bool:
     """Wait until every snapshot this rank queued (with a seq < ``below``, if given) is uploaded, and on
-    rank 0 committed; then a barrier. A snapshot whose upload fails for good stops being pending."""
+    rank 0 committed; then meet the other ranks. A snapshot whose upload fails for good stops being
+    pending. With ``timeout_seconds``, returns whether every rank finished in time (one all-reduce)."""
+    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+    done = True
     if streamer is not None:
         while any(below is None or s < below for s in streamer.pending()):
+            if deadline is not None and time.monotonic() > deadline:
+                done = False
+                break
             time.sleep(poll_seconds)
-    comm.barrier()
+    if deadline is None:
+        comm.barrier()
+        return True
+    flag = torch.tensor([1.0 if done else 0.0], device=comm.device())
+    return bool(comm.all_reduce(flag, op="min").item())
 
 
 def save(engine, checkpoint_dir: str, *, epoch: int, batch: int = 0, step_in_epoch: int = 0,
          loss_sum: float = 0.0, samples: int = 0, streamer=None, drain_below: int | None = None,
-         uploader: Uploader | None = None) -> str:
+         uploader: Uploader | None = None, drain_seconds: float | None = None) -> str | None:
     """Save the checkpoint of position (``epoch``, ``batch``) on every rank; returns its tag.
 
     ``batch`` 0 is an epoch boundary (``epoch`` is then the next epoch to run). First every snapshot
-    of ``streamer`` (with a seq < ``drain_below``: the ones a resume would not re-take) is committed.
-    With ``uploader``, the checkpoint is then queued for upload (in the background).
+    of ``streamer`` (with a seq < ``drain_below``: the ones a resume would not re-take) is committed;
+    if that takes more than ``drain_seconds`` on any rank (the SIGTERM deadline), no checkpoint is
+    saved (None): one would need snapshots that may never commit. With ``uploader``, the checkpoint is
+    then queued for upload (in the background).
     """
-    drain(streamer, below=drain_below)
+    if not drain(streamer, below=drain_below, timeout_seconds=drain_seconds):
+        log.error("checkpoint at epoch %d, batch %d not saved: snapshots %s still uncommitted after %.0f s",
+                  epoch, batch, streamer.pending(), drain_seconds)
+        return None
     ranks = _all_gather_object({"rng": _rng_state(), "loss_sum": float(loss_sum), "samples": int(samples)})
     tag = f"epoch{epoch}" if batch == 0 else f"epoch{epoch}-step{step_in_epoch}"
     client = {"epoch": int(epoch), "batch": int(batch), "step_in_epoch": int(step_in_epoch),
@@ -155,32 +173,46 @@ def restore_rng(point: ResumePoint) -> None:
             torch.cuda.set_rng_state(point.rng["cuda"])
 
 
-_fault: tuple[int, int] | None = None
+_fault: tuple[int, int, str] | None = None
 
 
 def maybe_fault(global_step: int) -> None:
-    """Test fault injection (``TWA_SCALE_FAULT_KILL_AT_STEP=RANK:STEP``): SIGKILL rank RANK after that step.
+    """Test fault injection (``TWA_SCALE_FAULT_KILL_AT_STEP=RANK:STEP[:TERM]``): rank RANK sends itself
+    SIGKILL (or SIGTERM, with ``:TERM``) after that step.
 
-    Every rank first lets its checkpoint uploads in flight finish and meets the others at a barrier, so
-    what a test can assert (the newest checkpoint is on the store) does not depend on thread timing; a
-    real crash can lose an upload in flight, and the resume then starts from the tag before it.
+    Before a SIGKILL every rank lets its checkpoint uploads in flight finish and meets the others at a
+    barrier, so what a test can assert (the newest checkpoint is on the store) does not depend on thread
+    timing; a real crash can lose an upload in flight, and the resume then starts from the tag before it.
+    A SIGTERM is sent as it comes: only that rank sees it, and the others learn of it from the agreement
+    (twa_scale/preemption.py).
     """
     global _fault
     if _fault is None:
         spec = knobs.FAULT_KILL_AT_STEP.get() or "-1:-1"
         try:
-            rank, step = (int(x) for x in spec.split(":"))
+            rank, step, *sig = spec.split(":")
+            if sig not in ([], ["TERM"]):
+                raise ValueError
+            _fault = (int(rank), int(step), sig[0] if sig else "KILL")
         except ValueError:
-            raise ValueError(f"TWA_SCALE_FAULT_KILL_AT_STEP={spec!r}: expected RANK:STEP, e.g. 1:18") from None
-        _fault = (rank, step)
-    if global_step == _fault[1]:
-        for uploader in list(_UPLOADERS):
-            uploader.wait()
-        comm.barrier()
-        if comm.rank() == _fault[0]:
-            log.warning("TWA_SCALE_FAULT_KILL_AT_STEP=%d:%d: rank %d kills itself after step %d", *_fault, _fault[0],
-                        global_step)
-            os.kill(os.getpid(), signal.SIGKILL)
+            raise ValueError(f"TWA_SCALE_FAULT_KILL_AT_STEP={spec!r}: expected RANK:STEP or RANK:STEP:TERM, "
+                             "e.g. 1:18") from None
+    rank, step, sig = _fault
+    if global_step != step:
+        return
+    if sig == "TERM":
+        if comm.rank() == rank:
+            log.warning("TWA_SCALE_FAULT_KILL_AT_STEP=%d:%d:TERM: rank %d sends itself SIGTERM after step %d",
+                        rank, step, rank, global_step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+    for uploader in list(_UPLOADERS):
+        uploader.wait()
+    comm.barrier()
+    if comm.rank() == rank:
+        log.warning("TWA_SCALE_FAULT_KILL_AT_STEP=%d:%d: rank %d kills itself after step %d", rank, step, rank,
+                    global_step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- checkpoints on object storage (--checkpoint-url) -------------------------------------------
@@ -243,6 +275,7 @@ class Uploader:
         self._closed = False
         self.committed: list[str] = []
         self.failed: list[str] = []
+        self.upload_seconds = 0.0  # of the last finished upload: what a SIGTERM checkpoint must budget for
         self._thread = None
         if self.uploads:
             self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
@@ -254,7 +287,8 @@ class Uploader:
     def closing(cls, url: str | None, storage_options=None):
         """``with Uploader.closing(url) as up:`` (None when ``url`` is None). On a normal exit the uploads
         finish, each bounded by the retry deadline; when an exception (SIGTERM) ends the block they get
-        ``TWA_SCALE_SIGTERM_FLUSH_SECONDS``, the preemption grace period."""
+        what is left of the preemption deadline (``TWA_SCALE_SIGTERM_FLUSH_SECONDS`` after the SIGTERM;
+        that long after any other exception)."""
         if not url:
             yield None
             return
@@ -262,7 +296,10 @@ class Uploader:
         try:
             yield up
         except BaseException:
-            up.close(timeout=knobs.SIGTERM_FLUSH_SECONDS.get())
+            from twa_scale import preemption
+
+            left = preemption.seconds_left()
+            up.close(timeout=knobs.SIGTERM_FLUSH_SECONDS.get() if left is None else left)
             raise
         up.close()
 
@@ -308,7 +345,9 @@ class Uploader:
                 (tag, local), self._waiting = self._waiting, None
                 self._current = tag
             try:
+                t0 = time.monotonic()
                 self._upload(tag, local)
+                self.upload_seconds = time.monotonic() - t0
             except Exception as e:  # noqa: BLE001 - a lost upload must not end training: the next tag retries
                 self.failed.append(tag)
                 log.error("checkpoint %s: upload to %s failed (%s: %s); the local copy is kept",

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 __all__ = [
     "init", "is_distributed", "rank", "world_size", "local_rank", "local_world_size", "node_rank",
-    "all_reduce", "reduce_scatter", "all_gather", "broadcast_object", "barrier", "device", "destroy", "agree",
+    "all_reduce", "all_reduce_start", "Pending", "host_group", "reduce_scatter", "all_gather", "broadcast_object",
+    "barrier", "device", "destroy", "agree",
 ]
 
 T = TypeVar("T")
@@ -83,12 +84,50 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def _op(op: str):
+    return {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     """In-place all-reduce; ``op`` is "sum", "max" or "min". Returns ``tensor``."""
     if is_distributed():
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        dist.all_reduce(tensor, op=ops[op])
+        dist.all_reduce(tensor, op=_op(op), group=group)
     return tensor
+
+
+class Pending:
+    """An all-reduce in flight (:func:`all_reduce_start`); :meth:`wait` returns the reduced tensor."""
+
+    def __init__(self, tensor: torch.Tensor, work=None):
+        self.tensor, self._work = tensor, work
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self.tensor
+
+
+def all_reduce_start(tensor: torch.Tensor, op: str = "sum", group=None) -> Pending:
+    """Start an in-place all-reduce and return at once (``async_op``); leave ``tensor`` alone until
+    ``wait()``. Every rank must start the same all-reduces on ``group`` in the same order."""
+    if not is_distributed():
+        return Pending(tensor)
+    return Pending(tensor, dist.all_reduce(tensor, op=_op(op), group=group, async_op=True))
+
+
+_host_group = None
+
+
+def host_group():
+    """A gloo group over every rank, for tiny host-side collectives (the SIGTERM agreement): on GPU
+    they never wait on the CUDA stream, and on any backend never queue behind gradient all-reduces.
+    Made the first time it is asked for, which is a collective: every rank asks at the same point.
+    None (the default group) when not distributed."""
+    global _host_group
+    if _host_group is None and is_distributed():
+        _host_group = dist.new_group(backend="gloo")
+    return _host_group
 
 
 def reduce_scatter(out: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -139,8 +178,10 @@ def barrier() -> None:
 
 
 def destroy() -> None:
+    global _host_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def agree(fn: Callable[[], T], what: str) -> T:

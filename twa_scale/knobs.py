@@ -99,7 +99,8 @@ COMMIT_TIMEOUT_SECONDS = _declare("TWA_SCALE_COMMIT_TIMEOUT_SECONDS", 900.0,
                                   "How long rank 0 waits for every rank's shard before reporting a snapshot "
                                   "failed.", env_float)
 SIGTERM_FLUSH_SECONDS = _declare("TWA_SCALE_SIGTERM_FLUSH_SECONDS", 25.0,
-                                 "On SIGTERM (preemption), how long pending snapshots may flush before exit.",
+                                 "The exit deadline after SIGTERM (preemption): the checkpoint at the current step, "
+                                 "its upload and the snapshot flush all end within it.",
                                  env_float)
 # --- the store (twa_scale.store): retries and the writer lease ----------------------------------
 STORE_RETRY_SECONDS = _declare("TWA_SCALE_STORE_RETRY_SECONDS", 600.0,
@@ -114,7 +115,8 @@ LEASE_HEARTBEAT_SECONDS = _declare("TWA_SCALE_LEASE_HEARTBEAT_SECONDS", None,
                                    "the lease timeout, at most 10 s).", env_float)
 FAULT_KILL_AT_STEP = _declare("TWA_SCALE_FAULT_KILL_AT_STEP", None,
                               "Fault injection for tests: `RANK:STEP` makes that rank SIGKILL itself right after "
-                              "optimizer step STEP (a `kill -9` at a known point).", _env_str)
+                              "optimizer step STEP (a `kill -9` at a known point); `RANK:STEP:TERM` sends it "
+                              "SIGTERM instead (a preemption that reaches one rank first).", _env_str)
 # --- metrics (twa_scale.metrics) ------------------------------------------------------------
 METRICS_DIR = _declare("TWA_SCALE_METRICS_DIR", None,
                        "Directory the local ranks share for Prometheus multiprocess values (default: a "

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import logging
 import queue
-import signal
 import threading
 import time
 import uuid
@@ -31,9 +30,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from twa_scale import comm, knobs, metrics
+from twa_scale import comm, knobs, metrics, preemption
 from twa_scale import store as _store
 from twa_scale.layout import FlatLayout
+from twa_scale.preemption import Preempted
 from twa_scale.store.retry import PERMANENT_ERRORS, RetryDeadlineExceeded, RetryPolicy
 
 __all__ = ["StreamerConfig", "SnapshotStreamer", "Preempted", "flush_on_sigterm"]
@@ -453,37 +453,26 @@ class SnapshotStreamer:
         self.close()
 
 
-class Preempted(SystemExit):
-    """Raised in the main thread on SIGTERM, so the code unwinds and pending snapshots flush."""
-
-
-def _raise_preempted(signum, frame):
-    raise Preempted(128 + signum)
-
-
 @contextlib.contextmanager
 def flush_on_sigterm(streamer: SnapshotStreamer, deadline_seconds: float | None = None):
     """Close ``streamer`` when the block exits; on SIGTERM (Kubernetes preemption) within a deadline.
 
-    Inside the block SIGTERM raises :class:`Preempted` (exit status 143) in the main thread; the
-    exit path then gives pending snapshots ``deadline_seconds`` (default
-    ``TWA_SCALE_SIGTERM_FLUSH_SECONDS``, 25 s: inside Kubernetes' default 30 s grace period).
-    Any other exit waits for the bounded upload retries. ``close()`` afterwards returns the summary.
+    Inside the block SIGTERM raises :class:`Preempted` (exit status 143) in the main thread, at once or,
+    inside :func:`twa_scale.preemption.deferred`, at the step the ranks agree on; the exit path then
+    gives pending snapshots ``deadline_seconds``, by default what is left of the preemption deadline
+    (``TWA_SCALE_SIGTERM_FLUSH_SECONDS``, 25 s after the signal: inside Kubernetes' default 30 s grace
+    period). Any other exit waits for the bounded upload retries. ``close()`` afterwards returns the summary.
     """
-    if deadline_seconds is None:
-        deadline_seconds = knobs.SIGTERM_FLUSH_SECONDS.get()
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_preempted) if main else None
     timeout = None
     try:
-        yield streamer
+        with preemption.on_sigterm():
+            yield streamer
     except Preempted:
-        timeout = deadline_seconds
+        timeout = deadline_seconds if deadline_seconds is not None else preemption.seconds_left()
+        timeout = knobs.SIGTERM_FLUSH_SECONDS.get() if timeout is None else timeout
         raise
     finally:
         summary = streamer.close(timeout_seconds=timeout)
         if timeout is not None:
             log.warning("SIGTERM: snapshot streamer flushed: committed %s, pending %s",
                         summary["committed"], summary["pending"])
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)

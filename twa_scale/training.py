@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from twa_scale import checkpoints, comm, metrics
+from twa_scale import checkpoints, comm, metrics, preemption
 from twa_scale.config import TrainConfig
 from twa_scale.data import build_data, make_loader
 from twa_scale.errors import ConfigError
@@ -214,6 +214,7 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
         # the resumed epoch's sub-epoch snapshots re-taken: a committed seq is kept (the streamer checks),
         # so a snapshot lost with the killed process leaves no gap and none is written twice. (A
         # checkpoint is saved only once every earlier snapshot is committed: see checkpoints.save.)
+        agreement = preemption.StepAgreement()  # SIGTERM: all ranks checkpoint at one step (preemption.py)
         seq = plan.seq_at_boundary(start_epoch)
         if seq is not None and not (point and point.mid_epoch):
             streamer.snapshot(seq, engine.global_steps, start_epoch, params, epoch_fraction=float(start_epoch))
@@ -228,15 +229,26 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                 streamer.snapshot(seq, engine.global_steps, epoch, params, epoch_fraction=fraction)
                 return stop(seq, engine.global_steps, fraction)
 
-            def step_checkpoint(batch: int, step_in_epoch: int, steps: StepLog, epoch: int = epoch) -> None:
-                checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch, batch=batch, step_in_epoch=step_in_epoch,
-                                 loss_sum=steps.loss_sum, samples=steps.samples, streamer=streamer, uploader=uploader)
+            def step_checkpoint(batch: int, step_in_epoch: int, steps: StepLog, epoch: int = epoch,
+                                drain_seconds: float | None = None) -> None:
+                with agreement.timed():
+                    checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch, batch=batch, step_in_epoch=step_in_epoch,
+                                     loss_sum=steps.loss_sum, samples=steps.samples, streamer=streamer,
+                                     uploader=uploader, drain_seconds=drain_seconds)
+
+            def sigterm_checkpoint(batch: int, step_in_epoch: int, steps: StepLog) -> None:
+                estimate = agreement.save_seconds + (uploader.upload_seconds if uploader else 0.0)
+                if agreement.checkpoint_fits(estimate):
+                    step_checkpoint(batch, step_in_epoch, steps, drain_seconds=preemption.seconds_left())
+                preemption.raise_preempted()
 
             resume_at = point if point is not None and point.mid_epoch and epoch == start_epoch else None
-            train_loss = _train_epoch(engine, data, cfg, epoch, micro, channels_last,
-                                      snapshots=plan.mid_epoch(), take_snapshot=mid_snapshot,
-                                      resume=resume_at, steps_per_epoch=steps_per_epoch,
-                                      checkpoint=step_checkpoint)
+            with preemption.deferred():  # a SIGTERM in the step loop is acted on at a step the ranks agree on
+                train_loss = _train_epoch(engine, data, cfg, epoch, micro, channels_last,
+                                          snapshots=plan.mid_epoch(), take_snapshot=mid_snapshot,
+                                          resume=resume_at, steps_per_epoch=steps_per_epoch,
+                                          checkpoint=step_checkpoint, agreement=agreement,
+                                          sigterm_checkpoint=sigterm_checkpoint)
             val = evaluate(engine.module, make_loader(data.val, batch_size=micro * 2, train=False,
                                                       num_workers=_default_workers(cfg)),
                            device, desc=f"eval {epoch + 1}/{cfg.epochs}", channels_last=channels_last)
@@ -262,8 +274,9 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
             if stopped_inside:
                 break
             # The boundary snapshot queued above is re-taken by a resume: only earlier ones must be committed.
-            checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch + 1, streamer=streamer, drain_below=seq,
-                             uploader=uploader)
+            with agreement.timed():
+                checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch + 1, streamer=streamer, drain_below=seq,
+                                 uploader=uploader)
     summary = streamer.close()  # already closed: returns the summary
 
     last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
@@ -292,11 +305,15 @@ def _load_snapshot(model: torch.nn.Module, cfg: TrainConfig) -> None:
 
 def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channels_last: bool, *,
                  snapshots: list[tuple[int, int]] = (), take_snapshot=None,
-                 resume: checkpoints.ResumePoint | None = None, steps_per_epoch: int = 0, checkpoint=None) -> float:
+                 resume: checkpoints.ResumePoint | None = None, steps_per_epoch: int = 0, checkpoint=None,
+                 agreement: preemption.StepAgreement, sigterm_checkpoint) -> float:
     """One epoch; ``take_snapshot(j)`` runs after the optimizer step of each (step, j) in ``snapshots`` and
     returns True when training must end there (a stop request: the epoch ends early);
     ``checkpoint(batch, step_in_epoch, steplog)`` after every --checkpoint-every-steps-th optimizer step
-    inside the epoch. ``resume``: continue a mid-epoch checkpoint (its batch, RNG state and loss sums)."""
+    inside the epoch. ``resume``: continue a mid-epoch checkpoint (its batch, RNG state and loss sums).
+    After each optimizer step ``agreement.poll()``; once the ranks agree on a SIGTERM,
+    ``sigterm_checkpoint(batch, step_in_epoch, steplog)`` saves (unless this step's checkpoint was just
+    saved) and raises Preempted."""
     device = engine.device
     # Dropout and augmentation draw from RNGs seeded by (seed, epoch, rank): resume-exact.
     torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7_919 + comm.rank())
@@ -316,6 +333,15 @@ def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channel
     pending = [(s, j) for s, j in snapshots if s > done0]  # earlier ones are committed (checkpoints.save)
     first_step = engine.global_steps - done0
     every, last_ckpt = cfg.checkpoint_every_steps, engine.global_steps
+    polled, batch = engine.global_steps, start_batch
+
+    def preempt_if_agreed(stop: bool) -> None:
+        if stop:
+            steps.flush()  # the loss sums so far go into the checkpoint
+            if last_ckpt == engine.global_steps:  # this step's checkpoint is saved already
+                preemption.raise_preempted()
+            sigterm_checkpoint(batch, engine.global_steps - first_step, steps)
+
     for batch, (x, y) in enumerate(bar, start=start_batch + 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
@@ -332,6 +358,10 @@ def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channel
             steps.flush()  # the loss sums so far go into the checkpoint
             checkpoint(batch, gs - first_step, steps)
         checkpoints.maybe_fault(gs)
+        if gs != polled:  # an optimizer step (not a gradient-accumulation micro-batch)
+            polled = gs
+            preempt_if_agreed(agreement.poll())
+    preempt_if_agreed(agreement.finish())  # a SIGTERM in the epoch's last step
     steps.flush()
     loss_sum = torch.tensor([steps.loss_sum, steps.samples], dtype=torch.float64, device=device)  # NCCL: on device
     comm.all_reduce(loss_sum)
