@@ -6,11 +6,14 @@
 # runs, on node R of N (R = JOB_COMPLETION_INDEX, set by Kubernetes for Indexed Jobs):
 #
 #   deepspeed --hostfile H --no_ssh --node_rank R --master_addr ADDR --master_port P \
-#       launch/train.py [--metrics-port M] "$@" [--resume]   (TWA_ROLE=train; launch/twa.py for TWA_ROLE=twa)
+#       launch/train.py [--metrics-port M] "$@" --auto-resume|--resume   (TWA_ROLE=train; launch/twa.py for twa)
 #
-# Auto-resume (TWA_ROLE=train): --resume is added when the checkpoint directory (--checkpoint-dir)
-# holds a DeepSpeed checkpoint, or when TWA_RESTART_ATTEMPT > 0 (JobSet's restart counter), so a
-# restarted pod continues where the job stopped.
+# Auto-resume (TWA_ROLE=train), so a restarted pod continues where the job stopped: --resume when
+# TWA_RESTART_ATTEMPT > 0 (JobSet's restart counter: the run exists, checkpointed or not yet), else
+# --auto-resume: the job resumes when a checkpoint exists, in --checkpoint-dir or committed at
+# --checkpoint-url (the object store: a recreated pod's local disk is empty); an explicit --resume is kept.
+# A relaunch of the same job (TWA_SCALE_JOB_ID, the JobSet's uid in the manifests) takes over the
+# run's writer lease at once, even the live-looking one a kill -9 left behind.
 #
 # Exit status (twa_scale/errors.py; the JobSet failure policy in k8s/base/jobset.yaml maps them):
 #   0    done
@@ -34,6 +37,7 @@
 #   TWA_HOSTFILE          where to write the DeepSpeed hostfile; default a file in ${TMPDIR:-/tmp}
 #   TWA_RDZV_TIMEOUT_SECONDS  how long node R>0 waits for node 0's DNS name (default 600)
 #   TWA_RESTART_ATTEMPT   > 0 on a restarted pod: resume (the JobSet pods get it from their restart-attempt label)
+#   TWA_SCALE_JOB_ID      this job's identity, read by the training job (the JobSet pods: the JobSet's uid)
 set -euo pipefail
 
 EXIT_CONFIG=2 EXIT_TEMPFAIL=75 EXIT_PREEMPTED=143
@@ -99,24 +103,14 @@ fi
 metrics=()
 [[ -n "${TWA_METRICS_PORT:-}" ]] && metrics=(--metrics-port "$TWA_METRICS_PORT")
 
-# Auto-resume: a restarted training pod continues from the newest checkpoint.
+# Auto-resume: a restarted training pod continues from the newest checkpoint (local or on the store).
 resume=()
-if [[ "$TWA_ROLE" == train ]]; then
-    ckpt="" has_resume=0 prev=""
-    for a in "$@"; do
-        case "$a" in
-            --resume) has_resume=1 ;;
-            --checkpoint-dir=*) ckpt="${a#--checkpoint-dir=}" ;;
-        esac
-        [[ "$prev" == --checkpoint-dir ]] && ckpt="$a"
-        prev="$a"
-    done
-    why=""
-    [[ -n "$ckpt" && -f "$ckpt/latest" ]] && why="checkpoint $ckpt/$(cat "$ckpt/latest" 2>/dev/null)"
-    [[ "${TWA_RESTART_ATTEMPT:-0}" =~ ^[1-9][0-9]*$ ]] && why="${why:+$why, }restart attempt $TWA_RESTART_ATTEMPT"
-    if [[ -n "$why" && $has_resume == 0 ]]; then
+if [[ "$TWA_ROLE" == train && " $* " != *" --resume "* ]]; then
+    if [[ "${TWA_RESTART_ATTEMPT:-0}" =~ ^[1-9][0-9]*$ ]]; then
         resume=(--resume)
-        echo "k8s-entry: auto-resume ($why)" >&2
+        echo "k8s-entry: auto-resume (restart attempt $TWA_RESTART_ATTEMPT)" >&2
+    else
+        resume=(--auto-resume)   # the job looks for a checkpoint itself: it knows the resolved URLs
     fi
 fi
 

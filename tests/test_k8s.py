@@ -290,6 +290,14 @@ def test_kueue_component_adds_the_queue_label(tmp_path):
         "labels"]
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_training_pods_know_their_job_for_the_lease_takeover(target):
+    """TWA_SCALE_JOB_ID is the JobSet's uid: kept across group restarts, so a restarted training pod takes
+    over the writer lease its killed predecessor left; new for every JobSet, so another job cannot."""
+    env = env_of(main_container(rjobs(render(target))["train"]))
+    assert env["TWA_SCALE_JOB_ID"] == {"fieldRef": {"fieldPath": "metadata.labels['jobset.sigs.k8s.io/jobset-uid']"}}
+
+
 def test_overlays_set_their_shape():
     smoke = render("overlays/cpu-smoke")
     gpu = render("overlays/gpu-8xN")

@@ -7,6 +7,7 @@ they train one epoch together on the built-in `digits` data.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def test_builds_the_no_ssh_command(tmp_path):
     assert r.returncode == 0, r.stderr
     argv = (tmp_path / "argv").read_text().split("\n")[:-1]
     assert argv[2:] == ["--no_ssh", "--node_rank", "1", "--master_addr", "127.0.0.1", "--master_port", "29500",
-                        str(REPO / "launch" / "train.py"), "--metrics-port", "9400", "--epochs", "3"]
+                        str(REPO / "launch" / "train.py"), "--metrics-port", "9400", "--epochs", "3", "--auto-resume"]
     # hostnames come from the pod's own name, which JobSet makes <jobset>-<replicatedJob>-<jobIndex>-<podIndex>
     # (the Job's name, then the pod's completion index): <job>-<index>.<service>, G slots each
     assert (tmp_path / "hostfile").read_text() == ("twa-scale-train-0-0.twa-scale slots=1\n"
@@ -100,30 +101,26 @@ def _fake_deepspeed(tmp_path, body: str = ""):
     return {"OUT": str(tmp_path), "PATH": f"{fake.parent}:{os.environ['PATH']}", "TWA_MASTER_ADDR": "127.0.0.1"}
 
 
-@pytest.mark.parametrize("ckpt_latest,attempt,resumes", [
-    (False, None, False),     # first start: fresh
-    (True, None, True),       # a checkpoint exists: continue from it
-    (False, "0", False),
-    (False, "2", True),       # a JobSet group restart, even before the first checkpoint
+@pytest.mark.parametrize("attempt,added", [
+    (None, "--auto-resume"),  # the job resumes if it finds a checkpoint, local or on the store
+    ("0", "--auto-resume"),
+    ("2", "--resume"),        # a JobSet group restart: the run exists, even before its first checkpoint
 ])
-def test_auto_resume(tmp_path, ckpt_latest, attempt, resumes):
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    if ckpt_latest:
-        (ckpt / "latest").write_text("epoch3")
+def test_auto_resume(tmp_path, attempt, added):
     env = {**POD_ENV, **_fake_deepspeed(tmp_path)}
     if attempt is not None:
         env["TWA_RESTART_ATTEMPT"] = attempt
-    r = _entry(env, f"--checkpoint-dir={ckpt}", "--epochs", "3")
+    r = _entry(env, "--epochs", "3")
     assert r.returncode == 0, r.stderr
     argv = (tmp_path / "argv").read_text().split("\n")[:-1]
-    assert (argv[-1] == "--resume") == resumes, argv
-    assert ("auto-resume" in r.stderr) == resumes
-    # the TWA stage never gets --resume; an explicit --resume is not doubled
-    r = _entry({**env, "TWA_ROLE": "twa"}, f"--checkpoint-dir={ckpt}")
-    assert "--resume" not in (tmp_path / "argv").read_text()
-    r = _entry(env, "--checkpoint-dir", str(ckpt), "--resume")
-    assert (tmp_path / "argv").read_text().count("--resume") == 1
+    assert argv[-1] == added and "--resume" not in argv[:-1] and "--auto-resume" not in argv[:-1], argv
+    assert ("auto-resume (restart attempt 2)" in r.stderr) == (added == "--resume")
+    # the TWA stage never gets either; an explicit --resume is not doubled
+    _entry({**env, "TWA_ROLE": "twa"})
+    assert "resume" not in (tmp_path / "argv").read_text()
+    _entry(env, "--resume")
+    assert (tmp_path / "argv").read_text().split("\n")[:-1][-1:] == ["--resume"]
+    assert (tmp_path / "argv").read_text().count("resume") == 1
 
 
 @pytest.mark.parametrize("launcher_exit", [0, 2, 75, 143, 1])
@@ -163,15 +160,11 @@ def test_sigterm_reaches_the_ranks_once_and_exits_143(tmp_path):
     assert "stopped by SIGTERM" in p.stderr.read()
 
 
-@pytest.mark.multirank
-@pytest.mark.slow
-def test_two_pods_train_one_epoch_together(tmp_path):
+def _run_pods(tmp_path, args: list[str], name: str, extra_env: dict | None = None, timeout: float = 600):
+    """Two "pods" (node 0 and node 1, 1 gloo rank each) through the entrypoint, as local processes with
+    the rendezvous on 127.0.0.1; returns (exit codes, logs)."""
     require_binary("deepspeed")
     port = free_port()
-    snap = tmp_path / "snap"
-    args = ["--data", "digits", "--model", "resnet20", "--epochs", "1", "--limit-train", "512",
-            "--limit-val", "256", "--snapshot-url", f"file://{snap}", "--run-id", "pods", "--seed", "0",
-            "--checkpoint-dir", str(tmp_path / "ckpt")]
     base = {k: v for k, v in os.environ.items() if not k.startswith("TWA_")}
     base["PYTHONPATH"] = str(REPO) + os.pathsep + base.get("PYTHONPATH", "")
     base.setdefault("OMP_NUM_THREADS", "1")   # 2 cores: the two pods must not oversubscribe them
@@ -179,25 +172,81 @@ def test_two_pods_train_one_epoch_together(tmp_path):
     for index in (0, 1):
         env = {**base, **POD_ENV, "JOB_COMPLETION_INDEX": str(index), "TWA_MASTER_PORT": str(port),
                "TWA_MASTER_ADDR": "127.0.0.1", "HOSTNAME": f"twa-scale-train-0-{index}",
-               "TWA_HOSTFILE": str(tmp_path / f"hostfile-{index}")}
-        log = open(tmp_path / f"pod{index}.log", "w")  # noqa: SIM115 - closed in the finally below
-        pods.append((subprocess.Popen(["bash", str(ENTRY), *args], env=env, cwd=tmp_path, stdout=log,
-                                      stderr=subprocess.STDOUT), log))
+               "TWA_HOSTFILE": str(tmp_path / f"hostfile-{name}-{index}"), **(extra_env or {})}
+        cwd = tmp_path / f"{name}{index}.cwd"   # a pod's own disk (relative paths in args land here)
+        cwd.mkdir()
+        log = open(tmp_path / f"{name}{index}.log", "w")  # noqa: SIM115 - closed in the finally below
+        pods.append((subprocess.Popen(["bash", str(ENTRY), *args], env=env, cwd=cwd, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True), log))
     try:
-        codes = [p.wait(timeout=600) for p, _ in pods]
+        codes = [p.wait(timeout=timeout) for p, _ in pods]
     finally:
         for p, log in pods:
-            if p.poll() is None:
-                p.kill()
+            if p.poll() is None:  # a hung "pod": its launcher and ranks too
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
             log.close()
-    logs = {i: (tmp_path / f"pod{i}.log").read_text() for i in (0, 1)}
+    return codes, {i: (tmp_path / f"{name}{i}.log").read_text() for i in (0, 1)}
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_two_pods_train_one_epoch_together(tmp_path):
+    snap = tmp_path / "snap"
+    args = ["--data", "digits", "--model", "resnet20", "--epochs", "1", "--limit-train", "512",
+            "--limit-val", "256", "--snapshot-url", f"file://{snap}", "--run-id", "pods", "--seed", "0",
+            "--checkpoint-dir", str(tmp_path / "ckpt")]
+    codes, logs = _run_pods(tmp_path, args, "pod")
     assert codes == [0, 0], logs
     # both pods joined one world of 2 ranks and finished the epoch
     assert "epoch 1/1" in logs[0], logs[0]
-    sys.path.insert(0, str(REPO))
     from twa_scale import store
 
     reader = store.open_run(f"file://{snap}", "pods")
     assert reader.manifest.world_size == 2
     assert [s.seq for s in reader.snapshots()] == [0, 1]
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_the_relaunched_pods_resume_by_themselves(tmp_path):
+    """Issue 13's done test. kill -9 of rank 0 (node 0, the writer-lease holder) after global step 18 of 22
+    (epoch 2, step 7 of 11; checkpoints every 4 steps, the newest at step 16). The relaunch is recreated
+    pods: the same job (TWA_SCALE_JOB_ID), the same args, empty checkpoint directories, no restart counter
+    (a plain Job, or a re-applied JobSet). The entrypoint's --auto-resume finds the checkpoint committed on
+    the store, the run's live-looking lease is taken over at once (the default 120 s timeout is never
+    waited for), at most 4 steps are redone, and the snapshots are contiguous, without duplicates, verified."""
+    from twa_scale import store
+
+    every, kill_at, url = 4, 18, f"file://{tmp_path}/snap"
+    args = ["--data", "digits", "--model", "mlp", "--epochs", "2", "--no-twa", "--seed", "1", "--lr", "0.05",
+            "--snapshots-per-epoch", "3", "--checkpoint-every-steps", str(every), "--log-every-steps", "3",
+            "--snapshot-url", url, "--run-id", "k9", "--checkpoint-dir", "ckpt"]   # relative: per "pod" below
+    job = {"TWA_SCALE_JOB_ID": "jobset-uid-0001"}
+    first = tmp_path / "first"
+    first.mkdir()
+    codes, logs = _run_pods(first, args, "pod", {**job, "TWA_SCALE_FAULT_KILL_AT_STEP": f"0:{kill_at}"}, timeout=300)
+    assert codes[0] != 0 and codes[1] != 0, logs
+    assert "rank 0 kills itself after step 18" in logs[0], logs[0][-3000:]
+    lease = store.read_json(f"{url}/k9/LEASE.json")  # left behind by the killed holder
+    assert lease["job"] == "jobset-uid-0001"
+
+    again = tmp_path / "again"   # recreated pods: their local disks are empty
+    again.mkdir()
+    t0 = time.monotonic()
+    codes, logs = _run_pods(again, args, "pod", job, timeout=300)
+    seconds = time.monotonic() - t0
+    assert codes == [0, 0], logs
+    assert "--auto-resume" in logs[0] and "--auto-resume: checkpoint epoch1-step5 found in file://" in logs[0]
+    assert "taking over the live-looking (this job's earlier launch) writer lease" in logs[0], logs[0][-3000:]
+    m = re.search(r"resumed from \S+ at epoch 1, step 5 of 11 \(global step (\d+)\)", logs[0])
+    assert m, logs[0][-3000:]
+    assert kill_at - int(m.group(1)) <= every  # at most --checkpoint-every-steps steps redone
+    assert seconds < 120, f"the relaunch took {seconds:.0f} s: it waited for the lease to go stale"
+
+    reader = store.open_run(url, "k9")
+    assert [s.seq for s in reader.snapshots()] == list(range(7))  # contiguous; a duplicate would repeat a seq
+    assert [e["epoch"] for e in store.read_json(f"{url}/k9/train/metrics.json")["epochs"]] == [1, 2]
+    verify = subprocess.run([sys.executable, "-m", "twa_scale", "snapshots", "verify", f"{url}/k9"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0 and "7 committed snapshot(s), all checksums OK" in verify.stdout, verify.stdout

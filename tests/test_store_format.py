@@ -141,6 +141,31 @@ def test_stale_lease_is_taken_over_by_resume_only(store_url):
     new.release()
 
 
+def test_a_relaunch_of_the_same_job_takes_its_live_looking_lease_at_once(store_url, monkeypatch):
+    """After a kill -9 the dead launch's lease looks alive for TWA_SCALE_LEASE_TIMEOUT_SECONDS; a --resume
+    of the same job (TWA_SCALE_JOB_ID: the JobSet's uid) takes it over at once, no other job does."""
+    st, paths = open_store(store_url), store.RunPaths("run1")
+    monkeypatch.setenv("TWA_SCALE_JOB_ID", "jobset-uid-1")
+    w = _new(store_url, session="dead0001")
+    w.lease._stop.set()  # killed: no more heartbeats, but the lease is fresh
+    assert Lease.from_json(st.get(paths.lease), "lease").job == "jobset-uid-1"
+    monkeypatch.setenv("TWA_SCALE_JOB_ID", "jobset-uid-2")
+    with pytest.raises(LeaseHeldError, match=r"being written by session dead0001 .*job jobset-uid-1"):
+        acquire_lease(st, paths, "othr0002", resume=True)
+    monkeypatch.delenv("TWA_SCALE_JOB_ID")
+    with pytest.raises(LeaseHeldError, match="being written by session dead0001"):
+        acquire_lease(st, paths, "anon0003", resume=True)
+    monkeypatch.setenv("TWA_SCALE_JOB_ID", "jobset-uid-1")
+    with pytest.raises(LeaseHeldError, match="being written by session dead0001"):
+        acquire_lease(st, paths, "same0004", resume=False)
+    t0 = time.monotonic()
+    new = acquire_lease(st, paths, "same0005", resume=True)
+    assert time.monotonic() - t0 < 5 and new.lease.job == "jobset-uid-1"
+    with pytest.raises(LeaseLostError):  # had the old launch survived, it would stop committing
+        w.lease.heartbeat()
+    new.release()
+
+
 def test_commit_never_replaces_another_sessions_marker_and_cleanup_keeps_others(store_url):
     w = _new(store_url, session="sessaaaa")
     vec = torch.randn(w.layout.D)

@@ -33,7 +33,7 @@ import torch
 
 from twa_scale import comm, knobs
 
-__all__ = ["KEEP_CHECKPOINTS", "ResumePoint", "Uploader", "save", "load", "drain", "prune", "fetch",
+__all__ = ["KEEP_CHECKPOINTS", "ResumePoint", "Uploader", "save", "load", "drain", "prune", "fetch", "newest",
            "committed_tags", "maybe_fault"]
 
 log = logging.getLogger("twa_scale.checkpoints")
@@ -416,6 +416,16 @@ class Uploader:
                 call(f"deleting {st.describe(key)}", lambda k=key: st.delete(k))
 
 
+def newest(checkpoint_dir: str, url: str | None, storage_options=None) -> tuple[str, str] | None:
+    """(tag, where it is) of the checkpoint a resume on this node loads: the local ``latest``, else the
+    newest committed tag on ``url`` (if given); None when there is none."""
+    latest = Path(checkpoint_dir) / "latest"
+    if latest.is_file() and (Path(checkpoint_dir) / latest.read_text().strip()).is_dir():
+        return latest.read_text().strip(), checkpoint_dir
+    tags = committed_tags(_store(url, storage_options)) if url else []
+    return (tags[-1], url) if tags else None
+
+
 def fetch(checkpoint_dir: str, url: str, storage_options=None) -> str | None:
     """Make the checkpoint a resume loads present in ``checkpoint_dir`` on every node; returns its tag.
 
@@ -424,15 +434,8 @@ def fetch(checkpoint_dir: str, url: str, storage_options=None) -> str | None:
     """
     import json
 
-    tag = None
-    if comm.rank() == 0:
-        latest = Path(checkpoint_dir) / "latest"
-        if latest.is_file() and (Path(checkpoint_dir) / latest.read_text().strip()).is_dir():
-            tag = latest.read_text().strip()
-        else:
-            tags = committed_tags(_store(url, storage_options))
-            tag = tags[-1] if tags else None
-    tag = comm.broadcast_object(tag)
+    found = newest(checkpoint_dir, url, storage_options) if comm.rank() == 0 else None
+    tag = comm.broadcast_object(found and found[0])
     if tag is not None and comm.local_rank() == 0:
         store = _store(url, storage_options)
         local = Path(checkpoint_dir) / tag

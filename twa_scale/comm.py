@@ -71,8 +71,9 @@ def local_world_size() -> int:
 
 
 def node_rank() -> int:
-    """Index of this node (DeepSpeed's launcher exports GROUP_RANK / NODE_RANK)."""
-    for key in ("NODE_RANK", "GROUP_RANK"):
+    """Index of this node: torchrun exports GROUP_RANK, DeepSpeed's launcher CROSS_RANK (not NODE_RANK:
+    without it every node of a `deepspeed --no_ssh` job called itself node 0)."""
+    for key in ("NODE_RANK", "GROUP_RANK", "CROSS_RANK"):
         if key in os.environ:
             return int(os.environ[key])
     return 0

@@ -125,6 +125,9 @@ class TrainConfig:
     kept); --resume then continues mid-epoch, exactly. None: only at each epoch's end."""
     resume: bool = False
     """Continue from the latest DeepSpeed checkpoint in checkpoint_dir (mid-epoch ones included)."""
+    auto_resume: bool = False
+    """--resume if a checkpoint exists (in checkpoint_dir, or committed at checkpoint_url), else start
+    afresh: what a restarted pod needs (launch/k8s-entry.sh passes it to every training pod)."""
     init_from: str | None = None
     """Start from the weights of a committed snapshot, `URL/RUN@SEQ` (e.g. a tail-stage run that
     continues a finished run at a constant learning rate). BatchNorm statistics re-adapt in training."""

@@ -24,7 +24,7 @@ from typing import Any, Callable
 __all__ = ["Knob", "KNOBS", "env_int", "env_float", "TRAIN_CONFIG_ENV_PREFIX", "TWA_CONFIG_ENV_PREFIX",
            "UPLOAD_PART_BYTES", "UPLOAD_CONCURRENCY", "CHECKSUM_CHUNK_BYTES", "SNAPSHOT_BACKPRESSURE",
            "UPLOAD_TIMEOUT_SECONDS", "COMMIT_TIMEOUT_SECONDS", "STORE_RETRY_SECONDS", "LEASE_TIMEOUT_SECONDS",
-           "LEASE_HEARTBEAT_SECONDS", "SIGTERM_FLUSH_SECONDS", "FAULT_KILL_AT_STEP",
+           "LEASE_HEARTBEAT_SECONDS", "JOB_ID", "SIGTERM_FLUSH_SECONDS", "FAULT_KILL_AT_STEP",
            "METRICS_DIR",
            "METRICS_LINGER_SECONDS", "NODE_NAME", "P_KERNEL", "P_KERNELS", "P_CHUNK_COLUMNS", "p_kernel",
            "p_chunk_columns"]
@@ -113,6 +113,11 @@ LEASE_TIMEOUT_SECONDS = _declare("TWA_SCALE_LEASE_TIMEOUT_SECONDS", 120.0,
 LEASE_HEARTBEAT_SECONDS = _declare("TWA_SCALE_LEASE_HEARTBEAT_SECONDS", None,
                                    "How often the lease holder rewrites its heartbeat (default: a quarter of "
                                    "the lease timeout, at most 10 s).", env_float)
+JOB_ID = _declare("TWA_SCALE_JOB_ID", None,
+                  "Identity of the job that launches training, e.g. the JobSet's uid (the manifests set it): a "
+                  "relaunch of the same job with --resume takes over the run's writer lease at once, even while "
+                  "it looks alive (its holder was the same job's killed launch); any other job waits until it is "
+                  "stale.", _env_str)
 FAULT_KILL_AT_STEP = _declare("TWA_SCALE_FAULT_KILL_AT_STEP", None,
                               "Fault injection for tests: `RANK:STEP` makes that rank SIGKILL itself right after "
                               "optimizer step STEP (a `kill -9` at a known point); `RANK:STEP:TERM` sends it "

@@ -119,6 +119,8 @@ def run_training(cfg: TrainConfig) -> dict:
     world, device = comm.world_size(), comm.device()
     _share_cpu_threads(device)
     metrics.setup(run_id=cfg.run_id, role="train", port=cfg.metrics_port, addr=cfg.metrics_addr)
+    if cfg.auto_resume and not cfg.resume:
+        _auto_resume(cfg)
     ds = load_ds_config(cfg.deepspeed_config)
     _, micro, accum = resolve_batch(ds, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, world=world)
     data = build_data(cfg)
@@ -159,6 +161,18 @@ def run_training(cfg: TrainConfig) -> dict:
     finally:
         if "w" in writer:
             writer["w"].close()  # releases the writer lease
+
+
+def _auto_resume(cfg: TrainConfig) -> None:
+    """--auto-resume: set cfg.resume when rank 0 finds a checkpoint (its own, or committed on the store)."""
+    url = None if cfg.checkpoint_url in ("", "none") else cfg.checkpoint_url
+    found = comm.broadcast_object(comm.agree(
+        lambda: checkpoints.newest(cfg.checkpoint_dir, url, cfg.storage_options) if comm.rank() == 0 else None,
+        "looking for a checkpoint (--auto-resume)"))
+    if found:
+        cfg.resume = True
+        if comm.rank() == 0:
+            print(f"--auto-resume: checkpoint {found[0]} found in {found[1]}: resuming", flush=True)
 
 
 def run_identity(cfg: TrainConfig, layout: FlatLayout, num_classes: int, ds: dict) -> dict:

@@ -321,6 +321,7 @@ class Lease(_Record):
     """The writer lease of a run: one session writes it at a time; a heartbeat proves it is alive."""
 
     KIND: ClassVar[str] = "lease"
+    OPTIONAL: ClassVar[dict[str, Any]] = {"job": None}
 
     session: str
     host: str
@@ -329,6 +330,9 @@ class Lease(_Record):
     heartbeat_at: float
     timeout_seconds: float
     """After this long without a heartbeat the lease is stale (a --resume may take it over)."""
+    job: str | None = None
+    """The launching job's identity (TWA_SCALE_JOB_ID): a relaunch of the same job takes the lease over at
+    once. None: not set (absent in leases written before it existed)."""
 
     def age_seconds(self, now: float) -> float:
         return max(0.0, now - self.heartbeat_at)

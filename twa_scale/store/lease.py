@@ -6,7 +6,10 @@ conditional put: ``If-None-Match: *`` on S3 (SeaweedFS and AWS honour it; s3fs e
 and rewrites its heartbeat every ``heartbeat_seconds``. A second job finds a fresh lease and fails
 fast, naming the holder's session, host and heartbeat age. A lease whose heartbeat is older than
 its timeout is stale: a ``--resume`` may take it over (delete, then conditional create, then read
-back, so of two racing takers one wins); a launch without ``--resume`` never does. Each heartbeat
+back, so of two racing takers one wins); a launch without ``--resume`` never does. A lease that still
+looks alive is taken over at once by a ``--resume`` of the same job (``TWA_SCALE_JOB_ID``, the JobSet's
+uid in the manifests): a job is restarted only once its previous launch failed, and after a kill -9
+that launch's lease would otherwise block the restart for the whole timeout. Another job never does. Each heartbeat
 first reads the lease: if another session holds it now, this holder marks itself lost and its
 writer stops committing, so a holder that was merely stalled never overwrites the new one's commits.
 
@@ -34,8 +37,8 @@ log = logging.getLogger("twa_scale.store")
 
 class LeaseHeldError(TransientError):
     """Another session holds the run's writer lease. Exit 75: the condition ends by itself (that job
-    finishes, or its lease goes stale and a --resume takes it over), so a restart policy may retry;
-    a job restarted right after a kill -9 of its predecessor gets here until the lease is stale."""
+    finishes, or its lease goes stale and a --resume takes it over), so a restart policy may retry.
+    A relaunch of the same job (TWA_SCALE_JOB_ID) right after a kill -9 does not get here."""
 
 
 class LeaseLostError(PermissionError):
@@ -110,13 +113,14 @@ class RunLease:
 
 def _fields(lease: Lease) -> dict:
     return {k: getattr(lease, k) for k in ("session", "host", "pid", "acquired_at", "heartbeat_at",
-                                           "timeout_seconds")}
+                                           "timeout_seconds", "job")}
 
 
 def acquire_lease(store: ObjectStore, paths: RunPaths, session: str, *, resume: bool,
                   timeout_seconds: float | None = None, heartbeat_seconds: float | None = None,
                   retry: RetryPolicy | None = None) -> RunLease:
-    """Take the writer lease of a run, or raise LeaseHeldError naming the holder and its age."""
+    """Take the writer lease of a run, or raise LeaseHeldError naming the holder and its age. The lease
+    records this job's identity (TWA_SCALE_JOB_ID) for the same-job takeover."""
     timeout = timeout_seconds or knobs.LEASE_TIMEOUT_SECONDS.get()
     beat = heartbeat_seconds or knobs.LEASE_HEARTBEAT_SECONDS.get() or min(10.0, timeout / 4)
     if beat >= timeout:
@@ -125,8 +129,9 @@ def acquire_lease(store: ObjectStore, paths: RunPaths, session: str, *, resume: 
     retry = retry or RetryPolicy()
     where = store.describe(paths.lease)
     now = time.time()
+    job = knobs.JOB_ID.get()
     mine = Lease(session=session, host=socket.gethostname(), pid=os.getpid(), acquired_at=now, heartbeat_at=now,
-                 timeout_seconds=timeout)
+                 timeout_seconds=timeout, job=job)
     for _ in range(3):
         if retry.call(f"creating {where}", lambda: store.create(paths.lease, mine.to_json())):
             break
@@ -137,19 +142,23 @@ def acquire_lease(store: ObjectStore, paths: RunPaths, session: str, *, resume: 
             age = current.age_seconds(time.time())
             if current.session == session:
                 break
-            if age < current.timeout_seconds:
+            same_job = job is not None and current.job == job
+            holder = (f"session {current.session} (host {current.host}, pid {current.pid}"
+                      + (f", job {current.job})" if current.job else ")"))
+            if age < current.timeout_seconds and not (same_job and resume):
                 raise LeaseHeldError(
-                    f"run {store.describe(paths.root)} is being written by session {current.session} "
-                    f"(host {current.host}, pid {current.pid}), last heartbeat {age:.0f}s ago; "
-                    f"a lease goes stale after {current.timeout_seconds:.0f}s without one. Wait for that job, "
-                    f"stop it, or use another --run-id")
-            what = f"stale (session {current.session}, host {current.host}, last heartbeat {age:.0f}s ago)"
+                    f"run {store.describe(paths.root)} is being written by {holder}, last heartbeat {age:.0f}s "
+                    f"ago; a lease goes stale after {current.timeout_seconds:.0f}s without one. Wait for that job, "
+                    f"stop it, or use another --run-id (only a --resume of the same job, TWA_SCALE_JOB_ID, takes "
+                    f"a live-looking lease over)")
+            state = "stale" if age >= current.timeout_seconds else "live-looking (this job's earlier launch)"
+            what = f"{state} writer lease of {holder}, last heartbeat {age:.0f}s ago,"
         else:
-            what = f"invalid ({current})"
+            what = f"invalid writer lease ({current})"
         if not resume:
-            raise LeaseHeldError(f"run {store.describe(paths.root)} has a {what} writer lease {where}; "
+            raise LeaseHeldError(f"run {store.describe(paths.root)} has a {what} {where}; "
                                  f"relaunch with --resume to take it over")
-        log.warning("taking over the %s writer lease %s (--resume)", what, where)
+        log.warning("taking over the %s %s (--resume)", what, where)
         retry.call(f"deleting {where}", lambda: store.delete(paths.lease))
     else:
         raise LeaseHeldError(f"could not take the writer lease {where}: other sessions keep taking it")
