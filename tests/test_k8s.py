@@ -143,7 +143,7 @@ def test_built_in_kinds_pass_kubernetes_validate_strict(target, tmp_path):
     docs = render(target)
     core = [d for d in docs if d["kind"] not in CUSTOM_KINDS]
     assert {d["kind"] for d in docs} - {d["kind"] for d in core} == CUSTOM_KINDS
-    assert {"ServiceAccount", "NetworkPolicy", "ConfigMap", "PersistentVolumeClaim"} <= {d["kind"] for d in core}
+    assert {"ServiceAccount", "NetworkPolicy", "ConfigMap"} <= {d["kind"] for d in core}
     # each replicated Job's template as the Job JobSet creates from it: unknown fields fail here
     jobs = [{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"twa-scale-{name}-0"}, "spec": spec}
             for name, spec in rjobs(docs).items()]
@@ -206,8 +206,7 @@ def test_jobset_is_wired_for_multi_node_launch(target):
             assert a.rsplit("/", 1)[1] in ds, f"{a} is not in ConfigMap twa-scale-ds-configs"
         assert config["AWS_ENDPOINT_URL"].startswith(("http://", "https://"))
         vols = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
-        assert list(vols) == ["data", "ds-configs", "tmp", "shm"], "overlays patch volumes by index"
-        assert vols["data"]["persistentVolumeClaim"]["claimName"] == "twa-scale-data"
+        assert list(vols) == ["staging", "ds-configs", "tmp", "shm"], "overlays patch volumes by index"
         assert vols["ds-configs"]["configMap"]["name"] == "twa-scale-ds-configs"
 
 
@@ -291,6 +290,26 @@ def test_kueue_component_adds_the_queue_label(tmp_path):
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_no_persistent_volume_checkpoints_go_to_the_object_store(target):
+    """No PVC anywhere: the checkpoint directory is local staging on an emptyDir, and every checkpoint is
+    uploaded to the default --checkpoint-url, <snapshot-url>/<run>/checkpoints, where a recreated pod finds
+    it (launch/k8s-entry.sh: --auto-resume)."""
+    docs = render(target)
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    for name, spec in rjobs(docs).items():
+        pod = spec["template"]["spec"]
+        assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v], name
+        assert not [a for a in main_container(spec)["args"] if a.startswith("--checkpoint-url")], name
+    train, _ = _parse_pod_args(docs, "train")
+    mounts = {m["mountPath"]: m["name"] for m in main_container(rjobs(docs)["train"])["volumeMounts"]}
+    (volume,) = [v for path, v in mounts.items() if train.checkpoint_dir.startswith(path + "/")]
+    vols = {v["name"]: v for v in rjobs(docs)["train"]["template"]["spec"]["volumes"]}
+    assert set(vols[volume]) == {"name", "emptyDir"} and "medium" not in vols[volume]["emptyDir"]  # disk, not RAM
+    assert train.checkpoint_url == f"{train.snapshot_url}/{train.run_id}/checkpoints"
+    assert train.checkpoint_url.startswith("s3://")
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_training_pods_know_their_job_for_the_lease_takeover(target):
     """TWA_SCALE_JOB_ID is the JobSet's uid: kept across group restarts, so a restarted training pod takes
     over the writer lease its killed predecessor left; new for every JobSet, so another job cannot."""
@@ -350,7 +369,7 @@ def test_monitoring_objects_match_the_pods():
 # ------------------------------------------------------------------------------- args and recipes
 @pytest.fixture(autouse=True)
 def _pod_paths(monkeypatch):
-    """Dataset directories under /data exist only inside the pod (the PVC): accept them here."""
+    """A preset's dataset directory (/data/...) exists only where a cluster mounts it: accept it here."""
     from twa_scale import data
 
     check = data.check_data_spec
@@ -380,7 +399,7 @@ def test_pod_args_parse_with_the_real_cli(target):
         assert cfg.metrics_port == 9400
     train, _ = _parse_pod_args(docs, "train")
     assert train.twa is False, "TWA runs as its own replicated Job, not inside training"
-    assert train.checkpoint_dir == f"/data/checkpoints/{config['RUN_ID']}"
+    assert train.checkpoint_dir == f"/staging/checkpoints/{config['RUN_ID']}"
 
 
 # Fields the pod sets on purpose, whatever the preset says: where the run lives and how it is served.
@@ -405,7 +424,8 @@ def _preset_alone(docs, name: str, extra: set[str] = frozenset()):
 
 
 def test_gpu_overlay_runs_the_resnet50_imagenet_and_paper_imagenet_presets():
-    """Every field the gpu-8xN pods resolve equals the preset's, except where the run lives (POD_FIELDS)
+    """Every field the gpu-8xN pods resolve equals the preset's, except where the run lives (POD_FIELDS),
+    where ImageNet is read from (a packed dataset on the object store, not the preset's ImageFolder path)
     and the TWA selection: the paper's "60+2" head stage averages the first 60 of the 90 epochs,
     snapshots 0..300 at 5 per epoch (twa_scale/presets/twa/paper_imagenet.yaml)."""
     from twa_scale.config import load_preset
@@ -415,11 +435,14 @@ def test_gpu_overlay_runs_the_resnet50_imagenet_and_paper_imagenet_presets():
     train, _ = _parse_pod_args(docs, "train")
     assert container_args(docs, rjobs(docs)["train"])[0] == "--preset=resnet50_imagenet"
     got, want = dataclasses.asdict(train), dataclasses.asdict(_preset_alone(docs, "train"))
-    diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    config = one(docs, "ConfigMap", "twa-scale-config")["data"]
+    assert got["data"] == config["DATA_URL"] and got["data"].startswith("s3://"), got["data"]
+    assert want["data"] == "/data/imagenet"
+    diff = {k: (got[k], want[k]) for k in want if k != "data" and got[k] != want[k]}
     assert diff == {}, f"gpu-8xN train differs from preset resnet50_imagenet (pod, preset): {diff}"
     preset = load_preset("train", "resnet50_imagenet")
-    assert {k: got[k] for k in preset if k != "deepspeed_config"} == \
-        {k: v for k, v in preset.items() if k != "deepspeed_config"}
+    assert {k: got[k] for k in preset if k not in ("deepspeed_config", "data")} == \
+        {k: v for k, v in preset.items() if k not in ("deepspeed_config", "data")}
     # the same DeepSpeed config, served from the ConfigMap
     assert train.deepspeed_config.rsplit("/", 1)[1] == preset["deepspeed_config"].rsplit("/", 1)[1]
 
@@ -427,6 +450,7 @@ def test_gpu_overlay_runs_the_resnet50_imagenet_and_paper_imagenet_presets():
     assert container_args(docs, rjobs(docs)["twa"])[0] == "--preset=paper_imagenet"
     got, want = dataclasses.asdict(twa), dataclasses.asdict(_preset_alone(docs, "twa"))
     assert got["select"] == "0:301"
+    assert twa.data is None  # the TWA stage reads the training run's --data: the same packed dataset
     diff = {k: (got[k], want[k]) for k in want if k != "select" and got[k] != want[k]}
     assert diff == {}, f"gpu-8xN twa differs from preset paper_imagenet (pod, preset): {diff}"
     preset = load_preset("twa", "paper_imagenet")
