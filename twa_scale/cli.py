@@ -70,9 +70,11 @@ def run_stage(stage: str, argv: list[str] | None = None) -> int:
 
         return launch_main(lambda: parse_train_args(argv), run_pipeline)
     from twa_scale.twa import parse_twa_args, run_twa
+    from twa_scale.twa.follow import run_follow
 
     # corrupt shards are IOErrors and missing keys KeyErrors: bad input, one line each
-    return launch_main(lambda: parse_twa_args(argv), run_twa, errors=(ValueError, OSError, KeyError))
+    return launch_main(lambda: parse_twa_args(argv), lambda cfg: (run_follow if cfg.follow else run_twa)(cfg),
+                       errors=(ValueError, OSError, KeyError))
 
 
 def split_run_url(target: str) -> tuple[str, str]:

@@ -54,7 +54,7 @@ __all__ = [
     "train_step", "train_epoch", "snapshot_stall", "snapshot_upload",
     "snapshot_retry", "snapshot_failure", "snapshot_skipped", "snapshot_queue_depth",
     "snapshot_committed", "twa_load", "twa_projection", "twa_step", "twa_eval",
-    "twa_effective_rank", "twa_coefficients", "data_bad_images",
+    "twa_effective_rank", "twa_coefficients", "twa_probe", "data_bad_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,16 @@ def _build_families(max_series: int) -> SimpleNamespace:
         twa_coefficient=gauge("twa_coefficient", f"Averaging coefficient per snapshot index "
                               f"(first {max_series} only).", extra=("index",)),
         twa_coefficients_count=gauge("twa_coefficients", "Number of averaging coefficients in the solution."),
+        # live TWA follower (--follow): one probe per --probe-every snapshots, on the hold-out split
+        twa_probes=counter("twa_probes", "Probes the live TWA follower ran."),
+        twa_probe_accuracy=gauge("twa_probe_accuracy_ratio",
+                                 "TWA accuracy of the last probe on the hold-out split (0..1; NaN: guard failed)."),
+        twa_probe_swa_accuracy=gauge("twa_probe_swa_accuracy_ratio",
+                                     "SWA accuracy over the last probe's snapshots on the hold-out split (0..1)."),
+        twa_probe_epoch=gauge("twa_probe_epoch", "Training epoch (fractional) of the last probe's newest snapshot."),
+        twa_probe_seconds=gauge("twa_probe_seconds", "Wall time of the last probe (s)."),
+        twa_probe_lr=gauge("twa_probe_learning_rate", "Learning rate the last probe's fit used (after the guard)."),
+        twa_probe_would_stop=gauge("twa_probe_would_stop", "1 when the stop rule fired at the last probe, else 0."),
     )
 
 
@@ -447,6 +457,20 @@ def twa_eval(m, accuracy: float) -> None:
 def twa_guard_retry(m, outcome: str) -> None:
     """The guard rejected one TWA attempt (``outcome``: diverged | worse_than_start)."""
     m.twa_guard_retries.inc()
+
+
+@_when_enabled
+def twa_probe(m, *, epoch: float, twa_accuracy: float | None, swa_accuracy: float | None, seconds: float,
+              lr: float | None, would_stop: bool) -> None:
+    """The live follower finished a probe (accuracies are ratios in 0..1; None, a failed probe, is NaN)."""
+    nan = float("nan")
+    m.twa_probes.inc()
+    m.twa_probe_epoch.set(epoch)
+    m.twa_probe_accuracy.set(nan if twa_accuracy is None else twa_accuracy)
+    m.twa_probe_swa_accuracy.set(nan if swa_accuracy is None else swa_accuracy)
+    m.twa_probe_seconds.set(seconds)
+    m.twa_probe_lr.set(nan if lr is None else lr)
+    m.twa_probe_would_stop.set(1.0 if would_stop else 0.0)
 
 
 @_when_enabled

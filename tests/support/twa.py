@@ -164,3 +164,17 @@ def twa_worker(rank: int, world: int, cfg_kwargs: dict) -> dict:
             "twa_accuracy": res.twa_accuracy, "swa_accuracy": res.swa_accuracy,
             "bytes_read": torch.tensor(res.bytes_read_per_rank), "lr_final": res.lr_final,
             "outcomes": [a["outcome"] for a in res.guard["attempts"]], "effective_batch": res.effective_global_batch}
+
+
+def growing_basis_worker(rank: int, world: int, x: torch.Tensor) -> dict:
+    """The live follower's GrowingBasis over this rank's columns of ``x`` (n x D), one snapshot at a time."""
+    from twa_scale import comm
+    from twa_scale.layout import balanced_slices
+    from twa_scale.twa.subspace import GrowingBasis
+
+    s, e = balanced_slices(x.shape[1], world)[rank]
+    grow = GrowingBasis(s, e, reduce=comm.all_reduce)
+    for row in x:
+        grow.append(row[s:e])
+    b = grow.basis()
+    return {"q": b.dequantized(), "w_start": b.w_start, "theta0": b.theta0}

@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence
 
 from twa_scale.config import DEFAULT_SNAPSHOT_URL, Schedule, check_choice, check_store_and_metrics, parse_config
 from twa_scale.twa.selection import parse_select, parse_select_epochs
+from twa_scale.twa.stoprule import StopRule, parse_stop_rule
 
 __all__ = ["TwaConfig", "parse_twa_args", "parse_select"]
 
@@ -130,6 +131,30 @@ class TwaConfig:
     log_every_steps: int = 50
     """Read the per-step loss from the device every N steps (one host sync per N steps, not per step);
     the divergence guard and the per-step Prometheus series see the steps at that cadence."""
+    follow: bool = False
+    """Live TWA: follow a running training job's snapshots, probe TWA every --probe-every snapshots, write
+    <run>/control/STOP.json when --stop-rule fires, and run the final TWA when training ends."""
+    probe_every: int = 2
+    """--follow: run a probe every K newly committed snapshots (at one snapshot per epoch: every 2 epochs)."""
+    probe_steps: int = 100
+    """--follow: TWA steps of a probe's short fit (a seeded sample of the training data, new per probe)."""
+    probe_bn_batches: int = 20
+    """--follow: batches per rank a probe recalibrates BatchNorm on."""
+    stop_rule: str = "plateau"
+    """--follow: `plateau` (the last --stop-patience probes gained < --stop-epsilon points of TWA probe
+    accuracy, and it is >= the run's latest SGD val accuracy), `target:ACC` (a TWA probe reached ACC), or
+    `none` (never stop)."""
+    stop_epsilon: float = 0.2
+    """--follow: the plateau rule's least gain, in accuracy points (0.2 = 0.002)."""
+    stop_patience: int = 3
+    """--follow: probes the plateau rule looks back over."""
+    stop_marker: bool = True
+    """--follow: write STOP.json when the rule fires; --no-stop-marker only records the decision (`would_stop`
+    in probes.json), for runs that measure where the rule would have stopped."""
+    follow_timeout: float = 1800.0
+    """--follow: seconds to wait for the run to appear, and then for each next snapshot, before exiting 75."""
+    poll_seconds: float = 5.0
+    """--follow: seconds between two looks at the run for new snapshots."""
 
     def __post_init__(self) -> None:
         def bad(flag: str, msg: str):
@@ -188,7 +213,20 @@ class TwaConfig:
                 ("guard-samples", self.guard_samples, self.guard_samples >= 1, ">= 1")):
             if not ok:
                 bad(flag, f"must be {want}, got {v}")
+        for flag, v in (("probe-every", self.probe_every), ("probe-steps", self.probe_steps),
+                        ("probe-bn-batches", self.probe_bn_batches)):
+            if v < 1:
+                bad(flag, f"must be >= 1, got {v}")
+        for flag, v in (("follow-timeout", self.follow_timeout), ("poll-seconds", self.poll_seconds)):
+            if not v > 0:
+                bad(flag, f"must be > 0 seconds, got {v}")
+        parse_stop_rule(self.stop_rule, epsilon_points=self.stop_epsilon, patience=self.stop_patience)
         check_store_and_metrics(self)
+
+    @property
+    def rule(self) -> StopRule:
+        """The --follow stop rule."""
+        return parse_stop_rule(self.stop_rule, epsilon_points=self.stop_epsilon, patience=self.stop_patience)
 
     @property
     def output_url(self) -> str:

@@ -65,20 +65,21 @@ class TwaInputs:
     data: Any
 
 
-def _select(infos, cfg: TwaConfig, damaged: dict[int, str] | None = None) -> list[SnapshotRef]:
+def _select(infos, damaged: dict[int, str], cfg: TwaConfig) -> list[SnapshotRef]:
     """--select-epochs through the records' epoch positions, else --select by seq (ends checked; a damaged
     snapshot in the range refused, naming it; gaps refused unless --allow-gaps)."""
     from twa_scale.twa.selection import check_select_seqs, check_selection, position, select_by_epochs
 
     if cfg.select_epochs is not None:
         return [SnapshotRef(i.seq, i.step, position(i)) for i in select_by_epochs(infos, cfg.select_epochs)]
-    check_selection(cfg.select, [i.seq for i in infos], damaged or {}, allow_gaps=cfg.allow_gaps)
+    check_selection(cfg.select, [i.seq for i in infos], damaged, allow_gaps=cfg.allow_gaps)
     check_select_seqs(infos, cfg.select)
     return select_snapshots(infos, cfg.select)
 
 
-def load_inputs(cfg: TwaConfig) -> TwaInputs:
-    """Open the run and validate it before any TWA work (same checks on every rank)."""
+def load_inputs(cfg: TwaConfig, *, select: bool = True) -> TwaInputs:
+    """Open the run and validate it before any TWA work (same checks on every rank). ``select`` False: no
+    selection yet (``refs`` empty; the live follower takes snapshots as they are committed)."""
     from twa_scale import store
     from twa_scale.config import TrainConfig
     from twa_scale.data import build_data
@@ -94,8 +95,7 @@ def load_inputs(cfg: TwaConfig) -> TwaInputs:
     model = build_model(meta["model"], int(meta["num_classes"])).to(comm.device())
     layout = FlatLayout.from_model(model)
     reader.layout.check_matches(layout, what=f"model {meta['model']!r} with {meta['num_classes']} classes")
-    infos, damaged = reader.scan()
-    refs = _select(infos, cfg, damaged)
+    refs = _select(*reader.scan(), cfg) if select else []
     train_cfg = TrainConfig.from_dict(meta.get("config") or {})
     for name in ("data", "limit_train", "limit_val"):
         if getattr(cfg, name) is not None:
@@ -220,12 +220,13 @@ def _fit(cfg: TwaConfig, loop: CoefficientLoop, start_guard: dict,
 def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequence[SnapshotRef],
           load: SliceLoader, fit_data, val_data, bn_data, guard_data=None, guard_name: str = "",
           per_rank_batch: int, device: torch.device | None = None, make_loader: Callable[..., Any] | None = None,
-          evaluate: Callable[..., dict] | None = None) -> tuple[TwaResult, Basis]:
+          evaluate: Callable[..., dict] | None = None, basis: Basis | None = None) -> tuple[TwaResult, Basis]:
     """Load the slices, build the basis, fit under the guard, summarise: (result, basis).
 
     ``load`` reads snapshot slices, so tests can drive this without a store. The model ends
     at the returned weights with recalibrated BatchNorm. ``guard_data`` None: the guard
-    evaluates on ``fit_data``.
+    evaluates on ``fit_data``. ``basis``: one built already over ``refs`` in their order (the live
+    follower's GrowingBasis); nothing is loaded then.
     """
     if make_loader is None:
         from twa_scale.data import make_loader
@@ -251,16 +252,18 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
     flat = ShardedFlat(layout, world, rank, device)  # world > D fails here, identically on every rank
 
     # --- load: only columns S_r of each snapshot, then the basis --------------------------------
-    x, bytes_read, timings["load_seconds"] = comm.agree(
-        lambda: load_slices(refs, load, flat.start, flat.stop, device), "reading snapshot slices")
-    t0 = time.perf_counter()
     kernels = resolve_kernels(device, cfg.compile)
-    basis = build_basis(x, flat.start, flat.stop, layout.blocks(cfg.block_size), directions=cfg.directions,
-                        layerwise=cfg.coefficients == "layerwise", bits=cfg.p_bits, alpha_start=alpha_start,
-                        reduce=comm.all_reduce, tol=cfg.rank_tol, granularity=cfg.quant_granularity,
-                        kernels=kernels)
-    del x
-    timings["basis_seconds"] = time.perf_counter() - t0
+    bytes_read = 0
+    if basis is None:
+        x, bytes_read, timings["load_seconds"] = comm.agree(
+            lambda: load_slices(refs, load, flat.start, flat.stop, device), "reading snapshot slices")
+        t0 = time.perf_counter()
+        basis = build_basis(x, flat.start, flat.stop, layout.blocks(cfg.block_size), directions=cfg.directions,
+                            layerwise=cfg.coefficients == "layerwise", bits=cfg.p_bits, alpha_start=alpha_start,
+                            reduce=comm.all_reduce, tol=cfg.rank_tol, granularity=cfg.quant_granularity,
+                            kernels=kernels)
+        del x
+        timings["basis_seconds"] = time.perf_counter() - t0
     _metrics().twa_effective_rank(basis.k)
     if basis.report.get("dropped"):
         msg = (f"TWA basis: dropped {len(basis.report['dropped'])} nearly dependent direction(s) "

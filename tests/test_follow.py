@@ -1,0 +1,192 @@
+"""The live TWA follower (`launch/twa.py --follow`) on a run whose snapshots arrive while it watches.
+
+The run is written through the store's writer API by this test (as the training job's streamer would),
+so the test decides exactly when each snapshot is committed and when training "finishes". The follower
+is the real entry point in its own process.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+
+from tests.support import REPO
+from tests.support.launch import env, python
+from tests.support.twa import digits_config, make_trajectory
+from twa_scale.twa.stoprule import parse_stop_rule
+
+FOLLOW = ["--follow", "--probe-every", "2", "--probe-steps", "4", "--probe-bn-batches", "2", "--poll-seconds",
+          "0.2", "--batch-size", "32", "--epochs", "1", "--stop-rule", "target:0.01", "--plot", "false"]
+
+
+# --- the stop rules ------------------------------------------------------------------------------------
+def test_plateau_rule():
+    rule = parse_stop_rule("plateau", epsilon_points=0.5, patience=2)
+    assert rule.decide([0.80, 0.90], 0.85) == (False, "2 probe(s), the plateau rule needs 3")
+    assert not rule.decide([0.80, 0.90, 0.95], 0.85)[0]                # +5 points: still improving
+    stop, why = rule.decide([0.90, 0.902, 0.903], 0.85)                # +0.3 < 0.5 points, >= SGD
+    assert stop and "plateaued" in why
+    assert not rule.decide([0.90, 0.902, 0.903], 0.95)[0]              # plateau, but below SGD
+    assert not rule.decide([0.90, 0.902, 0.903], None)[0]              # no SGD accuracy yet
+    assert not rule.decide([0.90, None, 0.903], 0.85)[0]                # a failed probe in the window
+
+
+def test_target_and_none_rules_and_bad_specs():
+    assert parse_stop_rule("target:0.9", epsilon_points=0.2, patience=3).decide([0.5, 0.91], None)[0]
+    assert not parse_stop_rule("target:0.9", epsilon_points=0.2, patience=3).decide([0.89], 1.0)[0]
+    assert not parse_stop_rule("none", epsilon_points=0.2, patience=3).decide([1.0], 0.0)[0]
+    for spec, msg in (("target:90", "--stop-rule target:90: target:ACC needs an accuracy in (0, 1]"),
+                      ("sometimes", "--stop-rule sometimes: must be plateau, target:ACC or none")):
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+            parse_stop_rule(spec, epsilon_points=0.2, patience=3)
+    with pytest.raises(ValueError, match="--stop-patience"):
+        parse_stop_rule("plateau", epsilon_points=0.2, patience=0)
+
+
+# --- the follower against a run written snapshot by snapshot --------------------------------------------
+class LiveRun:
+    """A run being written: snapshots committed on demand, then the training metrics' ``final``."""
+
+    def __init__(self, url: str, cfg, model, snaps):
+        from twa_scale import store
+        from twa_scale.layout import FlatLayout
+
+        self.url, self.snaps, self.cfg = url, snaps, cfg
+        self.layout = FlatLayout.from_model(model)
+        meta = {"model": cfg.model, "num_classes": 10, "data": cfg.data, "config": cfg.to_dict()}
+        self.writer = store.create_run(url, "live", self.layout, meta=meta, world_size=1)
+        self.session, self.next = uuid.uuid4().hex[:8], 0
+
+    def commit(self, upto: int) -> None:
+        for seq in range(self.next, upto + 1):
+            view = memoryview(self.snaps[seq].contiguous().numpy()).cast("B")
+            meta = self.writer.shard_meta(seq, rank=0, world_size=1, session=self.session, view=view, step=seq * 4,
+                                          epoch=seq // 2, epoch_fraction=seq / 2)
+            self.writer.put_shard(meta, view)
+            self.writer.commit(seq, [meta])
+        self.next = upto + 1
+
+    def finish(self) -> None:
+        rows = [{"epoch": e, "val_accuracy": 0.5, "val_loss": 1.0, "train_loss": 1.0} for e in (1, 2)]
+        self.writer.write_metrics(rows, final={"val_accuracy": 0.5})
+
+
+@pytest.fixture(scope="module")
+def trajectory():
+    cfg = digits_config(holdout_fraction=0.25, limit_train=320)
+    model, snaps = make_trajectory(cfg, 12)
+    return cfg, model, snaps
+
+
+def _probes(root) -> list[dict]:
+    return json.loads((root / "live" / "twa" / "probes.json").read_text())
+
+
+def _follow(url: str, *extra: str, timeout: float = 3.0, check: bool = False) -> subprocess.CompletedProcess:
+    return python("launch/twa.py", ["--snapshot-url", url, "--run-id", "live", *FOLLOW, "--follow-timeout",
+                                    str(timeout), *extra], check=check, timeout=300)
+
+
+@pytest.mark.slow
+def test_follower_probes_falls_behind_resumes_and_finishes_like_launch_twa(tmp_path, trajectory):
+    cfg, model, snaps = trajectory
+    url = f"file://{tmp_path}"
+    run = LiveRun(url, cfg, model, snaps)
+    run.commit(2)
+    # 1. seqs 0..2: one probe at seq 2 (2 new after seq 0); the target rule fires -> STOP.json by "twa";
+    #    no new snapshot within --follow-timeout while training is unfinished -> exit 75, one line
+    first = _follow(url)
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert first.stderr.strip().splitlines()[-1].startswith("transient error (exit 75")
+    assert "--follow-timeout" in first.stderr.strip().splitlines()[-1]
+    probes = _probes(tmp_path)
+    assert [(p["first_seq"], p["last_seq"]) for p in probes] == [(0, 2)]
+    p = probes[0]
+    assert p["split"] == "holdout" and 0 < p["twa_accuracy"] <= 1 and 0 < p["swa_accuracy"] <= 1
+    assert p["epoch"] == 1.0 and p["step"] == 8 and p["lr"] > 0 and p["seconds"] > 0
+    assert p["would_stop"] and p["stop_written"] and p["rule"] == "target:0.01"
+    stop = json.loads((tmp_path / "live" / "control" / "STOP.json").read_text())
+    assert stop["by"] == "twa" and stop["rule"] == "target:0.01" and stop["probes"][0]["last_seq"] == 2
+
+    # 2. six new snapshots while it was away: it appends all six, probes once at the newest, says it skipped 2
+    run.commit(8)
+    behind = _follow(url)
+    assert behind.returncode == 75
+    assert "fell behind: 6 snapshots since the last probe; skipping 2 probe(s), probing at the newest (seq 8)" \
+        in behind.stderr
+    assert [p["last_seq"] for p in _probes(tmp_path)] == [2, 8]
+    assert not _probes(tmp_path)[1]["stop_written"], "the marker is written once"
+
+    # 3. killed mid-probe (a long probe), restarted: the probe is recorded once
+    run.commit(10)
+    proc = subprocess.Popen([sys.executable, "launch/twa.py", "--snapshot-url", url, "--run-id", "live", *FOLLOW,
+                             "--follow-timeout", "60", "--probe-steps", "100000"], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "resuming after 2 recorded probe(s)" in line:
+            break
+    time.sleep(2.0)  # the follower is in the probe's fit (100000 steps), never finishing it
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p["last_seq"] for p in _probes(tmp_path)] == [2, 8]
+    again = _follow(url)
+    assert again.returncode == 75 and "resuming after 2 recorded probe(s) (the last at seq 8)" in again.stderr
+    assert [p["last_seq"] for p in _probes(tmp_path)] == [2, 8, 10]
+
+    # 4. training finished: the follower runs the final TWA as launch/twa.py does, on every snapshot
+    run.commit(12)
+    run.finish()
+    _follow(url, "--output", f"{url}/follow-out", check=True)
+    assert [p["last_seq"] for p in _probes(tmp_path)] == [2, 8, 10], "a finished run is not probed"
+    python("launch/twa.py", ["--snapshot-url", url, "--run-id", "live", "--batch-size", "32", "--epochs", "1",
+                             "--plot", "false", "--output", f"{url}/twa-out"])
+    followed = json.loads((tmp_path / "follow-out" / "result.json").read_text())
+    plain = json.loads((tmp_path / "twa-out" / "result.json").read_text())
+    assert [s["seq"] for s in followed["snapshots"]] == list(range(13))
+    for key in ("snapshots", "coefficients", "twa_accuracy", "swa_accuracy", "lr_final"):
+        assert followed[key] == plain[key], key
+
+
+def test_follower_waits_for_the_run_then_gives_up(tmp_path):
+    proc = _follow(f"file://{tmp_path}", timeout=1.0)
+    assert proc.returncode == 75
+    assert f"waiting for the training run: file://{tmp_path}/live/run.json does not exist yet" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"transient error (exit 75, a restart may succeed): --follow: no run 'live' under file://{tmp_path} "
+        "after 1s (--follow-timeout); is the training job running?")
+
+
+def test_follower_refuses_a_run_without_holdout(tmp_path):
+    cfg = digits_config(limit_train=64)
+    model, snaps = make_trajectory(cfg, 2, steps_between=1)
+    LiveRun(f"file://{tmp_path}", cfg, model, snaps).commit(2)
+    proc = _follow(f"file://{tmp_path}")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --follow: run ") and "has no hold-out split" in last and "--holdout-fraction" in last
+
+
+def test_growing_basis_on_two_ranks_equals_the_single_process_build(tmp_path):
+    """The follower's incremental basis, column-sharded over 2 gloo ranks (one all-reduce of n + 1 floats per
+    snapshot), gives the single-process from-scratch build_basis P and start point to 1e-6."""
+    from tests.support.twa import growing_basis_worker, run_ranks
+    from twa_scale.twa.subspace import build_basis
+
+    _, snaps = make_trajectory(digits_config(), 7)
+    x = torch.stack(snaps)
+    ref = build_basis(x, 0, x.shape[1], [(0, x.shape[1])])
+    out = run_ranks(2, growing_basis_worker, x, out_dir=str(tmp_path))
+    assert all(o["ok"] for o in out), [o.get("error") for o in out]
+    q = torch.cat([o["result"]["q"] for o in out], dim=1)
+    w = torch.cat([o["result"]["w_start"] for o in out])
+    assert ((q - ref.dequantized()).norm() / ref.dequantized().norm()).item() < 1e-6
+    assert ((w - ref.w_start).norm() / ref.w_start.norm()).item() < 1e-6
+    assert torch.allclose(out[0]["result"]["theta0"], ref.theta0, rtol=1e-6, atol=1e-9)
+

@@ -1,0 +1,245 @@
+"""Live TWA: follow a running training job's snapshots, probe TWA as they arrive, and say when to stop.
+
+    deepspeed --num_gpus 1 launch/twa.py --follow --snapshot-url file:///runs --run-id r1 --probe-every 2
+
+The follower is its own job (any world size, independent of the trainer's). Rank 0 looks at the run every
+``--poll-seconds`` and broadcasts what is new; every rank reads only its column slice of each new snapshot
+and appends it to a :class:`GrowingBasis` (its inner products with the earlier ones and one all-reduce of
+n + 1 floats: nothing is rebuilt). Every ``--probe-every`` new snapshots a *probe* runs the TWA stage's own
+:func:`solve` on that basis: a short fit (``--probe-steps`` steps, the guard on), BatchNorm recalibrated on
+``--probe-bn-batches`` batches, evaluated on the run's hold-out split (never on val, which the report
+uses). The probe is appended to ``<run>/twa/probes.json`` (the whole list, one atomic put) and exported as
+metrics; the stop rule (:mod:`twa_scale.twa.stoprule`) then decides, and when it fires ``STOP.json`` is
+written (:mod:`twa_scale.control`), which the training job obeys at its next snapshot. Once training has
+finished or stopped (its metrics.json has ``final``), the follower runs the final TWA exactly as
+``launch/twa.py`` does (:func:`run_twa`), on the configured selection.
+
+Faults: a run that does not exist yet is waited for (``--follow-timeout``, saying what for); a finished run
+goes straight to the final TWA; a restarted follower resumes from probes.json (a probe is recorded once, by
+its last seq); a follower that fell behind probes only at the newest snapshot and logs how many probes it
+skipped; a look at the run that fails (store error) is a warning and the next look retries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+import torch
+
+from twa_scale import comm, metrics
+from twa_scale.errors import ConfigError, TransientError
+from twa_scale.twa.config import TwaConfig
+from twa_scale.twa.selection import position
+from twa_scale.twa.solver import ShardedFlat, SnapshotRef
+from twa_scale.twa.stage import TwaGuardError, TwaInputs, TwaResult, effective_batch, load_inputs, run_twa, solve
+from twa_scale.twa.subspace import GrowingBasis
+
+__all__ = ["run_follow", "Follower"]
+
+log = logging.getLogger(__name__)
+
+
+def _say(msg: str, *, warn: bool = False) -> None:
+    """Rank 0 logs what the follower does (and waits for): its operator reads this, not a debugger."""
+    if comm.rank() == 0:
+        (log.warning if warn else log.info)("%s", msg)
+
+
+def run_follow(cfg: TwaConfig) -> TwaResult:
+    """Follow the run until training ends, then run the final TWA; returns its result (every rank)."""
+    comm.init()
+    metrics.setup(run_id=cfg.run_id, role="twa", port=cfg.metrics_port, addr=cfg.metrics_addr)
+    _wait_for_run(cfg)
+    inp = load_inputs(cfg, select=False)
+    if not inp.data.holdout:
+        raise ConfigError(f"--follow: run {cfg.snapshot_url.rstrip('/')}/{cfg.run_id} has no hold-out split; "
+                          "probes evaluate on it, never on val: train it with --holdout-fraction > 0 (e.g. 0.1)")
+    Follower(cfg, inp).follow()
+    return run_twa(cfg)
+
+
+def _wait_for_run(cfg: TwaConfig) -> None:
+    """Wait (bounded by --follow-timeout) until the run's run.json exists."""
+    from twa_scale.store import RunPaths, open_store
+
+    def wait() -> bool:
+        st, key = open_store(cfg.snapshot_url, cfg.storage_options), RunPaths(cfg.run_id).manifest
+        deadline, said = time.monotonic() + cfg.follow_timeout, False
+        while not st.exists(key):
+            if time.monotonic() > deadline:
+                return False
+            if not said:
+                log.info("waiting for the training run: %s does not exist yet (up to %gs, --follow-timeout)",
+                         st.describe(key), cfg.follow_timeout)
+                said = True
+            time.sleep(cfg.poll_seconds)
+        return True
+
+    if not comm.broadcast_object(wait() if comm.rank() == 0 else None):
+        raise TransientError(f"--follow: no run {cfg.run_id!r} under {cfg.snapshot_url} after {cfg.follow_timeout:g}s "
+                             "(--follow-timeout); is the training job running?")
+
+
+class Follower:
+    """The follow loop's state on one rank: the growing basis, the snapshots in it, the probe records."""
+
+    def __init__(self, cfg: TwaConfig, inp: TwaInputs):
+        self.cfg, self.inp, self.rule = cfg, inp, cfg.rule
+        self.reader, self.paths = inp.reader, inp.reader.paths
+        device = comm.device()
+        flat = ShardedFlat(inp.layout, comm.world_size(), comm.rank(), device)
+        self.start, self.stop = flat.start, flat.stop
+        self.basis = GrowingBasis(self.start, self.stop, reduce=comm.all_reduce, tol=cfg.rank_tol, device=device)
+        self.refs: list[SnapshotRef] = []          # every snapshot in the basis, in order (dropped ones too)
+        self.per_rank, _ = effective_batch(cfg.batch_size, comm.world_size())
+        self.probes: list[dict] = comm.broadcast_object(self._read_probes() if comm.rank() == 0 else None)
+        self.stop_written = any(p.get("stop_written") for p in self.probes)
+        if self.probes:
+            _say(f"resuming after {len(self.probes)} recorded probe(s) (the last at seq {self.probes[-1]['last_seq']})")
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def follow(self) -> None:
+        cfg = self.cfg
+        idle_since, first = time.monotonic(), True
+        while True:
+            look = comm.broadcast_object(self._look(idle_since) if comm.rank() == 0 else None)
+            if look["timed_out"]:
+                raise TransientError(f"--follow: no new snapshot of {self.reader.url}/{self.reader.run_id} for "
+                                     f"{cfg.follow_timeout:g}s and training has not finished (--follow-timeout)")
+            if look["done"] and first:
+                _say("the training run has already finished: running the final TWA as launch/twa.py does")
+                return
+            first = False
+            for info in look["new"]:
+                self._append(info)
+            if look["done"]:
+                _say(f"training finished ({len(self.refs)} snapshot(s) followed, {len(self.probes)} probe(s)): "
+                     "running the final TWA")
+                return
+            last_probe = self.probes[-1]["last_seq"] if self.probes else self.refs[0].seq if self.refs else 0
+            pending = sum(1 for r in self.refs if r.seq > last_probe)
+            if pending >= cfg.probe_every:
+                if pending >= 2 * cfg.probe_every:
+                    _say(f"fell behind: {pending} snapshots since the last probe; skipping "
+                         f"{pending // cfg.probe_every - 1} probe(s), probing at the newest (seq {self.refs[-1].seq})",
+                         warn=True)
+                self._probe(look["sgd_accuracy"])
+            if look["new"]:
+                idle_since = time.monotonic()
+            else:
+                time.sleep(cfg.poll_seconds)
+
+    def _look(self, idle_since: float) -> dict:
+        """Rank 0: what is new in the run. The training metrics are read before the listing: training writes
+        ``final`` only after its last snapshot is committed, so "done" never hides a snapshot."""
+        from twa_scale.store.format import unseal
+
+        last = self.refs[-1].seq if self.refs else -1
+        try:
+            try:
+                train = unseal(self.reader.store.get(self.paths.metrics), self.reader.describe(self.paths.metrics),
+                               required=False)
+            except FileNotFoundError:
+                train = {}
+            infos = self.reader.snapshots()
+        except Exception as e:  # noqa: BLE001 - a failed look is retried at the next poll (bounded by the timeout)
+            log.warning("cannot look at %s/%s (%s: %s); retrying in %gs", self.reader.url, self.reader.run_id,
+                        type(e).__name__, e, self.cfg.poll_seconds)
+            train, infos = {}, []
+        new = [i for i in infos if i.seq > last]
+        rows = train.get("epochs") or []
+        return {"new": new, "done": train.get("final") is not None,
+                "sgd_accuracy": rows[-1].get("val_accuracy") if rows else None,
+                "timed_out": not new and time.monotonic() - idle_since > self.cfg.follow_timeout}
+
+    def _append(self, info) -> None:
+        """Read this rank's slice of a committed snapshot and grow the basis by it."""
+        x = comm.agree(lambda: self.reader.read(info.seq, self.start, self.stop), f"reading snapshot {info.seq}")
+        if not self.basis.append(x.to(self.basis.device)):
+            _say(f"snapshot seq {info.seq} is nearly dependent on the earlier ones: no new direction", warn=True)
+        self.refs.append(SnapshotRef(info.seq, info.step, position(info)))
+
+    # --- probes ---------------------------------------------------------------------------------------
+    def _probe(self, sgd_accuracy: float | None) -> None:
+        """One probe over every snapshot so far: record it, export it, apply the stop rule."""
+        cfg, inp = self.cfg, self.inp
+        if len(self.basis.kept) < 2:
+            _say(f"probe skipped: the {self.basis.n} snapshot(s) so far span fewer than 2 directions")
+            return
+        t0 = time.perf_counter()
+        index = len(self.probes)
+        # Probes are paper mode on the growing basis, one short epoch at a decaying lr, evaluated on hold-out.
+        pcfg = dataclasses.replace(cfg, epochs=1, schedule="linear", warmup=0.0, eval_every=0, start=None,
+                                   select=None, select_epochs=None, directions="raw", coefficients="global",
+                                   p_bits=32, bn_batches=cfg.probe_bn_batches, plot=False)
+        # The fit: exactly --probe-steps global batches, a seeded sample of the training data (passes over it
+        # repeated when the probe is longer than an epoch); the guard checks on --guard-samples of them.
+        train = inp.data.train
+        need = cfg.probe_steps * self.per_rank * comm.world_size()
+        gen = torch.Generator().manual_seed(cfg.seed + 7_877 * index)
+        idx = torch.cat([torch.randperm(len(train), generator=gen) for _ in range(-(-need // len(train)))])[:need]
+        fit = torch.utils.data.Subset(train, idx.tolist())
+        guard = torch.utils.data.Subset(train, idx[:cfg.guard_samples].unique().tolist())
+        try:
+            result, _ = solve(pcfg, model=inp.model, layout=inp.layout, refs=list(self.refs), load=self.reader.read,
+                              fit_data=fit, val_data=inp.data.holdout, bn_data=train, guard_data=guard,
+                              guard_name=f"probe fit sample ({len(guard)})", per_rank_batch=self.per_rank,
+                              basis=self.basis.basis())
+            twa, swa, lr, outcome = result.twa_accuracy, result.swa_accuracy, result.lr_final, "ok"
+        except TwaGuardError as e:  # every lr failed on this probe: recorded, and the rule sees no accuracy
+            twa = swa = lr = None
+            outcome = f"guard failed: {e}"
+        last = self.refs[-1]
+        rec = {"probe": index, "first_seq": self.refs[0].seq, "last_seq": last.seq, "snapshots": len(self.refs),
+               "epoch": last.epoch, "step": last.step, "twa_accuracy": twa, "swa_accuracy": swa,
+               "sgd_val_accuracy": sgd_accuracy, "lr": lr, "split": "holdout", "outcome": outcome,
+               "seconds": round(time.perf_counter() - t0, 3)}
+        would, why = self.rule.decide([p["twa_accuracy"] for p in self.probes] + [twa], sgd_accuracy)
+        rec.update(rule=self.rule.name, would_stop=would, decision=why, stop_written=False)
+        _say(f"probe {index} at seq {last.seq} (epoch {last.epoch:g}): TWA {_pct(twa)}, SWA {_pct(swa)}, "
+             f"SGD val {_pct(sgd_accuracy)}, lr {lr}, {rec['seconds']:.1f}s; {self.rule.name}: {why}")
+        if would and cfg.stop_marker and not self.stop_written:
+            rec["stop_written"] = self.stop_written = True
+        self.probes.append(rec)
+        comm.agree(lambda: self._publish(rec), f"recording probe {index} in {self.reader.describe(self.paths.probes)}")
+
+    def _publish(self, rec: dict) -> None:
+        """Rank 0: STOP.json first when the rule fired (a restart repeats an unrecorded probe, and with it
+        this idempotent put), then the whole probe list, then the metrics."""
+        if comm.rank() != 0:
+            return
+        from twa_scale.control import write_stop
+        from twa_scale.store import RetryPolicy
+
+        if rec["stop_written"]:
+            write_stop(self.reader.url, self.reader.run_id, reason=rec["decision"], rule=rec["rule"], by="twa",
+                       probes=self.probes, storage_options=self.cfg.storage_options, require_run=False)
+            log.warning("stop rule %s fired: wrote %s (%s)", rec["rule"], self.reader.describe(self.paths.stop),
+                        rec["decision"])
+        data = json.dumps(self.probes, indent=1).encode()
+        RetryPolicy(deadline_seconds=60.0).call(f"writing {self.reader.describe(self.paths.probes)}",
+                                                lambda: self.reader.store.put_small(self.paths.probes, data))
+        metrics.twa_probe(epoch=rec["epoch"], twa_accuracy=rec["twa_accuracy"], swa_accuracy=rec["swa_accuracy"],
+                          seconds=rec["seconds"], lr=rec["lr"], would_stop=rec["would_stop"])
+
+    def _read_probes(self) -> list[dict]:
+        """Rank 0: the probe records of an earlier follower of this run (empty when none or unreadable)."""
+        try:
+            probes = json.loads(self.reader.store.get(self.paths.probes))
+        except FileNotFoundError:
+            return []
+        except ValueError as e:
+            log.warning("ignoring %s: not valid JSON (%s); probing from the start",
+                        self.reader.describe(self.paths.probes), e)
+            return []
+        if not isinstance(probes, list) or not all(isinstance(p, dict) and "last_seq" in p for p in probes):
+            log.warning("ignoring %s: not a list of probe records; probing from the start",
+                        self.reader.describe(self.paths.probes))
+            return []
+        return probes
+
+
+def _pct(acc: float | None) -> str:
+    return "n/a" if acc is None else f"{acc:.4f}"
