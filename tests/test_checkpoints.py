@@ -87,26 +87,31 @@ def test_kill_one_rank_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path,
 
 
 @pytest.mark.multirank
-def test_sigterm_on_one_rank_checkpoints_every_rank_at_one_step_then_resume_matches(tmp_path, reference):
-    """SIGTERM reaches rank 1 only, after global step 13 (epoch 2, step 2 of 11; the newest periodic
-    checkpoint is step 12). The ranks agree one step later: both save epoch1-step3 (global step 14),
-    upload it, and exit 143. A fresh pod resumes there, not at step 12, and ends like the uninterrupted run."""
-    term_at = 13
+@pytest.mark.parametrize("term_at,tag,older,where", [
+    # epoch 2, step 2 of 11; the newest periodic checkpoint is global step 12 (epoch1-step1)
+    (13, "epoch1-step3", "epoch1-step1", "at epoch 1, step 3 of 11 (global step 14)"),
+    # the last step of epoch 1: agreed at the loop's end (StepAgreement.finish), before evaluation
+    (11, "epoch0-step11", "epoch0-step8", "at epoch 0, step 11 of 11 (global step 11)"),
+])
+def test_sigterm_on_one_rank_checkpoints_every_rank_at_one_step_then_resume_matches(tmp_path, reference, term_at,
+                                                                                     tag, older, where):
+    """SIGTERM reaches rank 1 only, after global step ``term_at``. The ranks agree on the next step (or, at an
+    epoch's last step, on that one): both save ``tag``, upload it, and exit 143. A fresh pod resumes there,
+    not at the older periodic checkpoint, and ends exactly like the uninterrupted run."""
     cut = deepspeed("launch/train.py", _args(tmp_path, "term"), ranks=2, check=False,
                     extra_env={"TWA_SCALE_FAULT_KILL_AT_STEP": f"1:{term_at}:TERM"})
     log = cut.stdout + cut.stderr
     assert cut.returncode == 143, log[-3000:]
     assert "saving one at this step" in log, log[-3000:]
     ckpt = tmp_path / "ckpt-term"
-    assert (ckpt / "latest").read_text() == "epoch1-step3"
+    assert (ckpt / "latest").read_text() == tag
     # (rank 0 never got the signal: had it not joined the save, its collectives would hang the job)
-    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["epoch1-step1", "epoch1-step3"]
+    assert {p.name for p in ckpt.iterdir() if p.is_dir()} == {older, tag}
     store = open_store(f"file://{tmp_path}/snap/term/checkpoints")
-    assert committed_tags(store)[-1] == "epoch1-step3"  # uploaded within the SIGTERM deadline
+    assert committed_tags(store)[-1] == tag  # uploaded within the SIGTERM deadline
 
     resumed = deepspeed("launch/train.py", _args(tmp_path, "term") + ["--resume", "--checkpoint-dir",
                                                                       str(tmp_path / "fresh")], ranks=2)
-    assert "downloaded checkpoint epoch1-step3" in resumed.stderr + resumed.stdout
-    assert "resumed from" in resumed.stdout and "at epoch 1, step 3 of 11 (global step 14)" in resumed.stdout, \
-        resumed.stdout[-3000:]
+    assert f"downloaded checkpoint {tag}" in resumed.stderr + resumed.stdout
+    assert "resumed from" in resumed.stdout and where in resumed.stdout, resumed.stdout[-3000:]
     _same_as_reference(reference, tmp_path, "term")

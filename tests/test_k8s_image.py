@@ -6,10 +6,12 @@
    read-only, so torch comes from the local wheels. Podman's layer cache makes a rebuild after a code
    change take seconds; ``TWA_SCALE_IMAGE=name`` uses a prebuilt image instead.
 2. Two containers on the host network run ``launch/k8s-entry.sh`` (the image's entrypoint) with the
-   environment a JobSet pod gets, as user 1000 with a read-only root filesystem and a shared
-   ``/data`` (the RWX PVC): 2-node ``digits`` training with snapshots to SeaweedFS on the host.
+   environment a JobSet pod gets, as user 1000 with a read-only root filesystem and a ``/data`` of
+   its own (the pod's emptyDir: no shared volume): 2-node ``digits`` training with snapshots and
+   checkpoints to SeaweedFS on the host.
 3. Two more run the TWA stage over those snapshots.
-4. One pod is stopped (SIGTERM) mid-training: it exits 143, and the restarted pod resumes by itself.
+4. One pod is stopped (SIGTERM) mid-training: it exits 143, and the recreated pod (an empty ``/data``)
+   resumes by itself from the checkpoint on the store.
 
 Times and the image size go to ``bench/out/image_tier.json`` and the test log.
 """
@@ -145,6 +147,14 @@ def _logs(pods) -> str:
     return "\n".join(f"--- {p.log_path.name}\n{p.log_path.read_text()[-4000:]}" for p in pods)
 
 
+def _own_dir(data: Path, name: str) -> Path:
+    """A pod's own /data (its emptyDir)."""
+    d = data / name
+    d.mkdir()
+    d.chmod(0o777)
+    return d
+
+
 def _pod_env(s3_server, role: str, index: int, nnodes: int, port: int, job: str) -> dict:
     return {"JOB_COMPLETION_INDEX": str(index), "TWA_NNODES": str(nnodes), "TWA_GPUS_PER_NODE": "1",
             "TWA_SERVICE_NAME": "twa-scale", "TWA_MASTER_PORT": str(port), "TWA_ROLE": role,
@@ -200,7 +210,7 @@ def test_two_pods_train_on_s3_then_twa(image, s3_server, data_dir):
                   "--limit-train=512", "--limit-val=256", f"--checkpoint-dir=/data/checkpoints/{run}",
                   "--deepspeed_config=/opt/twa_scale/ds_configs/cpu_smoke.json"]
     pods = [_pod(image, f"train-{i}", _pod_env(s3_server, "train", i, 2, port, "twa-scale-train-0"), train_args,
-                 data_dir) for i in (0, 1)]
+                 _own_dir(data_dir, f"train-{i}")) for i in (0, 1)]
     codes = _wait(pods, 900)
     assert codes == [0, 0], _logs(pods)
     RESULTS["train_seconds"] = round(time.monotonic() - t0, 1)
@@ -234,8 +244,8 @@ def test_preempted_pod_exits_143_and_the_restart_resumes(image, s3_server, data_
             "--deepspeed_config=/opt/twa_scale/ds_configs/cpu_smoke.json"]
     env = _pod_env(s3_server, "train", 0, 1, free_port(), "twa-scale-train-0")
     t0 = time.monotonic()
-    (pod,) = [_pod(image, "pre-0", env, args, data_dir)]
-    ckpt = data_dir / "checkpoints" / run / "latest"
+    (pod,) = [_pod(image, "pre-0", env, args, _own_dir(data_dir, "pre-0"))]
+    ckpt = data_dir / "pre-0" / "checkpoints" / run / "latest"
     try:
         deadline = time.monotonic() + 600
         while not ckpt.exists():  # the first epoch's checkpoint is written
@@ -248,11 +258,12 @@ def test_preempted_pod_exits_143_and_the_restart_resumes(image, s3_server, data_
     assert codes == [143], log[-4000:]
     assert "stopped by SIGTERM" in log
     RESULTS["preempt_seconds"] = round(time.monotonic() - t0, 1)
-    # the JobSet recreates the pod: same environment, same args; k8s-entry.sh adds --resume
-    (pod,) = [_pod(image, "pre-1", {**env, "TWA_RESTART_ATTEMPT": "1"}, args, data_dir)]
+    # the pod is recreated (same environment and args, an empty /data, no restart counter: a plain Job, or a
+    # re-applied JobSet); k8s-entry.sh adds --auto-resume, which finds the checkpoint on the store
+    (pod,) = [_pod(image, "pre-1", env, args, _own_dir(data_dir, "pre-1"))]
     codes = _wait([pod], 900)
     log = pod.log_path.read_text()
     assert codes == [0], log[-4000:]
-    assert "auto-resume" in log and "resumed from" in log, log[-4000:]
+    assert f"found in {url}/{run}/checkpoints: resuming" in log and "resumed from" in log, log[-4000:]
     RESULTS["preempt_and_resume_seconds"] = round(time.monotonic() - t0, 1)
     _record()

@@ -13,7 +13,9 @@ there if it fits in the deadline, and exit 143. The all-reduce is started after 
 step k+1 (``async_op``), on a gloo group of its own, so it never waits on the GPU stream or on the
 gradient all-reduce: a SIGTERM is acted on one step after the first rank saw it. Outside the loop
 (start-up, evaluation, an epoch-end checkpoint) SIGTERM raises :class:`Preempted` at once and the
-resume starts from the newest checkpoint.
+resume starts from the newest checkpoint. The last step of an epoch is agreed on with one blocking
+all-reduce (:meth:`StepAgreement.finish`), so only a SIGTERM in the instant between it and the end of
+the loop is left to the rank that got it.
 """
 from __future__ import annotations
 
@@ -126,14 +128,22 @@ class StepAgreement:
         return stop
 
     def finish(self) -> bool:
-        """At the end of the step loop: whether the last poll's all-reduce carried a SIGTERM (then the
-        ranks stop at that last step)."""
-        return self._take()
+        """At the end of the step loop: whether the ranks stop at its last step. Besides the last poll's
+        all-reduce, one blocking all-reduce of the flag now (once per epoch), so a SIGTERM that came
+        during the last step is acted on here too, not left to one rank at the start of evaluation."""
+        if self._take():
+            return True
+        self._flag.fill_(1.0 if received() else 0.0)
+        return self._agreed(comm.all_reduce(self._flag, op="max", group=self.group))
 
     def _take(self) -> bool:
-        global _received_at
         pending, self._pending = self._pending, None
-        stop = pending is not None and pending.wait().item() > 0
+        return pending is not None and self._agreed(pending.wait())
+
+    @staticmethod
+    def _agreed(flag: torch.Tensor) -> bool:
+        global _received_at
+        stop = flag.item() > 0
         if stop and _received_at is None:  # another rank's SIGTERM: this rank's deadline starts now
             _received_at = time.monotonic()
         return stop

@@ -165,10 +165,21 @@ def run_training(cfg: TrainConfig) -> dict:
 
 def _auto_resume(cfg: TrainConfig) -> None:
     """--auto-resume: set cfg.resume when rank 0 finds a checkpoint (its own, or committed on the store)."""
+    from twa_scale.errors import TransientError, is_connection_error
+
     url = None if cfg.checkpoint_url in ("", "none") else cfg.checkpoint_url
-    found = comm.broadcast_object(comm.agree(
-        lambda: checkpoints.newest(cfg.checkpoint_dir, url, cfg.storage_options) if comm.rank() == 0 else None,
-        "looking for a checkpoint (--auto-resume)"))
+
+    def look() -> tuple[str, str] | None:
+        if comm.rank() != 0:
+            return None
+        try:
+            return checkpoints.newest(cfg.checkpoint_dir, url, cfg.storage_options)
+        except Exception as e:  # an unreachable store at start is transient (exit 75), as in create_run
+            if is_connection_error(e):
+                raise TransientError(f"--auto-resume: checkpoint store {url} unreachable: {e}") from e
+            raise
+
+    found = comm.broadcast_object(comm.agree(look, "looking for a checkpoint (--auto-resume)"))
     if found:
         cfg.resume = True
         if comm.rank() == 0:
