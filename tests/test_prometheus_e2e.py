@@ -1,8 +1,13 @@
-"""A real Prometheus scrapes a 2-rank training run with its TWA stage; every dashboard query answers.
+"""A real Prometheus scrapes a 2-rank training run and the live TWA follower beside it; every dashboard
+query answers.
 
-    deepspeed --num_gpus 2 launch/train.py --data digits --epochs 2 --twa --metrics-port P ...
+    deepspeed --num_gpus 2 launch/train.py --data digits --epochs 2 --snapshots-per-epoch 2 \
+        --holdout-fraction 0.2 --metrics-port P ...
+    deepspeed --num_gpus 1 launch/twa.py --follow --stop-rule none --metrics-port Q ...
 
-(2 epochs: the TWA stage needs at least 2 snapshots after the initial weights.)
+The follower (started first: it waits for the run) probes every 2 snapshots on the hold-out split, which
+feeds the "Live TWA probes" panel, and runs the final TWA stage when training ends (its result.json is
+the run's TWA result, as in the Kubernetes JobSet).
 
 Prometheus scrapes every second. The run ends quickly, so the exporter (local rank 0)
 stays up after the run until one more scrape has read the final values
@@ -36,28 +41,42 @@ RUN_ID = "prom-e2e"
 
 @pytest.fixture(scope="module")
 def scraped_run(tmp_path_factory):
-    """(Prometheus server, run start, run end, multiprocess dir, result dir) for one 2-rank run."""
+    """(Prometheus server, run start, run end, multiprocess dirs, result dir) for one 2-rank run + follower."""
     require_binary("deepspeed")
     tmp = tmp_path_factory.mktemp("prom")
-    port = free_port()
+    port, follow_port = free_port(), free_port()
     rules = tmp / "alerts.yml"
     rules.write_text(yaml.safe_dump(yaml.safe_load(RULES.read_text())["spec"], sort_keys=False))
-    prom = PrometheusServer(tmp / "prometheus", [f"127.0.0.1:{port}"], scrape_interval="1s", rule_files=[rules])
+    prom = PrometheusServer(tmp / "prometheus", [f"127.0.0.1:{port}", f"127.0.0.1:{follow_port}"],
+                            scrape_interval="1s", rule_files=[rules])
     prom.start()
-    mpdir = tmp / "multiproc"
+    mpdir, follow_mpdir = tmp / "multiproc", tmp / "multiproc-follow"
+    store = ["--snapshot-url", f"file://{tmp}/snap", "--run-id", RUN_ID, "--metrics-addr", "127.0.0.1"]
+    follower = None
     try:
         start = time.time()
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-               "--data", "digits", "--model", "resnet20", "--epochs", "2", "--limit-train", "512",
-               "--limit-val", "256", "--twa", "--twa-epochs", "2", "--seed", "0",
-               "--snapshot-url", f"file://{tmp}/snap", "--run-id", RUN_ID, "--checkpoint-dir", str(tmp / "ckpt"),
-               "--metrics-port", str(port), "--metrics-addr", "127.0.0.1"]
+        follow = ["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), "launch/twa.py", *store,
+                  "--follow", "--stop-rule", "none", "--probe-every", "2", "--probe-steps", "4",
+                  "--probe-bn-batches", "2", "--poll-seconds", "0.5", "--follow-timeout", "300", "--epochs", "2",
+                  "--metrics-port", str(follow_port)]
+        follower = subprocess.Popen(follow, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=env(TWA_SCALE_METRICS_DIR=str(follow_mpdir),
+                                            TWA_SCALE_METRICS_LINGER_SECONDS="15"))
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", *store,
+               "--data", "digits", "--model", "resnet20", "--epochs", "2", "--snapshots-per-epoch", "2",
+               "--holdout-fraction", "0.2", "--limit-train", "512", "--limit-val", "256", "--no-twa", "--seed", "0",
+               "--checkpoint-dir", str(tmp / "ckpt"), "--metrics-port", str(port)]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                               env=env(TWA_SCALE_METRICS_DIR=str(mpdir), TWA_SCALE_METRICS_LINGER_SECONDS="15"))
-        end = time.time()
         assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-        yield prom, start, end, mpdir, tmp / "snap" / RUN_ID
+        follow_out, _ = follower.communicate(timeout=600)
+        end = time.time()
+        (tmp / "follow.log").write_text(follow_out)
+        assert follower.returncode == 0, f"{' '.join(follow)}\n{follow_out[-6000:]}"
+        yield prom, start, end, (mpdir, follow_mpdir), tmp / "snap" / RUN_ID
     finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
         prom.stop()
 
 
@@ -78,7 +97,7 @@ def test_every_dashboard_query_returns_data(scraped_run):
 
 
 def test_final_values_were_scraped(scraped_run):
-    """The exporter's linger lets Prometheus read what the run wrote last (the TWA result)."""
+    """The exporter's linger lets Prometheus read what the run wrote last (the follower's TWA result)."""
     prom, start, end, _, run_dir = scraped_run
     result = json.loads((run_dir / "twa" / "result.json").read_text())
     window = f"[{int(time.time() - start) + 30}s]"
@@ -91,6 +110,9 @@ def test_final_values_were_scraped(scraped_run):
     assert float(acc[0]["value"][1]) == pytest.approx(result["twa_accuracy"], abs=1e-6)
     coef = prom.query(f'last_over_time(twa_scale_twa_coefficient{{run_id="{RUN_ID}"}}{window})')
     assert 1 <= len(coef) <= 256
+    probes = json.loads((run_dir / "twa" / "probes.json").read_text())
+    got = prom.query(f'last_over_time(twa_scale_twa_probe_accuracy_ratio{{run_id="{RUN_ID}"}}{window})')
+    assert probes and float(got[0]["value"][1]) == pytest.approx(probes[-1]["twa_accuracy"], abs=1e-6)
 
 
 def test_alert_rules_load_in_the_server(scraped_run):
@@ -105,13 +127,15 @@ def test_alert_rules_load_in_the_server(scraped_run):
 
 def test_run_exposition_passes_promtool(scraped_run, tmp_path):
     promtool = require_binary("promtool")
-    mpdir = scraped_run[3]
+    train_dir, follow_dir = scraped_run[3]
     code = ("import sys\nfrom prometheus_client import CollectorRegistry, generate_latest\n"
             "from prometheus_client.multiprocess import MultiProcessCollector\n"
             "r = CollectorRegistry(); MultiProcessCollector(r, path=sys.argv[1])\n"
             "sys.stdout.write(generate_latest(r).decode())\n")
-    text = subprocess.run([sys.executable, "-c", code, str(mpdir)], capture_output=True, text=True,
-                          check=True).stdout
-    assert "twa_scale_twa_loss{" in text and "twa_scale_snapshot_committed_total{" in text
-    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
+    for mpdir, family in ((train_dir, "twa_scale_snapshot_committed_total{"),
+                          (follow_dir, "twa_scale_twa_probe_accuracy_ratio{")):
+        text = subprocess.run([sys.executable, "-c", code, str(mpdir)], capture_output=True, text=True,
+                              check=True).stdout
+        assert family in text
+        lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout + lint.stderr

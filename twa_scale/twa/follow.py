@@ -11,7 +11,8 @@ n + 1 floats: nothing is rebuilt). Every ``--probe-every`` new snapshots a *prob
 uses). The probe is appended to ``<run>/twa/probes.json`` (the whole list, one atomic put) and exported as
 metrics; the stop rule (:mod:`twa_scale.twa.stoprule`) then decides, and when it fires ``STOP.json`` is
 written (:mod:`twa_scale.control`), which the training job obeys at its next snapshot. Once training has
-finished or stopped (its metrics.json has ``final``), the follower runs the final TWA exactly as
+finished or stopped (its metrics.json has ``final``), the follower runs a probe that fell due with the last
+snapshots, then the final TWA exactly as
 ``launch/twa.py`` does (:func:`run_twa`), on the configured selection.
 
 Faults: a run that does not exist yet is waited for (``--follow-timeout``, saying what for); a finished run
@@ -51,42 +52,47 @@ def run_follow(cfg: TwaConfig) -> TwaResult:
     """Follow the run until training ends, then run the final TWA; returns its result (every rank)."""
     comm.init()
     metrics.setup(run_id=cfg.run_id, role="twa", port=cfg.metrics_port, addr=cfg.metrics_addr)
-    _wait_for_run(cfg)
+    waited = _wait_for_run(cfg)
     inp = load_inputs(cfg, select=False)
     if not inp.data.holdout:
         raise ConfigError(f"--follow: run {cfg.snapshot_url.rstrip('/')}/{cfg.run_id} has no hold-out split; "
                           "probes evaluate on it, never on val: train it with --holdout-fraction > 0 (e.g. 0.1)")
-    Follower(cfg, inp).follow()
+    Follower(cfg, inp, started_before_run=waited).follow()
     return run_twa(cfg)
 
 
-def _wait_for_run(cfg: TwaConfig) -> None:
-    """Wait (bounded by --follow-timeout) until the run's run.json exists."""
+def _wait_for_run(cfg: TwaConfig) -> bool:
+    """Wait (bounded by --follow-timeout) until the run's run.json exists; True when it had to wait."""
     from twa_scale.store import RunPaths, open_store
 
-    def wait() -> bool:
+    def wait() -> bool | None:
         st, key = open_store(cfg.snapshot_url, cfg.storage_options), RunPaths(cfg.run_id).manifest
         deadline, said = time.monotonic() + cfg.follow_timeout, False
         while not st.exists(key):
             if time.monotonic() > deadline:
-                return False
+                return None
             if not said:
                 log.info("waiting for the training run: %s does not exist yet (up to %gs, --follow-timeout)",
                          st.describe(key), cfg.follow_timeout)
                 said = True
             time.sleep(cfg.poll_seconds)
-        return True
+        return said
 
-    if not comm.broadcast_object(wait() if comm.rank() == 0 else None):
+    waited = comm.broadcast_object(wait() if comm.rank() == 0 else None)
+    if waited is None:
         raise TransientError(f"--follow: no run {cfg.run_id!r} under {cfg.snapshot_url} after {cfg.follow_timeout:g}s "
                              "(--follow-timeout); is the training job running?")
+    return waited
 
 
 class Follower:
     """The follow loop's state on one rank: the growing basis, the snapshots in it, the probe records."""
 
-    def __init__(self, cfg: TwaConfig, inp: TwaInputs):
+    def __init__(self, cfg: TwaConfig, inp: TwaInputs, *, started_before_run: bool = False):
         self.cfg, self.inp, self.rule = cfg, inp, cfg.rule
+        # Started before the run existed, the follower follows it from the start, however fast training is:
+        # it probes what fell due even when the run has finished by its first look.
+        self.started_before_run = started_before_run
         self.reader, self.paths = inp.reader, inp.reader.paths
         device = comm.device()
         flat = ShardedFlat(inp.layout, comm.world_size(), comm.rank(), device)
@@ -108,16 +114,14 @@ class Follower:
             if look["timed_out"]:
                 raise TransientError(f"--follow: no new snapshot of {self.reader.url}/{self.reader.run_id} for "
                                      f"{cfg.follow_timeout:g}s and training has not finished (--follow-timeout)")
-            if look["done"] and first:
+            if look["done"] and first and not self.started_before_run:
                 _say("the training run has already finished: running the final TWA as launch/twa.py does")
                 return
             first = False
             for info in look["new"]:
                 self._append(info)
-            if look["done"]:
-                _say(f"training finished ({len(self.refs)} snapshot(s) followed, {len(self.probes)} probe(s)): "
-                     "running the final TWA")
-                return
+            # A probe that falls due with the run's last snapshots still runs: the probe record then covers
+            # the whole run (what a record-only follower is for), before the final TWA.
             last_probe = self.probes[-1]["last_seq"] if self.probes else self.refs[0].seq if self.refs else 0
             pending = sum(1 for r in self.refs if r.seq > last_probe)
             if pending >= cfg.probe_every:
@@ -126,6 +130,10 @@ class Follower:
                          f"{pending // cfg.probe_every - 1} probe(s), probing at the newest (seq {self.refs[-1].seq})",
                          warn=True)
                 self._probe(look["sgd_accuracy"])
+            if look["done"]:
+                _say(f"training finished ({len(self.refs)} snapshot(s) followed, {len(self.probes)} probe(s)): "
+                     "running the final TWA")
+                return
             if look["new"]:
                 idle_since = time.monotonic()
             else:
