@@ -118,3 +118,17 @@ def test_two_rank_training_ignores_a_malformed_marker_then_obeys_twa_scale_stop(
     seqs = [s.seq for s in open_run(url, run).snapshots()]
     assert seqs == list(range(final["stopped_seq"] + 1))
     print(f"stopped at seq {final['stopped_seq']} {time.monotonic() - asked:.1f}s after the request")
+
+
+def test_a_marker_present_at_launch_stops_after_the_initial_snapshot(tmp_path):
+    """Written before the job starts (e.g. before a --resume of a stopped run): the stop holds at snapshot 0."""
+    from tests.support.launch import python
+
+    url = f"file://{tmp_path}/snap"
+    write_stop(url, "early", reason="before launch", require_run=False)
+    python("launch/train.py", ["--data", "digits", "--model", "mlp", "--epochs", "3", "--limit-train", "64",
+                               "--limit-val", "32", "--batch-size", "32", "--no-twa", "--snapshot-url", url,
+                               "--run-id", "early", "--checkpoint-dir", str(tmp_path / "ckpt")])
+    m = json.loads((tmp_path / "snap" / "early" / "train" / "metrics.json").read_text())
+    assert m["epochs"] == [] and m["final"]["stopped_seq"] == 0 and m["final"]["stopped_epoch"] == 0.0
+    assert [s.seq for s in open_run(url, "early").snapshots()] == [0]
