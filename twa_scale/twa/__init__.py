@@ -4,7 +4,8 @@
     result = run_twa(TwaConfig(snapshot_url="file:///runs", run_id="resnet20-digits-s0"))
 
 Modules: ``subspace`` (basis maths), ``quant`` (how P is stored and multiplied),
-``solver`` (the coefficient loop), ``stage`` (the driver), ``bn``, ``config``.
+``solver`` (the coefficient loop), ``stage`` (the driver), ``bn``, ``config``; live TWA: ``follow``
+(the follower of a running job, ``launch/twa.py --follow``) and ``stoprule`` (when it says stop).
 """
 from __future__ import annotations
 

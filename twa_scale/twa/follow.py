@@ -41,6 +41,9 @@ __all__ = ["run_follow", "Follower"]
 
 log = logging.getLogger(__name__)
 
+# probes.json is worth a retry through a store hiccup, not a hang of the follower
+PROBES_WRITE_RETRY_SECONDS = 60.0
+
 
 def _say(msg: str, *, warn: bool = False) -> None:
     """Rank 0 logs what the follower does (and waits for): its operator reads this, not a debugger."""
@@ -227,8 +230,9 @@ class Follower:
             log.warning("stop rule %s fired: wrote %s (%s)", rec["rule"], self.reader.describe(self.paths.stop),
                         rec["decision"])
         data = json.dumps(self.probes, indent=1).encode()
-        RetryPolicy(deadline_seconds=60.0).call(f"writing {self.reader.describe(self.paths.probes)}",
-                                                lambda: self.reader.store.put_small(self.paths.probes, data))
+        RetryPolicy(deadline_seconds=PROBES_WRITE_RETRY_SECONDS).call(
+            f"writing {self.reader.describe(self.paths.probes)}",
+            lambda: self.reader.store.put_small(self.paths.probes, data))
         metrics.twa_probe(epoch=rec["epoch"], twa_accuracy=rec["twa_accuracy"], swa_accuracy=rec["swa_accuracy"],
                           seconds=rec["seconds"], lr=rec["lr"], would_stop=rec["would_stop"])
 
