@@ -29,7 +29,7 @@ import torch
 
 from twa_scale import comm, knobs
 
-__all__ = ["Preempted", "on_sigterm", "deferred", "received", "seconds_left", "StepAgreement"]
+__all__ = ["Preempted", "on_sigterm", "deferred", "received", "seconds_left", "raise_preempted", "StepAgreement"]
 
 log = logging.getLogger("twa_scale.preemption")
 

@@ -464,15 +464,15 @@ def flush_on_sigterm(streamer: SnapshotStreamer, deadline_seconds: float | None 
     period). Any other exit waits for the bounded upload retries. ``close()`` afterwards returns the summary.
     """
     timeout = None
-    try:
-        with preemption.on_sigterm():
+    with preemption.on_sigterm():  # also during the flush: a second SIGTERM must not kill it
+        try:
             yield streamer
-    except Preempted:
-        timeout = deadline_seconds if deadline_seconds is not None else preemption.seconds_left()
-        timeout = knobs.SIGTERM_FLUSH_SECONDS.get() if timeout is None else timeout
-        raise
-    finally:
-        summary = streamer.close(timeout_seconds=timeout)
-        if timeout is not None:
-            log.warning("SIGTERM: snapshot streamer flushed: committed %s, pending %s",
-                        summary["committed"], summary["pending"])
+        except Preempted:
+            timeout = deadline_seconds if deadline_seconds is not None else preemption.seconds_left()
+            timeout = knobs.SIGTERM_FLUSH_SECONDS.get() if timeout is None else timeout
+            raise
+        finally:
+            summary = streamer.close(timeout_seconds=timeout)
+            if timeout is not None:
+                log.warning("SIGTERM: snapshot streamer flushed: committed %s, pending %s",
+                            summary["committed"], summary["pending"])
