@@ -13,6 +13,8 @@ ResNet-50-sized vector (torchvision resnet50, 102 MB) and on a small model (resn
   loss <= 3% on CPU);
 * gil: train step time while 102 MB uploads run in a background thread (what the streamer
   does), against the same uploads in a separate process, against no uploads;
+* upload (pairs): the same bytes through the store's ``put_large`` at several part sizes and
+  concurrencies, each paired with a boto3 ``upload_file`` in the same round (median pair ratio);
 * read: ``RunReader.read(seq, start, stop)`` for 4 reader slices, against raw s3fs
   ``cat_file`` byte ranges of the same bytes (goal >= 0.8x);
 * hotpath (``--only hotpath``, no S3 server; what ``bench/gpu_acceptance.sh`` runs): the
@@ -165,6 +167,54 @@ def bench_upload_baselines(url_bucket: str, nbytes: int, repeats: int, streamer_
     return {"boto3_upload_file_MBps": boto_MBps, "s3fs_pipe_file_MBps": pipe_MBps,
             "boto3_runs_seconds": boto, "streamer_vs_boto3": streamer_MBps / boto_MBps,
             "streamer_vs_s3fs_pipe_file": streamer_MBps / pipe_MBps}
+
+
+def bench_upload_pairs(bucket: str, nbytes: int, repeats: int, configs: list[tuple[int, int]]) -> dict:
+    """The upload goal as interleaved pairs: each round uploads the same bytes once through the store's
+    ``put_large`` (the streamer's shard upload, CRC-32 per chunk included) for every (part MB,
+    concurrency) in ``configs``, and once with boto3 ``upload_file``; the ratio of each pair's
+    throughputs, then the median over rounds. Load drifting on a shared machine hits both sides of a
+    pair alike, which separate medians minutes apart do not. The configs are the levers the issue names
+    (part size, concurrency) around boto3's defaults (8 MB parts, 10 threads)."""
+    import boto3
+
+    from twa_scale.store import checksums, open_store
+
+    data = torch.randn(nbytes // 4).numpy().tobytes()
+    view = memoryview(data)
+    st = open_store(f"s3://{bucket}/pairs")
+    client = boto3.client("s3")
+    try:  # the section may run alone (--only upload), before anything created the bucket
+        client.create_bucket(Bucket=bucket)
+    except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+        pass
+    per = {f"{mb}MBx{c}": {"ratios": [], "crc_seconds": [], "seconds": []} for mb, c in configs}
+    boto = []
+    with tempfile.NamedTemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as f:
+        f.write(data)
+        f.flush()
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            client.upload_file(f.name, bucket, f"pairs/boto3-{i}.bin")
+            b = time.perf_counter() - t0
+            boto.append(b)
+            for mb, c in configs:
+                rec = per[f"{mb}MBx{c}"]
+                t0 = time.perf_counter()
+                checksums(view, 4 << 20)
+                t1 = time.perf_counter()
+                st.put_large(f"ours-{mb}-{c}-{i}.bin", view, part_bytes=mb << 20, concurrency=c)
+                t2 = time.perf_counter()
+                rec["crc_seconds"].append(t1 - t0)
+                rec["seconds"].append(t2 - t0)
+                rec["ratios"].append(b / (t2 - t0))  # throughput ratio = inverse time ratio
+    out = {"bytes": nbytes, "rounds": repeats, "boto3_seconds": boto, "configs": {}}
+    for key, rec in per.items():
+        out["configs"][key] = {"streamer_vs_boto3_median": statistics.median(rec["ratios"]),
+                               "ratios": rec["ratios"], "seconds": rec["seconds"],
+                               "crc_share": statistics.median(c / t for c, t in zip(rec["crc_seconds"],
+                                                                                    rec["seconds"]))}
+    return out
 
 
 def bench_read(url: str, name: str, repeats: int) -> dict:
@@ -329,7 +379,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=600, help="steps per train_cpu run (3 epochs)")
     ap.add_argument("--steps-per-epoch", type=int, default=200, help="train_cpu epoch length (goal: >= 200)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the S3 server to its own core")
-    ap.add_argument("--only", default="resnet50,resnet20,train_cpu,gil",
+    ap.add_argument("--only", default="resnet50,resnet20,train_cpu,gil,upload",
                     help="comma-separated sections to run (default: all but hotpath); hotpath needs no S3 server")
     ap.add_argument("--hotpath-model", default=None,
                     help="model of the hotpath section (default: resnet50 on CUDA, resnet20 on CPU)")
@@ -388,6 +438,10 @@ def main(argv=None) -> int:
         section("resnet20", small_model)
         section("train_cpu", lambda: bench_train(url, args.train_steps, args.steps_per_epoch))
         section("gil", lambda: bench_gil(server.env, "twa-bench", 102_228_128, args.train_steps))
+        section("upload", lambda: {
+            **bench_upload_pairs("twa-bench", 102_228_128, max(5, args.repeats),
+                                 [(cfg.part_bytes >> 20, cfg.concurrency), (8, 10), (32, 8), (64, 4)]),
+            "default": f"{cfg.part_bytes >> 20}MBx{cfg.concurrency}", "goal": ">= 1.0 (median of pair ratios)"})
     print(json.dumps(result, indent=2))
     return 0
 
