@@ -379,13 +379,19 @@ class Uploader:
         deadline = time.monotonic() + self._retry.deadline_seconds
         listed: dict[str, list[str]] = {}
         while len(listed) < self.nodes:
-            for key in call(f"listing {st.describe(f'{tag}/nodes/')}", lambda: st.find(f"{tag}/nodes/")):
-                if key not in listed:
-                    raw = call(f"reading {st.describe(key)}", lambda k=key: st.get(k))
-                    try:
-                        listed[key] = json.loads(raw)["files"]
-                    except (ValueError, KeyError, TypeError):
-                        pass  # partial or empty: read again on the next round
+            # Each node's marker by name, not a listing: an object store's listing can lag its writes.
+            for key in (f"{tag}/nodes/{n}.json" for n in range(self.nodes)):
+                if key in listed:
+                    continue
+                try:
+                    listed[key] = json.loads(st.get(key))["files"]
+                except FileNotFoundError:
+                    pass  # that node is still uploading
+                except (ValueError, KeyError, TypeError):
+                    pass  # partial or empty: read again on the next round
+                except Exception as e:  # noqa: BLE001 - transient: next round, bounded by the deadline
+                    log.warning("checkpoint %s: reading %s failed (%s: %s); retrying", tag, st.describe(key),
+                                type(e).__name__, e)
             if len(listed) >= self.nodes:
                 break
             with self._cond:
