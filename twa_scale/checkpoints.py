@@ -125,12 +125,8 @@ def save(engine, checkpoint_dir: str, *, epoch: int, batch: int = 0, step_in_epo
 
 def _tags(checkpoint_dir: str) -> list[Path]:
     """Tag directories, oldest first."""
-    found = []
-    for p in Path(checkpoint_dir).glob("epoch*"):
-        m = _TAG.match(p.name)
-        if m and p.is_dir():
-            found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
-    return [p for _, p in sorted(found)]
+    found = [p for p in Path(checkpoint_dir).glob("epoch*") if _TAG.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: _tag_key(p.name))
 
 
 def prune(checkpoint_dir: str, keep: int = KEEP_CHECKPOINTS, busy=()) -> list[str]:
@@ -240,11 +236,12 @@ def _tag_key(tag: str) -> tuple[int, int]:
 
 def committed_tags(store) -> list[str]:
     """Tags with a commit marker in ``store``, oldest first."""
-    tags = []
-    for key in store.find(""):
-        tag, _, name = key.partition("/")
-        if _TAG.match(tag) and name == COMMIT:
-            tags.append(tag)
+    return _committed(store.find(""))
+
+
+def _committed(keys) -> list[str]:
+    """The committed tags among the store keys ``keys``, oldest first."""
+    tags = [k.partition("/")[0] for k in keys if k.partition("/")[2] == COMMIT and _TAG.match(k.partition("/")[0])]
     return sorted(tags, key=_tag_key)
 
 
@@ -411,9 +408,8 @@ class Uploader:
         """Delete every tag older than the newest ``keep`` committed ones, committed or not (an upload
         superseded or abandoned leaves files without a marker): the marker first, then the files."""
         st, call = self._store, self._retry.call
-        kept = call(f"listing {self.url}", lambda: committed_tags(st))[-self.keep:]
-        oldest = min((_tag_key(t) for t in kept), default=_tag_key(newest))
         keys = call(f"listing {self.url}", lambda: st.find(""))
+        oldest = min((_tag_key(t) for t in _committed(keys)[-self.keep:]), default=_tag_key(newest))
         old = sorted({k.partition("/")[0] for k in keys if _TAG.match(k.partition("/")[0])
                       and _tag_key(k.partition("/")[0]) < oldest})
         for tag in old:

@@ -28,6 +28,7 @@ import time
 import torch
 
 from twa_scale import comm, knobs
+from twa_scale.errors import EXIT_PREEMPTED
 
 __all__ = ["Preempted", "on_sigterm", "deferred", "received", "seconds_left", "raise_preempted", "StepAgreement"]
 
@@ -38,7 +39,6 @@ class Preempted(SystemExit):
     """Raised in the main thread on SIGTERM, so the code unwinds and pending uploads flush (exit 143)."""
 
 
-EXIT_STATUS = 128 + signal.SIGTERM
 _received_at: float | None = None   # monotonic time of this process's first SIGTERM
 _deferring = 0                      # > 0 inside deferred(): the step loop acts on the flag
 _raised = False                     # Preempted raised: later SIGTERMs must not abort the flush
@@ -52,14 +52,14 @@ def _handler(signum, frame) -> None:
     if _deferring or _raised:
         return
     _raised = True
-    raise Preempted(EXIT_STATUS)
+    raise Preempted(EXIT_PREEMPTED)
 
 
 def raise_preempted() -> None:
     """End the job as preempted (exit 143); later SIGTERMs are ignored while it flushes."""
     global _raised
     _raised = True
-    raise Preempted(EXIT_STATUS)
+    raise Preempted(EXIT_PREEMPTED)
 
 
 @contextlib.contextmanager
