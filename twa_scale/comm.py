@@ -66,8 +66,13 @@ def local_rank() -> int:
 
 
 def local_world_size() -> int:
-    """Ranks on this node (torchrun: LOCAL_WORLD_SIZE; deepspeed's launcher: LOCAL_SIZE)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    """Ranks on this node: deepspeed's launcher exports LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE.
+
+    LOCAL_SIZE is read first: DeepSpeed's launcher sets it but leaves LOCAL_WORLD_SIZE alone, so one
+    inherited from the parent (e.g. set by :func:`init`'s single-process fallback in the process that
+    ran ``deepspeed``) would otherwise count a 2-rank node as 1 and every rank as its own node.
+    """
+    return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def node_rank() -> int:
