@@ -1,4 +1,10 @@
 """Which launcher variables twa_scale.comm trusts (the node count decides who uploads and commits checkpoints)."""
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.support import launch
 from twa_scale import comm
 
 
@@ -17,3 +23,25 @@ def test_node_rank_reads_deepspeeds_cross_rank(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("CROSS_RANK", "3")
     assert comm.node_rank() == 3
+
+
+@pytest.mark.multirank
+def test_a_2_rank_deepspeed_job_leaves_nothing_in_dev_shm(tmp_path):
+    # DeepSpeed's CPU shm all-reduce creates a 69 MB /dev/shm file per rank and never unlinks it;
+    # comm.init unlinks it once every rank has mapped it. Before that fix, each job leaked 138 MB
+    # of RAM-backed tmpfs, and the test suite's many jobs filled /dev/shm until the OOM killer hit.
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "from twa_scale import comm\n"
+        "comm.init()\n"
+        "t = comm.all_reduce(torch.ones(4))\n"  # the shared buffer still works after its name is gone
+        "assert t.tolist() == [2.0] * 4, t\n"
+        "if comm.rank() == 0:\n"
+        "    print('PORT', os.environ['MASTER_PORT'], 'LOCAL_SIZE', os.environ.get('LOCAL_SIZE'), flush=True)\n"
+        "comm.destroy()\n")
+    out = launch.deepspeed(str(script), [], ranks=2, timeout=300).stdout
+    port = re.search(r"PORT (\d+) LOCAL_SIZE 2", out)
+    assert port, out[-2000:]
+    left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port.group(1)}_*")]
+    assert left == []

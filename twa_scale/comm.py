@@ -47,6 +47,28 @@ def init(timeout_seconds: float = 1800.0) -> None:
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_seconds))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+    _unlink_shm_allreduce_buffer()
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Remove the name of DeepSpeed's CPU shared-memory all-reduce buffer, keeping the mapping.
+
+    On the CPU accelerator, when every rank is on one host, DeepSpeed's shm op creates a 69 MB
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank and never unlinks
+    it, so each job leaks it into RAM-backed tmpfs for good (a test suite of many 2-rank jobs
+    filled /dev/shm and the OOM killer ended it). Every rank has mapped every peer's buffer once
+    ``init_distributed`` returns on all ranks, so after a barrier each rank unlinks its own name:
+    the memory stays mapped until the process exits, even by SIGKILL, and is then freed.
+    """
+    if not is_distributed():
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    barrier()  # on every rank, whether or not it has a buffer (GPU, several hosts: none)
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
 
 
 def is_distributed() -> bool:
