@@ -7,6 +7,8 @@
     python bench/reproduce.py --out DIR --dry-run                 # print the commands, run nothing
     python bench/reproduce.py --out bench/results/cpu-k5 --snapshots-per-epoch 5 --experiments head
                                                                   # the paper's density: K=5 against K=1
+    python bench/reproduce.py --out bench/results/cpu-early-stop --experiments early-stop
+                                                                  # live TWA: does its stop save compute?
 
 Every step is one of the project's own commands, run as a subprocess:
 `python launch/train.py ...` / `python launch/twa.py ...` (or `deepspeed --num_gpus N ...` with --ranks N).
@@ -24,14 +26,16 @@ Per seed:
   tail-lrX    K more epochs from the head run's final snapshot at a constant learning rate X
               (`--init-from ... --schedule constant`), for each X in --swa-lrs;
   tail-twa-lrX TWA over the tail's K+1 snapshots; the stage also reports SWA (its start point).
+  early-stop  (opt-in) per seed, an E-epoch run with a live TWA follower beside it that records where its stop
+              rule fires without being obeyed, and the same run obeying it (bench/early_stop.py).
 All runs train with the same --holdout-fraction, so they are comparable and TWA-v has a split to fit on.
 
 Resumable: a finished step leaves work/done/<step>.json and is skipped on a rerun (a rerun with a
 different command for that step stops with an error); a training step killed midway continues
 through `--resume` from its DeepSpeed checkpoint. Outputs in --out: results.json (all numbers),
-report.md, accuracy_vs_epoch.png, coefficients.png. Bulky state (snapshot store, checkpoints, logs)
-goes to --out/work, which carries its own .gitignore. A hand-written discussion.md in --out is
-appended to report.md.
+report.md, accuracy_vs_epoch.png, coefficients.png (early_stop.png with early-stop). Bulky state
+(snapshot store, checkpoints, logs) goes to --out/work, which carries its own .gitignore. A hand-written
+discussion.md in --out is appended to report.md.
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+import early_stop  # bench/early_stop.py: the early-stop experiment
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_GRACE_SECONDS = 60.0  # a stopped step gets this long to flush before it is killed
@@ -90,7 +96,12 @@ class Preset:
     snapshots_per_epoch: int = 1
     """K: snapshots per epoch of the head run (the authors' ImageNet script: 5)."""
     experiments: tuple[str, ...] = ("head", "twav", "tail")
-    """Which parts run: head (SGD + paper-mode TWA), twav (journal TWA-v on the head), tail (SWA vs TWA)."""
+    """Which parts run: head (SGD + paper-mode TWA), twav (journal TWA-v on the head), tail (SWA vs TWA),
+    early-stop (live TWA follower beside training, its stop recorded and then obeyed; opt-in)."""
+    early_stop_epochs: int | None = None
+    """Epochs of the early-stop runs (None: `epochs`; a smaller E is a documented shortcut, in the report)."""
+    follow_args: tuple[str, ...] = ()
+    """Extra flags of the early-stop follower; empty: its defaults, so the default stop rule is measured."""
     num_workers: int | None = None
     """DataLoader workers per rank (None: the trainer's default, and min(4, CPUs per rank - 1) for TWA)."""
     bn_batches: int | None = None
@@ -108,10 +119,13 @@ class Preset:
             raise ValueError("--seeds: give at least one seed")
         if self.snapshots_per_epoch < 1:
             raise ValueError(f"--snapshots-per-epoch: must be >= 1, got {self.snapshots_per_epoch}")
-        unknown = set(self.experiments) - {"head", "twav", "tail"}
-        if "head" not in self.experiments or unknown:
-            raise ValueError(f"--experiments {','.join(self.experiments)}: choose from head,twav,tail "
-                             "(head is always needed)")
+        unknown = set(self.experiments) - {"head", "twav", "tail", "early-stop"}
+        if unknown or not self.experiments or ({"twav", "tail"} & set(self.experiments)
+                                                and "head" not in self.experiments):
+            raise ValueError(f"--experiments {','.join(self.experiments)}: choose from head,twav,tail,early-stop "
+                             "(twav and tail need head)")
+        if self.early_stop_epochs is not None and self.early_stop_epochs < 2:
+            raise ValueError(f"--early-stop-epochs: need >= 2, got {self.early_stop_epochs}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"--holdout-fraction: TWA-v needs a hold-out in (0, 1), got {self.holdout_fraction}")
 
@@ -140,9 +154,16 @@ def gpu_preset() -> Preset:
 
 
 def smoke_preset() -> Preset:
-    """Tests only: 2 epochs on 256 images, one seed, one tail learning rate."""
+    """Tests only: 2 epochs on 256 images, one seed, one tail learning rate.
+
+    Its early-stop runs train 12 epochs (0.5 s each) beside a follower that probes at every snapshot, briefly, with a
+    target rule every probe meets: the stop path runs end to end in seconds.
+    """
     return Preset(name="smoke", model="resnet20", epochs=2, limit_train=256, limit_val=256,
-                  holdout_fraction=0.005, twa_epochs=1, tail_epochs=1, swa_lrs=(0.05,), seeds=(0,), num_workers=0)
+                  holdout_fraction=0.005, twa_epochs=1, tail_epochs=1, swa_lrs=(0.05,), seeds=(0,), num_workers=0,
+                  early_stop_epochs=12,
+                  follow_args=("--probe-every", "1", "--probe-steps", "2", "--probe-bn-batches", "1", "--bn-batches",
+                               "1", "--poll-seconds", "0.2", "--follow-timeout", "300", "--stop-rule", "target:0.01"))
 
 
 PRESETS = {"cpu": cpu_preset, "gpu": gpu_preset, "smoke": smoke_preset}
@@ -167,10 +188,9 @@ def _lr_tag(lr: float) -> str:
     return f"{lr:g}"
 
 
-def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
-    """Every step of the reproduction, in dependency order."""
+def train_common(p: Preset, work: Path, *, ranks: int = 1) -> tuple[str, list[str]]:
+    """The snapshot store's URL and the training flags every run shares (data, model, hold-out, store)."""
     store = "file://" + str((work / "store").resolve())
-    twa_out = work / "twa"
     common = ["--model", p.model, "--data", p.data, "--weight-decay", f"{p.weight_decay:g}",
               "--batch-size", str(p.batch_size), "--holdout-fraction", f"{p.holdout_fraction:g}",
               "--snapshot-url", store, "--snapshot-every", "1", "--resume"]
@@ -181,19 +201,38 @@ def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
     for flag, v in (("--limit-train", p.limit_train), ("--limit-val", p.limit_val), ("--num-workers", p.num_workers)):
         if v is not None:
             common += [flag, str(v)]
+    return store, common
+
+
+def twa_workers(p: Preset, ranks: int) -> int:
+    # The TWA stage loads in the main process by default; a worker overlaps JPEG decoding with compute.
+    return p.num_workers if p.num_workers is not None else max(0, min(4, (os.cpu_count() or 1) // ranks - 1))
+
+
+def plan_pairs(p: Preset, work: Path, *, ranks: int = 1) -> list[early_stop.Pair]:
+    """The early-stop experiment's trainer + follower pairs (none unless it is selected)."""
+    if "early-stop" not in p.experiments:
+        return []
+    store, common = train_common(p, work, ranks=ranks)
+    return early_stop.plan_pairs(p, work, common=common, store=store, twa_workers=twa_workers(p, 1))
+
+
+def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
+    """Every step of the reproduction, in dependency order."""
+    store, common = train_common(p, work, ranks=ranks)
+    twa_out = work / "twa"
 
     def train(name, seed, role, run_id, extra, swa_lr=None):
         args = [*common, "--seed", str(seed), "--run-id", run_id,
                 "--checkpoint-dir", str((work / "checkpoints" / run_id).resolve()), *extra]
         return Step(name, "train", "launch/train.py", args, seed, role, swa_lr, run_id=run_id)
 
-    # The TWA stage loads in the main process by default; a worker overlaps JPEG decoding with compute.
-    twa_workers = p.num_workers if p.num_workers is not None else max(0, min(4, (os.cpu_count() or 1) // ranks - 1))
+    workers = twa_workers(p, ranks)
 
     def twa(name, seed, role, run_id, extra, swa_lr=None):
         out = "file://" + str((twa_out / name).resolve())
         args = ["--snapshot-url", store, "--run-id", run_id, "--epochs", str(p.twa_epochs), "--seed", str(seed),
-                "--output", out, "--no-plot", "--num-workers", str(twa_workers)]
+                "--output", out, "--no-plot", "--num-workers", str(workers)]
         if p.bn_batches is not None:
             args += ["--bn-batches", str(p.bn_batches)]
         args += extra
@@ -201,7 +240,7 @@ def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
 
     k = p.snapshots_per_epoch
     steps = []
-    for s in p.seeds:
+    for s in (p.seeds if "head" in p.experiments else ()):
         head = f"head-s{s}"
         # K = 1 keeps the seq form of earlier reports (the same snapshots as --select-epochs 0:H).
         sel = ["--select", f"0:{p.half + 1}"] if k == 1 else ["--select-epochs", f"0:{p.half}"]
@@ -236,9 +275,13 @@ def _free_port() -> int:
 
 
 def command(step: Step, ranks: int) -> list[str]:
+    return script_command(step.script, step.args, ranks)
+
+
+def script_command(script: str, args: list[str], ranks: int) -> list[str]:
     if ranks > 1:
-        return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), step.script, *step.args]
-    return [sys.executable, step.script, *step.args]
+        return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), script, *args]
+    return [sys.executable, script, *args]
 
 
 def _shown(cmd: list[str]) -> str:
@@ -634,7 +677,7 @@ def _fmt_num(x: Any) -> str:
 
 
 def render_report(res: dict, discussion: str | None) -> str:
-    p, table = res["preset"], res["table"]
+    p = res["preset"]
     lines = [f"# TWA reproduction on CIFAR-10: `{p['name']}` preset", "",
              f"Command: `{res['command']}`", "",
              f"Host: {res['host']['platform']}, {res['host']['cpus']} CPUs, torch {res['host']['torch']}"
@@ -644,6 +687,20 @@ def render_report(res: dict, discussion: str | None) -> str:
     if res["missing_steps"]:
         lines += [f"**Incomplete:** {len(res['missing_steps'])} step(s) have not finished: "
                   + ", ".join(res["missing_steps"]), ""]
+    if "head" in p["experiments"]:
+        lines += _head_report(res)
+    lines += res.get("early_stop_report", [])
+    lines += ["", "## Steps", "", "| step | seconds | command |", "|---|---:|---|"]
+    for name, st in res["steps"].items():
+        lines.append(f"| {name} | {_fmt_num(st.get('seconds'))} | `{st.get('command', '(not run)')}` |")
+    if discussion:
+        lines += ["", "## Discussion", "", discussion.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def _head_report(res: dict) -> list[str]:
+    """The head/TWA-v/tail sections."""
+    p, table, lines = res["preset"], res["table"], []
     E, H, T, K = p["epochs"], p["epochs"] // 2, p["twa_epochs"], p["tail_epochs"]
     S = p.get("snapshots_per_epoch", 1)
     twav = next((d["head_twav"]["hyperparameters"] for d in res["seeds"].values() if "head_twav" in d), None)
@@ -698,13 +755,8 @@ def render_report(res: dict, discussion: str | None) -> str:
     mark = {True: "holds", False: "misses", None: "tie"}
     lines += [f"- **{mark[f['holds']]}**: {f['text']}" for f in res["findings"]] or ["- (no finished comparisons yet)"]
     lines += ["", "![accuracy against epoch](accuracy_vs_epoch.png)", "",
-              "![TWA coefficients per snapshot](coefficients.png)", "",
-              "## Steps", "", "| step | seconds | command |", "|---|---:|---|"]
-    for name, st in res["steps"].items():
-        lines.append(f"| {name} | {_fmt_num(st.get('seconds'))} | `{st.get('command', '(not run)')}` |")
-    if discussion:
-        lines += ["", "## Discussion", "", discussion.strip()]
-    return "\n".join(lines) + "\n"
+              "![TWA coefficients per snapshot](coefficients.png)", ""]
+    return lines
 
 
 def _host() -> dict:
@@ -715,10 +767,11 @@ def _host() -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "gpu": gpu}
 
 
-def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: int, argv: Sequence[str]) -> dict:
+def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: int, argv: Sequence[str],
+                 pairs: Sequence[early_stop.Pair] = ()) -> dict:
     seeds = summarize(p, steps, work)
     table = build_table(p, seeds)
-    markers = {st.name: _read_json(work / "done" / f"{st.name}.json") for st in steps}
+    markers = {st.name: _read_json(work / "done" / f"{st.name}.json") for st in [*steps, *pairs]}
     E, H, T = p.epochs, p.half, p.twa_epochs
     saved = {"fraction": (E - (H + T)) / E, "wall_fraction": None}
     heads = [d for d in seeds.values() if "head" in d and d.get("head_paper", {}).get("seconds") is not None]
@@ -740,9 +793,16 @@ def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: 
         "findings": findings(p, table, seeds),
         "seeds": seeds,
     }
+    es = early_stop.summarize(p, list(pairs), work) if pairs else None
+    if es is not None:
+        res["early_stop"] = es
     _write_json(out / "results.json", res)
-    plot_accuracy(p, seeds, out / "accuracy_vs_epoch.png")
-    plot_coefficients(p, seeds, out / "coefficients.png")
+    if "head" in p.experiments:
+        plot_accuracy(p, seeds, out / "accuracy_vs_epoch.png")
+        plot_coefficients(p, seeds, out / "coefficients.png")
+    if es is not None:
+        early_stop.plot(p, es, out / "early_stop.png")
+        res = {**res, "early_stop_report": early_stop.render(p, es, ranks)}
     discussion = (out / "discussion.md").read_text() if (out / "discussion.md").is_file() else None
     (out / "report.md").write_text(render_report(res, discussion))
     return res
@@ -771,7 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--holdout-fraction", type=float)
     ap.add_argument("--num-workers", type=int)
     ap.add_argument("--snapshots-per-epoch", type=int, help="K, snapshots per epoch of the head run (default 1)")
-    ap.add_argument("--experiments", help="comma-separated parts to run: head,twav,tail (default all)")
+    ap.add_argument("--experiments",
+                    help="comma-separated parts to run: head,twav,tail,early-stop (default head,twav,tail)")
+    ap.add_argument("--early-stop-epochs", type=int, help="epochs of the early-stop runs (default: --epochs)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from finished steps; run nothing")
     ap.add_argument("--dry-run", action="store_true", help="print each step's command and whether it is done")
     return ap
@@ -782,7 +844,7 @@ def preset_from_args(a: argparse.Namespace) -> Preset:
     over = {"data": a.data, "model": a.model, "epochs": a.epochs, "twa_epochs": a.twa_epochs,
             "tail_epochs": a.tail_epochs, "twa_lr": a.twa_lr, "limit_train": a.limit_train, "limit_val": a.limit_val,
             "holdout_fraction": a.holdout_fraction, "num_workers": a.num_workers,
-            "snapshots_per_epoch": a.snapshots_per_epoch,
+            "snapshots_per_epoch": a.snapshots_per_epoch, "early_stop_epochs": a.early_stop_epochs,
             "experiments": tuple(a.experiments.split(",")) if a.experiments else None,
             "seeds": tuple(a.seeds) if a.seeds else None, "swa_lrs": tuple(a.swa_lrs) if a.swa_lrs else None}
     base.update({k: v for k, v in over.items() if v is not None})
@@ -804,10 +866,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out).resolve()
     work = out / "work"
     steps = plan_steps(p, work, ranks=a.ranks)
+    pairs = plan_pairs(p, work, ranks=a.ranks)
     if a.dry_run:
         for st in steps:
             state = "done" if (work / "done" / f"{st.name}.json").is_file() else "todo"
             print(f"[{state}] {st.name}: {_shown(command(st, a.ranks))}")
+        for pair in pairs:
+            state = "done" if (work / "done" / f"{pair.name}.json").is_file() else "todo"
+            train, follow = early_stop.commands(pair, a.ranks, script_command)
+            print(f"[{state}] {pair.name}: {_shown(train)} & {_shown(follow)}")
         return 0
     if not a.report_only:
         if not (Path(p.data) / "train").is_dir():
@@ -821,9 +888,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         for st in steps:
             run_step(st, work, ranks=a.ranks, env=env, log=lambda m: print(m, flush=True))
-        print(f"all {len(steps)} steps done ({(time.perf_counter() - t0) / 60:.1f} min this call)", flush=True)
+        for pair in pairs:
+            early_stop.run_pair(pair, work, cmds=early_stop.commands(pair, a.ranks, script_command), shown=_shown,
+                                env=env, log=lambda m: print(m, flush=True))
+        print(f"all {len(steps) + len(pairs)} steps done ({(time.perf_counter() - t0) / 60:.1f} min this call)",
+              flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    res = write_report(p, steps, out, work, ranks=a.ranks, argv=argv)
+    res = write_report(p, steps, out, work, ranks=a.ranks, argv=argv, pairs=pairs)
     for r in res["table"]:
         print(f"{r['method']:<44} {r['sgd_epochs']:>4} + {r['twa_epochs']:>2}  "
               f"{100 * r['accuracy_mean']:6.2f} ± {100 * r['accuracy_std']:.2f}  (n={r['n_seeds']})")

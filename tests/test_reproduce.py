@@ -235,3 +235,116 @@ def test_density_plan_and_table_compare_k5_with_its_epoch_ends(tmp_path):
     assert density["difference"] == pytest.approx(0.04) and density["holds"] is True
     with pytest.raises(ValueError, match="--experiments"):
         reproduce.preset_from_args(reproduce.build_parser().parse_args([*args[:4], "--experiments", "tail"]))
+
+
+# --- the early-stop experiment (issue 11, item 4) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def early(tmp_path_factory):
+    """`--smoke --experiments early-stop`: per pair a 12-epoch trainer and a follower whose target rule fires at
+    its first probe; run twice (the second run skips both finished pairs)."""
+    data = str(require_cifar10())
+    out = tmp_path_factory.mktemp("early") / "out"
+    args = ["--smoke", "--experiments", "early-stop", "--out", str(out), "--data", data]
+    first = python("bench/reproduce.py", args, timeout=400)
+    again = python("bench/reproduce.py", args, timeout=120)
+    return out, first, again
+
+
+def _run_files(out, run_id):
+    run = out / "work" / "store" / run_id
+    def read(path):
+        return json.loads(path.read_text())
+
+    return (read(run / "train" / "metrics.json"), read(run / "twa" / "probes.json"), read(run / "twa" / "result.json"),
+            (run / "control" / "STOP.json").is_file(), read(out / "work" / "done" / f"{run_id}.json"))
+
+
+@pytest.mark.slow
+def test_early_stop_smoke_report_agrees_with_the_run_files(early):
+    out, first, again = early
+    res = json.loads((out / "results.json").read_text())
+    es, report = res["early_stop"], (out / "report.md").read_text()
+    blob = (out / "early_stop.png").read_bytes()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5_000
+    assert not (out / "accuracy_vs_epoch.png").exists(), "head was not selected"
+    d, E = es["seeds"]["0"], 12
+    assert es["epochs"] == E and es["rule"] == "target:0.01" and list(es["seeds"]) == ["0"]
+    m_full, probes, r_full, stop_full, done_full = _run_files(out, "early-full-s0")
+    m_obey, probes_obey, r_obey, _, done_obey = _run_files(out, "early-obey-s0")
+
+    # the full run: all epochs though the rule fired (recorded, not obeyed), probes to the end
+    assert [r["epoch"] for r in m_full["epochs"]] == list(range(1, E + 1)) and "stopped_by" not in m_full["final"]
+    assert [q["probe"] for q in probes] == list(range(len(probes))) and probes[-1]["epoch"] == E
+    fired = next(q for q in probes if q["would_stop"])
+    assert stop_full and fired["stop_written"] and fired["split"] == "holdout"
+    assert d["rule_epoch"] == fired["epoch"] <= es["epochs"] and d["rule_probe_twa"] == fired["twa_accuracy"]
+    assert d["full"]["sgd_accuracy"] == m_full["final"]["val_accuracy"]
+    assert d["full"]["twa_accuracy"] == r_full["twa_accuracy"] and d["full"]["twa_snapshots"] == E + 1
+    assert [q["twa_accuracy"] for q in d["full"]["probes"]] == [q["twa_accuracy"] for q in probes]
+
+    # the obeyed run: stopped by TWA after the rule fired, or (a race on a tiny run) finished first, and said so
+    obey = d["obey"]
+    assert obey["twa_accuracy"] == r_obey["twa_accuracy"] and obey["sgd_accuracy"] == m_obey["final"]["val_accuracy"]
+    if m_obey["final"].get("stopped_by") == "twa":
+        stopped = m_obey["final"]["stopped_epoch"]
+        assert 1 <= stopped <= E and obey["stopped_epoch"] == stopped and d["epochs_saved"] == E - stopped
+        assert [s["seq"] for s in r_obey["snapshots"]] == list(range(m_obey["final"]["stopped_seq"] + 1))
+        assert f"The obeyed run stopped at epoch {stopped:g}" in report
+    else:
+        assert d["epochs_saved"] == 0 and "not stopped" in report
+        assert ("training had ended before it read the marker" in report) == any(q["would_stop"] for q in probes_obey)
+    assert obey["train_wall_seconds"] == done_obey["train_seconds"] < done_obey["seconds"]
+    assert d["wall_saving"] == pytest.approx(1 - done_obey["train_seconds"] / done_full["train_seconds"])
+    assert d["gap"] == pytest.approx(r_obey["twa_accuracy"] - m_full["final"]["val_accuracy"])
+    assert es["mean"]["gap"]["mean"] == pytest.approx(d["gap"]) and es["mean"]["gap"]["n"] == 1
+
+    # replay through StopRule.decide: the run's rule fires where the run's did; a rule that cannot fire never does
+    rows = {r["rule"]: r for r in es["replay"]["rows"]}
+    assert es["replay"]["recorded_matches_replay"] and rows["target:0.01"]["default"]
+    assert rows["target:0.01"]["per_seed"]["0"]["probe"] == fired["probe"]
+    assert "## Early stop: does the live TWA follower save compute?" in report and "| 0 | " in report
+    assert "![probe accuracy against epoch](early_stop.png)" in report and "competes with it" in report
+    assert "[skip] early-full-s0" in again.stdout and "[skip] early-obey-s0" in again.stdout
+    assert json.loads((out / "results.json").read_text())["early_stop"]["seeds"] == es["seeds"]
+
+
+def test_early_stop_replay_calls_the_projects_rule_on_recorded_probes():
+    def probes(twa, sgd):
+        return [{"probe": i, "epoch": 2 * (i + 1), "twa_accuracy": a, "sgd_val_accuracy": sgd}
+                for i, a in enumerate(twa)]
+
+    plateau = reproduce.early_stop.StopRule("plateau", epsilon_points=0.5, patience=2)
+    hit = reproduce.early_stop.replay(plateau, probes([0.50, 0.60, 0.70, 0.701, 0.702, 0.75], 0.65))
+    assert (hit["probe"], hit["epoch"], hit["twa_accuracy"]) == (4, 10, 0.702)  # +0.2 < 0.5 pts over 2 probes
+    assert reproduce.early_stop.replay(plateau, probes([0.50, 0.60, 0.70, 0.701, 0.702], 0.71)) is None  # < SGD
+    assert reproduce.early_stop.replay(plateau, probes([0.50, 0.60, 0.70, 0.701, 0.702], 0.71),
+                                       sgd_condition=False)["probe"] == 4
+    p = reproduce.Preset(name="t", model="resnet20", epochs=12, experiments=("early-stop",))
+    curve = probes([0.50, 0.60, 0.70, 0.745, 0.746, 0.747, 0.748], 0.65)
+    grid = reproduce.early_stop.replay_grid(p, {"0": {"full": {"probes": curve, "rule_fired": None}}})
+    default = grid["rows"][0]
+    assert default["default"] and default["rule"] == "plateau eps=0.2 P=3"  # the follower's own defaults
+    assert default["per_seed"]["0"] is None and not default["holds"]  # +0.3 pts over the last 3: never fires
+    assert grid["recorded_matches_replay"] is True  # the run's record (never fired) agrees
+    # P=1 fires at probe 4 (+0.1 pt), within 0.5 pts of the last probe: 2 of 12 epochs saved; among the
+    # rules that tie, the most conservative one (smallest epsilon, with the SGD check) is named
+    assert grid["best"] == "plateau eps=0.2 P=1"
+    best = next(r for r in grid["rows"] if r["rule"] == grid["best"])
+    assert best["holds"] and best["per_seed"]["0"]["probe"] == 4 and best["epochs_saved_mean"] == 2
+
+
+def test_early_stop_is_opt_in_and_needs_no_head(tmp_path):
+    parse = reproduce.build_parser().parse_args
+    p = reproduce.preset_from_args(parse(["--out", str(tmp_path)]))
+    assert reproduce.plan_pairs(p, tmp_path / "work") == []
+    p = reproduce.preset_from_args(parse(["--out", str(tmp_path), "--experiments", "early-stop"]))
+    assert reproduce.plan_steps(p, tmp_path / "work") == []
+    pairs = {x.name: x for x in reproduce.plan_pairs(p, tmp_path / "work")}
+    assert sorted(pairs) == ["early-full-s0", "early-full-s1", "early-obey-s0", "early-obey-s1"]
+    full, obey = pairs["early-full-s1"], pairs["early-obey-s1"]
+    assert "--no-obey-stop" in full.train and "--no-obey-stop" not in obey.train and "--resume" not in full.train
+    assert full.train[full.train.index("--epochs") + 1] == "20" and "--holdout-fraction" in full.train
+    assert full.follow[:1] == ["--follow"] and "--stop-rule" not in full.follow  # the default rule is measured
+    assert full.follow[full.follow.index("--snapshot-url") + 1].startswith("file://")
+    with pytest.raises(ValueError, match="twav and tail need head"):
+        reproduce.preset_from_args(parse(["--out", str(tmp_path), "--experiments", "tail,early-stop"]))
