@@ -203,13 +203,29 @@ def test_guard_restarts_a_diverging_fit_at_a_lower_lr(mlp_run):
     assert on_disk["guard"]["attempts"] == res.guard["attempts"] and on_disk["returned"] == "twa"
 
 
-def test_guard_gives_up_with_an_error_naming_the_lr_and_writes_nothing(mlp_run):
+def test_guard_exhausted_returns_the_start_point_and_says_so(mlp_run, capsys):
+    """Every lr fails (5e5, then 5e3): by default the stage returns the start point, the uniform average
+    of the selection, exactly, with a warning; result.json records every attempt and the fallback."""
+    url, _, snaps = mlp_run
+    res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=1, lr=5e5, guard_retries=1, guard_lr_factor=0.01,
+                            batch_size=48, select="1:"))
+    assert "every learning rate failed" in capsys.readouterr().out
+    assert [a["outcome"] for a in res.guard["attempts"]] == ["diverged", "diverged"]
+    assert res.returned == "start" and res.guard["fallback"] == "start" and res.epochs == []
+    assert res.twa_accuracy == res.swa_accuracy == res.start_accuracy
+    w, _ = _final_weights(url, "mlp", "mlp")
+    assert torch.equal(w, torch.stack(snaps[1:]).double().mean(0).float())
+    on_disk = json.loads(fsspec.open(f"{url}/mlp/twa/result.json").open().read())
+    assert on_disk["returned"] == "start" and on_disk["guard"]["fallback"] == "start"
+
+
+def test_guard_fallback_error_gives_up_naming_the_lr_and_writes_nothing(mlp_run):
     from twa_scale.twa.stage import TwaGuardError
 
     url, _, _ = mlp_run
     with pytest.raises(TwaGuardError, match=r"last was lr 5000\b.*No result model written"):
         run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=1, lr=5e5, guard_retries=1, guard_lr_factor=0.01,
-                          batch_size=48))
+                          batch_size=48, guard_fallback="error"))
     assert _no_output(url, "mlp")
 
 

@@ -29,6 +29,7 @@ Coefficients = Literal["global", "layerwise"]
 PBits = Literal[32, 16, 8, 4, 2, 1]
 QuantGranularity = Literal["row-block", "block"]
 FitOn = Literal["train", "holdout"]
+GuardFallback = Literal["start", "error"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -89,7 +90,11 @@ class TwaConfig:
     torch.compile on CUDA). The knob TWA_SCALE_P_KERNEL overrides both."""
     guard: bool = True
     """Never return a model worse than the start silently: on divergence in the first epoch, or a result
-    below the start on the guard split, restart at a lower lr; fail with an error when every lr fails."""
+    below the start on the guard split, restart at a lower lr (see --guard-fallback when every lr fails)."""
+    guard_fallback: GuardFallback = "start"
+    """When every lr fails the guard: `start` returns the start point (the uniform average of the
+    selection, i.e. SWA; with --start, that snapshot) with a warning, and result.json says `returned:
+    start` and why; `error` exits 2 and writes no model."""
     guard_retries: int = 3
     """Restarts the guard may make (each at lr x guard-lr-factor)."""
     guard_lr_factor: float = 0.25

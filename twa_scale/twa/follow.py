@@ -198,7 +198,9 @@ class Follower:
                               fit_data=fit, val_data=inp.data.holdout, bn_data=train, guard_data=guard,
                               guard_name=f"probe fit sample ({len(guard)})", per_rank_batch=self.per_rank,
                               basis=self.basis.basis())
-            twa, swa, lr, outcome = result.twa_accuracy, result.swa_accuracy, result.lr_final, "ok"
+            twa, swa, lr = result.twa_accuracy, result.swa_accuracy, result.lr_final
+            # the final TWA would return the start point too: the rule sees what a stop would deliver
+            outcome = "ok" if result.returned == "twa" else "guard fallback: start point"
         except TwaGuardError as e:  # every lr failed on this probe: recorded, and the rule sees no accuracy
             twa = swa = lr = None
             outcome = f"guard failed: {e}"

@@ -153,7 +153,8 @@ class TwaResult:
     twa_accuracy: float
     twa_loss: float
     returned: str
-    """Which point the model file holds: `twa` (the fitted point) or `start` (--epochs 0)."""
+    """Which point the model file holds: `twa` (the fitted point) or `start` (--epochs 0, or every lr
+    failed the guard and --guard-fallback is `start`: guard["fallback"] says so)."""
     lr_final: float
     guard: dict
     """The guard's split, the start's guard accuracy/loss, and every attempt (lr, outcome, reason)."""
@@ -177,8 +178,11 @@ class TwaResult:
 
 # --- fit --------------------------------------------------------------------------------------
 def _fit(cfg: TwaConfig, loop: CoefficientLoop, start_guard: dict,
-         eval_point: Callable[[str], tuple[dict, dict]]) -> tuple[Attempt, nn.Parameter, dict, list[Attempt]]:
-    """Attempts at lr, lr*f, lr*f^2 ... until one passes the guard; returns (attempt, theta, val eval, all)."""
+         eval_point: Callable[[str], tuple[dict, dict]]) -> tuple[Attempt | None, nn.Parameter, dict, list[Attempt]]:
+    """Attempts at lr, lr*f, lr*f^2 ... until one passes the guard; returns (attempt, theta, val eval, all).
+
+    When every attempt fails: with --guard-fallback start, the model goes back to the start point and
+    the attempt is None; with `error`, TwaGuardError."""
     ref = start_guard["loss"] if cfg.guard else None
     if ref is not None and not math.isfinite(ref):
         raise ValueError(f"the start point's loss on the guard split is {ref}: the selected snapshots are broken")
@@ -211,9 +215,21 @@ def _fit(cfg: TwaConfig, loop: CoefficientLoop, start_guard: dict,
             print(msg, flush=True)
         lr *= cfg.guard_lr_factor
     tried = ", ".join(f"{a.lr:g} ({a.outcome.replace('_', ' ')})" for a in attempts)
-    raise TwaGuardError(f"TWA failed at every learning rate tried: {tried}; the last was lr "
-                        f"{attempts[-1].lr:g}. No result model written. Try a smaller --lr, or --select fewer "
-                        "early snapshots")
+    if cfg.guard_fallback == "error":
+        raise TwaGuardError(f"TWA failed at every learning rate tried: {tried}; the last was lr "
+                            f"{attempts[-1].lr:g}. No result model written. Try a smaller --lr, or --select "
+                            "fewer early snapshots")
+    # The start point is a model the guard has already measured, and one no worse than itself: after a
+    # whole training run, returning it (said loudly) serves the user better than no model at all. Near
+    # convergence this is common: one guard sample can separate the start from a fit that barely moved.
+    msg = (f"TWA guard: every learning rate failed ({tried}); returning the start point "
+           "(--guard-fallback start; result.json: returned start)")
+    log.warning(msg)
+    if comm.rank() == 0:
+        print(msg, flush=True)
+    theta = loop.restart()
+    val, _ = eval_point("start")
+    return None, theta, val, attempts
 
 
 # --- the stage on a built model -----------------------------------------------------------------
@@ -315,7 +331,10 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
     attempts: list[Attempt] = []
     if cfg.epochs:
         chosen, theta, final_eval, attempts = _fit(cfg, loop, start_guard, eval_point)
-        history, lr_final, returned = chosen.epochs, chosen.lr, "twa"
+        if chosen is None:  # every lr failed the guard: the start point, as with --epochs 0
+            history, lr_final, returned = [], cfg.lr, "start"
+        else:
+            history, lr_final, returned = chosen.epochs, chosen.lr, "twa"
         if history:
             history[-1].update(val_loss=final_eval["loss"], val_accuracy=final_eval["accuracy"])
     else:
@@ -349,7 +368,8 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
         twa_accuracy=final_eval["accuracy"], twa_loss=final_eval["loss"], returned=returned, lr_final=lr_final,
         guard={"enabled": cfg.guard, "split": guard_name or "fit split", "start_accuracy": start_guard["accuracy"],
                "start_loss": start_guard["loss"], "retries": max(len(attempts) - 1, 0),
-               "attempts": [a.to_dict() for a in attempts]},
+               "attempts": [a.to_dict() for a in attempts],
+               "fallback": "start" if attempts and returned == "start" else None},
         p_kernels=kernels.path if cfg.p_bits <= 8 else "dense", timings=timings,
         bytes_read_per_rank=[int(v) for v in per_rank[0::2].tolist()],
         p_bytes_per_rank=[int(v) for v in per_rank[1::2].tolist()],
