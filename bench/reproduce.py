@@ -102,6 +102,8 @@ class Preset:
     """Epochs of the early-stop runs (None: `epochs`; a smaller E is a documented shortcut, in the report)."""
     follow_args: tuple[str, ...] = ()
     """Extra flags of the early-stop follower; empty: its defaults, so the default stop rule is measured."""
+    replay_twa_max: int = 4
+    """Early-stop: per seed, at most this many epochs where a replayed rule stops get a TWA run (earliest first)."""
     num_workers: int | None = None
     """DataLoader workers per rank (None: the trainer's default, and min(4, CPUs per rank - 1) for TWA)."""
     bn_batches: int | None = None
@@ -161,7 +163,7 @@ def smoke_preset() -> Preset:
     """
     return Preset(name="smoke", model="resnet20", epochs=2, limit_train=256, limit_val=256,
                   holdout_fraction=0.005, twa_epochs=1, tail_epochs=1, swa_lrs=(0.05,), seeds=(0,), num_workers=0,
-                  early_stop_epochs=12,
+                  early_stop_epochs=12, replay_twa_max=1,
                   follow_args=("--probe-every", "1", "--probe-steps", "2", "--probe-bn-batches", "1", "--bn-batches",
                                "1", "--poll-seconds", "0.2", "--follow-timeout", "300", "--stop-rule", "target:0.01"))
 
@@ -217,26 +219,51 @@ def plan_pairs(p: Preset, work: Path, *, ranks: int = 1) -> list[early_stop.Pair
     return early_stop.plan_pairs(p, work, common=common, store=store, twa_workers=twa_workers(p, 1))
 
 
+def twa_step(p: Preset, work: Path, name: str, seed: int, role: str, run_id: str, extra: list[str], *,
+             ranks: int, swa_lr: float | None = None) -> Step:
+    """A TWA stage step over run_id's snapshots, with the reproduction's TWA settings plus ``extra``."""
+    store, _ = train_common(p, work, ranks=ranks)
+    out = "file://" + str((work / "twa" / name).resolve())
+    args = ["--snapshot-url", store, "--run-id", run_id, "--epochs", str(p.twa_epochs), "--seed", str(seed),
+            "--output", out, "--no-plot", "--num-workers", str(twa_workers(p, ranks))]
+    if p.bn_batches is not None:
+        args += ["--bn-batches", str(p.bn_batches)]
+    args += extra
+    return Step(name, "twa", "launch/twa.py", args, seed, role, swa_lr, run_id=run_id, output=out)
+
+
+def plan_replay_steps(p: Preset, work: Path, pairs: Sequence[early_stop.Pair], *, ranks: int = 1) -> list[Step]:
+    """TWA over a full early-stop run's snapshots up to each epoch where a replayed stop rule fires (the
+    follower's final-TWA settings): planned from the finished full runs' probes."""
+    if not pairs:
+        return []
+    es = early_stop.summarize(p, list(pairs), work)
+    return [twa_step(p, work, f"early-replay-s{s}-e{e}", int(s), "early-replay", f"early-full-s{s}",
+                     ["--select-epochs", f"0:{e}", "--lr", f"{p.twa_lr:g}", "--schedule", "step"], ranks=ranks)
+            for s, epochs in early_stop.replay_epochs(es, limit=p.replay_twa_max).items() for e in epochs]
+
+
+def replay_results(steps: Sequence[Step], work: Path) -> dict[str, dict[int, float]]:
+    """seed -> stop epoch -> validation accuracy of the finished early-replay steps."""
+    out: dict[str, dict[int, float]] = {}
+    for st in steps:
+        r = step_output(st, work) if (work / "done" / f"{st.name}.json").is_file() else None
+        if r and r.get("twa_accuracy") is not None:
+            out.setdefault(str(st.seed), {})[int(st.name.rsplit("-e", 1)[1])] = r["twa_accuracy"]
+    return out
+
+
 def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
     """Every step of the reproduction, in dependency order."""
     store, common = train_common(p, work, ranks=ranks)
-    twa_out = work / "twa"
 
     def train(name, seed, role, run_id, extra, swa_lr=None):
         args = [*common, "--seed", str(seed), "--run-id", run_id,
                 "--checkpoint-dir", str((work / "checkpoints" / run_id).resolve()), *extra]
         return Step(name, "train", "launch/train.py", args, seed, role, swa_lr, run_id=run_id)
 
-    workers = twa_workers(p, ranks)
-
     def twa(name, seed, role, run_id, extra, swa_lr=None):
-        out = "file://" + str((twa_out / name).resolve())
-        args = ["--snapshot-url", store, "--run-id", run_id, "--epochs", str(p.twa_epochs), "--seed", str(seed),
-                "--output", out, "--no-plot", "--num-workers", str(workers)]
-        if p.bn_batches is not None:
-            args += ["--bn-batches", str(p.bn_batches)]
-        args += extra
-        return Step(name, "twa", "launch/twa.py", args, seed, role, swa_lr, run_id=run_id, output=out)
+        return twa_step(p, work, name, seed, role, run_id, extra, ranks=ranks, swa_lr=swa_lr)
 
     k = p.snapshots_per_epoch
     steps = []
@@ -771,7 +798,8 @@ def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: 
                  pairs: Sequence[early_stop.Pair] = ()) -> dict:
     seeds = summarize(p, steps, work)
     table = build_table(p, seeds)
-    markers = {st.name: _read_json(work / "done" / f"{st.name}.json") for st in [*steps, *pairs]}
+    replays = plan_replay_steps(p, work, pairs, ranks=ranks)
+    markers = {st.name: _read_json(work / "done" / f"{st.name}.json") for st in [*steps, *pairs, *replays]}
     E, H, T = p.epochs, p.half, p.twa_epochs
     saved = {"fraction": (E - (H + T)) / E, "wall_fraction": None}
     heads = [d for d in seeds.values() if "head" in d and d.get("head_paper", {}).get("seconds") is not None]
@@ -793,7 +821,7 @@ def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: 
         "findings": findings(p, table, seeds),
         "seeds": seeds,
     }
-    es = early_stop.summarize(p, list(pairs), work) if pairs else None
+    es = early_stop.summarize(p, list(pairs), work, replay_results(replays, work)) if pairs else None
     if es is not None:
         res["early_stop"] = es
     _write_json(out / "results.json", res)
@@ -875,6 +903,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             state = "done" if (work / "done" / f"{pair.name}.json").is_file() else "todo"
             train, follow = early_stop.commands(pair, a.ranks, script_command)
             print(f"[{state}] {pair.name}: {_shown(train)} & {_shown(follow)}")
+        for st in plan_replay_steps(p, work, pairs, ranks=a.ranks):  # known once the full runs have finished
+            state = "done" if (work / "done" / f"{st.name}.json").is_file() else "todo"
+            print(f"[{state}] {st.name}: {_shown(command(st, a.ranks))}")
         return 0
     if not a.report_only:
         if not (Path(p.data) / "train").is_dir():
@@ -890,9 +921,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_step(st, work, ranks=a.ranks, env=env, log=lambda m: print(m, flush=True))
         for pair in pairs:
             early_stop.run_pair(pair, work, cmds=early_stop.commands(pair, a.ranks, script_command), shown=_shown,
-                                env=env, log=lambda m: print(m, flush=True))
-        print(f"all {len(steps) + len(pairs)} steps done ({(time.perf_counter() - t0) / 60:.1f} min this call)",
-              flush=True)
+                                env=early_stop.pair_env(env, a.ranks), log=lambda m: print(m, flush=True))
+        replays = plan_replay_steps(p, work, pairs, ranks=a.ranks)
+        for st in replays:
+            run_step(st, work, ranks=a.ranks, env=env, log=lambda m: print(m, flush=True))
+        n = len(steps) + len(pairs) + len(replays)
+        print(f"all {n} steps done ({(time.perf_counter() - t0) / 60:.1f} min this call)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     res = write_report(p, steps, out, work, ranks=a.ranks, argv=argv, pairs=pairs)
     for r in res["table"]:

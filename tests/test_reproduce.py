@@ -302,6 +302,12 @@ def test_early_stop_smoke_report_agrees_with_the_run_files(early):
     rows = {r["rule"]: r for r in es["replay"]["rows"]}
     assert es["replay"]["recorded_matches_replay"] and rows["target:0.01"]["default"]
     assert rows["target:0.01"]["per_seed"]["0"]["probe"] == fired["probe"]
+    # where it fired, the TWA over the full run's snapshots to that epoch (its own step) says what it delivers
+    e = int(fired["epoch"])
+    replay = json.loads((out / "work" / "twa" / f"early-replay-s0-e{e}" / "result.json").read_text())
+    assert [x["seq"] for x in replay["snapshots"]] == list(range(e + 1))
+    assert rows["target:0.01"]["per_seed"]["0"]["twa_val"] == replay["twa_accuracy"]
+    assert f"early-replay-s0-e{e}" in res["steps"] and not res["missing_steps"]
     assert "## Early stop: does the live TWA follower save compute?" in report and "| 0 | " in report
     assert "![probe accuracy against epoch](early_stop.png)" in report and "competes with it" in report
     assert "[skip] early-full-s0" in again.stdout and "[skip] early-obey-s0" in again.stdout
@@ -319,18 +325,25 @@ def test_early_stop_replay_calls_the_projects_rule_on_recorded_probes():
     assert reproduce.early_stop.replay(plateau, probes([0.50, 0.60, 0.70, 0.701, 0.702], 0.71)) is None  # < SGD
     assert reproduce.early_stop.replay(plateau, probes([0.50, 0.60, 0.70, 0.701, 0.702], 0.71),
                                        sgd_condition=False)["probe"] == 4
-    p = reproduce.Preset(name="t", model="resnet20", epochs=12, experiments=("early-stop",))
-    curve = probes([0.50, 0.60, 0.70, 0.745, 0.746, 0.747, 0.748], 0.65)
-    grid = reproduce.early_stop.replay_grid(p, {"0": {"full": {"probes": curve, "rule_fired": None}}})
+    p = reproduce.Preset(name="t", model="resnet20", epochs=14, experiments=("early-stop",))
+    curve = probes([0.50, 0.60, 0.70, 0.745, 0.746, 0.747, 0.748], 0.65)  # epochs 2, 4, ..., 14
+    seeds = {"0": {"full": {"probes": curve, "rule_fired": None, "sgd_accuracy": 0.74, "twa_accuracy": 0.75}}}
+    grid = reproduce.early_stop.replay_grid(p, seeds)
     default = grid["rows"][0]
     assert default["default"] and default["rule"] == "plateau eps=0.2 P=3"  # the follower's own defaults
     assert default["per_seed"]["0"] is None and not default["holds"]  # +0.3 pts over the last 3: never fires
     assert grid["recorded_matches_replay"] is True  # the run's record (never fired) agrees
-    # P=1 fires at probe 4 (+0.1 pt), within 0.5 pts of the last probe: 2 of 12 epochs saved; among the
-    # rules that tie, the most conservative one (smallest epsilon, with the SGD check) is named
-    assert grid["best"] == "plateau eps=0.2 P=1"
-    best = next(r for r in grid["rows"] if r["rule"] == grid["best"])
-    assert best["holds"] and best["per_seed"]["0"]["probe"] == 4 and best["epochs_saved_mean"] == 2
+    # P=1 stops at epoch 10, P=2 (eps 0.5, 1) at 12, P=3 (eps 0.5, 1) at 14 = E (the full run's final TWA)
+    assert reproduce.early_stop.replay_epochs({"epochs": 14, "replay": grid}, limit=4) == {"0": [10, 12]}
+    assert reproduce.early_stop.replay_epochs({"epochs": 14, "replay": grid}, limit=1) == {"0": [10]}
+    assert grid["best"] is None  # no TWA at the stops yet: nothing can be said to hold
+    grid = reproduce.early_stop.replay_grid(p, seeds, {"0": {10: 0.70, 12: 0.7451}})
+    rows = {r["rule"]: r for r in grid["rows"]}
+    assert not rows["plateau eps=0.2 P=1"]["holds"]  # 4 pts under full SGD at epoch 10
+    assert rows["plateau eps=0.5 P=2"]["per_seed"]["0"]["gap_to_full_sgd"] == pytest.approx(0.0051)
+    assert rows["plateau eps=0.5 P=3"]["holds"] and rows["plateau eps=0.5 P=3"]["epochs_saved_mean"] == 0
+    # holds and saves 2 epochs; ties with eps 1 and the variants without the SGD check: the most conservative
+    assert grid["best"] == "plateau eps=0.5 P=2"
 
 
 def test_early_stop_is_opt_in_and_needs_no_head(tmp_path):
