@@ -26,9 +26,10 @@ def test_node_rank_reads_deepspeeds_cross_rank(monkeypatch):
 
 
 @pytest.mark.multirank
-def test_a_2_rank_deepspeed_job_leaves_nothing_in_dev_shm(tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_deepspeed_job_leaves_nothing_in_dev_shm(tmp_path, ranks):
     # DeepSpeed's CPU shm all-reduce creates a 69 MB /dev/shm file per rank and never unlinks it;
-    # comm.init unlinks it once every rank has mapped it. Before that fix, each job leaked 138 MB
+    # comm.init unlinks it once every rank has mapped it. Before that fix, each job leaked 69 MB a rank
     # of RAM-backed tmpfs, and the test suite's many jobs filled /dev/shm until the OOM killer hit.
     script = tmp_path / "probe.py"
     script.write_text(
@@ -36,12 +37,12 @@ def test_a_2_rank_deepspeed_job_leaves_nothing_in_dev_shm(tmp_path):
         "from twa_scale import comm\n"
         "comm.init()\n"
         "t = comm.all_reduce(torch.ones(4))\n"  # the shared buffer still works after its name is gone
-        "assert t.tolist() == [2.0] * 4, t\n"
+        f"assert t.tolist() == [{ranks}.0] * 4, t\n"
         "if comm.rank() == 0:\n"
         "    print('PORT', os.environ['MASTER_PORT'], 'LOCAL_SIZE', os.environ.get('LOCAL_SIZE'), flush=True)\n"
         "comm.destroy()\n")
-    out = launch.deepspeed(str(script), [], ranks=2, timeout=300).stdout
-    port = re.search(r"PORT (\d+) LOCAL_SIZE 2", out)
+    out = launch.deepspeed(str(script), [], ranks=ranks, timeout=300).stdout
+    port = re.search(rf"PORT (\d+) LOCAL_SIZE {ranks}\b", out)
     assert port, out[-2000:]
     left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port.group(1)}_*")]
     assert left == []

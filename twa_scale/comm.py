@@ -60,7 +60,7 @@ def _unlink_shm_allreduce_buffer() -> None:
     ``init_distributed`` returns on all ranks, so after a barrier each rank unlinks its own name:
     the memory stays mapped until the process exits, even by SIGKILL, and is then freed.
     """
-    if not is_distributed():
+    if not (dist.is_available() and dist.is_initialized()):  # a 1-rank DeepSpeed job has a buffer too
         return
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
