@@ -241,7 +241,7 @@ def committed_tags(store) -> list[str]:
 
 def _committed(keys) -> list[str]:
     """The committed tags among the store keys ``keys``, oldest first."""
-    tags = [k.partition("/")[0] for k in keys if k.partition("/")[2] == COMMIT and _TAG.match(k.partition("/")[0])]
+    tags = [tag for tag, _, name in (k.partition("/") for k in keys) if name == COMMIT and _TAG.match(tag)]
     return sorted(tags, key=_tag_key)
 
 
@@ -410,11 +410,13 @@ class Uploader:
         st, call = self._store, self._retry.call
         keys = call(f"listing {self.url}", lambda: st.find(""))
         oldest = min((_tag_key(t) for t in _committed(keys)[-self.keep:]), default=_tag_key(newest))
-        old = sorted({k.partition("/")[0] for k in keys if _TAG.match(k.partition("/")[0])
-                      and _tag_key(k.partition("/")[0]) < oldest})
-        for tag in old:
-            mine = [k for k in keys if k.partition("/")[0] == tag]
-            for key in sorted(mine, key=lambda k: not k.endswith(f"/{COMMIT}")):  # invisible first
+        by_tag: dict[str, list[str]] = {}
+        for key in keys:
+            tag = key.partition("/")[0]
+            if _TAG.match(tag):
+                by_tag.setdefault(tag, []).append(key)
+        for tag in sorted((t for t in by_tag if _tag_key(t) < oldest), key=_tag_key):
+            for key in sorted(by_tag[tag], key=lambda k: not k.endswith(f"/{COMMIT}")):  # invisible first
                 call(f"deleting {st.describe(key)}", lambda k=key: st.delete(k))
 
 

@@ -2,7 +2,7 @@
 
     from twa_scale.twa.stage import run_twa
     result = run_twa(TwaConfig(snapshot_url="file:///runs", run_id="resnet20-digits-s0"))
-    print(result.twa_accuracy, result.guard["final_lr"])
+    print(result.twa_accuracy, result.lr_final, result.returned)
 
 The guard: TWA never returns a model worse than its start without saying so. The start
 point (the SWA mean of the selection, BatchNorm recalibrated) is evaluated on the reported
@@ -14,7 +14,8 @@ point ends below the start's guard accuracy by more than ``guard_tolerance`` wit
 guard loss too. A failed attempt
 restarts from the start point at lr x ``guard_lr_factor``, at most ``guard_retries`` times,
 each logged and counted in ``twa_guard_retries_total``. When every attempt fails, the stage
-raises a one-line error naming the learning rates, and writes nothing.
+returns the start point with a warning (``guard_fallback="start"``, the default), or raises a
+one-line error naming the learning rates and writes nothing (``guard_fallback="error"``).
 """
 from __future__ import annotations
 
@@ -51,6 +52,13 @@ class TwaGuardError(ConfigError):
 def _metrics():
     from twa_scale import metrics
     return metrics
+
+
+def _warn(msg: str) -> None:
+    """A warning in the log and, once (rank 0), on stdout, where a user running the stage reads it."""
+    log.warning(msg)
+    if comm.rank() == 0:
+        print(msg, flush=True)
 
 
 # --- load ---------------------------------------------------------------------------------------
@@ -210,9 +218,7 @@ def _fit(cfg: TwaConfig, loop: CoefficientLoop, start_guard: dict,
         last = i == cfg.guard_retries
         msg = (f"TWA guard: lr {lr:g} {att.outcome.replace('_', ' ')} ({att.reason}); "
                + ("no retries left" if last else f"restarting from the start point at lr {lr * cfg.guard_lr_factor:g}"))
-        log.warning(msg)
-        if comm.rank() == 0:
-            print(msg, flush=True)
+        _warn(msg)
         lr *= cfg.guard_lr_factor
     tried = ", ".join(f"{a.lr:g} ({a.outcome.replace('_', ' ')})" for a in attempts)
     if cfg.guard_fallback == "error":
@@ -222,13 +228,10 @@ def _fit(cfg: TwaConfig, loop: CoefficientLoop, start_guard: dict,
     # The start point is a model the guard has already measured, and one no worse than itself: after a
     # whole training run, returning it (said loudly) serves the user better than no model at all. Near
     # convergence this is common: one guard sample can separate the start from a fit that barely moved.
-    msg = (f"TWA guard: every learning rate failed ({tried}); returning the start point "
-           "(--guard-fallback start; result.json: returned start)")
-    log.warning(msg)
-    if comm.rank() == 0:
-        print(msg, flush=True)
+    _warn(f"TWA guard: every learning rate failed ({tried}); returning the start point "
+          "(--guard-fallback start; result.json: returned start)")
     theta = loop.restart()
-    val, _ = eval_point("start")
+    val, _ = eval_point("start")  # again: BatchNorm was last recalibrated at the failed attempt's weights
     return None, theta, val, attempts
 
 
@@ -282,11 +285,8 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
         timings["basis_seconds"] = time.perf_counter() - t0
     _metrics().twa_effective_rank(basis.k)
     if basis.report.get("dropped"):
-        msg = (f"TWA basis: dropped {len(basis.report['dropped'])} nearly dependent direction(s) "
-               f"(seq {[seqs[i] for i in basis.report['dropped']]}); effective rank {basis.k} of {n}")
-        log.warning(msg)
-        if rank == 0:
-            print(msg, flush=True)
+        _warn(f"TWA basis: dropped {len(basis.report['dropped'])} nearly dependent direction(s) "
+              f"(seq {[seqs[i] for i in basis.report['dropped']]}); effective rank {basis.k} of {n}")
 
     workers = cfg.num_workers
     val_loader = make_loader(val_data, batch_size=per_rank_batch, train=False, num_workers=workers)
