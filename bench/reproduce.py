@@ -9,6 +9,8 @@
                                                                   # the paper's density: K=5 against K=1
     python bench/reproduce.py --out bench/results/cpu-early-stop --experiments early-stop
                                                                   # live TWA: does its stop save compute?
+    python bench/reproduce.py --out bench/results/cpu-frontier --experiments head,frontier --seeds 0 1 2
+                                                                  # accuracy against epochs spent
 
 Every step is one of the project's own commands, run as a subprocess:
 `python launch/train.py ...` / `python launch/twa.py ...` (or `deepspeed --num_gpus N ...` with --ranks N).
@@ -25,7 +27,11 @@ Per seed:
   head-twav   TWA-v (journal mode: centred, layer-wise, AdamW + cosine, fitted on the hold-out);
   tail-lrX    K more epochs from the head run's final snapshot at a constant learning rate X
               (`--init-from ... --schedule constant`), for each X in --swa-lrs;
-  tail-twa-lrX TWA over the tail's K+1 snapshots; the stage also reports SWA (its start point).
+  tail-twa-lrX TWA over the tail's K+1 snapshots, from the tail's last snapshot as the authors do
+              (`--tail-start swa`: from their uniform mean);
+  tail-swa-lrX with the default `--tail-start last`: SWA of the same snapshots (`--epochs 0`, BatchNorm recomputed);
+  frontier    (opt-in) per head length H, TWA over epochs 0..H + T TWA epochs against SGD trained on an
+              (H+T)-epoch schedule: accuracy against epochs spent (bench/frontier.py);
   early-stop  (opt-in) per seed, an E-epoch run with a live TWA follower beside it that records where its stop
               rule fires without being obeyed, and the same run obeying it (bench/early_stop.py).
 All runs train with the same --holdout-fraction, so they are comparable and TWA-v has a split to fit on.
@@ -56,6 +62,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import early_stop  # bench/early_stop.py: the early-stop experiment
+import frontier  # bench/frontier.py: accuracy against epochs spent, TWA against budget-matched SGD
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_GRACE_SECONDS = 60.0  # a stopped step gets this long to flush before it is killed
@@ -87,6 +94,9 @@ class Preset:
     twa_lr: float = 2.0
     """Paper-mode TWA learning rate (paper: 2 on CIFAR)."""
     tail_twa_weight_decay: float = 5e-5
+    tail_start: str = "last"
+    """Where tail TWA starts: `last`, the tail's final snapshot, as the authors' swa/run_twa.sh
+    (--train_start 225 of --params_start 126 --params_end 226); `swa`, the uniform mean of the tail."""
     """Paper-mode TWA weight decay in the tail stage (the authors' tail script uses 5e-5)."""
     tail_epochs: int = 100
     """K: tail epochs at a constant learning rate, from the head run's final snapshot."""
@@ -98,6 +108,9 @@ class Preset:
     experiments: tuple[str, ...] = ("head", "twav", "tail")
     """Which parts run: head (SGD + paper-mode TWA), twav (journal TWA-v on the head), tail (SWA vs TWA),
     early-stop (live TWA follower beside training, its stop recorded and then obeyed; opt-in)."""
+    frontier_heads: tuple[int, ...] | None = None
+    """Frontier: head lengths H (None: 30%, 50% and 70% of E); each gets a TWA over epochs 0..H and SGD on an
+    (H+T)-epoch schedule."""
     early_stop_epochs: int | None = None
     """Epochs of the early-stop runs (None: `epochs`; a smaller E is a documented shortcut, in the report)."""
     follow_args: tuple[str, ...] = ()
@@ -119,13 +132,17 @@ class Preset:
             raise ValueError(f"--twa-epochs: must be >= 1, got {self.twa_epochs}")
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
+        if self.tail_start not in ("last", "swa"):
+            raise ValueError(f"--tail-start: must be last or swa, got {self.tail_start!r}")
         if self.snapshots_per_epoch < 1:
             raise ValueError(f"--snapshots-per-epoch: must be >= 1, got {self.snapshots_per_epoch}")
-        unknown = set(self.experiments) - {"head", "twav", "tail", "early-stop"}
-        if unknown or not self.experiments or ({"twav", "tail"} & set(self.experiments)
+        unknown = set(self.experiments) - {"head", "twav", "tail", "frontier", "early-stop"}
+        if unknown or not self.experiments or ({"twav", "tail", "frontier"} & set(self.experiments)
                                                 and "head" not in self.experiments):
-            raise ValueError(f"--experiments {','.join(self.experiments)}: choose from head,twav,tail,early-stop "
-                             "(twav and tail need head)")
+            raise ValueError(f"--experiments {','.join(self.experiments)}: choose from head,twav,tail,frontier,"
+                             "early-stop (twav, tail and frontier need head)")
+        if self.frontier_heads is not None and not all(1 <= h < self.epochs for h in self.frontier_heads):
+            raise ValueError(f"--frontier-heads: each H must be in [1, {self.epochs}), got {list(self.frontier_heads)}")
         if self.early_stop_epochs is not None and self.early_stop_epochs < 2:
             raise ValueError(f"--early-stop-epochs: need >= 2, got {self.early_stop_epochs}")
         if not 0.0 < self.holdout_fraction < 1.0:
@@ -179,8 +196,10 @@ class Step:
     script: str
     args: list[str]
     seed: int
-    role: str  # head | head-paper | head-twav | tail | tail-twa
+    role: str  # head | head-paper | head-twav | tail | tail-twa | tail-swa | frontier-twa | budget
     swa_lr: float | None = None
+    head: int | None = None
+    """Frontier: H of a frontier-twa step, H + T of a budget step."""
     run_id: str | None = None
     output: str | None = None
     """TWA output URL."""
@@ -257,10 +276,10 @@ def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
     """Every step of the reproduction, in dependency order."""
     store, common = train_common(p, work, ranks=ranks)
 
-    def train(name, seed, role, run_id, extra, swa_lr=None):
+    def train(name, seed, role, run_id, extra, swa_lr=None, head=None):
         args = [*common, "--seed", str(seed), "--run-id", run_id,
                 "--checkpoint-dir", str((work / "checkpoints" / run_id).resolve()), *extra]
-        return Step(name, "train", "launch/train.py", args, seed, role, swa_lr, run_id=run_id)
+        return Step(name, "train", "launch/train.py", args, seed, role, swa_lr, head=head, run_id=run_id)
 
     def twa(name, seed, role, run_id, extra, swa_lr=None):
         return twa_step(p, work, name, seed, role, run_id, extra, ranks=ranks, swa_lr=swa_lr)
@@ -281,6 +300,17 @@ def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
                              ["--select", f"0:{k * p.half + 1}:{k}", "--lr", f"{p.twa_lr:g}", "--schedule", "step"]))
             steps.append(twa(f"head-paper-periter-s{s}", s, "head-paper-periter", head,
                              [*sel, "--lr", f"{p.twa_lr:g}", "--schedule", "step-per-iter"]))
+        for h in (frontier.heads(p.epochs, p.frontier_heads) if "frontier" in p.experiments else ()):
+            if h != p.half:  # H = E/2 is head-paper itself
+                fsel = ["--select", f"0:{h + 1}"] if k == 1 else ["--select-epochs", f"0:{h}"]
+                st = twa(f"frontier-twa-h{h}-s{s}", s, "frontier-twa", head,
+                         [*fsel, "--lr", f"{p.twa_lr:g}", "--schedule", "step"])
+                st.head = h
+                steps.append(st)
+            n = h + p.twa_epochs
+            if n != p.epochs:  # an (H+T)-epoch budget equal to E is the full run
+                steps.append(train(f"budget-e{n}-s{s}", s, "budget", f"budget-e{n}-s{s}",
+                                   ["--epochs", str(n), "--lr", f"{p.lr:g}", "--schedule", "step"], head=n))
         if "twav" in p.experiments:
             steps.append(twa(f"head-twav-s{s}", s, "head-twav", head,
                              ["--preset", "journal", *sel, "--fit-on", "holdout"]))
@@ -291,7 +321,11 @@ def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
                                 "--init-from", f"{store}/{head}@{p.epochs * k}"], swa_lr=lr))
             steps.append(twa(f"tail-twa-lr{_lr_tag(lr)}-s{s}", s, "tail-twa", tail,
                              ["--select", f"0:{p.tail_epochs + 1}", "--lr", f"{p.twa_lr:g}", "--schedule", "step",
-                              "--weight-decay", f"{p.tail_twa_weight_decay:g}"], swa_lr=lr))
+                              "--weight-decay", f"{p.tail_twa_weight_decay:g}",
+                              *(["--start", str(p.tail_epochs)] if p.tail_start == "last" else [])], swa_lr=lr))
+            if p.tail_start == "last":  # SWA, the uniform mean of the same snapshots: the start point alone
+                steps.append(twa(f"tail-swa-lr{_lr_tag(lr)}-s{s}", s, "tail-swa", tail,
+                                 ["--select", f"0:{p.tail_epochs + 1}", "--epochs", "0"], swa_lr=lr))
     return steps
 
 
@@ -412,7 +446,13 @@ def _twa_summary(r: dict) -> dict:
            "seqs": [s["seq"] for s in r.get("snapshots", [])], "alpha": _alpha_per_snapshot(alpha),
            "effective_rank": r.get("effective_rank"), "dropped": (r.get("basis") or {}).get("dropped", []),
            "history": r.get("epochs", []), "hyperparameters": r.get("hyperparameters", {}),
-           "seconds": (r.get("timings") or {}).get("total_seconds")}
+           "seconds": (r.get("timings") or {}).get("total_seconds"),
+           # what was delivered: `start` means every guarded lr failed and the model is the start point
+           # (SWA), so its accuracy must never be read as TWA's
+           "returned": r.get("returned"), "lr_final": r.get("lr_final"),
+           "guard_attempts": [{k: a.get(k) for k in ("lr", "outcome")}
+                              for a in (r.get("guard") or {}).get("attempts", [])],
+           "fallback": (r.get("guard") or {}).get("fallback")}
     if layerwise:
         out["alpha_block_min"] = [float(min(a)) for a in alpha]
         out["alpha_block_max"] = [float(max(a)) for a in alpha]
@@ -425,6 +465,11 @@ def _train_summary(m: dict) -> dict:
                        for r in rows],
             "final_accuracy": (m.get("final") or {}).get("val_accuracy"),
             "seconds": sum(r.get("seconds", 0.0) for r in rows)}
+
+
+def _tail_swa(tail: dict) -> float | None:
+    """SWA of a tail: its own `--epochs 0` step when tail TWA starts at the last snapshot, else TWA's start."""
+    return (tail.get("swa") or {}).get("start_accuracy") or (tail.get("twa") or {}).get("swa_accuracy")
 
 
 def summarize(p: Preset, steps: list[Step], work: Path) -> dict:
@@ -442,6 +487,11 @@ def summarize(p: Preset, steps: list[Step], work: Path) -> dict:
             d["head"]["half_seconds"] = sum(r.get("seconds", 0.0) for r in d["head"]["epochs"] if r["epoch"] <= p.half)
         elif st.role == "head-paper":
             d["head_paper"] = _twa_summary(out)
+            d.setdefault("frontier", {}).setdefault("twa", {})[str(p.half)] = d["head_paper"]
+        elif st.role == "frontier-twa":
+            d.setdefault("frontier", {}).setdefault("twa", {})[str(st.head)] = _twa_summary(out)
+        elif st.role == "budget":
+            d.setdefault("frontier", {}).setdefault("sgd", {})[str(st.head)] = _train_summary(out)
         elif st.role in ("head-paper-k1", "head-paper-periter"):
             d[st.role.replace("-", "_")] = _twa_summary(out)
         elif st.role == "head-twav":
@@ -450,6 +500,8 @@ def summarize(p: Preset, steps: list[Step], work: Path) -> dict:
             d["tail"].setdefault(_lr_tag(st.swa_lr), {})["train"] = _train_summary(out)
         elif st.role == "tail-twa":
             d["tail"].setdefault(_lr_tag(st.swa_lr), {})["twa"] = _twa_summary(out)
+        elif st.role == "tail-swa":
+            d["tail"].setdefault(_lr_tag(st.swa_lr), {})["swa"] = _twa_summary(out)
     return seeds
 
 
@@ -483,7 +535,7 @@ def build_table(p: Preset, seeds: dict) -> list[dict]:
             (f"tail SGD, last point (lr {tag})", f"tail lr {tag}", E + K, 0,
              lambda d, t=tag: d["tail"].get(t, {}).get("train", {}).get("final_accuracy")),
             (f"SWA, tail lr {tag} ({K + 1} snapshots)", f"tail lr {tag}", E + K, 0,
-             lambda d, t=tag: d["tail"].get(t, {}).get("twa", {}).get("swa_accuracy")),
+             lambda d, t=tag: _tail_swa(d["tail"].get(t, {}))),
             (f"TWA, tail lr {tag} ({K + 1} snapshots)", f"tail lr {tag}", E + K, T,
              lambda d, t=tag: d["tail"].get(t, {}).get("twa", {}).get("twa_accuracy")),
         ]
@@ -646,7 +698,7 @@ def plot_accuracy(p: Preset, seeds: dict, path: Path) -> None:
         # each tail curve starts at its head run's final point (the weights it starts from)
         curve([[{"epoch": 0, "val_accuracy": h["final_accuracy"]}, *t["train"]["epochs"]]
                for h, t in tails if "train" in t], E, f"tail SGD, lr {tag}", c, lw=1.2)
-        point(E + K + dx, [t.get("twa", {}).get("swa_accuracy") for _, t in tails], f"SWA tail lr {tag}", c, "s")
+        point(E + K + dx, [_tail_swa(t) for _, t in tails], f"SWA tail lr {tag}", c, "s")
         point(E + K + T + dx, [t.get("twa", {}).get("twa_accuracy") for _, t in tails], f"TWA tail lr {tag}", c, "*")
     finals = [d["head"]["final_accuracy"] for d in ds if d.get("head", {}).get("final_accuracy") is not None]
     if finals:
@@ -716,6 +768,7 @@ def render_report(res: dict, discussion: str | None) -> str:
                   + ", ".join(res["missing_steps"]), ""]
     if "head" in p["experiments"]:
         lines += _head_report(res)
+    lines += res.get("frontier_report", [])
     lines += res.get("early_stop_report", [])
     lines += ["", "## Steps", "", "| step | seconds | command |", "|---|---:|---|"]
     for name, st in res["steps"].items():
@@ -753,8 +806,12 @@ def _head_report(res: dict) -> list[str]:
               f"- Tail: from the head run's final snapshot (seq {E}), {K} more epochs at a constant lr "
               f"{' and '.join(f'{lr:g}' for lr in p['swa_lrs'])} (`--init-from ... --schedule constant`); "
               f"then paper-mode TWA over the tail's {K + 1} snapshots (seq 0 = the head's final weights), "
-              f"weight decay {p['tail_twa_weight_decay']:g}. The TWA stage starts from the uniform mean, "
-              "so its start accuracy (BatchNorm recomputed) is the SWA result on the same snapshots.",
+              f"weight decay {p['tail_twa_weight_decay']:g}, starting "
+              + ("at the tail's last snapshot, as the authors' swa/run_twa.sh does (`--start`); SWA, the uniform "
+                 "mean of the same snapshots with BatchNorm recomputed, is its own `--epochs 0` step."
+                 if p.get("tail_start", "last") == "last" else
+                 "at the uniform mean (`--tail-start swa`), so its start accuracy (BatchNorm recomputed) is the "
+                 "SWA result on the same snapshots."),
               "- BatchNorm statistics are recomputed at the start and end of every TWA run on "
               + (f"{p['bn_batches']} training batches of {p['batch_size']} (the paper: a full pass)."
                  if p.get("bn_batches") else "one full pass over the training split (as in the paper)."),
@@ -824,6 +881,10 @@ def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: 
     es = early_stop.summarize(p, list(pairs), work, replay_results(replays, work)) if pairs else None
     if es is not None:
         res["early_stop"] = es
+    if "frontier" in p.experiments:
+        grid = frontier.heads(p.epochs, p.frontier_heads)
+        fs = frontier.summarize(seeds, epochs=E, twa_epochs=T, grid=grid)
+        res["frontier"] = {"heads": grid, "points": fs, "claims": frontier.claims(fs, epochs=E, twa_epochs=T)}
     _write_json(out / "results.json", res)
     if "head" in p.experiments:
         plot_accuracy(p, seeds, out / "accuracy_vs_epoch.png")
@@ -831,6 +892,12 @@ def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: 
     if es is not None:
         early_stop.plot(p, es, out / "early_stop.png")
         res = {**res, "early_stop_report": early_stop.render(p, es, ranks)}
+    if "frontier" in res:
+        fr = res["frontier"]
+        frontier.plot(fr["points"], out / "frontier.png", epochs=E,
+                      title=f"{p.model}, {p.limit_train or 'all'} CIFAR-10 images, E={E}, T={T}")
+        res = {**res, "frontier_report": frontier.render(fr["points"], fr["claims"], epochs=E, twa_epochs=T,
+                                                         seeds=sorted(seeds))}
     discussion = (out / "discussion.md").read_text() if (out / "discussion.md").is_file() else None
     (out / "report.md").write_text(render_report(res, discussion))
     return res
@@ -854,14 +921,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tail-epochs", type=int, help="K, epochs of each tail run")
     ap.add_argument("--twa-lr", type=float, help="paper-mode TWA learning rate (preset: the paper's 2)")
     ap.add_argument("--swa-lrs", type=float, nargs="+", help="constant tail learning rates")
+    ap.add_argument("--tail-start", choices=("last", "swa"),
+                    help="tail TWA starts at the tail's last snapshot (default, as the authors) or its SWA mean")
     ap.add_argument("--limit-train", type=int)
     ap.add_argument("--limit-val", type=int)
     ap.add_argument("--holdout-fraction", type=float)
     ap.add_argument("--num-workers", type=int)
     ap.add_argument("--snapshots-per-epoch", type=int, help="K, snapshots per epoch of the head run (default 1)")
     ap.add_argument("--experiments",
-                    help="comma-separated parts to run: head,twav,tail,early-stop (default head,twav,tail)")
+                    help="comma-separated parts to run: head,twav,tail,frontier,early-stop (default head,twav,tail)")
     ap.add_argument("--early-stop-epochs", type=int, help="epochs of the early-stop runs (default: --epochs)")
+    ap.add_argument("--frontier-heads", type=int, nargs="+",
+                    help="frontier head lengths H (default: 30%%, 50%% and 70%% of --epochs)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from finished steps; run nothing")
     ap.add_argument("--dry-run", action="store_true", help="print each step's command and whether it is done")
     return ap
@@ -870,9 +941,11 @@ def build_parser() -> argparse.ArgumentParser:
 def preset_from_args(a: argparse.Namespace) -> Preset:
     base = dataclasses.asdict(PRESETS["gpu" if a.gpu else "smoke" if a.smoke else "cpu"]())
     over = {"data": a.data, "model": a.model, "epochs": a.epochs, "twa_epochs": a.twa_epochs,
-            "tail_epochs": a.tail_epochs, "twa_lr": a.twa_lr, "limit_train": a.limit_train, "limit_val": a.limit_val,
+            "tail_epochs": a.tail_epochs, "tail_start": a.tail_start, "twa_lr": a.twa_lr,
+            "limit_train": a.limit_train, "limit_val": a.limit_val,
             "holdout_fraction": a.holdout_fraction, "num_workers": a.num_workers,
             "snapshots_per_epoch": a.snapshots_per_epoch, "early_stop_epochs": a.early_stop_epochs,
+            "frontier_heads": tuple(a.frontier_heads) if a.frontier_heads else None,
             "experiments": tuple(a.experiments.split(",")) if a.experiments else None,
             "seeds": tuple(a.seeds) if a.seeds else None, "swa_lrs": tuple(a.swa_lrs) if a.swa_lrs else None}
     base.update({k: v for k, v in over.items() if v is not None})

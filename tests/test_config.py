@@ -79,7 +79,8 @@ def test_paper_presets_are_the_authors_protocols():
     cifar = parse_twa_args(TWA_REQUIRED + ["--preset", "paper_cifar"])
     assert (cifar.batch_size, cifar.lr, cifar.weight_decay, cifar.momentum, cifar.epochs, cifar.schedule,
             cifar.select) == (128, 2.0, 1e-5, 0.9, 10, "step", None)
-    assert cifar == parse_twa_args(TWA_REQUIRED)  # and the defaults
+    # the defaults too, but for the selection: every committed snapshot, against the paper's head
+    assert cifar == dataclasses.replace(parse_twa_args(TWA_REQUIRED), select_epochs="0:50%")
     imagenet = parse_twa_args(TWA_REQUIRED + ["--preset", "paper_imagenet"])
     assert (imagenet.batch_size, imagenet.lr, imagenet.epochs, imagenet.mode) == (256, 0.3, 2, "paper")
     journal = parse_twa_args(TWA_REQUIRED + ["--preset", "journal"])

@@ -83,11 +83,18 @@ class TrainConfig:
     """Peak learning rate (SGD)."""
     momentum: float = 0.9
     """SGD momentum."""
-    weight_decay: float = 5e-4
-    """Weight decay (not applied to BatchNorm weights and biases)."""
+    weight_decay: float = 1e-4
+    """SGD weight decay (the TWA authors' 1e-4: train_sgd_cifar.py:42, train_sgd_imagenet.py:55)."""
+    decay_norm_bias: bool = True
+    """Apply weight decay to BatchNorm weights and biases too, as the authors do (they decay
+    model.parameters() whole); --no-decay-norm-bias exempts every 1-D parameter."""
     schedule: Schedule = "step"
-    """`step`: the TWA authors' epoch-wise MultiStepLR, ÷10 at epochs int(0.5E) and int(0.75E+0.9);
-    `step-per-iter`: ÷10 at 50% and 75% of the steps; `cosine`, `linear` (to 0) or `constant`."""
+    """`step`: the TWA authors' epoch-wise MultiStepLR, ÷10 at epochs int(0.5E) and int(0.75E+0.9)
+    (or at --lr-milestones); `step-per-iter`: ÷10 at 50% and 75% of the steps; `cosine`, `linear`
+    (to 0) or `constant`."""
+    lr_milestones: list[int] | None = None
+    """Epochs at which `step` divides the lr by 10, e.g. [30, 60] (the authors' ImageNet script);
+    None: int(0.5E) and int(0.75E+0.9)."""
     warmup_epochs: float = 0.0
     """Linear warm-up length in epochs (any schedule; int(epochs × steps per epoch) steps)."""
     batch_size: int | None = None
@@ -168,6 +175,11 @@ class TrainConfig:
         if self.lr <= 0:
             bad("lr", f"must be > 0, got {self.lr}")
         check_choice("schedule", self.schedule, Schedule)
+        if self.lr_milestones is not None:
+            if self.schedule != "step":
+                bad("lr-milestones", f"only applies to --schedule step, got --schedule {self.schedule}")
+            if any(m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(self.lr_milestones):
+                bad("lr-milestones", f"expected increasing epochs >= 1, got {self.lr_milestones}")
         if self.warmup_epochs < 0:
             bad("warmup-epochs", f"must be >= 0, got {self.warmup_epochs}")
         for flag, v in (("batch-size", self.batch_size), ("micro-batch", self.micro_batch),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -94,24 +95,31 @@ def resolve_batch(ds: dict, *, batch_size: int | None, micro_batch: int | None, 
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    # No weight decay on BatchNorm and biases, as in the reference CIFAR/ImageNet recipes.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
+    """SGD with weight decay on every parameter, as the TWA authors train (train_sgd_cifar.py:183 and
+    train_sgd_imagenet.py:206 pass model.parameters() whole); ``cfg.decay_norm_bias`` False exempts the
+    1-D tensors (BatchNorm weights, biases), the common "no decay on norm and bias" variant."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    if not cfg.decay_norm_bias:
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
 
 
-def milestones(epochs: int) -> tuple[int, int]:
-    """Epochs at which the `step` schedule divides the lr by 10: the TWA authors' MultiStepLR
-    (train_twa.py: milestones=[int(0.5E), int(0.75E + 0.9)], stepped once per epoch).
+def milestones(epochs: int, explicit: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Epochs at which the `step` schedule divides the lr by 10.
 
-    Never before epoch 1: the authors' rule puts a milestone at epoch 0 when E = 1, which would run
-    a one-epoch job at lr/10 throughout. For E >= 2 this is exactly their rule."""
+    ``explicit`` (--lr-milestones) wins. Otherwise the TWA authors' MultiStepLR (train_twa.py:
+    milestones=[int(0.5E), int(0.75E + 0.9)], stepped once per epoch), never before epoch 1: the
+    authors' rule puts a milestone at epoch 0 when E = 1, which would run a one-epoch job at lr/10
+    throughout. For E >= 2 this is exactly their rule (and train_sgd_cifar.py's [100, 150] at E = 200)."""
+    if explicit:
+        return tuple(explicit)
     return max(1, int(epochs * 0.5)), max(1, int(epochs * 0.75 + 0.9))
 
 
-def lr_factor(step: int, *, schedule: str, epochs: int, steps_per_epoch: int, warmup_steps: int = 0) -> float:
+def lr_factor(step: int, *, schedule: str, epochs: int, steps_per_epoch: int, warmup_steps: int = 0,
+              lr_milestones: Sequence[int] | None = None) -> float:
     """Multiplier of the peak lr at optimizer step ``step`` (0-based): the one schedule of both stages.
 
     A linear warm-up of ``warmup_steps`` ((t+1)/W, as the journal's cosine_lr) comes first. Then
@@ -123,7 +131,7 @@ def lr_factor(step: int, *, schedule: str, epochs: int, steps_per_epoch: int, wa
         return (step + 1) / warmup_steps
     if schedule == "step":
         epoch = step // max(steps_per_epoch, 1)
-        return 0.1 ** sum(epoch >= m for m in milestones(epochs))
+        return 0.1 ** sum(epoch >= m for m in milestones(epochs, lr_milestones))
     p = (step - warmup_steps) / max(epochs * steps_per_epoch - warmup_steps, 1)
     if schedule == "step-per-iter":
         return 1.0 if p < 0.5 else (0.1 if p < 0.75 else 0.01)
@@ -137,10 +145,12 @@ def lr_factor(step: int, *, schedule: str, epochs: int, steps_per_epoch: int, wa
 
 
 def build_lr_scheduler(opt: torch.optim.Optimizer, *, schedule: str, epochs: int, steps_per_epoch: int,
-                       warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+                       warmup_steps: int = 0,
+                       lr_milestones: Sequence[int] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """:func:`lr_factor` as a torch LambdaLR, stepped once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
-        s, schedule=schedule, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_steps=warmup_steps))
+        s, schedule=schedule, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_steps=warmup_steps,
+        lr_milestones=lr_milestones))
 
 
 def build_engine(model: torch.nn.Module, cfg, ds: dict, *, steps_per_epoch: int):
@@ -149,7 +159,8 @@ def build_engine(model: torch.nn.Module, cfg, ds: dict, *, steps_per_epoch: int)
 
     opt = build_optimizer(model, cfg)
     sched = build_lr_scheduler(opt, schedule=cfg.schedule, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                               warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
+                               warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
+                               lr_milestones=cfg.lr_milestones)
     if ds.get("zero_optimization", {}).get("stage", 0) > 0:
         ds.setdefault("zero_allow_untested_optimizer", True)  # torch SGD is fine under ZeRO 1-2
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)

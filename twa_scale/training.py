@@ -197,8 +197,9 @@ def run_identity(cfg: TrainConfig, layout: FlatLayout, num_classes: int, ds: dic
             "data": {k: conf.get(k) for k in ("data", "holdout_fraction", "limit_train")},
             "seed": cfg.seed,
             "optimizer": {"name": "sgd", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
-                          "batch_size": ds.get("train_batch_size")},
-            "schedule": {k: conf.get(k) for k in ("schedule", "warmup_epochs", "epochs")},
+                          "decay_norm_bias": cfg.decay_norm_bias, "batch_size": ds.get("train_batch_size")},
+            "schedule": {"schedule": cfg.schedule, "warmup_epochs": cfg.warmup_epochs, "epochs": cfg.epochs,
+                         "lr_milestones": cfg.lr_milestones},
             "cadence": {k: conf[k] for k in ("snapshot_every", "snapshots_per_epoch", "snapshot_dtype")},
             "init_from": cfg.init_from}
 

@@ -47,8 +47,9 @@ class TwaConfig:
     select_epochs: str | None = None
     """Snapshots A:B[:STRIDE] by training epoch, both ends included, through each snapshot's recorded
     epoch position: 0:60 takes every snapshot taken up to the end of epoch 60, whatever the snapshot
-    cadence was (seq 0, the initial weights, is at epoch 0); STRIDE keeps every STRIDE-th of them.
-    Exclusive with --select."""
+    cadence was (seq 0, the initial weights, is at epoch 0); an end may be a percentage of the run's
+    configured epochs (0:50%, the paper's head); STRIDE keeps every STRIDE-th of them. Exclusive with
+    --select: either one on the command line replaces a preset's."""
     allow_gaps: bool = False
     """Accept a --select range in which some seqs are not committed (otherwise refused, naming them)."""
     start: int | None = None
@@ -265,9 +266,15 @@ def join_negative_select(argv: Sequence[str]) -> list[str]:
 
 def parse_twa_args(argv: Sequence[str] | None = None) -> TwaConfig:
     """Parse argv into a TwaConfig (flags, --config, --preset, environment TWA_SCALE_TWA_*).
-    ``--select -5:`` is accepted as ``--select=-5:``."""
+    ``--select -5:`` is accepted as ``--select=-5:``. A selection on the command line replaces the
+    preset's (the paper presets select by epoch; ``--preset paper_cifar --select 0:11`` takes seq 0..10)."""
     import sys
 
     argv = join_negative_select(sys.argv[1:] if argv is None else argv)
+    flags = {a.split("=", 1)[0].replace("_", "-") for a in argv}
+    if "--select" in flags and "--select-epochs" not in flags:
+        argv = ["--select-epochs=null", *argv]
+    elif "--select-epochs" in flags and "--select" not in flags:
+        argv = ["--select=null", *argv]
     return parse_config(TwaConfig, argv, stage="twa", prog="launch/twa.py",
                         description="Trainable Weight Averaging over streamed snapshots.")

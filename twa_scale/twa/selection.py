@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 from twa_scale.errors import ConfigError
 
-__all__ = ["parse_range", "parse_select", "parse_select_epochs", "position", "select_by_epochs", "check_select_seqs"]
+__all__ = ["parse_range", "parse_select", "parse_select_epochs", "resolve_percent", "position", "select_by_epochs",
+           "check_select_seqs"]
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,28 @@ def parse_select(spec: str | None) -> tuple[int | None, int | None, int]:
     return parse_range(spec, flag="--select", number=int, unit="of snapshot seqs", example="1:101 or 0::2")
 
 
+def resolve_percent(spec: str, run_epochs: int) -> str:
+    """``spec`` with each end written as a percentage of the run's configured epochs (``0:50%``, the
+    paper's head: epochs 0..E/2) turned into epochs; ends without ``%`` are kept as they are."""
+    parts = spec.split(":")
+    for i in range(min(2, len(parts))):
+        if parts[i].endswith("%"):
+            try:
+                pct = float(parts[i][:-1])
+            except ValueError:
+                raise ConfigError(f"--select-epochs {spec}: {parts[i]!r} is not a percentage (e.g. 0:50%)") from None
+            parts[i] = f"{run_epochs * pct / 100:g}"
+    return ":".join(parts)
+
+
 def parse_select_epochs(spec: str | None) -> tuple[float | None, float | None, int]:
-    """``A:B[:STRIDE]`` in epochs, both ends included (A <= epoch position <= B); STRIDE counts snapshots."""
+    """``A:B[:STRIDE]`` in epochs, both ends included (A <= epoch position <= B); STRIDE counts snapshots.
+    An end may be a percentage of the run's configured epochs (see :func:`resolve_percent`); it is checked
+    here as a percentage of 100 epochs, and resolved against the run in :func:`select_by_epochs`."""
     if spec is None:
         return None, None, 1
-    a, b, stride = parse_range(spec, flag="--select-epochs", number=float, unit="in epochs", example="0:60 or 0:60:2")
+    a, b, stride = parse_range(resolve_percent(spec, 100), flag="--select-epochs", number=float, unit="in epochs",
+                               example="0:60, 0:60:2 or 0:50%")
     if (a is not None and a < 0) or (a is not None and b is not None and b < a):
         raise ConfigError(f"--select-epochs {spec}: expected 0 <= A <= B")
     return a, b, stride
@@ -67,27 +85,35 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def select_by_epochs(infos: Sequence[Any], spec: str) -> list[Any]:
-    """The committed snapshots (``reader.snapshots()`` items, in seq order) that ``spec`` names.
+def select_by_epochs(infos: Sequence[Any], spec: str, run_epochs: int | None = None) -> list[Any]:
+    """The committed snapshots (``reader.snapshots()`` items, in seq order) that ``spec`` names;
+    ``run_epochs`` (the run's configured E) resolves percentage ends.
 
     Raises a one-line :class:`ConfigError` when an end names an epoch after the last committed
     snapshot, or when the selection holds fewer than 2 snapshots.
     """
+    shown = spec
+    if "%" in spec:
+        if not run_epochs:
+            raise ConfigError(f"--select-epochs {spec}: a percentage needs the run's configured epochs, and its "
+                              "manifest records none")
+        resolved = resolve_percent(spec, run_epochs)
+        shown, spec = f"{spec} (= {resolved} of the run's {run_epochs} epochs)", resolved
     a, b, stride = parse_select_epochs(spec)
     infos = sorted(infos, key=lambda i: i.seq)
     if not infos:
-        raise ConfigError(f"--select-epochs {spec}: the run has no committed snapshot")
+        raise ConfigError(f"--select-epochs {shown}: the run has no committed snapshot")
     last = max(infos, key=position)
     for name, end in (("A", a), ("B", b)):
         if end is not None and end > position(last) + 1e-9:
-            raise ConfigError(f"--select-epochs {spec}: epoch {_fmt(end)} ({name}) is not committed: the last "
+            raise ConfigError(f"--select-epochs {shown}: epoch {_fmt(end)} ({name}) is not committed: the last "
                               f"committed snapshot is seq {last.seq} at epoch {_fmt(position(last))}")
     lo = -1.0 if a is None else a - 1e-9
     hi = float("inf") if b is None else b + 1e-9
     picked = [i for i in infos if lo <= position(i) <= hi][::stride]
     if len(picked) < 2:
         which = ", ".join(f"seq {i.seq} at epoch {_fmt(position(i))}" for i in picked) or "none"
-        raise ConfigError(f"--select-epochs {spec}: TWA needs at least 2 snapshots, the selection holds "
+        raise ConfigError(f"--select-epochs {shown}: TWA needs at least 2 snapshots, the selection holds "
                           f"{len(picked)} ({which})")
     return picked
 

@@ -73,13 +73,14 @@ class TwaInputs:
     data: Any
 
 
-def _select(infos, damaged: dict[int, str], cfg: TwaConfig) -> list[SnapshotRef]:
+def _select(infos, damaged: dict[int, str], cfg: TwaConfig, run_epochs: int | None) -> list[SnapshotRef]:
     """--select-epochs through the records' epoch positions, else --select by seq (ends checked; a damaged
     snapshot in the range refused, naming it; gaps refused unless --allow-gaps)."""
     from twa_scale.twa.selection import check_select_seqs, check_selection, position, select_by_epochs
 
     if cfg.select_epochs is not None:
-        return [SnapshotRef(i.seq, i.step, position(i)) for i in select_by_epochs(infos, cfg.select_epochs)]
+        return [SnapshotRef(i.seq, i.step, position(i))
+                for i in select_by_epochs(infos, cfg.select_epochs, run_epochs)]
     check_selection(cfg.select, [i.seq for i in infos], damaged, allow_gaps=cfg.allow_gaps)
     check_select_seqs(infos, cfg.select)
     return select_snapshots(infos, cfg.select)
@@ -103,8 +104,9 @@ def load_inputs(cfg: TwaConfig, *, select: bool = True) -> TwaInputs:
     model = build_model(meta["model"], int(meta["num_classes"])).to(comm.device())
     layout = FlatLayout.from_model(model)
     reader.layout.check_matches(layout, what=f"model {meta['model']!r} with {meta['num_classes']} classes")
-    refs = _select(*reader.scan(), cfg) if select else []
     train_cfg = TrainConfig.from_dict(meta.get("config") or {})
+    run_epochs = (meta.get("config") or {}).get("epochs")  # a percentage in --select-epochs is of this E
+    refs = _select(*reader.scan(), cfg, run_epochs) if select else []
     for name in ("data", "limit_train", "limit_val"):
         if getattr(cfg, name) is not None:
             setattr(train_cfg, name, getattr(cfg, name))
