@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from twa_scale.twa.config import TwaConfig
-from twa_scale.twa.stoprule import StopRule, parse_stop_rule
+from twa_scale.twa.stoprule import ProbeView, StopRule, parse_stop_rule
 
 __all__ = ["Pair", "plan_pairs", "run_pair", "summarize", "replay", "replay_grid", "plot", "render"]
 
@@ -111,7 +111,8 @@ def rule_of(follow_args: Sequence[str]) -> StopRule:
 
     return parse_stop_rule(str(flag("--stop-rule", "stop_rule")),
                            epsilon_points=float(flag("--stop-epsilon", "stop_epsilon")),
-                           patience=int(flag("--stop-patience", "stop_patience")))
+                           patience=int(flag("--stop-patience", "stop_patience")),
+                           price_points=float(flag("--stop-price", "stop_price")))
 
 
 # --- running a pair -----------------------------------------------------------------------------------------
@@ -217,8 +218,8 @@ def _run_summary(pair: Pair, work: Path) -> dict | None:
     probes = _read_json(paths["probes"]) or []
     final = m["final"]
     fired = _fired(probes)
-    keep = ("probe", "epoch", "last_seq", "twa_accuracy", "swa_accuracy", "sgd_val_accuracy", "would_stop",
-            "stop_written", "decision", "seconds")
+    keep = ("probe", "epoch", "last_seq", "twa_accuracy", "swa_accuracy", "sgd_holdout_accuracy", "first_phase",
+            "twa_correct", "would_stop", "stop_written", "decision", "statistic", "bound", "seconds")
     return {
         "sgd_accuracy": final["val_accuracy"],
         "epochs": [{k: r.get(k) for k in ("epoch", "val_accuracy", "seconds")} for r in m.get("epochs", [])],
@@ -281,12 +282,15 @@ def _means(seeds: dict) -> dict:
 # --- replay -------------------------------------------------------------------------------------------------
 def replay(rule: StopRule, probes: list[dict], *, sgd_condition: bool = True) -> dict | None:
     """The first probe at which ``rule`` would have said stop, given the probes recorded so far (the project's
-    own decide(); ``sgd_condition`` False passes an SGD accuracy of 0, i.e. drops the TWA >= SGD check)."""
+    own decide(), on the same hold-out views the follower gives it; ``sgd_condition`` False sets the SGD
+    hold-out accuracy to 0, i.e. drops the TWA >= SGD check)."""
+    views = [ProbeView.of(x) for x in probes]
+    if not sgd_condition:
+        views = [dataclasses.replace(v, sgd_accuracy=0.0) for v in views]
     for i, q in enumerate(probes):
-        sgd = q.get("sgd_val_accuracy") if sgd_condition else 0.0
-        stop, why = rule.decide([x.get("twa_accuracy") for x in probes[:i + 1]], sgd)
-        if stop:
-            return {"probe": q["probe"], "epoch": q["epoch"], "twa_accuracy": q["twa_accuracy"], "decision": why}
+        d = rule.decide(views[:i + 1])
+        if d.stop:
+            return {"probe": q["probe"], "epoch": q["epoch"], "twa_accuracy": q["twa_accuracy"], "decision": d.reason}
     return None
 
 
@@ -359,6 +363,8 @@ def replay_epochs(es: dict, *, limit: int) -> dict[str, list[int]]:
 
 
 def _rule_name(rule: StopRule, sgd_condition: bool) -> str:
+    if rule.kind == "gain":
+        return f"gain price={rule.price_points:g}" + ("" if sgd_condition else ", no TWA>=SGD check")
     if rule.kind != "plateau":
         return rule.name
     return (f"plateau eps={rule.epsilon_points:g} P={rule.patience}"

@@ -4,7 +4,7 @@
         --select 0:101 --epochs 10 --lr 2
     # live TWA beside a running training job: probes, the stop rule, then the final TWA
     deepspeed --num_gpus 1 --master_port 29600 launch/twa.py --follow --snapshot-url file:///tmp/twa_runs \
-        --run-id resnet20-cifar10-s0 --probe-every 2 --stop-rule plateau
+        --run-id resnet20-cifar10-s0 --probe-every 2 --stop-rule gain
 
 Paper mode is the default (batch 128, lr 2, 10 epochs, CIFAR: `--preset paper_cifar`); ImageNet:
 `--preset paper_imagenet` (batch 256, lr 0.3, 2 epochs). Journal mode: `--preset journal` (AdamW, cosine,

@@ -6,6 +6,7 @@ is the real entry point in its own process.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -13,40 +14,93 @@ import sys
 import time
 import uuid
 
+import numpy as np
 import pytest
 import torch
 
 from tests.support import REPO
 from tests.support.launch import env, python
 from tests.support.twa import digits_config, make_trajectory
-from twa_scale.twa.stoprule import parse_stop_rule
+from twa_scale.twa.stoprule import ProbeView, first_phase_end, pack_correct, parse_stop_rule, unpack_correct
 
 FOLLOW = ["--follow", "--probe-every", "2", "--probe-steps", "4", "--probe-bn-batches", "2", "--poll-seconds",
           "0.2", "--batch-size", "32", "--epochs", "1", "--stop-rule", "target:0.01", "--plot", "false"]
 
 
 # --- the stop rules ------------------------------------------------------------------------------------
+def _views(twa, sgd, epochs=None):
+    return [ProbeView(epoch=e, twa_accuracy=a, sgd_accuracy=sgd)
+            for e, a in zip(epochs or range(2, 2 * len(twa) + 1, 2), twa)]
+
+
 def test_plateau_rule():
     rule = parse_stop_rule("plateau", epsilon_points=0.5, patience=2)
-    assert rule.decide([0.80, 0.90], 0.85) == (False, "2 probe(s), the plateau rule needs 3")
-    assert not rule.decide([0.80, 0.90, 0.95], 0.85)[0]                # +5 points: still improving
-    stop, why = rule.decide([0.90, 0.902, 0.903], 0.85)                # +0.3 < 0.5 points, >= SGD
-    assert stop and "plateaued" in why
-    assert not rule.decide([0.90, 0.902, 0.903], 0.95)[0]              # plateau, but below SGD
-    assert not rule.decide([0.90, 0.902, 0.903], None)[0]              # no SGD accuracy yet
-    assert not rule.decide([0.90, None, 0.903], 0.85)[0]                # a failed probe in the window
+    assert rule.decide(_views([0.80, 0.90], 0.85)).reason == "2 probe(s), the plateau rule needs 3"
+    assert not rule.decide(_views([0.80, 0.90, 0.95], 0.85)).stop           # +5 points: still improving
+    d = rule.decide(_views([0.90, 0.902, 0.903], 0.85))                      # +0.3 < 0.5 points, >= SGD
+    assert d.stop and "plateaued" in d.reason and d.statistic == pytest.approx(0.3)
+    assert not rule.decide(_views([0.90, 0.902, 0.903], 0.95)).stop         # plateau, but below SGD (hold-out)
+    assert not rule.decide(_views([0.90, 0.902, 0.903], None)).stop         # no SGD hold-out accuracy
+    assert not rule.decide(_views([0.90, None, 0.903], 0.85)).stop          # a failed probe in the window
+
+
+def _correct(n: int, right: int, seed: int = 0) -> np.ndarray:
+    out = np.zeros(n, dtype=np.uint8)
+    out[np.random.default_rng(seed).permutation(n)[:right]] = 1
+    return out
+
+
+def _gain_probe(epoch, c, sgd=0.5, first_phase=True):
+    return ProbeView(epoch=epoch, twa_accuracy=float(c.mean()), sgd_accuracy=sgd, twa_correct=pack_correct(c),
+                     first_phase=first_phase)
+
+
+def test_gain_rule_pairs_the_same_images_and_bounds_the_gain_per_epoch():
+    rule = parse_stop_rule("gain", epsilon_points=0.2, patience=3, price_points=1.0)
+    assert unpack_correct(pack_correct(_correct(2000, 1300))).sum() == 1300
+    a = _correct(2000, 1200)
+    # 100 more right of 2,000 in 2 epochs: +2.5 points/epoch, far above the price
+    b = a.copy()
+    b[np.flatnonzero(a == 0)[:100]] = 1
+    d = rule.decide([_gain_probe(2, a), _gain_probe(4, b)])
+    assert not d.stop and d.statistic == pytest.approx(2.5) and d.bound > 2.5 and "may still pay" in d.reason
+    # 4 images flip each way: a gain of 0 whose paired bound is tight (0.1 points/epoch): stop
+    c = b.copy()
+    c[np.flatnonzero(b == 0)[:4]] = 1
+    c[np.flatnonzero(b == 1)[:4]] = 0
+    d = rule.decide([_gain_probe(2, a), _gain_probe(4, b), _gain_probe(6, c)])
+    assert d.stop and d.statistic == pytest.approx(0.0) and 0 < d.bound < 1.0
+    # the same accuracies with 400 images flipping each way: the bound is wide (1.16), no stop on noise
+    e = b.copy()
+    e[np.flatnonzero(b == 0)[:400]] = 1
+    e[np.flatnonzero(b == 1)[:400]] = 0
+    d = rule.decide([_gain_probe(2, a), _gain_probe(4, b), _gain_probe(6, e)])
+    assert not d.stop and d.statistic == pytest.approx(0.0) and d.bound > 1.0
+    # TWA under the SGD snapshot on the hold-out: no stop; past the first lr phase: no stop, said so
+    assert not rule.decide([_gain_probe(2, a), _gain_probe(4, b), _gain_probe(6, c, sgd=0.99)]).stop
+    late = rule.decide([_gain_probe(2, a), _gain_probe(4, b), _gain_probe(6, c, first_phase=False)])
+    assert not late.stop and "first lr phase" in late.reason
+    # nothing at least 2 epochs back yet
+    assert "no earlier probe" in rule.decide([_gain_probe(2, a), _gain_probe(3, b)]).reason
 
 
 def test_target_and_none_rules_and_bad_specs():
-    assert parse_stop_rule("target:0.9", epsilon_points=0.2, patience=3).decide([0.5, 0.91], None)[0]
-    assert not parse_stop_rule("target:0.9", epsilon_points=0.2, patience=3).decide([0.89], 1.0)[0]
-    assert not parse_stop_rule("none", epsilon_points=0.2, patience=3).decide([1.0], 0.0)[0]
+    assert parse_stop_rule("target:0.9", epsilon_points=0.2, patience=3).decide(_views([0.5, 0.91], None)).stop
+    assert not parse_stop_rule("target:0.9", epsilon_points=0.2, patience=3).decide(_views([0.89], 1.0)).stop
+    assert not parse_stop_rule("none", epsilon_points=0.2, patience=3).decide(_views([1.0], 0.0)).stop
     for spec, msg in (("target:90", "--stop-rule target:90: target:ACC needs an accuracy in (0, 1]"),
-                      ("sometimes", "--stop-rule sometimes: must be plateau, target:ACC or none")):
+                      ("sometimes", "--stop-rule sometimes: must be gain, plateau, target:ACC or none")):
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
             parse_stop_rule(spec, epsilon_points=0.2, patience=3)
     with pytest.raises(ValueError, match="--stop-patience"):
         parse_stop_rule("plateau", epsilon_points=0.2, patience=0)
+    with pytest.raises(ValueError, match="--stop-price"):
+        parse_stop_rule("gain", epsilon_points=0.2, patience=3, price_points=0)
+
+
+def test_first_lr_phase_of_each_schedule():
+    assert first_phase_end("step", 20) == 10 and first_phase_end("step", 90, [30, 60]) == 30
+    assert first_phase_end("step-per-iter", 20) == 10 and first_phase_end("cosine", 20) == float("inf")
 
 
 # --- the follower against a run written snapshot by snapshot --------------------------------------------
@@ -190,3 +244,37 @@ def test_growing_basis_on_two_ranks_equals_the_single_process_build(tmp_path):
     assert ((w - ref.w_start).norm() / ref.w_start.norm()).item() < 1e-6
     assert torch.allclose(out[0]["result"]["theta0"], ref.theta0, rtol=1e-6, atol=1e-9)
 
+
+
+@pytest.mark.slow
+def test_stop_decisions_never_read_val_accuracy(tmp_path, trajectory):
+    """The same run twice, its training metrics' val_accuracy poisoned to 0 in one and 1 in the other: every
+    probe record the follower writes (accuracies, per-example results, the rule's statistic, bound and
+    decision) is identical, so no stop decision reads val. The SGD point of the rule is the newest snapshot
+    scored on the hold-out."""
+    cfg, model, snaps = trajectory
+    cfg = dataclasses.replace(cfg, epochs=20)  # the run's lr stays in its first phase for the whole test
+    runs = {poison: LiveRun(f"file://{tmp_path}/val-{poison:g}", cfg, model, snaps) for poison in (0.0, 1.0)}
+    for upto in (2, 4, 6):  # a probe at epochs 1, 2 and 3: the third is paired with the first
+        procs = {}
+        for poison, run in runs.items():
+            run.commit(upto)
+            rows = [{"epoch": e, "val_accuracy": poison, "val_loss": 1.0, "train_loss": 1.0}
+                    for e in range(1, upto // 2 + 1)]
+            run.writer.write_metrics(rows, final=None)
+            procs[poison] = subprocess.Popen(  # both followers at once: the test's time is one follower's
+                [sys.executable, "launch/twa.py", "--snapshot-url", run.url, "--run-id", "live", *FOLLOW,
+                 "--follow-timeout", "3", "--stop-rule", "gain", "--no-stop-marker"], cwd=REPO, env=env(),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for proc in procs.values():
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 75, out[-3000:]
+    records = {poison: [{k: v for k, v in p.items() if k != "seconds"} for p in _probes(tmp_path / f"val-{poison:g}")]
+               for poison in runs}
+    assert [p["last_seq"] for p in records[0.0]] == [2, 4, 6]
+    assert records[0.0] == records[1.0]
+    last = records[0.0][-1]
+    assert last["rule"] == "gain" and last["first_phase"] and last["statistic"] is not None
+    assert "since epoch 1" in last["decision"] and last["bound"] >= last["statistic"]
+    assert 0 <= last["sgd_holdout_accuracy"] <= 1 and unpack_correct(last["sgd_correct"]).size == \
+        unpack_correct(last["twa_correct"]).size > 0

@@ -38,7 +38,7 @@ def test_live_twa_component_turns_the_twa_job_into_a_concurrent_follower(overlay
     assert follow["template"]["spec"]["backoffLimit"] > 0, "a failed follower pod must not restart training"
     twa, _ = _parse_pod_args(docs, "twa")
     train, _ = _parse_pod_args(docs, "train")
-    assert twa.follow and twa.stop_rule == "plateau" and twa.stop_marker
+    assert twa.follow and twa.stop_rule == "gain" and twa.stop_marker
     assert train.holdout_fraction > 0 and train.obey_stop, "probes need a hold-out split; training obeys the stop"
     assert twa.run_id == train.run_id and twa.snapshot_url == train.snapshot_url
     # everything else is the overlay's, unchanged

@@ -316,7 +316,7 @@ def test_early_stop_smoke_report_agrees_with_the_run_files(early):
 
 def test_early_stop_replay_calls_the_projects_rule_on_recorded_probes():
     def probes(twa, sgd):
-        return [{"probe": i, "epoch": 2 * (i + 1), "twa_accuracy": a, "sgd_val_accuracy": sgd}
+        return [{"probe": i, "epoch": 2 * (i + 1), "twa_accuracy": a, "sgd_holdout_accuracy": sgd}
                 for i, a in enumerate(twa)]
 
     plateau = reproduce.early_stop.StopRule("plateau", epsilon_points=0.5, patience=2)
@@ -330,8 +330,10 @@ def test_early_stop_replay_calls_the_projects_rule_on_recorded_probes():
     seeds = {"0": {"full": {"probes": curve, "rule_fired": None, "sgd_accuracy": 0.74, "twa_accuracy": 0.75}}}
     grid = reproduce.early_stop.replay_grid(p, seeds)
     default = grid["rows"][0]
-    assert default["default"] and default["rule"] == "plateau eps=0.2 P=3"  # the follower's own defaults
-    assert default["per_seed"]["0"] is None and not default["holds"]  # +0.3 pts over the last 3: never fires
+    assert default["default"] and default["rule"] == "gain price=1"  # the follower's own defaults
+    assert default["per_seed"]["0"] is None and not default["holds"]  # no per-example results: it cannot fire
+    old = {r["rule"]: r for r in grid["rows"]}["plateau eps=0.2 P=3"]
+    assert old["per_seed"]["0"] is None and not old["holds"]  # +0.3 pts over the last 3: never fires
     assert grid["recorded_matches_replay"] is True  # the run's record (never fired) agrees
     # P=1 stops at epoch 10, P=2 (eps 0.5, 1) at 12, P=3 (eps 0.5, 1) at 14 = E (the full run's final TWA)
     assert reproduce.early_stop.replay_epochs({"epochs": 14, "replay": grid}, limit=4) == {"0": [10, 12]}

@@ -146,10 +146,15 @@ class TwaConfig:
     """--follow: TWA steps of a probe's short fit (a seeded sample of the training data, new per probe)."""
     probe_bn_batches: int = 20
     """--follow: batches per rank a probe recalibrates BatchNorm on."""
-    stop_rule: str = "plateau"
-    """--follow: `plateau` (the last --stop-patience probes gained < --stop-epsilon points of TWA probe
-    accuracy, and it is >= the run's latest SGD val accuracy), `target:ACC` (a TWA probe reached ACC), or
-    `none` (never stop)."""
+    stop_rule: str = "gain"
+    """--follow: `gain` (the upper 95% bound of the TWA probe's gain per epoch, paired per hold-out image,
+    fell below --stop-price, the TWA probe is >= the SGD snapshot on the hold-out, and the run's lr is still
+    in its first phase), `plateau` (the last --stop-patience probes gained < --stop-epsilon points, TWA >=
+    SGD on the hold-out), `target:ACC` (a TWA probe reached ACC on the hold-out), or `none` (never stop).
+    No rule reads the validation split."""
+    stop_price: float = 1.0
+    """--follow: the gain rule's price, in accuracy points per epoch: stop once another epoch is unlikely
+    (95% upper bound) to buy this much TWA accuracy."""
     stop_epsilon: float = 0.2
     """--follow: the plateau rule's least gain, in accuracy points (0.2 = 0.002)."""
     stop_patience: int = 3
@@ -226,13 +231,14 @@ class TwaConfig:
         for flag, v in (("follow-timeout", self.follow_timeout), ("poll-seconds", self.poll_seconds)):
             if not v > 0:
                 bad(flag, f"must be > 0 seconds, got {v}")
-        parse_stop_rule(self.stop_rule, epsilon_points=self.stop_epsilon, patience=self.stop_patience)
+        _ = self.rule  # one-line errors for --stop-rule and its parameters, before any work
         check_store_and_metrics(self)
 
     @property
     def rule(self) -> StopRule:
         """The --follow stop rule."""
-        return parse_stop_rule(self.stop_rule, epsilon_points=self.stop_epsilon, patience=self.stop_patience)
+        return parse_stop_rule(self.stop_rule, epsilon_points=self.stop_epsilon, patience=self.stop_patience,
+                               price_points=self.stop_price)
 
     @property
     def output_url(self) -> str:

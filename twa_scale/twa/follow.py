@@ -8,8 +8,10 @@ and appends it to a :class:`GrowingBasis` (its inner products with the earlier o
 n + 1 floats: nothing is rebuilt). Every ``--probe-every`` new snapshots a *probe* runs the TWA stage's own
 :func:`solve` on that basis: a short fit (``--probe-steps`` steps, the guard on), BatchNorm recalibrated on
 ``--probe-bn-batches`` batches, evaluated on the run's hold-out split (never on val, which the report
-uses). The probe is appended to ``<run>/twa/probes.json`` (the whole list, one atomic put) and exported as
-metrics; the stop rule (:mod:`twa_scale.twa.stoprule`) then decides, and when it fires ``STOP.json`` is
+uses). The newest SGD snapshot is scored on the same hold-out, BatchNorm recalibrated the same way, and both
+keep their per-example correctness for the rule's paired comparisons. The probe is appended to
+``<run>/twa/probes.json`` (the whole list, one atomic put) and exported as metrics; the stop rule
+(:mod:`twa_scale.twa.stoprule`) then decides from hold-out numbers only (never val, never training's metrics), and when it fires ``STOP.json`` is
 written (:mod:`twa_scale.control`), which the training job obeys at its next snapshot. Once training has
 finished or stopped (its metrics.json has ``final``), the follower runs a probe that fell due with the last
 snapshots, then the final TWA exactly as
@@ -35,6 +37,7 @@ from twa_scale.twa.config import TwaConfig
 from twa_scale.twa.selection import position
 from twa_scale.twa.solver import ShardedFlat, SnapshotRef
 from twa_scale.twa.stage import TwaGuardError, TwaInputs, TwaResult, effective_batch, load_inputs, run_twa, solve
+from twa_scale.twa.stoprule import ProbeView, first_phase_end, pack_correct
 from twa_scale.twa.subspace import GrowingBasis
 
 __all__ = ["run_follow", "Follower"]
@@ -98,8 +101,11 @@ class Follower:
         self.started_before_run = started_before_run
         self.reader, self.paths = inp.reader, inp.reader.paths
         device = comm.device()
-        flat = ShardedFlat(inp.layout, comm.world_size(), comm.rank(), device)
+        self.flat = flat = ShardedFlat(inp.layout, comm.world_size(), comm.rank(), device)
         self.start, self.stop = flat.start, flat.stop
+        self.last_x: torch.Tensor | None = None    # this rank's slice of the newest snapshot (the SGD point)
+        tc = inp.train_cfg  # the rule acts in the run's first lr phase: the hand-over of the high-lr trajectory
+        self.phase_end = first_phase_end(tc.schedule, tc.epochs, getattr(tc, "lr_milestones", None))
         self.basis = GrowingBasis(self.start, self.stop, reduce=comm.all_reduce, tol=cfg.rank_tol, device=device)
         self.refs: list[SnapshotRef] = []          # every snapshot in the basis, in order (dropped ones too)
         self.per_rank, _ = effective_batch(cfg.batch_size, comm.world_size())
@@ -132,7 +138,7 @@ class Follower:
                     _say(f"fell behind: {pending} snapshots since the last probe; skipping "
                          f"{pending // cfg.probe_every - 1} probe(s), probing at the newest (seq {self.refs[-1].seq})",
                          warn=True)
-                self._probe(look["sgd_accuracy"])
+                self._probe()
             if look["done"]:
                 _say(f"training finished ({len(self.refs)} snapshot(s) followed, {len(self.probes)} probe(s)): "
                      "running the final TWA")
@@ -144,7 +150,8 @@ class Follower:
 
     def _look(self, idle_since: float) -> dict:
         """Rank 0: what is new in the run. The training metrics are read before the listing: training writes
-        ``final`` only after its last snapshot is committed, so "done" never hides a snapshot."""
+        ``final`` only after its last snapshot is committed, so "done" never hides a snapshot. Only ``final``'s
+        presence is read from them: no accuracy of training's reaches a stop rule."""
         from twa_scale.store.format import unseal
 
         last = self.refs[-1].seq if self.refs else -1
@@ -160,9 +167,7 @@ class Follower:
                         type(e).__name__, e, self.cfg.poll_seconds)
             train, infos = {}, []
         new = [i for i in infos if i.seq > last]
-        rows = train.get("epochs") or []
         return {"new": new, "done": train.get("final") is not None,
-                "sgd_accuracy": rows[-1].get("val_accuracy") if rows else None,
                 "timed_out": not new and time.monotonic() - idle_since > self.cfg.follow_timeout}
 
     def _append(self, info) -> None:
@@ -171,9 +176,32 @@ class Follower:
         if not self.basis.append(x.to(self.basis.device)):
             _say(f"snapshot seq {info.seq} is nearly dependent on the earlier ones: no new direction", warn=True)
         self.refs.append(SnapshotRef(info.seq, info.step, position(info)))
+        self.last_x = x
 
     # --- probes ---------------------------------------------------------------------------------------
-    def _probe(self, sgd_accuracy: float | None) -> None:
+    def _holdout(self, desc: str) -> dict:
+        """The model as it stands on the hold-out, with per-example correctness."""
+        from twa_scale.data import make_loader
+        from twa_scale.evaluation import evaluate
+
+        loader = make_loader(self.inp.data.holdout, batch_size=self.per_rank, train=False,
+                             num_workers=self.cfg.num_workers)
+        return evaluate(self.inp.model, loader, comm.device(), desc=desc, per_example=True)
+
+    def _score_sgd(self) -> dict:
+        """The newest SGD snapshot on the hold-out, BatchNorm recalibrated as the probe's (same batches)."""
+        from twa_scale.data import make_loader
+        from twa_scale.twa.bn import has_batchnorm, recalibrate_bn
+
+        model, cfg = self.inp.model, self.cfg
+        self.flat.assemble(self.last_x.to(self.flat.local.device), self.inp.layout.trainable(model))
+        if has_batchnorm(model):
+            bn = make_loader(self.inp.data.train, batch_size=self.per_rank, train=True, seed=cfg.seed, epoch=10_000,
+                             num_workers=cfg.num_workers)
+            recalibrate_bn(model, bn, comm.device(), max_batches=cfg.probe_bn_batches)
+        return self._holdout("SGD snapshot (hold-out)")
+
+    def _probe(self) -> None:
         """One probe over every snapshot so far: record it, export it, apply the stop rule."""
         cfg, inp = self.cfg, self.inp
         if len(self.basis.kept) < 2:
@@ -198,21 +226,29 @@ class Follower:
                               fit_data=fit, val_data=inp.data.holdout, bn_data=train, guard_data=guard,
                               guard_name=f"probe fit sample ({len(guard)})", per_rank_batch=self.per_rank,
                               basis=self.basis.basis())
-            twa, swa, lr = result.twa_accuracy, result.swa_accuracy, result.lr_final
+            swa, lr = result.swa_accuracy, result.lr_final
             # the final TWA would return the start point too: the rule sees what a stop would deliver
             outcome = "ok" if result.returned == "twa" else "guard fallback: start point"
+            twa_eval = self._holdout("TWA probe (hold-out)")  # the model holds what solve returned
         except TwaGuardError as e:  # every lr failed on this probe: recorded, and the rule sees no accuracy
-            twa = swa = lr = None
+            twa_eval, swa, lr = None, None, None
             outcome = f"guard failed: {e}"
+        sgd_eval = self._score_sgd()
         last = self.refs[-1]
+        twa = twa_eval["accuracy"] if twa_eval else None
         rec = {"probe": index, "first_seq": self.refs[0].seq, "last_seq": last.seq, "snapshots": len(self.refs),
                "epoch": last.epoch, "step": last.step, "twa_accuracy": twa, "swa_accuracy": swa,
-               "sgd_val_accuracy": sgd_accuracy, "lr": lr, "split": "holdout", "outcome": outcome,
+               "sgd_holdout_accuracy": sgd_eval["accuracy"], "lr": lr, "split": "holdout", "outcome": outcome,
+               "first_phase": last.epoch <= self.phase_end + 1e-9,
+               "twa_correct": pack_correct(twa_eval["correct"].numpy()) if twa_eval else None,
+               "sgd_correct": pack_correct(sgd_eval["correct"].numpy()),
                "seconds": round(time.perf_counter() - t0, 3)}
-        would, why = self.rule.decide([p["twa_accuracy"] for p in self.probes] + [twa], sgd_accuracy)
-        rec.update(rule=self.rule.name, would_stop=would, decision=why, stop_written=False)
+        decision = self.rule.decide([ProbeView.of(p) for p in [*self.probes, rec]])
+        rec.update(rule=self.rule.name, **decision.to_dict(), stop_written=False)
+        would = decision.stop
         _say(f"probe {index} at seq {last.seq} (epoch {last.epoch:g}): TWA {_pct(twa)}, SWA {_pct(swa)}, "
-             f"SGD val {_pct(sgd_accuracy)}, lr {lr}, {rec['seconds']:.1f}s; {self.rule.name}: {why}")
+             f"SGD {_pct(sgd_eval['accuracy'])} (hold-out), lr {lr}, {rec['seconds']:.1f}s; "
+             f"{self.rule.name}: {decision.reason}")
         if would and cfg.stop_marker and not self.stop_written:
             rec["stop_written"] = self.stop_written = True
         self.probes.append(rec)
