@@ -11,11 +11,11 @@ n + 1 floats: nothing is rebuilt). Every ``--probe-every`` new snapshots a *prob
 uses). The newest SGD snapshot is scored on the same hold-out, BatchNorm recalibrated the same way, and both
 keep their per-example correctness for the rule's paired comparisons. The probe is appended to
 ``<run>/twa/probes.json`` (the whole list, one atomic put) and exported as metrics; the stop rule
-(:mod:`twa_scale.twa.stoprule`) then decides from hold-out numbers only (never val, never training's metrics), and when it fires ``STOP.json`` is
-written (:mod:`twa_scale.control`), which the training job obeys at its next snapshot. Once training has
-finished or stopped (its metrics.json has ``final``), the follower runs a probe that fell due with the last
-snapshots, then the final TWA exactly as
-``launch/twa.py`` does (:func:`run_twa`), on the configured selection.
+(:mod:`twa_scale.twa.stoprule`) then decides from hold-out numbers only (never val, never training's
+metrics), and when it fires ``STOP.json`` is written (:mod:`twa_scale.control`), which the training job obeys
+at its next snapshot. Once training has finished or stopped (its metrics.json has ``final``), the follower
+runs a probe that fell due with the last snapshots, then the final TWA exactly as ``launch/twa.py`` does
+(:func:`run_twa`), on the configured selection.
 
 Faults: a run that does not exist yet is waited for (``--follow-timeout``, saying what for); a finished run
 goes straight to the final TWA; a restarted follower resumes from probes.json (a probe is recorded once, by

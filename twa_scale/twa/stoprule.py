@@ -151,9 +151,8 @@ class StopRule:
         if not last.first_phase:
             return Decision(False, "past the run's first lr phase: the rule hands over only the high-lr trajectory, "
                                    "so the run goes on to its end")
-        base = next((p for p in reversed(probes[:-1])
-                     if p.epoch <= last.epoch - LOOKBACK_EPOCHS + 1e-9 and p.twa_correct and p.twa_accuracy is not None),
-                    None)
+        base = next((p for p in reversed(probes[:-1]) if p.epoch <= last.epoch - LOOKBACK_EPOCHS + 1e-9
+                     and p.twa_correct and p.twa_accuracy is not None), None)
         if base is None or not last.twa_correct:
             return Decision(False, f"no earlier probe with per-example results at least {LOOKBACK_EPOCHS:g} epochs "
                                    "back yet")
