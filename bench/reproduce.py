@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fnmatch
 import json
 import os
 import platform
@@ -243,7 +244,8 @@ def twa_step(p: Preset, work: Path, name: str, seed: int, role: str, run_id: str
     """A TWA stage step over run_id's snapshots, with the reproduction's TWA settings plus ``extra``."""
     store, _ = train_common(p, work, ranks=ranks)
     out = "file://" + str((work / "twa" / name).resolve())
-    args = ["--snapshot-url", store, "--run-id", run_id, "--epochs", str(p.twa_epochs), "--seed", str(seed),
+    args = ["--snapshot-url", store, "--run-id", run_id,
+            *([] if "--epochs" in extra else ["--epochs", str(p.twa_epochs)]), "--seed", str(seed),
             "--output", out, "--no-plot", "--num-workers", str(twa_workers(p, ranks))]
     if p.bn_batches is not None:
         args += ["--bn-batches", str(p.bn_batches)]
@@ -755,6 +757,15 @@ def _fmt_num(x: Any) -> str:
     return "n/a" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
 
 
+def _fallbacks(tree: Any, path: str = "") -> list[str]:
+    """Where in the per-seed results a TWA summary says it returned its start point."""
+    if not isinstance(tree, dict):
+        return []
+    if tree.get("returned") == "start":
+        return [path.strip("/")]
+    return [hit for k, v in tree.items() for hit in _fallbacks(v, f"{path}/{k}")]
+
+
 def render_report(res: dict, discussion: str | None) -> str:
     p = res["preset"]
     lines = [f"# TWA reproduction on CIFAR-10: `{p['name']}` preset", "",
@@ -766,6 +777,11 @@ def render_report(res: dict, discussion: str | None) -> str:
     if res["missing_steps"]:
         lines += [f"**Incomplete:** {len(res['missing_steps'])} step(s) have not finished: "
                   + ", ".join(res["missing_steps"]), ""]
+    fallbacks = _fallbacks(res["seeds"])
+    if fallbacks:
+        lines += ["**Guard fallback:** every learning rate failed the guard in " + ", ".join(fallbacks)
+                  + "; those runs returned their start point (SWA or --start), and the TWA numbers they carry "
+                    "are the start point's.", ""]
     if "head" in p["experiments"]:
         lines += _head_report(res)
     lines += res.get("frontier_report", [])
@@ -934,6 +950,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--frontier-heads", type=int, nargs="+",
                     help="frontier head lengths H (default: 30%%, 50%% and 70%% of --epochs)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from finished steps; run nothing")
+    ap.add_argument("--only", help="comma-separated step-name patterns to run (e.g. 'budget-*-s2'): processes "
+                                   "sharing one --out run disjoint steps side by side; the report covers every step")
     ap.add_argument("--dry-run", action="store_true", help="print each step's command and whether it is done")
     return ap
 
@@ -991,6 +1009,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         t0 = time.perf_counter()
         for st in steps:
+            if a.only and not any(fnmatch.fnmatch(st.name, pat) for pat in a.only.split(",")):
+                continue
             run_step(st, work, ranks=a.ranks, env=env, log=lambda m: print(m, flush=True))
         for pair in pairs:
             early_stop.run_pair(pair, work, cmds=early_stop.commands(pair, a.ranks, script_command), shown=_shown,

@@ -155,7 +155,7 @@ def test_cpu_preset_plan_uses_the_documented_commands(tmp_path):
     assert (p.model, p.epochs, p.limit_train, p.limit_val, p.twa_epochs, p.tail_epochs, p.seeds, p.swa_lrs) == (
         "resnet20", 20, 10_000, 2_000, 2, 5, (0, 1), (0.05, 0.1))
     steps = {s.name: s for s in reproduce.plan_steps(p, tmp_path / "work")}
-    assert len(steps) == 2 * (3 + 2 * 2)
+    assert len(steps) == 2 * (3 + 2 * 3)
     head = steps["head-s0"].args
     assert head[head.index("--schedule") + 1] == "step" and head[head.index("--epochs") + 1] == "20"
     assert "--resume" in head and head[head.index("--holdout-fraction") + 1] == "0.04"
@@ -167,11 +167,53 @@ def test_cpu_preset_plan_uses_the_documented_commands(tmp_path):
     tail = steps["tail-lr0.1-s1"].args
     assert tail[tail.index("--init-from") + 1].endswith("/work/store/head-s1@20")
     assert tail[tail.index("--schedule") + 1] == "constant" and tail[tail.index("--lr") + 1] == "0.1"
-    assert steps["tail-twa-lr0.1-s1"].args[steps["tail-twa-lr0.1-s1"].args.index("--select") + 1] == "0:6"
+    tail_twa = steps["tail-twa-lr0.1-s1"].args
+    assert tail_twa[tail_twa.index("--select") + 1] == "0:6"
+    assert tail_twa[tail_twa.index("--start") + 1] == "5"  # the tail's last snapshot, as the authors start
+    tail_swa = steps["tail-swa-lr0.1-s1"].args  # SWA of the same snapshots: the start point alone
+    assert tail_swa[tail_swa.index("--select") + 1] == "0:6" and tail_swa[tail_swa.index("--epochs") + 1] == "0"
     cmd = reproduce.command(steps["head-s0"], ranks=2)
     assert cmd[:2] == ["deepspeed", "--num_gpus"] and cmd[2] == "2"
     multi = reproduce.plan_steps(p, tmp_path / "work", ranks=2)[0].args
     assert multi[multi.index("--micro-batch") + 1] == "64"
+
+
+def test_frontier_plan_pairs_each_head_with_a_budget_matched_sgd_run(tmp_path):
+    p = reproduce.preset_from_args(reproduce.build_parser().parse_args(
+        ["--out", str(tmp_path), "--experiments", "head,frontier", "--seeds", "0", "1", "2"]))
+    steps = {s.name: s for s in reproduce.plan_steps(p, tmp_path / "work")}
+    assert reproduce.frontier.heads(20) == [6, 10, 14]
+    assert sorted(steps) == sorted(f"{n}-s{s}" for s in (0, 1, 2) for n in (
+        "head", "head-paper", "frontier-twa-h6", "frontier-twa-h14", "budget-e8", "budget-e12", "budget-e16"))
+    twa = steps["frontier-twa-h6-s1"].args
+    assert twa[twa.index("--select") + 1] == "0:7" and twa[twa.index("--run-id") + 1] == "head-s1"
+    budget = steps["budget-e12-s2"].args
+    assert budget[budget.index("--epochs") + 1] == "12" and budget[budget.index("--schedule") + 1] == "step"
+    assert budget[budget.index("--run-id") + 1] == "budget-e12-s2" and budget[budget.index("--seed") + 1] == "2"
+
+
+def test_frontier_claims_only_where_every_seed_agrees():
+    def twa(acc, returned="twa"):
+        return {"twa_accuracy": acc, "swa_accuracy": acc - 0.05, "returned": returned, "lr_final": 2.0,
+                "guard_attempts": [{"lr": 2.0, "outcome": "ok"}], "fallback": None}
+
+    def sgd(acc):
+        return {"final_accuracy": acc}
+
+    seeds = {s: {"head": sgd(0.70 + d), "frontier": {
+        "twa": {"4": twa(0.64 + d), "10": twa(0.67 + d2, returned="start" if s == "1" else "twa")},
+        "sgd": {"6": sgd(0.60 + d), "12": sgd(0.66 + d3)}}}
+        for s, d, d2, d3 in (("0", 0.0, 0.0, 0.0), ("1", 0.01, 0.0, 0.02), ("2", -0.01, 0.0, -0.02))}
+    fs = reproduce.frontier.summarize(seeds, epochs=20, twa_epochs=2, grid=[4, 10])
+    cl = {c["head"]: c for c in reproduce.frontier.claims(fs, epochs=20, twa_epochs=2)}
+    assert cl[4]["vs_budget_sgd"]["verdict"] == "beats" and cl[4]["vs_budget_sgd"]["mean"] == pytest.approx(0.04)
+    assert cl[4]["vs_full_sgd"]["verdict"] == "misses" and cl[4]["epochs_saved_fraction"] == pytest.approx(0.7)
+    assert cl[4]["vs_swa"]["verdict"] == "beats"
+    # +0.01, -0.01, +0.03 against the 12-epoch SGD: the signs disagree, so no claim is made
+    assert cl[10]["vs_budget_sgd"]["verdict"] == "no claim" and cl[10]["fallback_seeds"] == ["1"]
+    table = "\n".join(reproduce.frontier.table(fs, list(cl.values()), epochs=20, twa_epochs=2))
+    assert "**fallback on seed(s) 1**" in table and "s1: start @ 2" in table
+    assert reproduce._fallbacks(seeds) == ["1/frontier/twa/10"]
 
 
 def test_table_and_findings_over_two_seeds():
