@@ -289,3 +289,16 @@ def test_readme_lists_every_knob_and_only_knobs_reads_the_environment():
     offenders = [str(p.relative_to(root)) for p in (root / "twa_scale").rglob("*.py")
                  if p.name != "knobs.py" and reads.search(p.read_text())]
     assert not offenders, f"read TWA_* environment variables outside knobs.py: {offenders}"
+
+
+@pytest.mark.parametrize("run_id", ["a\nb", "a/b", "a b", ".hidden", "-x", "x" * 129, ""])
+def test_run_ids_outside_the_safe_set_are_refused_naming_the_flag(run_id):
+    for parse, extra in ((parse_train_args, ["--data", "digits"]), (parse_twa_args, ["--snapshot-url", "memory://x"])):
+        with pytest.raises(ValueError, match=r"^--run-id"):
+            parse([*extra, f"--run-id={run_id}"])
+
+
+def test_a_derived_run_id_is_made_safe():
+    cfg = parse_train_args(["--data", "digits", "--model", "mlp", "--seed", "3"])
+    assert cfg.run_id == "mlp-digits-s3"
+    assert parse_train_args(["--data", "digits", "--run-id", "r20.s0_v-2"]).run_id == "r20.s0_v-2"

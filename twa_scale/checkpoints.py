@@ -143,7 +143,16 @@ def load(engine, checkpoint_dir: str, url: str | None = None, storage_options=No
     a checkpoint missing locally is first downloaded from there (:func:`fetch`)."""
     if url:
         fetch(checkpoint_dir, url, storage_options)
-    path, client = engine.load_checkpoint(checkpoint_dir)
+    from twa_scale.engine import UnsafeCheckpointError
+
+    try:
+        path, client = engine.load_checkpoint(checkpoint_dir)
+    except UnsafeCheckpointError as e:  # a file from the store that would run code when unpickled
+        from twa_scale.errors import ConfigError
+
+        where = Path(e.path)
+        name = f"{url.rstrip('/')}/{where.parent.name}/{where.name}" if url else str(where)
+        raise ConfigError(f"--resume: checkpoint {name}: {e.reason}; delete that checkpoint tag") from None
     if path is None:
         return None
     client = client or {}

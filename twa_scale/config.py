@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 import typing
 from pathlib import Path
@@ -48,6 +49,17 @@ def check_choice(flag: str, value: Any, allowed: Any) -> None:
     choices = typing.get_args(allowed) or tuple(allowed)
     if value not in choices:
         raise ValueError(f"--{flag}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_id(run_id: str) -> None:
+    """A run id becomes part of every object key and log line: letters, digits and ``._-`` only (it starts
+    with a letter or digit, at most 128 characters), so no newline, slash or space reaches a key or a log."""
+    if not _RUN_ID.fullmatch(run_id):
+        raise ValueError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only, starting with a letter "
+                         "or digit (at most 128 characters)" if run_id else "--run-id: must not be empty")
 
 
 def check_store_and_metrics(cfg: Any) -> None:
@@ -215,8 +227,9 @@ class TrainConfig:
                 build_model(self.model, 10)
             except ValueError as e:  # the registry's message lists the valid names
                 raise ValueError(f"--model: {e}") from None
-        if self.run_id is None:
-            self.run_id = f"{self.model}-{Path(self.data).name or 'data'}-s{self.seed}"
+        if self.run_id is None:  # derived: any character a run id may not hold becomes '-'
+            self.run_id = re.sub(r"[^A-Za-z0-9._-]", "-", f"{self.model}-{Path(self.data).name or 'data'}-s{self.seed}")
+        check_run_id(self.run_id)
         if self.checkpoint_dir is None:
             self.checkpoint_dir = str(Path.cwd() / "twa_checkpoints" / self.run_id)
         if self.checkpoint_url is None:

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["default_ds_config_path", "find_ds_config", "load_ds_config", "resolve_batch", "build_optimizer",
+           "UnsafeCheckpointError", "weights_only_checkpoint_engine",
            "milestones", "lr_factor", "build_lr_scheduler", "build_engine"]
 
 # ds_configs/ at the repository root, also shipped inside the package (twa_scale/ds_configs is a link to it
@@ -164,4 +165,42 @@ def build_engine(model: torch.nn.Module, cfg, ds: dict, *, steps_per_epoch: int)
     if ds.get("zero_optimization", {}).get("stage", 0) > 0:
         ds.setdefault("zero_allow_untested_optimizer", True)  # torch SGD is fine under ZeRO 1-2
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
+    engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine, engine._config)
     return engine
+
+
+class UnsafeCheckpointError(Exception):
+    """A checkpoint file holds more than tensors and plain containers: torch.load(weights_only=True) refused it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def weights_only_checkpoint_engine(current, config):
+    """The engine that loads DeepSpeed checkpoints: DeepSpeed's own TorchCheckpointEngine.load calls
+    torch.load(weights_only=False), which runs whatever the file's pickle says; checkpoints come back from
+    the object store on --resume, so ours loads tensors and plain containers only (weights_only=True) and
+    raises :class:`UnsafeCheckpointError` naming the file otherwise. Saving is DeepSpeed's, unchanged."""
+    import pickle
+
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    from twa_scale.errors import ConfigError
+
+    if type(current) is not TorchCheckpointEngine:
+        raise ConfigError(f"--deepspeed_config: checkpoint engine {type(current).__name__} is not supported; "
+                          "twa_scale loads checkpoints through DeepSpeed's torch engine, with weights_only=True")
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                first = str(e).strip().splitlines()
+                why = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line),
+                           first[0] if first else "not plain data")
+                raise UnsafeCheckpointError(str(path), f"refused: not only tensors and plain containers ({why})") \
+                    from None
+
+    return WeightsOnlyCheckpointEngine(config)

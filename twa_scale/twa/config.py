@@ -15,7 +15,8 @@ import dataclasses
 import logging
 from typing import Any, Literal, Sequence
 
-from twa_scale.config import DEFAULT_SNAPSHOT_URL, Schedule, check_choice, check_store_and_metrics, parse_config
+from twa_scale.config import (DEFAULT_SNAPSHOT_URL, Schedule, check_choice, check_run_id, check_store_and_metrics,
+                              parse_config)
 from twa_scale.twa.selection import parse_select, parse_select_epochs
 from twa_scale.twa.stoprule import StopRule, parse_stop_rule
 
@@ -175,6 +176,7 @@ class TwaConfig:
             bad("snapshot-url", "is required")
         if not self.run_id:
             bad("run-id", "is required")
+        check_run_id(self.run_id)
         parse_select(self.select)
         if self.select_epochs is not None:
             parse_select_epochs(self.select_epochs)
