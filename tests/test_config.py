@@ -302,3 +302,12 @@ def test_a_derived_run_id_is_made_safe():
     cfg = parse_train_args(["--data", "digits", "--model", "mlp", "--seed", "3"])
     assert cfg.run_id == "mlp-digits-s3"
     assert parse_train_args(["--data", "digits", "--run-id", "r20.s0_v-2"]).run_id == "r20.s0_v-2"
+
+
+def test_a_malformed_config_file_is_named_with_its_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nlr: [0.1\n")
+    with pytest.raises(ValueError, match=rf"^--config {bad}: line 3, column 1: not valid YAML"):
+        parse_train_args(["--config", str(bad)])
+    with pytest.raises(ValueError, match=rf"^--config {tmp_path}/missing.yaml: No such file"):
+        parse_twa_args(["--config", str(tmp_path / "missing.yaml")])

@@ -396,6 +396,7 @@ def parse_config(cls: type, argv: Sequence[str] | None, *, stage: str, prog: str
         # YAML reads `5` as an int; a float field keeps a float, so --print-config shows the same value
         parser.set_defaults(**{k: float(v) if float in (hints[k], *typing.get_args(hints[k])) and type(v) is int
                                else v for k, v in values.items()})
+    check_config_files(rest)
     try:
         ns = parser.parse_args(rest)
     except ArgumentError as e:
@@ -406,6 +407,26 @@ def parse_config(cls: type, argv: Sequence[str] | None, *, stage: str, prog: str
         print(dump_config(cfg, stage=stage, preset=preset), end="")
         raise SystemExit(0)
     return cfg
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Each ``--config FILE`` must exist and be valid YAML: a one-line error naming the file and the line
+    (jsonargparse's own message names neither the file nor the flag)."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name != "--config" or (not eq and i + 1 >= len(argv)):
+            continue
+        path = Path(value if eq else argv[i + 1])
+        try:
+            yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ValueError(f"--config {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ValueError(f"--config {path}: {where}not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def dump_config(cfg: Any, *, stage: str, preset: str | None = None) -> str:
