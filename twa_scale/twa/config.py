@@ -91,8 +91,8 @@ class TwaConfig:
     """Packed-P kernels (p-bits <= 8): True = torch.compile, False = eager; None = auto (a C kernel on CPU,
     torch.compile on CUDA). The knob TWA_SCALE_P_KERNEL overrides both."""
     guard: bool = True
-    """Never return a model worse than the start silently: on divergence in the first epoch, or a result
-    below the start on the guard split, restart at a lower lr (see --guard-fallback when every lr fails)."""
+    """Never return a model worse than the start silently: on divergence in any epoch, or a result below
+    the start on the guard split, restart at a lower lr (see --guard-fallback when every lr fails)."""
     guard_fallback: GuardFallback = "start"
     """When every lr fails the guard: `start` returns the start point (the uniform average of the
     selection, i.e. SWA; with --start, that snapshot) with a warning, and result.json says `returned:
@@ -102,12 +102,13 @@ class TwaConfig:
     guard_lr_factor: float = 0.25
     """Learning-rate factor of each restart."""
     guard_loss_factor: float = 4.0
-    """First-epoch divergence: the running mean loss exceeds this many times the start point's loss."""
+    """Divergence: an epoch's running mean loss exceeds this many times the start point's loss."""
     guard_tolerance: float = 0.003
-    """Accuracy (0..1) the fitted point may lose against the start on the guard split (a fit that also
-    raises the guard loss fails beyond it)."""
+    """Accuracy (0..1) the fitted point may lose against the start on the guard split; beyond it the attempt
+    fails, whatever its loss."""
     guard_samples: int = 1024
-    """Size of the guard split carved from the training data when the run has no hold-out split."""
+    """Size of the guard split carved from the training data when the run has no hold-out split (at most half
+    of it); the fit leaves those images out."""
     rank_tol: float = 1e-5
     """Drop a snapshot whose residual after the earlier ones is below this fraction of its norm."""
     batch_size: int = 128

@@ -131,7 +131,7 @@ class Attempt:
     """One pass of the coefficient loop at one learning rate."""
     lr: float
     outcome: str = "ok"
-    """ok | diverged (first-epoch check) | worse_than_start (guard split) | unchecked (guard off)."""
+    """ok | diverged (any epoch's loss) | worse_than_start (guard split) | unchecked (guard off)."""
     reason: str = ""
     steps: int = 0
     epochs: list[dict] = dataclasses.field(default_factory=list)
@@ -169,9 +169,10 @@ class CoefficientLoop:
         return theta
 
     def run(self, lr: float, *, ref_loss: float | None) -> tuple[Attempt, nn.Parameter]:
-        """Fit at ``lr``. With ``ref_loss`` (the start point's loss), stop early as ``diverged`` when a
-        first-epoch loss is non-finite or the running mean is above guard_loss_factor x the reference
-        (the larger of ``ref_loss`` and the first batch's loss, which is still at the start point)."""
+        """Fit at ``lr``. With ``ref_loss`` (the start point's loss), stop early as ``diverged`` when a loss
+        is non-finite or an epoch's running mean is above guard_loss_factor x the reference (the larger of
+        ``ref_loss`` and the first batch's loss, which is still at the start point), in every epoch: a fit can
+        blow up late, when its lr is still high, and recover as the lr falls to a worse point."""
         cfg, world = self.cfg, comm.world_size()
         att = Attempt(lr=lr)
         theta = self.restart()
@@ -184,30 +185,31 @@ class CoefficientLoop:
         proj_seconds, step = 0.0, 0
         t_train = time.perf_counter()
         self.model.train()
-        guard = {"ref": ref_loss, "sum": 0.0, "n": 0}
+        guard = {"ref": ref_loss, "sum": 0.0, "n": 0, "first": True}
 
-        def diverged(rows) -> str | None:
-            """The first-epoch guard over the steps just read (the loss of all ranks, extra[1])."""
+        def diverged(rows, epoch: int) -> str | None:
+            """The guard over the steps just read (the loss of all ranks, extra[1]): this epoch's running mean."""
             for row in rows:
                 step_loss = row.extra[1]
-                if guard["n"] == 0 and math.isfinite(step_loss):
+                if guard["first"] and math.isfinite(step_loss):
                     # the first batch is still at the start point, in train mode (batch statistics)
-                    guard["ref"] = max(guard["ref"], step_loss)
+                    guard["ref"], guard["first"] = max(guard["ref"], step_loss), False
                 guard["sum"], guard["n"] = guard["sum"] + step_loss, guard["n"] + 1
                 mean = guard["sum"] / guard["n"]
                 if not math.isfinite(step_loss):
-                    return f"epoch 1 step {guard['n']}: non-finite loss"
+                    return f"epoch {epoch + 1} step {guard['n']}: non-finite loss"
                 if guard["n"] >= min(3, self.steps_per_epoch) and mean > cfg.guard_loss_factor * guard["ref"]:
-                    return (f"epoch 1 step {guard['n']}: mean loss {mean:.4g} > {cfg.guard_loss_factor:g} x "
-                            f"start loss {guard['ref']:.4g}")
+                    return (f"epoch {epoch + 1} step {guard['n']}: mean loss {mean:.4g} > {cfg.guard_loss_factor:g} "
+                            f"x start loss {guard['ref']:.4g}")
             return None
 
         for epoch in range(cfg.epochs):
             # Losses stay on the device; the host reads them every log_every_steps steps (one sync),
-            # so the guard sees a diverging first epoch at that cadence (a restart resets theta anyway).
+            # so the guard sees a diverging epoch at that cadence (a restart resets theta anyway).
             steps = StepLog(cfg.log_every_steps, self.device, extra=2,
                             on_rows=lambda rows: [_metrics().twa_step(r.extra[1]) for r in rows])
-            check = ref_loss is not None and epoch == 0
+            check = ref_loss is not None
+            guard["sum"], guard["n"] = 0.0, 0  # each epoch's running mean is judged on its own
             for xb, yb in self.loader(epoch):
                 for group in opt.param_groups:
                     group["lr"] = lr * factor(step)
@@ -232,11 +234,11 @@ class CoefficientLoop:
                 step += 1
                 rows = steps.step(loss, yb.numel(), lr * factor(step - 1), (logits.argmax(1) == yb).sum(),
                                   buf[-1] / world)
-                if check and rows and (reason := diverged(rows)):
+                if check and rows and (reason := diverged(rows, epoch)):
                     att.outcome, att.reason, att.steps = "diverged", reason, step
                     return att, theta
             rows = steps.flush()
-            if check and (reason := diverged(rows)):
+            if check and (reason := diverged(rows, epoch)):
                 att.outcome, att.reason, att.steps = "diverged", reason, step
                 return att, theta
             # loss sum, correct, count; on the device (NCCL reduces device tensors only)

@@ -8,14 +8,14 @@ The guard: TWA never returns a model worse than its start without saying so. The
 point (the SWA mean of the selection, BatchNorm recalibrated) is evaluated on the reported
 val split and on a *guard split* that the report never uses: the run's hold-out split when
 the coefficients are fitted on the training data, else a fixed subset of the training data
-(``guard_samples``). An attempt fails when its first epoch diverges (non-finite loss, or a
-running mean loss above ``guard_loss_factor`` x the start's guard loss) or when the fitted
-point ends below the start's guard accuracy by more than ``guard_tolerance`` with a higher
-guard loss too. A failed attempt
-restarts from the start point at lr x ``guard_lr_factor``, at most ``guard_retries`` times,
-each logged and counted in ``twa_guard_retries_total``. When every attempt fails, the stage
-returns the start point with a warning (``guard_fallback="start"``, the default), or raises a
-one-line error naming the learning rates and writes nothing (``guard_fallback="error"``).
+(``guard_samples``) that the fit then leaves out. An attempt fails when any epoch diverges
+(non-finite loss, or that epoch's running mean loss above ``guard_loss_factor`` x the start's)
+or when the fitted point ends below the start's guard accuracy by more than ``guard_tolerance``,
+whatever its loss. A failed attempt restarts from the start point at lr x ``guard_lr_factor``, at
+most ``guard_retries`` times, each logged and counted in ``twa_guard_retries_total``. When every
+attempt fails, the stage returns the start point with a warning (``guard_fallback="start"``, the
+default), or raises a one-line error naming the learning rates and writes nothing
+(``guard_fallback="error"``).
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ from twa_scale.twa.solver import (Attempt, CoefficientLoop, ShardedFlat, SliceLo
                                   select_snapshots)
 from twa_scale.twa.subspace import Basis, build_basis
 
-__all__ = ["TwaInputs", "TwaResult", "TwaGuardError", "load_inputs", "effective_batch", "guard_split", "solve",
+__all__ = ["TwaInputs", "TwaResult", "TwaGuardError", "load_inputs", "effective_batch", "guard_split", "fit_split",
+           "solve",
            "run_twa"]
 
 log = logging.getLogger(__name__)
@@ -125,14 +126,27 @@ def effective_batch(requested: int, world: int) -> tuple[int, int]:
     return per_rank, per_rank * world
 
 
-def guard_split(data, cfg: TwaConfig) -> tuple[Any, str]:
-    """The split the guard evaluates on, never the reported val split."""
+def guard_split(data, cfg: TwaConfig) -> tuple[Any, str, list[int] | None]:
+    """The split the guard evaluates on, never the reported val split: (data, name, the training indices it
+    took, which the fit must then leave out, or None). The run's hold-out when the fit is on train; otherwise
+    ``--guard-samples`` training images, carved out so that the guard never judges on images TWA trains on."""
     if data.holdout is not None and len(data.holdout) and cfg.fit_on == "train":
-        return data.holdout, f"holdout ({len(data.holdout)} samples)"
+        return data.holdout, f"holdout ({len(data.holdout)} samples)", None
     base = getattr(data, "train_eval", None) or data.train
-    n = min(cfg.guard_samples, len(base))
+    n = min(cfg.guard_samples, len(base) // 2)  # at least half of the training split stays for the fit
     idx = torch.randperm(len(base), generator=torch.Generator().manual_seed(cfg.seed + 7919))[:n].sort().values
-    return torch.utils.data.Subset(base, idx.tolist()), f"train subset ({n} samples)"
+    kept = idx.tolist()
+    return torch.utils.data.Subset(base, kept), f"train subset ({n} samples, not fitted on)", kept
+
+
+def fit_split(data, cfg: TwaConfig, guard_indices: list[int] | None):
+    """What TWA fits on: the training split (less the guard's images) or the hold-out (--fit-on holdout)."""
+    if cfg.fit_on == "holdout":
+        return data.holdout
+    if not guard_indices:
+        return data.train
+    taken = set(guard_indices)
+    return torch.utils.data.Subset(data.train, [i for i in range(len(data.train)) if i not in taken])
 
 
 # --- result -------------------------------------------------------------------------------------
@@ -208,14 +222,13 @@ def _fit(cfg: TwaConfig, loop: CoefficientLoop, start_guard: dict,
                 att.outcome = "unchecked"
                 return att, theta, val, attempts
             floor = start_guard["accuracy"] - cfg.guard_tolerance
-            # worse = less accurate beyond the tolerance *and* a higher loss: one sample of a small
-            # guard split can cost more than the tolerance, a real regression costs both
-            if math.isfinite(gev["loss"]) and (gev["accuracy"] >= floor or gev["loss"] <= start_guard["loss"]):
+            # worse = less accurate than the start beyond the tolerance, whatever the loss says: a fit that
+            # lowers the loss while losing accuracy is still a worse model (the fallback returns the start)
+            if math.isfinite(gev["loss"]) and gev["accuracy"] >= floor:
                 return att, theta, val, attempts
             att.outcome = "worse_than_start"
             att.reason = (f"guard accuracy {gev['accuracy']:.4f} < start {start_guard['accuracy']:.4f} - "
-                          f"{cfg.guard_tolerance:g} and guard loss {gev['loss']:.4g} > start {start_guard['loss']:.4g}"
-                          if math.isfinite(gev["loss"]) else "non-finite guard loss")
+                          f"{cfg.guard_tolerance:g}" if math.isfinite(gev["loss"]) else "non-finite guard loss")
         _metrics().twa_guard_retry(att.outcome)
         last = i == cfg.guard_retries
         msg = (f"TWA guard: lr {lr:g} {att.outcome.replace('_', ' ')} ({att.reason}); "
@@ -399,8 +412,8 @@ def run_twa(cfg: TwaConfig) -> TwaResult:
               f"(effective global batch {total})", flush=True)
     if cfg.fit_on == "holdout" and not inp.data.holdout:
         raise ValueError("--fit-on holdout: the run has no held-out split; train it with --holdout-fraction > 0")
-    fit = inp.data.train if cfg.fit_on == "train" else inp.data.holdout
-    guard_data, guard_name = guard_split(inp.data, cfg)
+    guard_data, guard_name, guard_indices = guard_split(inp.data, cfg)
+    fit = fit_split(inp.data, cfg, guard_indices)
     result, _ = solve(cfg, model=inp.model, layout=inp.layout, refs=inp.refs, load=inp.reader.read, fit_data=fit,
                       val_data=inp.data.val, bn_data=inp.data.train, guard_data=guard_data, guard_name=guard_name,
                       per_rank_batch=per_rank)
