@@ -105,6 +105,7 @@ def load_inputs(cfg: TwaConfig, *, select: bool = True) -> TwaInputs:
     reader.layout.check_matches(layout, what=f"model {meta['model']!r} with {meta['num_classes']} classes")
     refs = _select(*reader.scan(), cfg) if select else []
     train_cfg = TrainConfig.from_dict(meta.get("config") or {})
+    train_cfg.storage_options = cfg.storage_options  # the run stores it redacted; --data s3://... needs it
     for name in ("data", "limit_train", "limit_val"):
         if getattr(cfg, name) is not None:
             setattr(train_cfg, name, getattr(cfg, name))
