@@ -282,3 +282,23 @@ def test_commit_marker_carries_epoch_fraction(store_url):
     assert CommitMarker.from_json(marker.to_json(), "m").epoch_fraction == 2.5
     assert store.open_run(store_url, "run1").snapshots()[0].epoch_fraction == 2.5
     w.close()
+
+
+def test_runs_ls_counts_intact_commits_as_snapshots_ls_does(tmp_path, capsys):
+    url = tmp_path.as_uri()
+    w = _new(url, "r", session="cnt00001")
+    view = memoryview(torch.zeros(w.layout.D).numpy()).cast("B")
+    for seq in range(3):
+        meta = w.shard_meta(seq, rank=0, world_size=1, session="cnt00001", view=view, step=seq, epoch=seq)
+        w.put_shard(meta, view)
+        w.commit(seq, [meta])
+    w.close()
+    (tmp_path / "r" / "snapshots" / "00000001" / "COMMIT.json").write_bytes(b"")  # a client died mid-PUT
+    (tmp_path / "r" / "snapshots" / "00000003").mkdir()
+    (tmp_path / "r" / "snapshots" / "00000003" / "COMMIT.json").write_text("{")
+    assert main(["snapshots", "ls", "--json", f"{url}/r"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [r["seq"] for r in listed if "damaged" not in r] == [0, 2]
+    assert main(["runs", "ls", "--json", url]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert (row["snapshots"], row["damaged_snapshots"]) == (2, 2)

@@ -497,9 +497,11 @@ def _intact_on_store(store, url: str, local: str | None = None) -> list[str]:
     return intact[::-1]
 
 
-def _none_intact(url: str, damaged: dict[str, str]) -> str:
-    tag = max(damaged, key=_tag_key)
-    return f"--resume: no intact checkpoint in {url} ({len(damaged)} damaged; the newest, {tag}: {damaged[tag]})"
+def _none_intact(where: str, damaged: dict[str, str]) -> str:
+    """One line naming every damaged tag's problem, newest first."""
+    tags = sorted(damaged, key=_tag_key, reverse=True)
+    return f"--resume: no intact checkpoint in {where} ({len(tags)} damaged: " + \
+        "; ".join(f"{t}: {damaged[t]}" for t in tags) + ")"
 
 
 def newest(checkpoint_dir: str, url: str | None, storage_options=None) -> tuple[str, str] | None:
@@ -576,7 +578,7 @@ def fetch(checkpoint_dir: str, url: str | None, storage_options=None) -> str | N
     candidates, fatal = comm.broadcast_object(comm.agree(plan, "listing checkpoints (--resume)"))
     if fatal:
         raise CheckpointError(fatal)
-    problems: list[str] = []
+    problems: dict[str, str] = {}
     for tag in candidates:
         problem = comm.agree(lambda t=tag: _materialise(checkpoint_dir, store, t) if comm.local_rank() == 0 else None,
                              f"downloading checkpoint {tag}")
@@ -586,11 +588,10 @@ def fetch(checkpoint_dir: str, url: str | None, storage_options=None) -> str | N
                 (Path(checkpoint_dir) / "latest").write_text(tag)
             comm.barrier()
             return tag
-        problems.append(f"{tag}: {bad[0]}")
+        problems[tag] = bad[0]
         if comm.rank() == 0:
             log.warning("--resume: checkpoint %s is damaged (%s); falling back to the previous one", tag, bad[0])
     if problems:
-        raise CheckpointError(f"--resume: no intact checkpoint in {url or checkpoint_dir} ({len(problems)} damaged; "
-                              f"the newest, {problems[0]})")
+        raise CheckpointError(_none_intact(url or checkpoint_dir, problems))
     comm.barrier()
     return None
