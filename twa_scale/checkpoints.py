@@ -585,6 +585,7 @@ def fetch(checkpoint_dir: str, url: str | None, storage_options=None) -> str | N
         bad = [p for p in _all_gather_object(problem) if p]
         if not bad:
             if comm.local_rank() == 0:
+                Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
                 (Path(checkpoint_dir) / "latest").write_text(tag)
             comm.barrier()
             return tag
