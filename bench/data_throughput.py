@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tests.support.s3 import SeaweedS3  # noqa: E402
+from devtools.s3server import SeaweedS3  # noqa: E402
 from twa_scale import data as data_mod  # noqa: E402
 from twa_scale import shards  # noqa: E402
 from twa_scale.config import TrainConfig  # noqa: E402

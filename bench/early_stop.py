@@ -215,7 +215,7 @@ def _run_summary(pair: Pair, work: Path) -> dict | None:
         return None
     paths = _paths(pair, work)
     m, result = _read_json(paths["metrics"]), _read_json(paths["result"]) or {}
-    probes = _read_json(paths["probes"]) or []
+    probes = (_read_json(paths["probes"]) or {}).get("probes", [])  # a ProbeLog record (twa_scale/store/format.py)
     final = m["final"]
     fired = _fired(probes)
     keep = ("probe", "epoch", "last_seq", "twa_accuracy", "swa_accuracy", "sgd_holdout_accuracy", "first_phase",

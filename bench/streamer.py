@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.s3server import SeaweedS3  # noqa: E402
+from devtools.s3server import SeaweedS3  # noqa: E402
 from twa_scale import store  # noqa: E402
 from twa_scale.layout import FlatLayout  # noqa: E402
 from twa_scale.models import build_model  # noqa: E402

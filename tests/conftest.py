@@ -1,4 +1,4 @@
-"""Shared fixtures: a real S3 server (SeaweedFS) and one store URL per backend.
+"""Shared fixtures: a real S3 server (SeaweedFS) and one store URL per backend; untiered tests marked `unit`.
 
 ``s3_server`` is one ``weed server`` for the whole session, with the standard AWS variables
 pointing at it for every test. ``fresh_s3`` is a private server for fault tests that kill,
@@ -34,6 +34,17 @@ def pytest_sessionstart(session):
                 os.unlink(path)
             except OSError:
                 pass
+
+
+# Every marker that puts a test in a heavier tier than `unit` (pyproject.toml's [tool.pytest.ini_options]).
+TIERS = ("multirank", "s3", "prometheus", "k8s", "gpu", "image", "slow", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test without a tier marker is a unit test: `pytest -m unit` selects exactly the fast lane."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in TIERS):
+            item.add_marker(pytest.mark.unit)
 
 
 def _clear_s3fs_cache() -> None:

@@ -4,12 +4,13 @@ import json
 import re
 import sys
 import time
+import uuid
 
 import pytest
 
 from tests.support.launch import deepspeed, run
 from twa_scale.checkpoints import committed_tags
-from twa_scale.store import open_run, open_store
+from twa_scale.store import TrainMetrics, open_run, open_store
 
 EVERY = 4  # --checkpoint-every-steps
 # digits, 2 gloo ranks × 64 images: 11 optimizer steps per epoch; 3 snapshots per epoch (after steps 3, 7, 11);
@@ -115,3 +116,72 @@ def test_sigterm_on_one_rank_checkpoints_every_rank_at_one_step_then_resume_matc
     assert f"downloaded checkpoint {tag}" in resumed.stderr + resumed.stdout
     assert "resumed from" in resumed.stdout and where in resumed.stdout, resumed.stdout[-3000:]
     _same_as_reference(reference, tmp_path, "term")
+
+
+# --- fail-safe resume on S3 (issue 19): a damaged newest tag leaves the resume on the previous intact one ---------
+@pytest.fixture(scope="module")
+def s3_finished(s3_server, tmp_path_factory):
+    """A finished 2-rank run on the real S3 server, snapshots and checkpoints (tags epoch1-step9 and epoch2 kept):
+    (its URL, its metrics)."""
+    url = f"s3://twa-test/{uuid.uuid4().hex[:10]}"
+    tmp = tmp_path_factory.mktemp("s3run")
+    deepspeed("launch/train.py", ARGS + ["--snapshot-url", url, "--run-id", "r", "--checkpoint-dir", str(tmp)], ranks=2)
+    st = open_store(f"{url}/r/checkpoints")
+    assert committed_tags(st) == ["epoch1-step9", "epoch2"]
+    return url, TrainMetrics.from_json(open_store(url).get("r/train/metrics.json"), "metrics")
+
+
+def _copy_run(url: str) -> str:
+    """The finished run under a fresh prefix: every case resumes (and so rewrites) its own copy."""
+    src, dst_url = open_store(f"{url}/r"), f"s3://twa-test/{uuid.uuid4().hex[:10]}"
+    dst = open_store(f"{dst_url}/r")
+    for key in src.find(""):
+        dst.put_large(key, memoryview(src.get(key)))
+    return dst_url
+
+
+def _damage(st, key: str, how: str) -> None:
+    data = st.get(key)
+    st.put_small(key, {"empty": b"", "truncated": data[:len(data) // 2],
+                       "altered": data[:-100] + bytes([data[-100] ^ 1]) + data[-99:]}[how])
+
+
+@pytest.mark.s3
+@pytest.mark.multirank
+@pytest.mark.parametrize("flag,damaged,how", [
+    ("--resume", "COMMIT.json", "empty"),  # what SeaweedFS leaves when a client dies mid-PUT
+    ("--auto-resume", "mp_rank_00_model_states.pt", "altered"),  # same size: only its sha256 tells
+])  # (every damage of every object, on S3 too, in one process: tests/test_checkpoint_store.py)
+def test_a_damaged_newest_checkpoint_on_s3_resumes_from_the_previous_intact_tag(s3_finished, tmp_path, flag, damaged,
+                                                                                 how):
+    url, full = s3_finished
+    copy = _copy_run(url)
+    _damage(open_store(f"{copy}/r/checkpoints"), f"epoch2/{damaged}", how)
+    resumed = deepspeed("launch/train.py", ARGS + ["--snapshot-url", copy, "--run-id", "r", flag,
+                                                   "--checkpoint-dir", str(tmp_path / "fresh")], ranks=2)
+    log = resumed.stdout + resumed.stderr
+    assert f"{copy}/r/checkpoints/epoch2/{damaged}" in log, log[-3000:]  # the warning names the object
+    assert "downloaded checkpoint epoch1-step9" in log and "Traceback" not in log
+    assert re.search(r"resumed from \S+/epoch1-step9/\S+ at epoch 1, step 9 of 11", resumed.stdout), log[-3000:]
+    got = TrainMetrics.from_json(open_store(copy).get("r/train/metrics.json"), "metrics")
+    def curve(m):
+        return [(r.epoch, r.train_loss, r.val_loss, r.val_accuracy, r.lr) for r in m.epochs]
+
+    assert curve(got) == curve(full)  # the last 2 steps redone exactly as the uninterrupted run did them
+
+
+@pytest.mark.s3
+@pytest.mark.multirank
+def test_no_intact_checkpoint_on_s3_is_one_line_and_exit_2_on_every_rank(s3_finished, tmp_path):
+    url, _ = s3_finished
+    copy = _copy_run(url)
+    st = open_store(f"{copy}/r/checkpoints")
+    _damage(st, "epoch2/COMMIT.json", "truncated")
+    _damage(st, "epoch1-step9/mp_rank_00_model_states.pt", "truncated")
+    cut = deepspeed("launch/train.py", ARGS + ["--snapshot-url", copy, "--run-id", "r", "--resume",
+                                               "--checkpoint-dir", str(tmp_path / "fresh")], ranks=2, check=False)
+    log = cut.stdout + cut.stderr
+    assert cut.returncode == 2, log[-3000:]
+    lines = [ln for ln in log.splitlines() if ln.startswith("error: --resume: no intact checkpoint in")]
+    assert len(lines) == 2, log[-3000:]  # one line per rank
+    assert "epoch1-step9" in lines[0] and "bytes, the commit records" in lines[0] and "Traceback" not in log

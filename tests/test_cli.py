@@ -66,6 +66,7 @@ def test_unknown_run_is_a_clear_error(tmp_path, capsys):
     assert "run.json does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_module_entry_point_runs(tmp_path):
     _populate(tmp_path.as_uri())
     proc = subprocess.run([sys.executable, "-m", "twa_scale.cli", "snapshots", "verify", f"{tmp_path.as_uri()}/run1"],

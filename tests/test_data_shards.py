@@ -1,5 +1,6 @@
 """Unit + S3 tiers: packed datasets (WebDataset shards + index), deterministic batch plans, fast decode,
 bad input. Small trees built from the shared CIFAR-10 (symlinks; nothing copied into the repo)."""
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from twa_scale import shards
 from twa_scale.config import TrainConfig
 from twa_scale.data import build_data, make_loader
 from twa_scale.errors import ConfigError
+from twa_scale.store.format import DatasetIndex
 
 
 def _tree(dst: Path, per_class: int, per_class_val: int, classes: int = 10) -> Path:
@@ -46,7 +48,7 @@ def test_pack_writes_webdataset_shards_and_index(packed, tree):
     import webdataset as wds
 
     idx = shards.open_index(packed)
-    assert idx.classes == sorted(os.listdir(tree / "train")) and idx.image_size == 32
+    assert list(idx.classes) == sorted(os.listdir(tree / "train")) and idx.image_size == 32
     assert idx.split("train").samples == 240 and idx.split("val").samples == 60  # test/ serves as val
     train = idx.split("train").shards
     assert len(train) > 2 and sum(r.samples for r in train) == 240
@@ -67,7 +69,7 @@ def test_pack_is_resumable_and_repairs(packed, tree, monkeypatch):
     assert len(problems) == 1 and name in problems[0] and "sha256" in problems[0]
     written = []
     real = shards._write_shard
-    monkeypatch.setattr(shards, "_write_shard", lambda fs, r, n, *a: written.append(n) or real(fs, r, n, *a))
+    monkeypatch.setattr(shards, "_write_shard", lambda st, n, *a: written.append(n) or real(st, n, *a))
     shards.pack(str(tree), packed, shard_bytes=64 << 10, progress=False)
     assert written == [name]  # every other shard was verified and kept
     assert shards.verify(packed) == []
@@ -186,7 +188,7 @@ def test_bad_specs_are_one_line_errors(tmp_path, packed):
     (root / "index.json").rename(root / "index.bak")
     (root / "index.json").write_text(json.dumps({"format": "other"}))
     try:
-        with pytest.raises(ConfigError, match="not a twa_scale dataset index"):
+        with pytest.raises(ConfigError, match="index.json is not a twa_scale dataset_index record"):
             build_data(TrainConfig(data=packed))
     finally:
         (root / "index.bak").replace(root / "index.json")
@@ -219,17 +221,26 @@ def test_packed_on_s3_reads_like_local(tree, packed, s3_url):
 
 @pytest.mark.s3
 @pytest.mark.multirank
-def test_two_ranks_train_from_packed_s3(tmp_path, s3_url):
-    """`twa-scale data pack` to SeaweedFS, then `deepspeed --num_gpus 2 launch/train.py --data s3://...`."""
+def test_two_ranks_train_from_packed_s3(tmp_path, s3_url, s3_server):
+    """`twa-scale data pack` to SeaweedFS, then `deepspeed --num_gpus 2 launch/train.py --data s3://...`: the
+    endpoint and credentials come from --storage-options alone (no AWS_* variable in the jobs' environment)."""
     from tests.support.launch import deepspeed, python
 
     tree = _tree(tmp_path / "c10", 100, 20)
     url = s3_url + "/c10"
-    python("-m", ["twa_scale.cli", "data", "pack", str(tree), url, "--shard-size", "256KB", "--quiet"])
+    env = s3_server.env
+    opts = json.dumps({"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+                       "endpoint_url": env["AWS_ENDPOINT_URL"], "client_kwargs": {"region_name": "us-east-1"}})
+    no_aws = [k for k in os.environ if k.startswith("AWS_")]
+    python("-m", ["twa_scale.cli", "data", "pack", str(tree), url, "--shard-size", "256KB", "--quiet",
+                  "--storage-options", opts], unset_env=no_aws)
+    verify = python("-m", ["twa_scale.cli", "data", "verify", url, "--storage-options", opts], unset_env=no_aws)
+    assert "every shard matches its sha256" in verify.stdout
     deepspeed("launch/train.py", ["--data", url, "--model", "resnet20", "--epochs", "2", "--no-twa",
                                   "--batch-size", "64", "--lr", "0.05", "--num-workers", "1",
                                   "--snapshot-url", f"file://{tmp_path}/snap", "--run-id", "s3data",
-                                  "--checkpoint-dir", str(tmp_path / "ckpt")], ranks=2)
+                                  "--storage-options", opts, "--checkpoint-dir", str(tmp_path / "ckpt")],
+              ranks=2, unset_env=no_aws)
     m = json.loads((tmp_path / "snap" / "s3data" / "train" / "metrics.json").read_text())
     e1, e2 = m["epochs"]
     assert m["final"]["world_size"] == 2
@@ -252,8 +263,8 @@ def test_twa_refuses_a_dataset_whose_classes_differ_from_the_model(tmp_path):
 
 def test_index_dataclasses_round_trip(packed):
     idx = shards.open_index(packed)
-    again = shards.DatasetIndex.from_dict(json.loads(json.dumps(idx.to_dict())), idx.url)
-    assert again == idx
+    again = DatasetIndex.from_json(idx.to_json(), "index.json")
+    assert again.url == "" and dataclasses.replace(again, url=idx.url) == idx
     assert shards.parse_size("256MB") == 256 << 20
     with pytest.raises(ConfigError):
         shards.parse_size("lots")

@@ -21,6 +21,7 @@ import torch
 from tests.support import REPO
 from tests.support.launch import env, python
 from tests.support.twa import digits_config, make_trajectory
+from twa_scale.store.format import ProbeLog
 from twa_scale.twa.stoprule import ProbeView, first_phase_end, pack_correct, parse_stop_rule, unpack_correct
 
 FOLLOW = ["--follow", "--probe-every", "2", "--probe-steps", "4", "--probe-bn-batches", "2", "--poll-seconds",
@@ -139,7 +140,8 @@ def trajectory():
 
 
 def _probes(root) -> list[dict]:
-    return json.loads((root / "live" / "twa" / "probes.json").read_text())
+    path = root / "live" / "twa" / "probes.json"
+    return list(ProbeLog.from_json(path.read_bytes(), str(path)).probes)  # sealed, versioned
 
 
 def _follow(url: str, *extra: str, timeout: float = 3.0, check: bool = False) -> subprocess.CompletedProcess:

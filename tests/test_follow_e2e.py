@@ -56,7 +56,7 @@ def test_two_rank_training_with_a_follower_stops_early_by_the_rule(tmp_path):
     final = json.loads((tmp_path / "snap" / run / "train" / "metrics.json").read_text())["final"]
     assert final["stopped_by"] == "twa" and final["stop_rule"] == "target:0.6"
     assert final["stopped_epoch"] < EPOCHS, "stopped before the configured last epoch"
-    probes = json.loads((tmp_path / "snap" / run / "twa" / "probes.json").read_text())
+    probes = json.loads((tmp_path / "snap" / run / "twa" / "probes.json").read_text())["probes"]
     assert [p["probe"] for p in probes] == list(range(len(probes))) and probes, "one record per probe"
     last_seqs = [p["last_seq"] for p in probes]
     assert last_seqs == sorted(set(last_seqs)), "no probe recorded twice"

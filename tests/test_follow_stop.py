@@ -120,6 +120,7 @@ def test_two_rank_training_ignores_a_malformed_marker_then_obeys_twa_scale_stop(
     print(f"stopped at seq {final['stopped_seq']} {time.monotonic() - asked:.1f}s after the request")
 
 
+@pytest.mark.e2e
 def test_a_marker_present_at_launch_stops_after_the_initial_snapshot(tmp_path):
     """Written before the job starts (e.g. before a --resume of a stopped run): the stop holds at snapshot 0."""
     from tests.support.launch import python

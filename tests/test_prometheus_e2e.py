@@ -110,7 +110,7 @@ def test_final_values_were_scraped(scraped_run):
     assert float(acc[0]["value"][1]) == pytest.approx(result["twa_accuracy"], abs=1e-6)
     coef = prom.query(f'last_over_time(twa_scale_twa_coefficient{{run_id="{RUN_ID}"}}{window})')
     assert 1 <= len(coef) <= 256
-    probes = json.loads((run_dir / "twa" / "probes.json").read_text())
+    probes = json.loads((run_dir / "twa" / "probes.json").read_text())["probes"]
     got = prom.query(f'last_over_time(twa_scale_twa_probe_accuracy_ratio{{run_id="{RUN_ID}"}}{window})')
     assert probes and float(got[0]["value"][1]) == pytest.approx(probes[-1]["twa_accuracy"], abs=1e-6)
 

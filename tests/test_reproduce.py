@@ -297,8 +297,9 @@ def _run_files(out, run_id):
     def read(path):
         return json.loads(path.read_text())
 
-    return (read(run / "train" / "metrics.json"), read(run / "twa" / "probes.json"), read(run / "twa" / "result.json"),
-            (run / "control" / "STOP.json").is_file(), read(out / "work" / "done" / f"{run_id}.json"))
+    return (read(run / "train" / "metrics.json"), read(run / "twa" / "probes.json")["probes"],
+            read(run / "twa" / "result.json"), (run / "control" / "STOP.json").is_file(),
+            read(out / "work" / "done" / f"{run_id}.json"))
 
 
 @pytest.mark.slow

@@ -86,6 +86,7 @@ def _train(tmp_path, run_id, *extra, snap="snap", ckpt=None):
             "--checkpoint-dir", str(tmp_path / (ckpt or f"ckpt-{run_id}")), *extra]
 
 
+@pytest.mark.e2e
 def test_resume_retakes_sub_epoch_snapshots_idempotently(tmp_path):
     """Preempted in epoch 2 after its snapshots 6 and 7 committed: the resumed run keeps 5-7 and
     writes 8-10 with exactly the weights of an uninterrupted run."""
@@ -110,6 +111,7 @@ def test_resume_retakes_sub_epoch_snapshots_idempotently(tmp_path):
     assert summary["already_committed"] == 3 and summary["uploaded"] == 3  # 5, 6, 7 kept; 8, 9, 10 written
 
 
+@pytest.mark.e2e
 def test_too_many_snapshots_per_epoch_is_a_one_line_error(tmp_path):
     proc = python("launch/train.py", _train(tmp_path, "bad")[:-2] + ["--snapshots-per-epoch", "50",
                   "--batch-size", "128", "--checkpoint-dir", str(tmp_path / "c")], check=False)

@@ -265,3 +265,23 @@ def test_resnet_state_dict_round_trip_file(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
     manifest = json.loads((tmp_path / "r" / "run.json").read_text())
     assert manifest["model"] == "resnet20" and manifest["D"] == layout.D
+
+
+def test_object_store_contract_listing(store_url):
+    """The listing methods every caller uses (snapshots, checkpoints, datasets, runs ls), on every backend."""
+    from twa_scale.store import ObjectStore
+
+    st = store.open_store(store_url)
+    assert isinstance(st, ObjectStore)
+    st.check_writable()
+    st.put_small("a/COMMIT.json", b"{}")
+    st.put_large("a/files/x.bin", memoryview(b"x" * 1000))
+    st.put_small("b/y.json", b"[1]")
+    assert st.sizes("") == {"a/COMMIT.json": 2, "a/files/x.bin": 1000, "b/y.json": 3}
+    assert sorted(st.find("a")) == ["a/COMMIT.json", "a/files/x.bin"] and st.sizes("nothing") == {}
+    assert st.list_dirs("") == ["a", "b"] and st.list_dirs("a") == ["files"]
+    st.delete("a/files/x.bin")
+    st.delete("a/files/x.bin")  # absent: no error
+    assert not st.exists("a/files/x.bin") and st.exists("b/y.json")
+    with pytest.raises(TypeError):
+        ObjectStore()  # an abstract base: a backend implements every method

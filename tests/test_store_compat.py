@@ -45,3 +45,40 @@ def test_old_format_reads_bit_identically(old_runs, run_id):
         sd = r.state_dict(int(seq), build_model("mlp", 10))
         assert {k: _sha(v.float()) for k, v in sd.items() if k in tensors} == tensors
     assert r.verify() == []
+
+
+# --- what the code before issue 19's records wrote (tests/fixtures/store_today/make.md) --------------------------
+TODAY = Path(__file__).parent / "fixtures" / "store_today"
+
+
+@pytest.fixture
+def today(tmp_path) -> Path:
+    dst = tmp_path / "today"
+    shutil.copytree(TODAY, dst, ignore=shutil.ignore_patterns("*.md"))
+    return dst
+
+
+def test_metrics_and_probes_of_todays_code_read_as_records(today):
+    run = today / "runs" / "today-mlp"
+    m = store.TrainMetrics.from_json((run / "train" / "metrics.json").read_bytes(), "metrics.json")
+    row = store.EpochRow.from_json((run / "train" / "epochs" / "000001.json").read_bytes(), "000001.json")
+    assert m.run_id == "today-mlp" and m.epochs == (row,) and row.epoch == 1 and m.final["epochs"] == 1
+    assert 0 < row.val_accuracy < 1 and row.epoch_fraction is None
+    old = store.TrainMetrics.from_json((FIXTURE / "mlp-digits-bf16" / "train" / "metrics.json").read_bytes(), "v1")
+    assert old.run_id == "mlp-digits-bf16" and [r.epoch for r in old.epochs] == [1] and old.final is not None
+    probes = store.ProbeLog.from_json((run / "twa" / "probes.json").read_bytes(), "probes.json")  # a bare list
+    assert [p["last_seq"] for p in probes.probes] == [1] and probes.run_id is None
+
+
+def test_dataset_index_of_todays_code_reads_and_trains(today):
+    from twa_scale import shards
+    from twa_scale.config import TrainConfig
+    from twa_scale.data import build_data, make_loader
+
+    url = (today / "dataset").as_uri()
+    idx = shards.open_index(url)
+    assert idx.classes == ("cat", "dog") and idx.split("train").samples == 6 and idx.image_size == 8
+    assert shards.verify(url) == []
+    data = build_data(TrainConfig(data=url, holdout_fraction=0.0))
+    x, y = next(iter(make_loader(data.train, batch_size=6, train=False)))
+    assert x.shape[0] == 6 and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]

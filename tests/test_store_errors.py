@@ -21,6 +21,7 @@ def _one_error_line(proc) -> str:
     return lines[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("url, needle", [("s3://", "names no bucket"), ("s3:/bucket/typo", "followed by '://'")])
 def test_malformed_snapshot_url_is_refused(tmp_path, url, needle):
     proc = python(TRAIN, ["--model", "mlp", "--epochs", "1", "--no-twa", "--snapshot-url", url,
@@ -41,6 +42,7 @@ def _run_with_mlp(url: str) -> FlatLayout:
     return layout
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("damage, needle", [
     ("flip", "checksum mismatch"),
     ("empty-marker", "not committed"),

@@ -282,3 +282,68 @@ def test_commit_marker_carries_epoch_fraction(store_url):
     assert CommitMarker.from_json(marker.to_json(), "m").epoch_fraction == 2.5
     assert store.open_run(store_url, "run1").snapshots()[0].epoch_fraction == 2.5
     w.close()
+
+
+def test_runs_ls_counts_intact_commits_as_snapshots_ls_does(tmp_path, capsys):
+    url = tmp_path.as_uri()
+    w = _new(url, "r", session="cnt00001")
+    view = memoryview(torch.zeros(w.layout.D).numpy()).cast("B")
+    for seq in range(3):
+        meta = w.shard_meta(seq, rank=0, world_size=1, session="cnt00001", view=view, step=seq, epoch=seq)
+        w.put_shard(meta, view)
+        w.commit(seq, [meta])
+    w.close()
+    (tmp_path / "r" / "snapshots" / "00000001" / "COMMIT.json").write_bytes(b"")  # a client died mid-PUT
+    (tmp_path / "r" / "snapshots" / "00000003").mkdir()
+    (tmp_path / "r" / "snapshots" / "00000003" / "COMMIT.json").write_text("{")
+    assert main(["snapshots", "ls", "--json", f"{url}/r"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [r["seq"] for r in listed if "damaged" not in r] == [0, 2]
+    assert main(["runs", "ls", "--json", url]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert (row["snapshots"], row["damaged_snapshots"]) == (2, 2)
+
+
+_RECORDS = [
+    store.CheckpointCommit(tag="epoch1", files=(store.CheckpointFile(name="a.pt", bytes=3, sha256="ab" * 32),),
+                           committed_at=1.0),
+    store.CheckpointNode(tag="epoch1", node=0, files=(store.CheckpointFile(name="a.pt", bytes=3, sha256="ab" * 32),)),
+    store.TrainMetrics(run_id="r", epochs=(store.EpochRow(epoch=1, train_loss=2.0, val_loss=1.5, val_accuracy=0.5,
+                                                          lr=0.1, seconds=3.0),), final={"epochs": 1}),
+    store.ProbeLog(run_id="r", probes=({"probe": 0, "last_seq": 4, "twa_accuracy": None},)),
+    store.DatasetIndex(classes=("a", "b"), image_size=32, splits={"train": store.DatasetSplit(samples=1, shards=(
+        store.DatasetShard(name="train-00000.tar", samples=1, bytes=1024, sha256="cd" * 32, offsets=(512,),
+                           sizes=(10,), labels=(1,), crc32=(7,), keys=("train00000000",)),))}),
+]
+
+
+@pytest.mark.parametrize("rec", _RECORDS, ids=lambda r: type(r).__name__)
+def test_every_new_record_round_trips_and_fails_in_one_line_naming_the_object(rec):
+    raw = rec.to_json()
+    assert type(rec).from_json(raw, "x") == rec
+    body = json.loads(raw)
+    assert body["format"] == f"twa_scale.{rec.KIND}/2" and "json_sha256" in body
+    field = next(k for k in sorted(body) if k not in ("format", "json_sha256"))
+    altered = json.dumps({**body, field: None}).encode()
+    missing = json.dumps(store.format.seal({k: v for k, v in body.items() if k not in (field, "json_sha256")})).encode()
+    for bad, why in ((b"", "is empty"), (raw[:len(raw) // 2], "not valid JSON"), (altered, "fails its own checksum"),
+                     (missing, f"has no field {field!r}")):
+        if why.startswith("has no field") and field in type(rec).OPTIONAL:
+            continue
+        with pytest.raises(FormatError, match="s3://b/p/obj.json") as e:
+            type(rec).from_json(bad, "s3://b/p/obj.json")
+        assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_records_refuse_what_would_escape_their_prefix_or_disagree():
+    with pytest.raises(FormatError, match="not a plain file name"):
+        store.CheckpointCommit.from_json(json.dumps({"tag": "t", "files": ["../../etc/passwd"]}), "c")
+    with pytest.raises(FormatError, match="per-sample lists"):
+        store.DatasetShard.from_json(json.dumps({"name": "s.tar", "samples": 2, "bytes": 1, "sha256": "x",
+                                                 "offsets": [0], "sizes": [1], "labels": [0], "crc32": [0],
+                                                 "keys": ["k"]}), "s.tar.json")
+    with pytest.raises(FormatError, match="integer last_seq"):
+        store.ProbeLog.from_json(json.dumps([{"probe": 0}]), "probes.json")
+    with pytest.raises(TypeError):
+        store.EpochRow.from_row({"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5, "lr": 0.1,
+                                 "seconds": 1.0, "new_field": 3})  # never silently dropped

@@ -72,6 +72,7 @@ def test_two_nodes_without_ssh(tmp_path, single_rank_reference):
     _same_run(single_rank_reference, m)
 
 
+@pytest.mark.e2e
 def test_cifar10_subset_through_image_folder(tmp_path):
     data = require_cifar10()
     python("launch/train.py", ["--data", str(data), "--model", "resnet20", "--epochs", "2", "--no-twa",
@@ -88,6 +89,7 @@ def _train_args(tmp_path, run_id):
             "--checkpoint-dir", str(tmp_path / f"ckpt-{run_id}")]
 
 
+@pytest.mark.e2e
 def test_resume_after_preemption_matches_uninterrupted_run(tmp_path):
     python(_train_args(tmp_path, "full")[0], _train_args(tmp_path, "full")[1:])
     full = _metrics(tmp_path / "snap", "full")
@@ -123,6 +125,7 @@ def test_resume_after_preemption_matches_uninterrupted_run(tmp_path):
     assert seqs == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("extra, needle", [
     (["--model", "resnet21"], "--model"),
     (["--data", "{tmp}"], "expected subfolders train/ and val/"),
@@ -141,6 +144,7 @@ def test_bad_input_fails_before_training(tmp_path, extra, needle):
     assert "epoch 1/" not in proc.stdout
 
 
+@pytest.mark.e2e
 def test_init_from_snapshot_starts_at_those_weights(tmp_path):
     url = f"file://{tmp_path}/snap"
     common = ["--data", "digits", "--model", "mlp", "--no-twa", "--snapshot-url", url]

@@ -15,11 +15,17 @@ On SIGTERM every rank saves one at the same step (twa_scale/preemption.py), if i
 
 Before a checkpoint is saved every snapshot queued so far is committed (the streamer is drained), so a
 resumed run never needs a snapshot from before its checkpoint: the committed sequence has no gap.
+
+Checkpoints fail safe: a resume loads the newest *intact* tag. A tag whose commit marker is empty, truncated
+or fails its seal, or one of whose files is missing or fails its recorded size or SHA-256
+(:class:`~twa_scale.store.format.CheckpointCommit`), is skipped with a warning naming the object; when no
+tag is intact the job ends with one line and exit 2 on every rank (:class:`CheckpointError`).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -32,13 +38,18 @@ from pathlib import Path
 import torch
 
 from twa_scale import comm, knobs
+from twa_scale.errors import ConfigError
 
 __all__ = ["KEEP_CHECKPOINTS", "ResumePoint", "Uploader", "save", "load", "drain", "prune", "fetch", "newest",
-           "committed_tags", "maybe_fault"]
+           "committed_tags", "scan_tags", "maybe_fault", "CheckpointError"]
 
 log = logging.getLogger("twa_scale.checkpoints")
 KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoint tags are deleted (ResNet-50 ones are ~300 MB each)
 _TAG = re.compile(r"^epoch(\d+)(?:-step(\d+))?$")
+
+
+class CheckpointError(ConfigError):
+    """Checkpoints exist but none is intact: a resume cannot continue (exit 2, on every rank)."""
 
 
 @dataclasses.dataclass
@@ -139,20 +150,19 @@ def prune(checkpoint_dir: str, keep: int = KEEP_CHECKPOINTS, busy=()) -> list[st
 
 
 def load(engine, checkpoint_dir: str, url: str | None = None, storage_options=None) -> ResumePoint | None:
-    """Load the newest checkpoint into ``engine`` (every rank); None when there is none. With ``url``,
-    a checkpoint missing locally is first downloaded from there (:func:`fetch`)."""
-    if url:
-        fetch(checkpoint_dir, url, storage_options)
+    """Load the newest intact checkpoint into ``engine`` (every rank); None when there is none. With ``url``,
+    a checkpoint missing or damaged locally is first downloaded from there (:func:`fetch`: a damaged tag is
+    skipped for the one before it)."""
     from twa_scale.engine import UnsafeCheckpointError
 
+    if url:
+        fetch(checkpoint_dir, url, storage_options)
     try:
         path, client = engine.load_checkpoint(checkpoint_dir)
     except UnsafeCheckpointError as e:  # a file from the store that would run code when unpickled
-        from twa_scale.errors import ConfigError
-
         where = Path(e.path)
         name = f"{url.rstrip('/')}/{where.parent.name}/{where.name}" if url else str(where)
-        raise ConfigError(f"--resume: checkpoint {name}: {e.reason}; delete that checkpoint tag") from None
+        raise CheckpointError(f"--resume: checkpoint {name}: {e.reason}; delete that checkpoint tag") from None
     if path is None:
         return None
     client = client or {}
@@ -243,15 +253,55 @@ def _tag_key(tag: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2) or 0)
 
 
+def _read_commit(store, tag: str, raw: bytes | None = None):
+    """The commit record of ``tag`` (FileNotFoundError when there is none, FormatError when it is damaged)."""
+    from twa_scale.store.format import CheckpointCommit, FormatError
+
+    key = f"{tag}/{COMMIT}"
+    commit = CheckpointCommit.from_json(store.get(key) if raw is None else raw, store.describe(key))
+    if commit.tag != tag:
+        raise FormatError(f"{store.describe(key)} records tag {commit.tag!r}")
+    return commit
+
+
+def scan_tags(store) -> tuple[list[str], dict[str, str], dict[str, int]]:
+    """(intact tags oldest first, {tag: problem} of damaged ones, {key: size} of every object), from one
+    listing and one read of each marker. Intact here: the marker is a valid record and every file it lists
+    is present with its recorded size; each file's SHA-256 is checked when a resume downloads it."""
+    from twa_scale.store.format import FormatError
+
+    sizes = store.sizes("")
+    tags = sorted({t for t, _, name in (k.partition("/") for k in sizes) if name == COMMIT and _TAG.match(t)},
+                  key=_tag_key)
+    intact, damaged = [], {}
+    for tag, raw in zip(tags, store.get_many([f"{t}/{COMMIT}" for t in tags]) if tags else []):
+        if isinstance(raw, FileNotFoundError):
+            continue  # deleted since the listing (pruned)
+        if isinstance(raw, BaseException):
+            raise raw
+        try:
+            commit = _read_commit(store, tag, raw)
+        except FormatError as e:
+            damaged[tag] = str(e)
+            continue
+        for f in commit.files:
+            key = f"{tag}/{f.name}"
+            if key not in sizes:
+                damaged[tag] = f"{store.describe(key)} is missing"
+            elif f.bytes is not None and sizes[key] != f.bytes:
+                damaged[tag] = (f"{store.describe(key)} has {sizes[key]} bytes, the commit records {f.bytes} "
+                                f"(truncated or overwritten)")
+            else:
+                continue
+            break
+        else:
+            intact.append(tag)
+    return intact, damaged, sizes
+
+
 def committed_tags(store) -> list[str]:
-    """Tags with a commit marker in ``store``, oldest first."""
-    return _committed(store.find(""))
-
-
-def _committed(keys) -> list[str]:
-    """The committed tags among the store keys ``keys``, oldest first."""
-    tags = [tag for tag, _, name in (k.partition("/") for k in keys) if name == COMMIT and _TAG.match(tag)]
-    return sorted(tags, key=_tag_key)
+    """Intact committed tags in ``store``, oldest first (see :func:`scan_tags`)."""
+    return scan_tags(store)[0]
 
 
 class Uploader:
@@ -364,36 +414,38 @@ class Uploader:
                     self._cond.notify_all()
 
     def _upload(self, tag: str, local: Path) -> None:
-        import json
+        from twa_scale.store.format import CheckpointFile, CheckpointNode
 
         st, call = self._store, self._retry.call
-        files = sorted(p.name for p in local.iterdir() if p.is_file())
-        for name in files:
+        files = []
+        for name in sorted(p.name for p in local.iterdir() if p.is_file()):
             data = (local / name).read_bytes()
             call(f"uploading {st.describe(f'{tag}/{name}')}", lambda n=name, d=data: st.put_large(f"{tag}/{n}",
                                                                                                   memoryview(d)))
-        call(f"writing {st.describe(f'{tag}/nodes/{self.node}.json')}",
-             lambda: st.put_small(f"{tag}/nodes/{self.node}.json", json.dumps({"files": files}).encode()))
+            files.append(CheckpointFile(name=name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+        key = f"{tag}/nodes/{self.node}.json"
+        marker = CheckpointNode(tag=tag, node=self.node, files=tuple(files), written_at=time.time()).to_json()
+        call(f"writing {st.describe(key)}", lambda: st.put_small(key, marker))
         if self.leader:
             self._commit(tag)
 
     def _commit(self, tag: str) -> None:
         """Rank 0: once every node's marker is in, write COMMIT.json, then prune older tags."""
-        import json
+        from twa_scale.store.format import CheckpointCommit, CheckpointNode, FormatError
 
         st, call = self._store, self._retry.call
         deadline = time.monotonic() + self._retry.deadline_seconds
-        listed: dict[str, list[str]] = {}
+        listed: dict[str, CheckpointNode] = {}
         while len(listed) < self.nodes:
             # Each node's marker by name, not a listing: an object store's listing can lag its writes.
             for key in (f"{tag}/nodes/{n}.json" for n in range(self.nodes)):
                 if key in listed:
                     continue
                 try:
-                    listed[key] = json.loads(st.get(key))["files"]
+                    listed[key] = CheckpointNode.from_json(st.get(key), st.describe(key))
                 except FileNotFoundError:
                     pass  # that node is still uploading
-                except (ValueError, KeyError, TypeError):
+                except FormatError:
                     pass  # partial or empty: read again on the next round
                 except Exception as e:  # noqa: BLE001 - transient: next round, bounded by the deadline
                     log.warning("checkpoint %s: reading %s failed (%s: %s); retrying", tag, st.describe(key),
@@ -406,21 +458,21 @@ class Uploader:
                                 self.nodes)
                     return
             time.sleep(0.2)
-        files = sorted(set().union(*map(set, listed.values())))
-        call(f"writing {st.describe(f'{tag}/{COMMIT}')}",
-             lambda: st.put_small(f"{tag}/{COMMIT}", json.dumps({"tag": tag, "files": files}).encode()))
+        files = {f.name: f for node in listed.values() for f in node.files}
+        commit = CheckpointCommit(tag=tag, files=tuple(files[n] for n in sorted(files)), committed_at=time.time())
+        call(f"writing {st.describe(f'{tag}/{COMMIT}')}", lambda: st.put_small(f"{tag}/{COMMIT}", commit.to_json()))
         self.committed.append(tag)
         log.info("checkpoint %s committed to %s", tag, self.url)
         self._prune(tag)
 
     def _prune(self, newest: str) -> None:
-        """Delete every tag older than the newest ``keep`` committed ones, committed or not (an upload
+        """Delete every tag older than the newest ``keep`` intact ones, committed or not (an upload
         superseded or abandoned leaves files without a marker): the marker first, then the files."""
         st, call = self._store, self._retry.call
-        keys = call(f"listing {self.url}", lambda: st.find(""))
-        oldest = min((_tag_key(t) for t in _committed(keys)[-self.keep:]), default=_tag_key(newest))
+        intact, _, sizes = call(f"listing {self.url}", lambda: scan_tags(st))
+        oldest = min((_tag_key(t) for t in intact[-self.keep:]), default=_tag_key(newest))
         by_tag: dict[str, list[str]] = {}
-        for key in keys:
+        for key in sizes:
             tag = key.partition("/")[0]
             if _TAG.match(tag):
                 by_tag.setdefault(tag, []).append(key)
@@ -429,40 +481,125 @@ class Uploader:
                 call(f"deleting {st.describe(key)}", lambda k=key: st.delete(k))
 
 
-def newest(checkpoint_dir: str, url: str | None, storage_options=None) -> tuple[str, str] | None:
-    """(tag, where it is) of the checkpoint a resume on this node loads: the local ``latest``, else the
-    newest committed tag on ``url`` (if given); None when there is none."""
+def _local_latest(checkpoint_dir: str) -> str | None:
+    """The tag the local ``latest`` file names, when that tag's directory exists."""
     latest = Path(checkpoint_dir) / "latest"
-    if latest.is_file() and (Path(checkpoint_dir) / latest.read_text().strip()).is_dir():
-        return latest.read_text().strip(), checkpoint_dir
-    tags = committed_tags(_store(url, storage_options)) if url else []
-    return (tags[-1], url) if tags else None
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if tag and (Path(checkpoint_dir) / tag).is_dir():
+            return tag
+    return None
 
 
-def fetch(checkpoint_dir: str, url: str, storage_options=None) -> str | None:
-    """Make the checkpoint a resume loads present in ``checkpoint_dir`` on every node; returns its tag.
+def _intact_on_store(store, url: str, local: str | None = None) -> list[str]:
+    """Intact tags on the store, newest first, each damaged tag newer than the newest intact one named in
+    a warning; CheckpointError when there are tags but none is intact (and no local ``latest``)."""
+    intact, damaged, _ = scan_tags(store)
+    newest_ok = _tag_key(intact[-1]) if intact else (-1, -1)
+    for tag, problem in damaged.items():
+        if _tag_key(tag) > newest_ok:
+            log.warning("--resume: skipping damaged checkpoint %s: %s", tag, problem)
+    if damaged and not intact and local is None:
+        raise CheckpointError(_none_intact(url, damaged))
+    return intact[::-1]
 
-    The local ``latest`` of rank 0 wins (a shared volume, or a node that kept its disk); else the newest
-    committed tag on ``url``, downloaded by local rank 0 of each node where files are missing.
-    """
-    import json
 
-    found = newest(checkpoint_dir, url, storage_options) if comm.rank() == 0 else None
-    tag = comm.broadcast_object(found and found[0])
-    if tag is not None and comm.local_rank() == 0:
-        store = _store(url, storage_options)
-        local = Path(checkpoint_dir) / tag
-        if store.exists(f"{tag}/{COMMIT}"):
-            files = json.loads(store.get(f"{tag}/{COMMIT}"))["files"]
-            missing = [f for f in files if not (local / f).is_file()]
-            if missing:
-                local.mkdir(parents=True, exist_ok=True)
-                for name in missing:
-                    tmp = local / f".{name}.part"
-                    tmp.write_bytes(store.get(f"{tag}/{name}"))
-                    os.replace(tmp, local / name)
-                log.warning("--resume: downloaded checkpoint %s (%d files) from %s", tag, len(missing), url)
+def _none_intact(where: str, damaged: dict[str, str]) -> str:
+    """One line naming every damaged tag's problem, newest first."""
+    tags = sorted(damaged, key=_tag_key, reverse=True)
+    return f"--resume: no intact checkpoint in {where} ({len(tags)} damaged: " + \
+        "; ".join(f"{t}: {damaged[t]}" for t in tags) + ")"
+
+
+def newest(checkpoint_dir: str, url: str | None, storage_options=None) -> tuple[str, str] | None:
+    """(tag, where it is) of the checkpoint a resume on this node would try first: the local ``latest``,
+    else the newest intact tag on ``url`` (if given); None when there is none. CheckpointError when the
+    store holds checkpoints but none is intact."""
+    local = _local_latest(checkpoint_dir)
+    if local:
+        return local, checkpoint_dir
+    tags = _intact_on_store(_store(url, storage_options), url) if url else []
+    return (tags[0], url) if tags else None
+
+
+def _materialise(checkpoint_dir: str, store, tag: str) -> str | None:
+    """Local rank 0: make every file of ``tag`` present and intact in ``checkpoint_dir``, downloading what is
+    missing or fails its size or SHA-256; None when done, else the first problem (naming the object)."""
+    from twa_scale.store.format import FormatError
+
+    local = Path(checkpoint_dir) / tag
+    try:
+        commit = _read_commit(store, tag) if store is not None else None
+    except (FileNotFoundError, FormatError) as e:
         if local.is_dir():
-            (Path(checkpoint_dir) / "latest").write_text(tag)
+            return None  # this node's own copy, never uploaded: nothing to check it against
+        return str(e)
+    if commit is None:
+        return None if local.is_dir() else f"{local} does not exist"
+    fetched, created = 0, not local.exists()
+    for f in commit.files:
+        path = local / f.name
+        if path.is_file() and f.problem(path.read_bytes(), str(path)) is None:
+            continue
+        key = f"{tag}/{f.name}"
+        try:
+            data = store.get(key)
+            problem = f.problem(data, store.describe(key))
+        except FileNotFoundError:
+            problem = f"{store.describe(key)} is missing"
+        if problem:
+            if created:  # no partial tag directory left for local pruning to count
+                shutil.rmtree(local, ignore_errors=True)
+            return problem
+        local.mkdir(parents=True, exist_ok=True)
+        tmp = local / f".{f.name}.part"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        fetched += 1
+    if fetched:
+        log.warning("--resume: downloaded checkpoint %s (%d files) from %s", tag, fetched, store.url)
+    return None
+
+
+def fetch(checkpoint_dir: str, url: str | None, storage_options=None) -> str | None:
+    """Make the checkpoint a resume loads present and intact in ``checkpoint_dir`` on every node, and name it in
+    ``latest``; returns its tag (None when there is no checkpoint at all).
+
+    Candidates, in order: rank 0's local ``latest`` (a shared volume, or a node that kept its disk), then the
+    intact tags on ``url``, newest first. Local rank 0 of each node checks every file of a candidate against
+    its commit record and downloads what is missing or damaged; a candidate that fails on any node is skipped
+    with a warning naming the object. None intact: :class:`CheckpointError` on every rank.
+    """
+    store = _store(url, storage_options) if url and comm.local_rank() == 0 else None
+
+    def plan() -> tuple[list[str], str | None]:
+        if comm.rank() != 0:
+            return [], None
+        local = _local_latest(checkpoint_dir)
+        try:
+            remote = _intact_on_store(store, url, local) if store is not None else []
+        except CheckpointError as e:
+            return [], str(e)
+        return ([local] if local else []) + [t for t in remote if t != local], None
+
+    candidates, fatal = comm.broadcast_object(comm.agree(plan, "listing checkpoints (--resume)"))
+    if fatal:
+        raise CheckpointError(fatal)
+    problems: dict[str, str] = {}
+    for tag in candidates:
+        problem = comm.agree(lambda t=tag: _materialise(checkpoint_dir, store, t) if comm.local_rank() == 0 else None,
+                             f"downloading checkpoint {tag}")
+        bad = [p for p in _all_gather_object(problem) if p]
+        if not bad:
+            if comm.local_rank() == 0:
+                Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+                (Path(checkpoint_dir) / "latest").write_text(tag)
+            comm.barrier()
+            return tag
+        problems[tag] = bad[0]
+        if comm.rank() == 0:
+            log.warning("--resume: checkpoint %s is damaged (%s); falling back to the previous one", tag, bad[0])
+    if problems:
+        raise CheckpointError(_none_intact(url or checkpoint_dir, problems))
     comm.barrier()
-    return tag
+    return None

@@ -145,7 +145,7 @@ def _runs_ls(args) -> int:
     import hashlib
     import time
 
-    from twa_scale.store import FormatError, Lease, RunManifest, RunPaths, check_url, open_store
+    from twa_scale.store import FormatError, Lease, RunManifest, RunPaths, check_url, open_run, open_store
 
     check_url(args.url)
     st = open_store(args.url, args.storage_options)
@@ -170,10 +170,10 @@ def _runs_ls(args) -> int:
             state, holder = "idle", None
         except FormatError as e:
             state, holder = "invalid-lease", {"problem": str(e)}
-        commits = sum(1 for k in st.find(paths.snapshots) if paths.commit_seq(k) is not None)
+        intact, damaged = open_run(args.url, name, storage_options=args.storage_options).scan()  # as snapshots ls
         rows.append({"run": name, "model": m.model, "D": m.D, "dtype": m.dtype, "created_at": m.created_at,
                      "fingerprint": fp, "identity": m.identity, "state": state, "lease": holder,
-                     "snapshots": commits})
+                     "snapshots": len(intact), "damaged_snapshots": len(damaged)})
     if args.json:
         print(json.dumps(rows))
         return 0

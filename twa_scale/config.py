@@ -124,7 +124,7 @@ class TrainConfig:
     """Run name under the snapshot URL; None derives `<model>-<data>-s<seed>`."""
     storage_options: str | None = None
     """JSON object of fsspec filesystem arguments for every store URL the job opens (snapshots,
-    metrics, --init-from), e.g. '{"profile": "train"}'; merged over fsspec's own configuration.
+    metrics, checkpoints, --data, --init-from), e.g. '{"profile": "train"}'; merged over fsspec's own configuration.
     Never logged or stored (it may hold credentials)."""
     snapshot_every: int = 1
     """Take a snapshot every K epochs (snapshot 0 is the initial weights)."""

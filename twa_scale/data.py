@@ -36,8 +36,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 from twa_scale import comm
 from twa_scale.decode import DECODERS, Recipe, decode_batch, gpu_finish, normalize, recipe_for
 from twa_scale.errors import ConfigError, TransientError, is_connection_error
-from twa_scale.shards import (INDEX_NAME, FolderSource, ShardSource, check_shards_present, image_size_of, is_url,
-                              open_index, scan_image_folder)
+from twa_scale.shards import (INDEX_NAME, FolderSource, ShardSource, check_shards_present, image_size_of,
+                              open_dataset_store, open_index, scan_image_folder)
+from twa_scale.store.backend import check_url
 
 if TYPE_CHECKING:
     from twa_scale.config import TrainConfig
@@ -87,16 +88,10 @@ def check_image_folder(path: str) -> tuple[Path, Path]:
 def check_data_spec(spec: str) -> None:
     """Cheap up-front check of --data (no network): digits, a local tree or packed dir, or a URL whose
     scheme has an installed filesystem."""
-    from twa_scale.shards import url_to_fs
-
     if spec == "digits":
         return
-    if is_url(spec):
-        url_to_fs(spec)
-        if spec.startswith("file://"):
-            _resolve_folder(spec)
-        return
-    _resolve_folder(spec)
+    if _resolve_folder(spec) is None and check_url(spec, "--data")[0] != "file":
+        open_dataset_store(spec)  # s3fs and the like connect lazily: this only finds the filesystem
 
 
 def _split(n: int, fraction: float) -> tuple[list[int], list[int]]:
@@ -128,29 +123,30 @@ def _digits() -> tuple[TensorDataset, TensorDataset]:
 
 def _resolve_folder(spec: str) -> tuple[Path, Path, Path] | None:
     """(root, train_dir, val_dir) when SPEC is a local ImageFolder tree, else None (a packed dataset)."""
-    root = Path(spec[len("file://"):] if spec.startswith("file://") else spec)
-    if is_url(spec) and not spec.startswith("file://"):
+    protocol, path = check_url(spec, "--data")
+    if protocol != "file":
         return None
+    root = Path(path)
     if (root / INDEX_NAME).is_file() or (spec.startswith("file://") and not (root / "train").is_dir()):
         return None
     train, val = check_image_folder(str(root))
     return root, train, val
 
 
-def _sharded(spec: str) -> tuple:
+def _sharded(spec: str, storage_options: dict | str | None) -> tuple:
     """(train source, val source, classes, image size) of a packed dataset at SPEC."""
-    url = spec if is_url(spec) else "file://" + str(Path(spec).resolve())
-    idx = open_index(url)
-    check_shards_present(idx)
-    return (ShardSource(idx.url, idx.split("train")), ShardSource(idx.url, idx.split("val")),
-            idx.classes, idx.image_size)
+    idx = open_index(spec, storage_options)
+    check_shards_present(idx, storage_options=storage_options)
+    return (ShardSource(idx.url, idx.split("train"), storage_options),
+            ShardSource(idx.url, idx.split("val"), storage_options), list(idx.classes), idx.image_size)
 
 
 def build_data(cfg: TrainConfig) -> DataBundle:
     """Datasets for a TrainConfig: train (minus hold-out), hold-out, val.
 
     ``cfg.data`` is `digits`, a local ImageFolder tree (scanned once per process, shared by every view),
-    or a packed dataset (`twa-scale data pack`) at any fsspec URL or local path.
+    or a packed dataset (`twa-scale data pack`) at any store URL or local path, read with
+    ``cfg.storage_options`` (``--storage-options``).
     """
     decode = cfg.decode
     max_bad = cfg.max_bad_fraction
@@ -170,7 +166,7 @@ def build_data(cfg: TrainConfig) -> DataBundle:
             val_src = FolderSource(*scan_image_folder(root, val_dir, classes)[1:])
             size = image_size_of(paths)
         else:
-            train_src, val_src, classes, size = _sharded(cfg.data)
+            train_src, val_src, classes, size = _sharded(cfg.data, cfg.storage_options)
         num_classes = len(classes)
         n_train = len(train_src)
 

@@ -30,14 +30,15 @@ Why this format and reader (checked 2026-11: what pip installs here, what we nee
 - litdata is similar (own chunk format, boto3/obstore clients, local cache).
 
 So the container is WebDataset's, unmodified, and the reader is ours: a map-style plan over the
-index (:func:`twa_scale.data.make_loader`), reading byte ranges through fsspec (``cat_ranges``).
+index (:func:`twa_scale.data.make_loader`), reading byte ranges through the store backend
+(:class:`twa_scale.store.ObjectStore`, ``get_ranges``): the same URL grammar and ``--storage-options`` as
+every other object the service reads. The index and shard records are in ``twa_scale/store/format.py``.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 import os
 import sys
@@ -49,16 +50,15 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from twa_scale.errors import ConfigError
+from twa_scale.store.backend import ObjectStore, check_url, open_store
+from twa_scale.store.format import DatasetIndex, DatasetShard, DatasetSplit, FormatError
 
-__all__ = ["DatasetIndex", "SplitIndex", "ShardRecord", "INDEX_NAME", "FORMAT", "url_to_fs", "is_url",
-           "scan_image_folder", "pack", "open_index", "verify", "ShardSource", "FolderSource",
-           "IMG_EXTENSIONS", "parse_size"]
+__all__ = ["INDEX_NAME", "scan_image_folder", "pack", "open_index", "open_dataset_store", "verify", "ShardSource",
+           "FolderSource", "IMG_EXTENSIONS", "parse_size", "DatasetIndexError"]
 
 log = logging.getLogger("twa_scale.data")
 
 INDEX_NAME = "index.json"
-FORMAT = "twa_scale.shards/webdataset-tar"
-VERSION = 1
 PACK_SEED = 20231117  # fixed: the packed order never depends on a training seed
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -67,25 +67,13 @@ class DatasetIndexError(ConfigError):
     """A dataset index or shard is missing, corrupt, or does not match what the job needs."""
 
 
-# ------------------------------------------------------------------------------------------ fsspec
-def is_url(spec: str) -> bool:
-    return "://" in spec
-
-
-def url_to_fs(url: str):
-    """(filesystem, path) for a URL; a scheme without an installed fsspec implementation is a one-line error.
-    S3 endpoint and credentials come from the standard AWS environment variables (AWS_ENDPOINT_URL, ...)."""
-    import fsspec
-
-    scheme = url.split("://", 1)[0] if is_url(url) else "file"
-    if is_url(url) and not url.split("://", 1)[1].strip("/"):
-        raise ConfigError(f"{url!r}: no path after {scheme}://")
+def open_dataset_store(url: str, storage_options: dict | str | None = None) -> ObjectStore:
+    """The store of the packed dataset at ``url`` (any store URL or a local path); one-line errors."""
+    check_url(url, "dataset URL")
     try:
-        fsspec.get_filesystem_class(scheme)
-    except (ValueError, ImportError) as e:
-        raise ConfigError(f"{url}: no filesystem for scheme {scheme!r} is installed "
-                          f"(s3:// needs s3fs, gs:// gcsfs, az:// adlfs): {str(e).splitlines()[0]}") from None
-    return fsspec.core.url_to_fs(url)
+        return open_store(url.rstrip("/"), storage_options)
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_size(text: str) -> int:
@@ -102,121 +90,49 @@ def parse_size(text: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------- index
-@dataclasses.dataclass
-class ShardRecord:
-    """One shard object and the byte range of each of its samples."""
-
-    name: str
-    samples: int
-    bytes: int
-    sha256: str
-    offsets: list[int]
-    """Byte offset of each sample's image member data inside the tar."""
-    sizes: list[int]
-    labels: list[int]
-    crc32: list[int]
-    keys: list[str]
-    """WebDataset keys (``<key>.jpg``); bad-image logs name ``<shard>#<key>``."""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ShardRecord":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
-
-
-@dataclasses.dataclass
-class SplitIndex:
-    samples: int
-    shards: list[ShardRecord]
-
-
-@dataclasses.dataclass
-class DatasetIndex:
-    """index.json: the typed, versioned contract between `data pack` and the readers."""
-
-    url: str
-    classes: list[str]
-    image_size: int
-    """Longest side of the first training image (picks the CIFAR or ImageNet recipe)."""
-    splits: dict[str, SplitIndex]
-    format: str = FORMAT
-    version: int = VERSION
-
-    def to_dict(self) -> dict:
-        return {"format": self.format, "version": self.version, "classes": self.classes,
-                "image_size": self.image_size,
-                "splits": {k: {"samples": s.samples, "shards": [r.to_dict() for r in s.shards]}
-                           for k, s in self.splits.items()}}
-
-    @classmethod
-    def from_dict(cls, d: dict, url: str) -> "DatasetIndex":
-        if d.get("format") != FORMAT:
-            raise DatasetIndexError(f"{url}/{INDEX_NAME}: not a twa_scale dataset index "
-                                    f"(format {d.get('format')!r}, expected {FORMAT!r})")
-        if int(d.get("version", 0)) > VERSION:
-            raise DatasetIndexError(f"{url}/{INDEX_NAME}: index version {d['version']} is newer than this "
-                                    f"twa_scale reads ({VERSION}); upgrade twa_scale")
-        splits = {k: SplitIndex(int(s["samples"]), [ShardRecord.from_dict(r) for r in s["shards"]])
-                  for k, s in d["splits"].items()}
-        return cls(url=url, classes=list(d["classes"]), image_size=int(d["image_size"]), splits=splits,
-                   format=d["format"], version=int(d["version"]))
-
-    def split(self, name: str) -> SplitIndex:
-        if name == "val" and "val" not in self.splits:
-            name = "test"
-        if name not in self.splits:
-            raise DatasetIndexError(f"{self.url}/{INDEX_NAME}: no split {name!r} (has {sorted(self.splits)})")
-        return self.splits[name]
-
-
-def open_index(url: str) -> DatasetIndex:
+def open_index(url: str, storage_options: dict | str | None = None) -> DatasetIndex:
     """Read and validate ``URL/index.json``; errors name the index."""
-    url = url.rstrip("/")
-    fs, root = url_to_fs(url)
-    path = f"{root}/{INDEX_NAME}"
+    store = open_dataset_store(url, storage_options)
     try:
-        raw = fs.cat_file(path)
+        raw = store.get(INDEX_NAME)
     except FileNotFoundError:
         raise DatasetIndexError(f"--data {url}: no {INDEX_NAME} (pack an ImageFolder tree with "
                                 f"`twa-scale data pack SRC {url}`)") from None
+    where = store.describe(INDEX_NAME)
     try:
-        d = json.loads(raw)
-    except ValueError as e:
-        raise DatasetIndexError(f"{url}/{INDEX_NAME}: not valid JSON ({e}); re-run `twa-scale data pack`") from None
-    idx = DatasetIndex.from_dict(d, url)
+        idx = DatasetIndex.from_json(raw, where)
+    except FormatError as e:
+        raise DatasetIndexError(f"{e}; re-run `twa-scale data pack`") from None
+    idx = dataclasses.replace(idx, url=store.url)
     if not idx.split("train").samples:
-        raise DatasetIndexError(f"{url}/{INDEX_NAME}: the train split has no samples")
+        raise DatasetIndexError(f"{where}: the train split has no samples")
     return idx
 
 
-def check_shards_present(idx: DatasetIndex, splits: Sequence[str] = ("train", "val")) -> None:
+def check_shards_present(idx: DatasetIndex, splits: Sequence[str] = ("train", "val"),
+                         storage_options: dict | str | None = None) -> None:
     """Every shard exists with the size the index records: one listing, no data read."""
-    fs, root = url_to_fs(idx.url)
-    try:
-        sizes = {Path(p["name"]).name: int(p.get("size") or 0) for p in fs.ls(root, detail=True)}
-    except FileNotFoundError:
-        sizes = {}
+    store = open_dataset_store(idx.url, storage_options)
+    sizes = store.sizes("")
     for split in splits:
         for r in idx.split(split).shards:
             if r.name not in sizes:
-                raise DatasetIndexError(f"shard {idx.url}/{r.name} is missing (index {idx.url}/{INDEX_NAME}); "
-                                        f"re-run `twa-scale data pack` to repair it")
+                raise DatasetIndexError(f"shard {store.describe(r.name)} is missing (index "
+                                        f"{store.describe(INDEX_NAME)}); re-run `twa-scale data pack` to repair it")
             if sizes[r.name] != r.bytes:
-                raise DatasetIndexError(f"shard {idx.url}/{r.name} has {sizes[r.name]} bytes, the index records "
+                raise DatasetIndexError(f"shard {store.describe(r.name)} has {sizes[r.name]} bytes, the index records "
                                         f"{r.bytes}: corrupt or partial; re-run `twa-scale data pack` to repair it")
 
 
-def verify(url: str) -> list[str]:
+def verify(url: str, storage_options: dict | str | None = None) -> list[str]:
     """Every problem with the dataset at URL (missing shard, wrong size, sha256 mismatch), one line each."""
-    idx = open_index(url)
-    fs, root = url_to_fs(idx.url)
+    idx = open_index(url, storage_options)
+    store = open_dataset_store(idx.url, storage_options)
     problems = []
     for split, s in idx.splits.items():
         for r in s.shards:
             try:
-                data = fs.cat_file(f"{root}/{r.name}")
+                data = store.get(r.name)
             except FileNotFoundError:
                 problems.append(f"shard {idx.url}/{r.name} is missing")
                 continue
@@ -299,23 +215,22 @@ def _plan_shards(paths: list[str], sizes: list[int], shard_bytes: int) -> list[l
     return shards
 
 
-def _existing_record(fs, root: str, name: str) -> ShardRecord | None:
+def _existing_record(store: ObjectStore, name: str) -> DatasetShard | None:
     """The record of a shard already written and verified (sha256 of the stored object), else None."""
     try:
-        rec = ShardRecord.from_dict(json.loads(fs.cat_file(f"{root}/{name}.json")))
-        if fs.size(f"{root}/{name}") != rec.bytes:
-            return None
-        if hashlib.sha256(fs.cat_file(f"{root}/{name}")).hexdigest() != rec.sha256:
-            return None
-        return rec
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        rec = DatasetShard.from_json(store.get(f"{name}.json"), store.describe(f"{name}.json"))
+        blob = store.get(name)
+    except (FileNotFoundError, FormatError):
         return None
+    return rec if len(blob) == rec.bytes and hashlib.sha256(blob).hexdigest() == rec.sha256 else None
 
 
-def pack(src: str, dst: str, *, shard_bytes: int = 256 << 20, progress: bool = True) -> DatasetIndex:
+def pack(src: str, dst: str, *, shard_bytes: int = 256 << 20, progress: bool = True,
+         storage_options: dict | str | None = None) -> DatasetIndex:
     """ImageFolder tree SRC (train/ and val/ or test/) -> WebDataset shards + index.json at DST.
 
     Resumable: a shard whose record exists and whose stored bytes match its sha256 is kept.
+    index.json is written last, whole or not at all (a rename on local disk, one PUT on S3).
     """
     from tqdm import tqdm
 
@@ -325,11 +240,11 @@ def pack(src: str, dst: str, *, shard_bytes: int = 256 << 20, progress: bool = T
     splits = ["train"] + [s for s in ("val", "test") if (root / s).is_dir()][:1]
     if len(splits) < 2:
         raise ConfigError(f"{src}: no val/ or test/ beside train/")
-    fs, out = url_to_fs(dst.rstrip("/"))
-    fs.makedirs(out, exist_ok=True)
+    store = open_dataset_store(dst, storage_options)
+    store.check_writable()  # one line naming the endpoint; creates a missing S3 bucket
     classes, *_ = scan_image_folder(root, root / "train")
     image_size = image_size_of(scan_image_folder(root, root / "train")[1])
-    index = DatasetIndex(url=dst.rstrip("/"), classes=classes, image_size=image_size, splits={})
+    done: dict[str, DatasetSplit] = {}
     for split in splits:
         _, paths, labels = scan_image_folder(root, root / split, classes)
         order = np.random.default_rng(PACK_SEED).permutation(len(paths)).tolist()
@@ -342,9 +257,9 @@ def pack(src: str, dst: str, *, shard_bytes: int = 256 << 20, progress: bool = T
         base = 0
         for s, members in enumerate(plan):
             name = f"{split}-{s:0{width}d}.tar"
-            rec = _existing_record(fs, out, name)
+            rec = _existing_record(store, name)
             if rec is None or rec.samples != len(members):
-                rec = _write_shard(fs, out, name, [paths[i] for i in members], [labels[i] for i in members],
+                rec = _write_shard(store, name, [paths[i] for i in members], [labels[i] for i in members],
                                    [f"{split}{base + j:08d}" for j in range(len(members))])
             else:
                 kept += 1
@@ -354,12 +269,13 @@ def pack(src: str, dst: str, *, shard_bytes: int = 256 << 20, progress: bool = T
         bar.close()
         if kept:
             log.info("pack %s: kept %d verified shard(s) from an earlier run", split, kept)
-        index.splits[split] = SplitIndex(samples=len(paths), shards=records)
-    fs.pipe_file(f"{out}/{INDEX_NAME}", json.dumps(index.to_dict()).encode())
+        done[split] = DatasetSplit(samples=len(paths), shards=tuple(records))
+    index = DatasetIndex(classes=tuple(classes), image_size=image_size, splits=done, url=store.url)
+    store.put_small(INDEX_NAME, index.to_json())
     return index
 
 
-def _write_shard(fs, root: str, name: str, paths: list[str], labels: list[int], keys: list[str]) -> ShardRecord:
+def _write_shard(store: ObjectStore, name: str, paths: list[str], labels: list[int], keys: list[str]) -> DatasetShard:
     buf = io.BytesIO()
     offsets, sizes, crcs = [], [], []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -370,11 +286,12 @@ def _write_shard(fs, root: str, name: str, paths: list[str], labels: list[int], 
             sizes.append(len(data))
             crcs.append(zlib.crc32(data))
             _tar_member(tar, f"{key}.cls", str(y).encode())
-    blob = buf.getvalue()
-    rec = ShardRecord(name=name, samples=len(paths), bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(),
-                      offsets=offsets, sizes=sizes, labels=list(labels), crc32=crcs, keys=keys)
-    fs.pipe_file(f"{root}/{name}", blob)  # one PUT: an S3 object is never partial
-    fs.pipe_file(f"{root}/{name}.json", json.dumps(rec.to_dict()).encode())
+    blob = buf.getbuffer()
+    rec = DatasetShard(name=name, samples=len(paths), bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(),
+                       offsets=tuple(offsets), sizes=tuple(sizes), labels=tuple(labels), crc32=tuple(crcs),
+                       keys=tuple(keys))
+    store.put_large(name, blob)  # its record after it: a record always describes a whole shard
+    store.put_small(f"{name}.json", rec.to_json())
     return rec
 
 
@@ -401,12 +318,13 @@ class FolderSource:
 
 class ShardSource:
     """Images inside the shards of one split; reads only the byte ranges of the requested samples,
-    merging neighbours into one ranged read (``fs.cat_ranges``: concurrent GETs on S3)."""
+    merging neighbours into one ranged read (``ObjectStore.get_ranges``: concurrent GETs on S3)."""
 
     MAX_GAP = 256 << 10  # a gap this small is cheaper to read through than to pay another request for
 
-    def __init__(self, url: str, split: SplitIndex):
+    def __init__(self, url: str, split: DatasetSplit, storage_options: dict | str | None = None):
         self.url = url.rstrip("/")
+        self.storage_options = storage_options
         self.names = [r.name for r in split.shards]
         counts = [r.samples for r in split.shards]
         self.shard = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
@@ -415,11 +333,11 @@ class ShardSource:
         self.crc = np.concatenate([np.asarray(r.crc32, dtype=np.uint32) for r in split.shards])
         self.labels = np.concatenate([np.asarray(r.labels, dtype=np.int64) for r in split.shards])
         self.keys = [k for r in split.shards for k in r.keys]
-        self._fs = None
+        self._store = None
         self._pid = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_fs": None, "_pid": None}
+        return {**self.__dict__, "_store": None, "_pid": None}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -427,14 +345,14 @@ class ShardSource:
     def name(self, i: int) -> str:
         return f"{self.url}/{self.names[self.shard[i]]}#{self.keys[i]}"
 
-    def _filesystem(self):
-        if self._fs is None or self._pid != os.getpid():  # one client per process (after fork)
-            self._fs, self._root = url_to_fs(self.url)
+    def _open(self) -> ObjectStore:
+        if self._store is None or self._pid != os.getpid():  # one client per process (after fork)
+            self._store = open_dataset_store(self.url, self.storage_options)
             self._pid = os.getpid()
-        return self._fs
+        return self._store
 
     def read(self, indices: Sequence[int]) -> list[bytes]:
-        fs = self._filesystem()
+        store = self._open()
         idx = np.asarray(indices, dtype=np.int64)
         order = np.lexsort((self.offsets[idx], self.shard[idx]))
         runs: list[list[int]] = []  # positions (into idx) read by one request
@@ -447,16 +365,18 @@ class ShardSource:
                     runs[-1].append(pos)
                     continue
             runs.append([pos])
-        paths, starts, ends = [], [], []
+        keys, starts, ends = [], [], []
         for run in runs:
             first, last = idx[run[0]], idx[run[-1]]
-            paths.append(f"{self._root}/{self.names[self.shard[first]]}")
+            keys.append(self.names[self.shard[first]])
             starts.append(int(self.offsets[first]))
             ends.append(int(self.offsets[last] + self.sizes[last]))
-        try:
-            blobs = fs.cat_ranges(paths, starts, ends, on_error="raise")
-        except FileNotFoundError as e:
-            raise DatasetIndexError(f"shard missing while reading {self.url}: {e}") from None
+        blobs = store.get_ranges(keys, starts, ends)
+        for key, blob in zip(keys, blobs):
+            if isinstance(blob, FileNotFoundError):
+                raise DatasetIndexError(f"shard {store.describe(key)} is missing while reading {self.url}")
+            if isinstance(blob, BaseException):
+                raise blob
         out: list[bytes] = [b""] * len(idx)
         for run, blob, start in zip(runs, blobs, starts):
             for pos in run:
@@ -471,7 +391,8 @@ class ShardSource:
 
 
 def _cmd_pack(args) -> int:
-    idx = pack(args.src, args.dst, shard_bytes=parse_size(args.shard_size), progress=not args.quiet)
+    idx = pack(args.src, args.dst, shard_bytes=parse_size(args.shard_size), progress=not args.quiet,
+               storage_options=args.storage_options)
     n = {k: (s.samples, len(s.shards)) for k, s in idx.splits.items()}
     print(f"packed {args.src} -> {idx.url}: {len(idx.classes)} classes, image size {idx.image_size}, "
           + ", ".join(f"{k} {c} images in {s} shard(s)" for k, (c, s) in n.items()))
@@ -479,7 +400,7 @@ def _cmd_pack(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    problems = verify(args.url)
+    problems = verify(args.url, args.storage_options)
     for p in problems:
         print(f"BAD {p}", file=sys.stderr)
     if problems:
@@ -491,7 +412,7 @@ def _cmd_verify(args) -> int:
 
 def add_cli_command(sub) -> None:
     """`twa-scale data pack|verify`."""
-    p = sub.add_parser("data", help="pack an ImageFolder tree into shards on any fsspec URL; verify shards")
+    p = sub.add_parser("data", help="pack an ImageFolder tree into shards on any store URL; verify shards")
     cmds = p.add_subparsers(dest="data_command", required=True)
     pk = cmds.add_parser("pack", help="ImageFolder tree (train/ + val/ or test/) -> WebDataset shards + "
                                       "index.json; re-running skips shards already written and verified")
@@ -499,9 +420,11 @@ def add_cli_command(sub) -> None:
     pk.add_argument("dst", metavar="DST", help="destination URL (s3://bucket/prefix, file:///abs/path) or path")
     pk.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
     pk.add_argument("--quiet", action="store_true", help="no progress bar")
+    pk.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
     pk.set_defaults(func=_cmd_pack)
     ver = cmds.add_parser("verify", help="check every shard's sha256 against the index; exit 1 naming each bad one")
     ver.add_argument("url", metavar="URL")
+    ver.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
     ver.set_defaults(func=_cmd_verify)
 
 

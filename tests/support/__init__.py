@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.s3server import free_port  # noqa: F401 - shared with the benchmarks
+from devtools.s3server import free_port  # noqa: F401 - shared with the benchmarks
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"

@@ -9,8 +9,9 @@ from pathlib import Path
 from tests.support import REPO, free_port
 
 
-def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ)
+def env(unset: list[str] | tuple = (), **extra: str) -> dict[str, str]:
+    """This process's environment for a child: the repo on PYTHONPATH, ``extra`` set, ``unset`` removed."""
+    e = {k: v for k, v in os.environ.items() if k not in unset}
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: ranks must not oversubscribe them
     e.update(extra)
@@ -18,9 +19,9 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def run(args: list[str], *, timeout: float = 600, check: bool = True, extra_env: dict | None = None,
-        cwd: Path = REPO) -> subprocess.CompletedProcess:
+        unset_env: list[str] | tuple = (), cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a command from the repo root; on failure the assertion shows its output tail."""
-    proc = subprocess.run(args, cwd=cwd, env=env(**(extra_env or {})), capture_output=True, text=True,
+    proc = subprocess.run(args, cwd=cwd, env=env(unset_env, **(extra_env or {})), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"

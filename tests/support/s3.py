@@ -1,9 +1,9 @@
-"""The real S3 server of the test fixtures: bench/s3server.py's SeaweedFS, which the
+"""The real S3 server of the test fixtures: devtools/s3server.py's SeaweedFS, which the
 benchmarks use too. Here a missing `weed` skips the test (and fails it under CI)."""
 from __future__ import annotations
 
-from bench.s3server import S3_ENV
-from bench.s3server import SeaweedS3 as _SeaweedS3
+from devtools.s3server import S3_ENV
+from devtools.s3server import SeaweedS3 as _SeaweedS3
 
 from . import require_binary
 

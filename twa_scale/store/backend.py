@@ -18,6 +18,7 @@ Options are never logged: they may hold credentials.
 """
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -49,27 +50,27 @@ def store_error(message: str, err: BaseException) -> OSError:
     return (StoreUnreachableError if is_connection_error(err) else StoreAccessError)(message)
 
 
-def check_url(url: str) -> tuple[str, str]:
+def check_url(url: str, what: str = "snapshot URL") -> tuple[str, str]:
     """(protocol, rest) of a store URL, strictly: ``s3://`` needs a bucket; a scheme needs ``://``.
-    A plain path (no scheme) is a local directory."""
+    A plain path (no scheme) is a local directory. ``what`` names the URL in errors."""
     if not isinstance(url, str) or not url.strip():
-        raise ValueError(f"snapshot URL {url!r} is empty")
+        raise ValueError(f"{what} {url!r} is empty")
     if "://" not in url:
         m = _SCHEME.match(url)
         if m and len(m.group(1)) > 1:  # "C:" would be a drive letter
-            raise ValueError(f"snapshot URL {url!r}: scheme {m.group(1)!r} must be followed by '://' "
+            raise ValueError(f"{what} {url!r}: scheme {m.group(1)!r} must be followed by '://' "
                              f"(e.g. {m.group(1)}://bucket/prefix)")
         return "file", url
     protocol, rest = url.split("://", 1)
     if not _SCHEME.match(protocol + ":") or ":" in protocol:
-        raise ValueError(f"snapshot URL {url!r}: invalid scheme {protocol!r}")
+        raise ValueError(f"{what} {url!r}: invalid scheme {protocol!r}")
     protocol = protocol.lower()
     if protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
         bucket = rest.split("/", 1)[0]
         if not bucket or bucket in (".", ".."):
-            raise ValueError(f"snapshot URL {url!r} names no bucket (expected {protocol}://BUCKET/prefix)")
+            raise ValueError(f"{what} {url!r} names no bucket (expected {protocol}://BUCKET/prefix)")
     if protocol == "file" and not rest.startswith("/"):
-        raise ValueError(f"snapshot URL {url!r}: file:// URLs need an absolute path (file:///abs/path)")
+        raise ValueError(f"{what} {url!r}: file:// URLs need an absolute path (file:///abs/path)")
     return protocol, rest
 
 
@@ -113,53 +114,64 @@ class _Parts:
         return bytes(self.view[key])
 
 
-class ObjectStore:
-    """Objects under one URL. Every method takes keys relative to it."""
+class ObjectStore(abc.ABC):
+    """Objects under one URL: the one storage seam of the service (snapshots, checkpoints, datasets,
+    control and metrics records). Every method takes keys relative to :attr:`url`."""
 
     url: str
 
+    @abc.abstractmethod
     def describe(self, key: str) -> str:
         """The full URL of ``key`` (for messages)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def put_small(self, key: str, data: bytes) -> None:
         """Write a small object whole or not at all, replacing any previous one."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if it does not exist (atomically); False when it already did."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def put_large(self, key: str, view: memoryview, *, part_bytes: int | None = None,
                   concurrency: int | None = None) -> None:
         """Write a large object (multipart where the store has it)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def get(self, key: str) -> bytes:
         """The whole object; FileNotFoundError when absent."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def get_many(self, keys: Sequence[str]) -> list:
         """Whole objects, concurrently where possible; an exception in place of a failed one."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def get_ranges(self, keys: Sequence[str], starts: Sequence[int], ends: Sequence[int]) -> list:
         """Byte ranges [start, end) of objects, concurrently where possible; exceptions in place."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def find(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (recursive, fresh: no cached listing)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """{key: size in bytes} of every key under ``prefix``, from the same fresh listing as :meth:`find`."""
+
+    @abc.abstractmethod
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Names of the immediate sub-directories (common prefixes) under ``prefix``, sorted."""
+
+    @abc.abstractmethod
     def exists(self, key: str) -> bool:
-        raise NotImplementedError
+        """Whether ``key`` exists (one GET or HEAD, never a cached listing)."""
 
+    @abc.abstractmethod
     def delete(self, key: str) -> None:
-        raise NotImplementedError
+        """Remove ``key``; no error when it is absent."""
 
+    @abc.abstractmethod
     def check_writable(self) -> None:
         """Fail fast, naming the endpoint, when the store cannot be reached or written."""
-        raise NotImplementedError
 
 
 class FsspecStore(ObjectStore):
@@ -212,15 +224,18 @@ class FsspecStore(ObjectStore):
         return self.fs.cat_ranges([self._path(k) for k in keys], list(starts), list(ends), on_error="return")
 
     def find(self, prefix: str) -> list[str]:
+        return list(self.sizes(prefix))
+
+    def sizes(self, prefix: str) -> dict[str, int]:
         path = self._path(prefix)
         self.fs.invalidate_cache(path)
         try:
-            return [self._key(p) for p in self.fs.find(path)]
+            found = self.fs.find(path, detail=True)
         except FileNotFoundError:
-            return []
+            return {}
+        return {self._key(p): int(info.get("size") or 0) for p, info in found.items()}
 
     def list_dirs(self, prefix: str = "") -> list[str]:
-        """Names of the immediate sub-directories (common prefixes) under ``prefix``."""
         path = self._path(prefix)
         self.fs.invalidate_cache(path)
         try:
@@ -286,8 +301,8 @@ class LocalStore(FsspecStore):
         self.fs.makedirs(os.path.dirname(path), exist_ok=True)
         self.fs.pipe_file(path, view)
 
-    def find(self, prefix: str) -> list[str]:
-        return [k for k in super().find(prefix) if ".tmp-" not in k.rsplit("/", 1)[-1]]
+    def sizes(self, prefix: str) -> dict[str, int]:
+        return {k: n for k, n in super().sizes(prefix).items() if ".tmp-" not in k.rsplit("/", 1)[-1]}
 
 
 class S3Store(FsspecStore):
@@ -372,8 +387,8 @@ class S3Store(FsspecStore):
     def get_ranges(self, keys, starts, ends):
         return self._guard(super().get_ranges, keys, starts, ends)
 
-    def find(self, prefix: str) -> list[str]:
-        return self._guard(super().find, prefix)
+    def sizes(self, prefix: str) -> dict[str, int]:
+        return self._guard(super().sizes, prefix)
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         return self._guard(super().list_dirs, prefix)
@@ -447,6 +462,7 @@ def open_store(url: str, storage_options: dict | str | None = None, *, quick: bo
         return S3Store(f"s3://{rest.rstrip('/')}", fs, rest.rstrip("/"), quick_options=fast)
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
-    except ImportError as e:
-        raise ImportError(f"{url}: no fsspec filesystem for protocol {protocol!r}: {e}") from e
+    except (ImportError, ValueError) as e:  # ValueError: "Protocol not known"
+        raise ImportError(f"{url}: no filesystem for scheme {protocol!r} is installed (gs:// needs gcsfs, az:// "
+                          f"adlfs): {str(e).splitlines()[0]}") from e
     return FsspecStore(url, fs, path)

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 from twa_scale.errors import ConfigError
 from twa_scale.layout import FlatLayout
 from twa_scale.store.backend import ObjectStore, StoreAccessError, StoreUnreachable, open_store, store_error
-from twa_scale.store.format import (DEFAULT_CHUNK_BYTES, DTYPES, CommitMarker, FormatError, RunManifest,
-                                    RunPaths, ShardMeta, check_dtype, checksums, seal, unseal)
+from twa_scale.store.format import (DEFAULT_CHUNK_BYTES, DTYPES, CommitMarker, EpochRow, FormatError, RunManifest,
+                                    RunPaths, ShardMeta, TrainMetrics, check_dtype, checksums)
 from twa_scale.store.lease import RunLease, acquire_lease
 from twa_scale.store.retry import RetryPolicy
 
@@ -358,45 +358,40 @@ class RunWriter:
         return fixed
 
 
-    def write_metrics(self, rows: list[dict], final: dict | None) -> None:
+    def write_metrics(self, rows: Sequence[dict | EpochRow], final: dict | None) -> None:
         """Each epoch row as its own sealed object, then the sealed aggregate train/metrics.json,
         every write through the retry policy. Call it before the checkpoint that covers ``rows``."""
         if self.lease is not None:
             self.lease.check()
+        rows = [EpochRow.from_row(r) for r in rows]
         for row in rows:
-            if int(row["epoch"]) in self._rows_written:
+            if row.epoch in self._rows_written:
                 continue
-            key = self.paths.epoch_row(int(row["epoch"]))
-            data = json.dumps(seal({"format": "twa_scale.metrics_row/2", **row}), sort_keys=True).encode()
+            key, data = self.paths.epoch_row(row.epoch), row.to_json()
             self.retry.call(f"writing {self.describe(key)}", lambda k=key, d=data: self.store.put_small(k, d))
-            self._rows_written.add(int(row["epoch"]))
-        body = seal({"format": "twa_scale.metrics/2", "run_id": self.run_id, "epochs": rows, "final": final})
-        data = json.dumps(body, indent=1, sort_keys=True).encode()
+            self._rows_written.add(row.epoch)
+        data = TrainMetrics(run_id=self.run_id, epochs=tuple(rows), final=final).to_json()
         self.retry.call(f"writing {self.describe(self.paths.metrics)}",
                         lambda: self.store.put_small(self.paths.metrics, data))
-
 
     def read_metrics_rows(self, upto_epoch: int) -> list[dict]:
         """Epoch rows 1..``upto_epoch`` for a resume: from the per-epoch objects, else from metrics.json
         (runs of the first format). Invalid objects are named in a warning and skipped."""
-        rows: dict[int, dict] = {}
+        rows: dict[int, EpochRow] = {}
         try:
             raw = self.store.get(self.paths.metrics)
-            old = unseal(raw, self.describe(self.paths.metrics), required=False)
-            for r in old.get("epochs", []):
-                rows[int(r["epoch"])] = r
+            rows.update((r.epoch, r) for r in TrainMetrics.from_json(raw, self.describe(self.paths.metrics)).epochs)
         except FileNotFoundError:
             pass
-        except (FormatError, KeyError, TypeError, ValueError) as e:
+        except FormatError as e:
             log.warning("%s; rebuilding the metrics from the per-epoch rows", e)
         for key in self.store.find(self.paths.epoch_rows):
             try:
-                r = unseal(self.store.get(key), self.describe(key))
-                r.pop("format", None)
-                rows[int(r["epoch"])] = r
-            except (FileNotFoundError, FormatError, KeyError, TypeError, ValueError) as e:
+                r = EpochRow.from_json(self.store.get(key), self.describe(key))
+                rows[r.epoch] = r
+            except (FileNotFoundError, FormatError) as e:
                 log.warning("skipping metrics row %s: %s", self.describe(key), e)
-        return [rows[e] for e in sorted(rows) if e <= upto_epoch]
+        return [rows[e].fields_dict() for e in sorted(rows) if e <= upto_epoch]
 
 
 def _split(url: str) -> tuple[str, str]:

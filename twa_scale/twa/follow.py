@@ -25,7 +25,6 @@ skipped; a look at the run that fails (store error) is a warning and the next lo
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 
@@ -33,6 +32,7 @@ import torch
 
 from twa_scale import comm, metrics
 from twa_scale.errors import ConfigError, TransientError
+from twa_scale.store.format import FormatError, ProbeLog
 from twa_scale.twa.config import TwaConfig
 from twa_scale.twa.selection import position
 from twa_scale.twa.solver import ShardedFlat, SnapshotRef
@@ -152,22 +152,23 @@ class Follower:
         """Rank 0: what is new in the run. The training metrics are read before the listing: training writes
         ``final`` only after its last snapshot is committed, so "done" never hides a snapshot. Only ``final``'s
         presence is read from them: no accuracy of training's reaches a stop rule."""
-        from twa_scale.store.format import unseal
+        from twa_scale.store.format import TrainMetrics
 
         last = self.refs[-1].seq if self.refs else -1
+        train = TrainMetrics(run_id=self.reader.run_id, epochs=())
         try:
             try:
-                train = unseal(self.reader.store.get(self.paths.metrics), self.reader.describe(self.paths.metrics),
-                               required=False)
+                train = TrainMetrics.from_json(self.reader.store.get(self.paths.metrics),
+                                               self.reader.describe(self.paths.metrics))
             except FileNotFoundError:
-                train = {}
+                pass
             infos = self.reader.snapshots()
         except Exception as e:  # noqa: BLE001 - a failed look is retried at the next poll (bounded by the timeout)
             log.warning("cannot look at %s/%s (%s: %s); retrying in %gs", self.reader.url, self.reader.run_id,
                         type(e).__name__, e, self.cfg.poll_seconds)
-            train, infos = {}, []
+            train, infos = TrainMetrics(run_id=self.reader.run_id, epochs=()), []
         new = [i for i in infos if i.seq > last]
-        return {"new": new, "done": train.get("final") is not None,
+        return {"new": new, "done": train.final is not None,
                 "timed_out": not new and time.monotonic() - idle_since > self.cfg.follow_timeout}
 
     def _append(self, info) -> None:
@@ -267,7 +268,7 @@ class Follower:
                        probes=self.probes, storage_options=self.cfg.storage_options, require_run=False)
             log.warning("stop rule %s fired: wrote %s (%s)", rec["rule"], self.reader.describe(self.paths.stop),
                         rec["decision"])
-        data = json.dumps(self.probes, indent=1).encode()
+        data = ProbeLog(run_id=self.reader.run_id, probes=tuple(self.probes)).to_json()
         RetryPolicy(deadline_seconds=PROBES_WRITE_RETRY_SECONDS).call(
             f"writing {self.reader.describe(self.paths.probes)}",
             lambda: self.reader.store.put_small(self.paths.probes, data))
@@ -277,18 +278,13 @@ class Follower:
     def _read_probes(self) -> list[dict]:
         """Rank 0: the probe records of an earlier follower of this run (empty when none or unreadable)."""
         try:
-            probes = json.loads(self.reader.store.get(self.paths.probes))
+            return list(ProbeLog.from_json(self.reader.store.get(self.paths.probes),
+                                           self.reader.describe(self.paths.probes)).probes)
         except FileNotFoundError:
             return []
-        except ValueError as e:
-            log.warning("ignoring %s: not valid JSON (%s); probing from the start",
-                        self.reader.describe(self.paths.probes), e)
+        except FormatError as e:
+            log.warning("ignoring %s; probing from the start", e)
             return []
-        if not isinstance(probes, list) or not all(isinstance(p, dict) and "last_seq" in p for p in probes):
-            log.warning("ignoring %s: not a list of probe records; probing from the start",
-                        self.reader.describe(self.paths.probes))
-            return []
-        return probes
 
 
 def _pct(acc: float | None) -> str:

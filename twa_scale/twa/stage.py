@@ -106,6 +106,7 @@ def load_inputs(cfg: TwaConfig, *, select: bool = True) -> TwaInputs:
     layout = FlatLayout.from_model(model)
     reader.layout.check_matches(layout, what=f"model {meta['model']!r} with {meta['num_classes']} classes")
     train_cfg = TrainConfig.from_dict(meta.get("config") or {})
+    train_cfg.storage_options = cfg.storage_options  # the run stores it redacted; --data s3://... needs it
     run_epochs = (meta.get("config") or {}).get("epochs")  # a percentage in --select-epochs is of this E
     refs = _select(*reader.scan(), cfg, run_epochs) if select else []
     for name in ("data", "limit_train", "limit_val"):

