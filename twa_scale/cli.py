@@ -35,19 +35,24 @@ def launch_main(parse: Callable[[], object], run: Callable[[object], object],
     restart policy retries; SIGTERM exits 143 (``streamer.Preempted``). Anything else is a bug and
     keeps its traceback.
     """
-    import logging
-
-    from twa_scale import comm
-    from twa_scale.errors import EXIT_CONFIG, EXPECTED_ERRORS, exit_code
+    from twa_scale import logs
+    from twa_scale.errors import EXPECTED_ERRORS
 
     errors = EXPECTED_ERRORS if errors is None else tuple(errors) + EXPECTED_ERRORS
+    with logs.configured():  # rank from the launcher's environment; the flags refine it once parsed
+        return _parse_and_run(parse, run, errors)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def _parse_and_run(parse, run, errors) -> int:
+    from twa_scale import comm, logs
+    from twa_scale.errors import EXIT_CONFIG, exit_code
+
     try:
         cfg = parse()
     except ValueError as e:  # before any process group exists
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    logs.configure(log_format=getattr(cfg, "log_format", "text"), all_ranks=getattr(cfg, "log_all_ranks", False))
     try:
         run(cfg)
     except Exception as e:  # noqa: BLE001 - classified; unexpected ones are re-raised

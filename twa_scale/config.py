@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 Schedule = Literal["step", "step-per-iter", "cosine", "linear", "constant"]
 SnapshotDtype = Literal["float32", "bfloat16", "float16"]
 Decode = Literal["cpu", "gpu", "pil"]
+LogFormat = Literal["text", "json"]
 # Local default store: a directory next to where the job was started.
 DEFAULT_SNAPSHOT_URL = "file://" + str(Path.cwd() / "twa_runs")
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -51,8 +52,13 @@ def check_choice(flag: str, value: Any, allowed: Any) -> None:
 
 
 def check_store_and_metrics(cfg: Any) -> None:
-    """The checks both stages share: --metrics-port, --storage-options (JSON), --snapshot-url (its form)."""
+    """The checks both stages share: --metrics-port, --storage-options (JSON), --snapshot-url (its form),
+    --logger, --log-format."""
     from twa_scale.store.backend import check_url, parse_storage_options
+    from twa_scale.tracking import check_logger
+
+    check_logger(cfg.logger)
+    check_choice("log-format", cfg.log_format, LogFormat)
 
     if not 0 <= cfg.metrics_port < 65536:
         raise ValueError(f"--metrics-port: must be in [0, 65535], got {cfg.metrics_port}")
@@ -154,6 +160,14 @@ class TrainConfig:
     log_every_steps: int = 50
     """Read the per-step loss from the device every N steps (one host sync per N steps, not per step);
     the progress bar and the per-step Prometheus series update at that cadence."""
+    logger: str = "none"
+    """Experiment tracking: `tensorboard` (event files under <snapshot-url>/<run-id>/tensorboard/<stage>/),
+    `mlflow` (pip install 'twa_scale[mlflow]'; MLFLOW_TRACKING_URI, default ./mlruns), both comma-separated,
+    or `none`. Rank 0 logs loss, lr and throughput per step, validation per epoch, snapshots and the TWA result."""
+    log_format: LogFormat = "text"
+    """Log lines as `text` or `json` (one JSON object per line, for log pipelines)."""
+    log_all_ranks: bool = False
+    """INFO lines from every rank; by default rank 0 logs INFO and the other ranks only warnings and errors."""
     metrics_port: int = 0
     """Port of this node's Prometheus exporter; 0 disables it (the Kubernetes manifests use 9400)."""
     metrics_addr: str = "0.0.0.0"
