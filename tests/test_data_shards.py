@@ -254,7 +254,8 @@ def test_index_dataclasses_round_trip(packed):
     idx = shards.open_index(packed)
     again = shards.DatasetIndex.from_dict(json.loads(json.dumps(idx.to_dict())), idx.url)
     assert again == idx
-    assert shards.parse_size("256MB") == 256 << 20
+    assert shards.parse_size("256MiB") == 256 << 20 and shards.parse_size("256MB") == 256_000_000
+    assert shards.parse_size("1.5GiB") == 3 << 29 and shards.parse_size("64KiB") == 65536 == shards.parse_size("65536")
     with pytest.raises(ConfigError):
         shards.parse_size("lots")
 

@@ -300,6 +300,8 @@ def build_parser(cls: type, *, stage: str, prog: str, description: str):
     p.add_class_arguments(cls, as_group=False, fail_untyped=True)
     bools = _bool_fields(cls)
     for action in list(p._actions):
+        if isinstance(action.help, str):  # the field docstrings' `literal` marks: plain text in a terminal
+            action.help = action.help.replace("`", "")
         for opt in list(action.option_strings):
             if opt.startswith("--") and "_" in opt:  # --snapshot-url as well as --snapshot_url
                 dashed = opt.replace("_", "-")
@@ -410,8 +412,8 @@ def dump_config(cfg: Any, *, stage: str, preset: str | None = None) -> str:
     return head + yaml.safe_dump(d, sort_keys=False)
 
 
-def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
+def parse_train_args(argv: Sequence[str] | None = None, prog: str = "launch/train.py") -> TrainConfig:
     """Parse argv into a TrainConfig. No arguments at all selects the `quickstart` preset."""
-    return parse_config(TrainConfig, argv, stage="train", prog="launch/train.py", default_preset="quickstart",
+    return parse_config(TrainConfig, argv, stage="train", prog=prog, default_preset="quickstart",
                         description="Train a model with DeepSpeed while streaming weight snapshots; optionally "
-                                    "run TWA after. With no arguments: the `quickstart` preset.")
+                                    "run TWA after. With no arguments: the quickstart preset.")

@@ -89,15 +89,18 @@ def url_to_fs(url: str):
 
 
 def parse_size(text: str) -> int:
-    """'256MB' -> 268435456 (binary units; a bare number is bytes)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    """'256MiB' -> 268435456, '256MB' -> 256000000: SI units are powers of 10, IEC (KiB, MiB, GiB) powers of 2,
+    as `ls --si` and `df -H` read them; a bare number is bytes."""
+    t = text.strip().upper().removesuffix("B")
+    binary = t.endswith("I")
+    t = t.removesuffix("I")
+    mult = {"K": 1, "M": 2, "G": 3}.get(t[-1:], 0)
     try:
-        n = int(float(t[:-1] if mult > 1 else t) * mult)
+        n = int(float(t[:-1] if mult else t) * ((1024 if binary else 1000) ** mult))
     except ValueError:
-        raise ConfigError(f"--shard-size {text!r}: expected a size such as 256MB") from None
+        raise ConfigError(f"--shard-size {text!r}: expected a size such as 256MiB or 256MB") from None
     if n < 1 << 16:
-        raise ConfigError(f"--shard-size {text!r}: at least 64KB")
+        raise ConfigError(f"--shard-size {text!r}: at least 64KiB")
     return n
 
 
@@ -171,15 +174,15 @@ class DatasetIndex:
         return self.splits[name]
 
 
-def open_index(url: str) -> DatasetIndex:
-    """Read and validate ``URL/index.json``; errors name the index."""
+def open_index(url: str, flag: str | None = "--data") -> DatasetIndex:
+    """Read and validate ``URL/index.json``; errors name the index (and ``flag``, the option that gave URL)."""
     url = url.rstrip("/")
     fs, root = url_to_fs(url)
     path = f"{root}/{INDEX_NAME}"
     try:
         raw = fs.cat_file(path)
     except FileNotFoundError:
-        raise DatasetIndexError(f"--data {url}: no {INDEX_NAME} (pack an ImageFolder tree with "
+        raise DatasetIndexError(f"{flag + ' ' if flag else ''}{url}: no {INDEX_NAME} (pack an ImageFolder tree with "
                                 f"`twa-scale data pack SRC {url}`)") from None
     try:
         d = json.loads(raw)
@@ -210,7 +213,7 @@ def check_shards_present(idx: DatasetIndex, splits: Sequence[str] = ("train", "v
 
 def verify(url: str) -> list[str]:
     """Every problem with the dataset at URL (missing shard, wrong size, sha256 mismatch), one line each."""
-    idx = open_index(url)
+    idx = open_index(url, flag=None)
     fs, root = url_to_fs(idx.url)
     problems = []
     for split, s in idx.splits.items():
@@ -480,6 +483,9 @@ def _cmd_pack(args) -> int:
 
 def _cmd_verify(args) -> int:
     problems = verify(args.url)
+    if args.json:
+        print(json.dumps({"url": args.url, "ok": not problems, "problems": problems}))
+        return 1 if problems else 0
     for p in problems:
         print(f"BAD {p}", file=sys.stderr)
     if problems:
@@ -497,11 +503,13 @@ def add_cli_command(sub) -> None:
                                       "index.json; re-running skips shards already written and verified")
     pk.add_argument("src", metavar="SRC", help="local ImageFolder root")
     pk.add_argument("dst", metavar="DST", help="destination URL (s3://bucket/prefix, file:///abs/path) or path")
-    pk.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
+    pk.add_argument("--shard-size", default="256MiB",
+                    help="target shard size: 256MiB = 256 x 2^20 bytes, 256MB = 256 x 10^6 (default 256MiB)")
     pk.add_argument("--quiet", action="store_true", help="no progress bar")
     pk.set_defaults(func=_cmd_pack)
     ver = cmds.add_parser("verify", help="check every shard's sha256 against the index; exit 1 naming each bad one")
     ver.add_argument("url", metavar="URL")
+    ver.add_argument("--json", action="store_true", help="print the verdict as JSON (ok, problems)")
     ver.set_defaults(func=_cmd_verify)
 
 

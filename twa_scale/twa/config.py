@@ -272,11 +272,11 @@ def join_negative_select(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def parse_twa_args(argv: Sequence[str] | None = None) -> TwaConfig:
+def parse_twa_args(argv: Sequence[str] | None = None, prog: str = "launch/twa.py") -> TwaConfig:
     """Parse argv into a TwaConfig (flags, --config, --preset, environment TWA_SCALE_TWA_*).
     ``--select -5:`` is accepted as ``--select=-5:``."""
     import sys
 
     argv = join_negative_select(sys.argv[1:] if argv is None else argv)
-    return parse_config(TwaConfig, argv, stage="twa", prog="launch/twa.py",
+    return parse_config(TwaConfig, argv, stage="twa", prog=prog,
                         description="Trainable Weight Averaging over streamed snapshots.")
