@@ -29,7 +29,9 @@ def test_non_editable_install_trains_from_an_empty_directory(tmp_path):
     venv, work = tmp_path / "venv", tmp_path / "empty"
     work.mkdir()
     # the venv reuses the installed torch/deepspeed; the package itself is built from this checkout
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    # without its own pip (ensurepip takes minutes on a loaded box): the visible outer pip installs into it
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=300)
     _see_the_outer_venv(venv)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
