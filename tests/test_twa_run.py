@@ -237,3 +237,46 @@ def test_batch_that_does_not_divide_uses_the_largest_that_fits():
     assert effective_batch(128, 3) == (42, 126)
     assert effective_batch(120, 3) == (40, 120)
     assert effective_batch(2, 3) == (1, 3)
+
+
+def test_model_file_describes_itself(mlp_run):
+    url, _, _ = mlp_run
+    run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=1, batch_size=48, select="1:"))
+    from safetensors import safe_open
+
+    meta = safe_open(f"{url[len('file://'):]}/mlp/twa/model.safetensors", "pt").metadata()
+    assert (meta["model"], meta["num_classes"], meta["run"]) == ("mlp", "10", f"{url}/mlp")
+    assert json.loads(meta["snapshots"]) == [1, 2, 3, 4, 5, 6]
+    assert json.loads(meta["normalization"]) == {"mean": [0.5] * 3, "std": [0.5] * 3, "size": 32, "resize": None}
+    from twa_scale import __version__
+    assert meta["twa_scale_version"] == __version__ and meta["format"] == "pt"
+
+
+def test_a_torchvision_result_loads_without_twa_scale_by_the_readme_line(tmp_path):
+    """The README's one-liner, in a process where `import twa_scale` fails: strict load, same logits."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+    from twa_scale import report
+    from twa_scale.data import input_normalization
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", 7).eval()
+    meta = report.model_metadata(model="resnet18", num_classes=7, classes=list("abcdefg"), snapshots=[0, 1],
+                                 normalization=input_normalization("/data/imagenet", 500), run="file:///r/x")
+    report.write_outputs({"snapshots": []}, net.state_dict(), tmp_path.as_uri(), plot=False, metadata=meta)
+    line = re.search(r"```bash\n(python -c \"from safetensors import safe_open.*?)\n```",
+                     (REPO / "README.md").read_text(), re.S).group(1)
+    code = (line[len('python -c "'):-1]
+            + "; import torch; torch.manual_seed(1); print(net.eval()(torch.randn(2, 3, 64, 64)).sum().item())")
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['twa_scale'] = None; " + code],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name, *rest = proc.stdout.splitlines()[0].split(" ", 1)
+    assert name == "resnet18" and json.loads(rest[0])["resize"] == 256
+    torch.manual_seed(1)
+    with torch.no_grad():
+        want = net(torch.randn(2, 3, 64, 64)).sum().item()
+    assert float(proc.stdout.splitlines()[1]) == pytest.approx(want, rel=1e-4)

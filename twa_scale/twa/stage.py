@@ -60,6 +60,17 @@ def _warn(msg: str) -> None:
         log.warning(msg)
 
 
+def _model_metadata(inp: TwaInputs, out: dict) -> dict[str, str]:
+    from twa_scale.data import input_normalization
+    from twa_scale.report import model_metadata
+
+    meta = inp.reader.manifest.meta
+    return model_metadata(model=meta["model"], num_classes=int(meta["num_classes"]), classes=meta.get("classes"),
+                          normalization=input_normalization(inp.train_cfg.data, inp.data.image_size),
+                          snapshots=[s["seq"] for s in out["snapshots"]],
+                          run=f"{out.get('snapshot_url', '').rstrip('/')}/{out.get('run_id')}")
+
+
 def track_result(out: dict) -> None:
     """The final TWA result to the experiment tracker: accuracies, one coefficient per snapshot (step = its
     seq; the mean over layers when they are layer-wise), and result.json as text."""
@@ -437,7 +448,8 @@ def _run(cfg: TwaConfig, inp: TwaInputs) -> TwaResult:
         if comm.rank() == 0:
             out = result.to_dict()
             result.outputs = report.write_outputs(out, state, cfg.output_url, plot=cfg.plot,
-                                                  storage_options=cfg.storage_options)
+                                                  storage_options=cfg.storage_options,
+                                                  metadata=_model_metadata(inp, out))
             print(report.format_table(out), flush=True)
             track_result(out)
 
