@@ -28,6 +28,9 @@ T = TypeVar("T")
 _AGREED_ERRORS = {"ValueError": ValueError, "KeyError": KeyError, "OSError": OSError}
 
 
+_OWN_PORTS: set[str] = set()  # ports the single-process fallback below chose
+
+
 def init(timeout_seconds: float = 1800.0) -> None:
     """Join the job's process group (NCCL on GPU, gloo on CPU, chosen by DeepSpeed).
 
@@ -43,6 +46,7 @@ def init(timeout_seconds: float = 1800.0) -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        _OWN_PORTS.add(str(port))
     else:
         _check_master_port()
     _announce_shm_op_build()
@@ -95,7 +99,8 @@ def _check_master_port() -> None:
     from twa_scale.errors import ConfigError
 
     port = os.environ.get("MASTER_PORT", "")
-    if os.environ.get("RANK") != "0" or not port.isdigit() or "TORCHELASTIC_RUN_ID" in os.environ:
+    if (os.environ.get("RANK") != "0" or not port.isdigit() or "TORCHELASTIC_RUN_ID" in os.environ
+            or port in _OWN_PORTS):  # this process's earlier group (a stage run again in-process) had it
         return
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is no conflict
