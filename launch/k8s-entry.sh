@@ -114,8 +114,9 @@ if [[ "$TWA_ROLE" == train && " $* " != *" --resume "* ]]; then
     fi
 fi
 
+# --log_level warning: the launcher's own INFO lines (its command line, world info) stay out of the pod log
 cmd=(deepspeed --hostfile "$hostfile" --no_ssh --node_rank "$JOB_COMPLETION_INDEX"
-     --master_addr "$master" --master_port "$TWA_MASTER_PORT" "$script" "${metrics[@]}" "$@" "${resume[@]}")
+     --master_addr "$master" --master_port "$TWA_MASTER_PORT" --log_level warning "$script" "${metrics[@]}" "$@" "${resume[@]}")
 echo "k8s-entry: node $JOB_COMPLETION_INDEX/$TWA_NNODES x $TWA_GPUS_PER_NODE, rendezvous $master:$TWA_MASTER_PORT" >&2
 echo "k8s-entry: ${cmd[*]}" >&2
 

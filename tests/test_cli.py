@@ -73,3 +73,39 @@ def test_module_entry_point_runs(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "3 committed snapshot(s), all checksums OK" in proc.stdout
+
+
+def test_json_verdict_of_verify(tmp_path, capsys):
+    url = tmp_path.as_uri()
+    _populate(url)
+    assert main(["snapshots", "verify", "--json", f"{url}/run1"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"run": f"{url}/run1", "snapshots": 3, "ok": True, "problems": []}
+    bin0 = sorted(tmp_path.glob("run1/snapshots/00000000/*.bin"))[0]
+    bin0.write_bytes(bin0.read_bytes()[:-4])
+    assert main(["snapshots", "verify", "--json", f"{url}/run1"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert not out["ok"] and len(out["problems"]) == 1 and bin0.name in out["problems"][0]
+
+
+def test_a_missing_location_is_an_error_and_messages_name_the_right_flag(tmp_path, capsys):
+    assert main(["runs", "ls", f"{tmp_path.as_uri()}/nothing"]) == 2
+    assert capsys.readouterr().err.strip() == (f"twa-scale: error: {tmp_path.as_uri()}/nothing: no such location "
+                                               "(nothing is stored there; check the URL)")
+    assert main(["runs", "ls", tmp_path.as_uri()]) == 0  # exists, holds no runs: an empty table
+    assert main(["data", "verify", f"{tmp_path.as_uri()}/nothing"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" not in err and "nothing: no index.json" in err and err.count("'") % 2 == 0
+
+
+def test_version_and_plain_help_under_the_console_script(capsys):
+    from twa_scale import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"twa-scale {__version__}"
+    for stage in ("train", "twa"):
+        with pytest.raises(SystemExit) as exit_:
+            main([stage, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: twa-scale {stage} ") and "`" not in text, text[:200]

@@ -265,7 +265,8 @@ def test_index_dataclasses_round_trip(packed):
     idx = shards.open_index(packed)
     again = DatasetIndex.from_json(idx.to_json(), "index.json")
     assert again.url == "" and dataclasses.replace(again, url=idx.url) == idx
-    assert shards.parse_size("256MB") == 256 << 20
+    assert shards.parse_size("256MiB") == 256 << 20 and shards.parse_size("256MB") == 256_000_000
+    assert shards.parse_size("1.5GiB") == 3 << 29 and shards.parse_size("64KiB") == 65536 == shards.parse_size("65536")
     with pytest.raises(ConfigError):
         shards.parse_size("lots")
 

@@ -133,3 +133,30 @@ def test_a_marker_present_at_launch_stops_after_the_initial_snapshot(tmp_path):
     m = json.loads((tmp_path / "snap" / "early" / "train" / "metrics.json").read_text())
     assert m["epochs"] == [] and m["final"]["stopped_seq"] == 0 and m["final"]["stopped_epoch"] == 0.0
     assert [s.seq for s in open_run(url, "early").snapshots()] == [0]
+
+
+def test_cli_stop_on_a_finished_run_writes_nothing_and_clear_removes_a_marker(tmp_path, capsys):
+    """A finished run gets no marker (nothing would read it, and a later --resume would stop at once);
+    `--clear` removes one; --json says what was done."""
+    from tests.test_store import _model
+    from twa_scale import store
+    from twa_scale.layout import FlatLayout
+
+    url = tmp_path.as_uri()
+    _make_run(url)
+    assert main(["stop", f"{url}/r", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"run": f"{url}/r", "action": "requested",
+                                                   "reason": "stopped by hand (twa-scale stop)"}
+    assert main(["stop", f"{url}/r", "--clear"]) == 0
+    assert "stop marker removed" in capsys.readouterr().out and StopWatch(url, "r").check() is None
+    assert main(["stop", f"{url}/r", "--clear", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "no_marker"
+
+    w = store.create_run(url, "done", FlatLayout.from_model(_model()), meta={"model": "tiny"}, world_size=1)
+    w.write_metrics([{"epoch": 1, "val_accuracy": 0.9}], final={"epochs": 1, "val_accuracy": 0.9})
+    w.close()
+    assert main(["stop", f"{url}/done"]) == 0
+    assert "has already finished (1 epochs, val accuracy 0.9); no stop marker written" in capsys.readouterr().out
+    assert StopWatch(url, "done").check() is None
+    assert main(["stop", f"{url}/done", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "already_finished"

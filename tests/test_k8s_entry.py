@@ -70,7 +70,8 @@ def test_builds_the_no_ssh_command(tmp_path):
     assert r.returncode == 0, r.stderr
     argv = (tmp_path / "argv").read_text().split("\n")[:-1]
     assert argv[2:] == ["--no_ssh", "--node_rank", "1", "--master_addr", "127.0.0.1", "--master_port", "29500",
-                        str(REPO / "launch" / "train.py"), "--metrics-port", "9400", "--epochs", "3", "--auto-resume"]
+                        "--log_level", "warning", str(REPO / "launch" / "train.py"), "--metrics-port", "9400",
+                        "--epochs", "3", "--auto-resume"]
     # hostnames come from the pod's own name, which JobSet makes <jobset>-<replicatedJob>-<jobIndex>-<podIndex>
     # (the Job's name, then the pod's completion index): <job>-<index>.<service>, G slots each
     assert (tmp_path / "hostfile").read_text() == ("twa-scale-train-0-0.twa-scale slots=1\n"

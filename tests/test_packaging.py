@@ -2,12 +2,26 @@
 console script trains from an empty directory, with the default (shipped) DeepSpeed config and presets."""
 import json
 import os
+import site
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.support import REPO
+
+
+def _see_the_outer_venv(venv) -> None:
+    """Run from inside a virtualenv, `venv --system-site-packages` reaches the base interpreter's packages,
+    not this venv's (where torch is): a .pth file in the inner venv lists this interpreter's site-packages.
+    Plain paths, so their .pth files (this checkout's editable install among them) stay unprocessed."""
+    if sys.prefix == sys.base_prefix:
+        return  # the system interpreter (CI): --system-site-packages already sees its packages
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+    (Path(purelib) / "outer-venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")
 
 
 @pytest.mark.slow
@@ -15,7 +29,10 @@ def test_non_editable_install_trains_from_an_empty_directory(tmp_path):
     venv, work = tmp_path / "venv", tmp_path / "empty"
     work.mkdir()
     # the venv reuses the installed torch/deepspeed; the package itself is built from this checkout
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    # without its own pip (ensurepip takes minutes on a loaded box): the visible outer pip installs into it
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=300)
+    _see_the_outer_venv(venv)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
     pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps",

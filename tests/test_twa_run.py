@@ -205,13 +205,15 @@ def test_guard_restarts_a_diverging_fit_at_a_lower_lr(mlp_run):
     assert on_disk["guard"]["attempts"] == res.guard["attempts"] and on_disk["returned"] == "twa"
 
 
-def test_guard_exhausted_returns_the_start_point_and_says_so(mlp_run, capsys):
+def test_guard_exhausted_returns_the_start_point_and_says_so(mlp_run, caplog):
     """Every lr fails (5e5, then 5e3): by default the stage returns the start point, the uniform average
     of the selection, exactly, with a warning; result.json records every attempt and the fallback."""
     url, _, snaps = mlp_run
-    res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=1, lr=5e5, guard_retries=1, guard_lr_factor=0.01,
-                            batch_size=48, select="1:"))
-    assert "every learning rate failed" in capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="twa_scale.twa.stage"):
+        res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=1, lr=5e5, guard_retries=1,
+                                guard_lr_factor=0.01, batch_size=48, select="1:"))
+    said = [r.getMessage() for r in caplog.records if "every learning rate failed" in r.getMessage()]
+    assert len(said) == 1  # once, not once per rank plus a print
     assert [a["outcome"] for a in res.guard["attempts"]] == ["diverged", "diverged"]
     assert res.returned == "start" and res.guard["fallback"] == "start" and res.epochs == []
     assert res.twa_accuracy == res.swa_accuracy == res.start_accuracy
@@ -281,3 +283,46 @@ def test_guard_fails_an_accuracy_drop_even_when_the_loss_falls(capsys):
     within = {"accuracy": 0.948, "loss": 0.25}  # within the tolerance: accepted even with a higher loss
     chosen, _, _, _ = _fit(cfg, Loop(), start, lambda tag: ({"accuracy": 0.9}, within))
     assert chosen is not None and chosen.outcome == "ok"
+
+
+def test_model_file_describes_itself(mlp_run):
+    url, _, _ = mlp_run
+    run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=1, batch_size=48, select="1:"))
+    from safetensors import safe_open
+
+    meta = safe_open(f"{url[len('file://'):]}/mlp/twa/model.safetensors", "pt").metadata()
+    assert (meta["model"], meta["num_classes"], meta["run"]) == ("mlp", "10", f"{url}/mlp")
+    assert json.loads(meta["snapshots"]) == [1, 2, 3, 4, 5, 6]
+    assert json.loads(meta["normalization"]) == {"mean": [0.5] * 3, "std": [0.5] * 3, "size": 32, "resize": None}
+    from twa_scale import __version__
+    assert meta["twa_scale_version"] == __version__ and meta["format"] == "pt"
+
+
+def test_a_torchvision_result_loads_without_twa_scale_by_the_readme_line(tmp_path):
+    """The README's one-liner, in a process where `import twa_scale` fails: strict load, same logits."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+    from twa_scale import report
+    from twa_scale.data import input_normalization
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", 7).eval()
+    meta = report.model_metadata(model="resnet18", num_classes=7, classes=list("abcdefg"), snapshots=[0, 1],
+                                 normalization=input_normalization("/data/imagenet", 500), run="file:///r/x")
+    report.write_outputs({"snapshots": []}, net.state_dict(), tmp_path.as_uri(), plot=False, metadata=meta)
+    line = re.search(r"```bash\n(python -c \"from safetensors import safe_open.*?)\n```",
+                     (REPO / "README.md").read_text(), re.S).group(1)
+    code = (line[len('python -c "'):-1]
+            + "; import torch; torch.manual_seed(1); print(net.eval()(torch.randn(2, 3, 64, 64)).sum().item())")
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['twa_scale'] = None; " + code],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name, *rest = proc.stdout.splitlines()[0].split(" ", 1)
+    assert name == "resnet18" and json.loads(rest[0])["resize"] == 256
+    torch.manual_seed(1)
+    with torch.no_grad():
+        want = net(torch.randn(2, 3, 64, 64)).sum().item()
+    assert float(proc.stdout.splitlines()[1]) == pytest.approx(want, rel=1e-4)

@@ -3,11 +3,13 @@
     twa-scale train [flags]              what `launch/train.py` does (same flags, --config, --preset)
     twa-scale twa [flags]                what `launch/twa.py` does
     twa-scale snapshots ls URL/RUN       committed snapshots: seq, step, epoch, size (--json: bytes); damaged marked
-    twa-scale snapshots verify URL/RUN   check every checksum; exit 1 naming each bad object
-    twa-scale runs ls URL                runs: fingerprint, lease holder, state, snapshot count
+    twa-scale snapshots verify URL/RUN   check every checksum; exit 1 naming each bad object (--json)
+    twa-scale runs ls URL                runs: fingerprint, lease holder, state, snapshot count (--json)
     twa-scale data pack SRC DST          ImageFolder tree -> WebDataset shards + index.json (resumable)
-    twa-scale data verify URL            check every shard's sha256; exit 1 naming each bad shard
-    twa-scale stop URL/RUN [--reason T]  ask the training job to end after its next snapshot (control/STOP.json)
+    twa-scale data verify URL            check every shard's sha256; exit 1 naming each bad shard (--json)
+    twa-scale stop URL/RUN [--reason T]  ask the training job to end after its next snapshot (control/STOP.json);
+                                         a finished run gets no marker; --clear removes one (--json)
+    twa-scale --version
 
 An installed package launches with DeepSpeed's launcher as a module or through the console script:
     deepspeed --num_gpus 2 --module twa_scale train --epochs 1
@@ -35,19 +37,24 @@ def launch_main(parse: Callable[[], object], run: Callable[[object], object],
     restart policy retries; SIGTERM exits 143 (``streamer.Preempted``). Anything else is a bug and
     keeps its traceback.
     """
-    import logging
-
-    from twa_scale import comm
-    from twa_scale.errors import EXIT_CONFIG, EXPECTED_ERRORS, exit_code
+    from twa_scale import logs
+    from twa_scale.errors import EXPECTED_ERRORS
 
     errors = EXPECTED_ERRORS if errors is None else tuple(errors) + EXPECTED_ERRORS
+    with logs.configured():  # rank from the launcher's environment; the flags refine it once parsed
+        return _parse_and_run(parse, run, errors)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def _parse_and_run(parse, run, errors) -> int:
+    from twa_scale import comm, logs
+    from twa_scale.errors import EXIT_CONFIG, exit_code
+
     try:
         cfg = parse()
     except ValueError as e:  # before any process group exists
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    logs.configure(log_format=getattr(cfg, "log_format", "text"), all_ranks=getattr(cfg, "log_all_ranks", False))
     try:
         run(cfg)
     except Exception as e:  # noqa: BLE001 - classified; unexpected ones are re-raised
@@ -62,19 +69,20 @@ def launch_main(parse: Callable[[], object], run: Callable[[object], object],
     return 0
 
 
-def run_stage(stage: str, argv: list[str] | None = None) -> int:
-    """`launch/train.py` (stage `train`) or `launch/twa.py` (stage `twa`) with ``argv``; the exit status."""
+def run_stage(stage: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`launch/train.py` (stage `train`) or `launch/twa.py` (stage `twa`) with ``argv``; the exit status.
+    ``prog``: the command name ``--help`` shows (`twa-scale train` from the console script)."""
     if stage == "train":
         from twa_scale.config import parse_train_args
         from twa_scale.pipeline import run_pipeline
 
-        return launch_main(lambda: parse_train_args(argv), run_pipeline)
+        return launch_main(lambda: parse_train_args(argv, prog=prog or "launch/train.py"), run_pipeline)
     from twa_scale.twa import parse_twa_args, run_twa
     from twa_scale.twa.follow import run_follow
 
     # corrupt shards are IOErrors and missing keys KeyErrors: bad input, one line each
-    return launch_main(lambda: parse_twa_args(argv), lambda cfg: (run_follow if cfg.follow else run_twa)(cfg),
-                       errors=(ValueError, OSError, KeyError))
+    return launch_main(lambda: parse_twa_args(argv, prog=prog or "launch/twa.py"),
+                       lambda cfg: (run_follow if cfg.follow else run_twa)(cfg), errors=(ValueError, OSError, KeyError))
 
 
 def split_run_url(target: str) -> tuple[str, str]:
@@ -132,6 +140,9 @@ def _snapshots_verify(args) -> int:
     reader = open_run(url, run, storage_options=args.storage_options)
     problems = reader.verify()
     n = len(reader.snapshots())
+    if args.json:
+        print(json.dumps({"run": f"{url}/{run}", "snapshots": n, "ok": not problems, "problems": problems}))
+        return 1 if problems else 0
     if problems:
         for p in problems:
             print(f"BAD {p}", file=sys.stderr)
@@ -150,7 +161,10 @@ def _runs_ls(args) -> int:
     check_url(args.url)
     st = open_store(args.url, args.storage_options)
     now, rows = time.time(), []
-    for name in st.list_dirs(""):
+    names = st.list_dirs("")
+    if not names and hasattr(st, "fs") and not st.fs.exists(st.root):
+        raise FileNotFoundError(f"{args.url}: no such location (nothing is stored there; check the URL)")
+    for name in names:
         paths = RunPaths(name)
         try:
             m = RunManifest.from_json(st.get(paths.manifest), st.describe(paths.manifest))
@@ -194,7 +208,7 @@ def _add_snapshots(sub) -> None:
     _store_command(cmds, "ls", "committed snapshots: seq, step, epoch, size; damaged ones marked",
                    _snapshots_ls, target="URL/RUN", json_help="print JSON (sizes in bytes) instead of a table")
     _store_command(cmds, "verify", "check every checksum; exit 1 naming each bad object", _snapshots_verify,
-                   target="URL/RUN")
+                   target="URL/RUN", json_help="print the verdict as JSON (ok, problems)")
 
 
 def _store_command(cmds, name: str, help_text: str, func: Callable, *, target: str, json_help: str | None = None):
@@ -221,11 +235,24 @@ def _add_runs(sub) -> None:
 
 
 def _stop(args) -> int:
-    from twa_scale.control import write_stop
+    from twa_scale.control import clear_stop, finished, write_stop
 
     url, run = split_run_url(args.target)
-    marker = write_stop(url, run, reason=args.reason, rule="manual", by="user", storage_options=args.storage_options)
-    print(f"stop requested for {url}/{run}: {marker.reason} (training ends after its next snapshot)")
+    where = f"{url}/{run}"
+    if args.clear:
+        removed = clear_stop(url, run, storage_options=args.storage_options)
+        out = {"run": where, "action": "cleared" if removed else "no_marker"}
+        text = f"{where}: stop marker removed" if removed else f"{where}: no stop marker to remove"
+    elif (final := finished(url, run, storage_options=args.storage_options)) is not None:
+        out = {"run": where, "action": "already_finished", "final": final}
+        text = (f"{where} has already finished ({final.get('epochs')} epochs, val accuracy "
+                f"{final.get('val_accuracy')}); no stop marker written")
+    else:
+        marker = write_stop(url, run, reason=args.reason, rule="manual", by="user",
+                            storage_options=args.storage_options)
+        out = {"run": where, "action": "requested", "reason": marker.reason}
+        text = f"stop requested for {where}: {marker.reason} (training ends after its next snapshot)"
+    print(json.dumps(out) if args.json else text)
     return 0
 
 
@@ -234,6 +261,9 @@ def _add_stop(sub) -> None:
                                     "<run>/control/STOP.json, as the live TWA follower's stop rule does)")
     p.add_argument("target", metavar="URL/RUN")
     p.add_argument("--reason", default="stopped by hand (twa-scale stop)", help="recorded in the marker")
+    p.add_argument("--clear", action="store_true", help="remove the run's stop marker instead (e.g. before a "
+                                                        "--resume that should run on)")
+    p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
     p.set_defaults(func=_stop)
 
@@ -244,7 +274,10 @@ COMMANDS: dict[str, Callable] = {"snapshots": _add_snapshots, "runs": _add_runs,
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from twa_scale import __version__
+
     parser = argparse.ArgumentParser(prog="twa-scale", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"twa-scale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for stage, what in (("train", "train with DeepSpeed (as launch/train.py; see `twa-scale train --help`)"),
                         ("twa", "run the TWA stage (as launch/twa.py; see `twa-scale twa --help`)")):
@@ -264,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     while argv and argv[0].startswith("--local_rank"):  # DeepSpeed's launcher puts it before the command
         argv = argv[1 if "=" in argv[0] else 2:]
     if argv and argv[0] in ("train", "twa"):
-        return run_stage(argv[0], argv[1:])
+        return run_stage(argv[0], argv[1:], prog=f"twa-scale {argv[0]}")
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
@@ -277,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(e, (*EXPECTED_ERRORS, OSError))
         if code is None:
             raise
-        print(f"twa-scale: error: {str(e).strip(chr(39))}", file=sys.stderr)
+        # a KeyError's str() is its repr: take the message itself (stripping quotes unbalanced others)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"twa-scale: error: {msg}", file=sys.stderr)
         return code
 
 

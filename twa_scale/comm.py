@@ -8,7 +8,10 @@ Collectives go through ``deepspeed.comm`` when DeepSpeed set up the group
 from __future__ import annotations
 
 import datetime
+import errno
+import logging
 import os
+import socket
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -25,6 +28,9 @@ T = TypeVar("T")
 _AGREED_ERRORS = {"ValueError": ValueError, "KeyError": KeyError, "OSError": OSError}
 
 
+_OWN_PORTS: set[str] = set()  # ports the single-process fallback below chose
+
+
 def init(timeout_seconds: float = 1800.0) -> None:
     """Join the job's process group (NCCL on GPU, gloo on CPU, chosen by DeepSpeed).
 
@@ -35,13 +41,15 @@ def init(timeout_seconds: float = 1800.0) -> None:
     if dist.is_available() and dist.is_initialized():
         return
     if "WORLD_SIZE" not in os.environ:
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        _OWN_PORTS.add(str(port))
+    else:
+        _check_master_port()
+    _announce_shm_op_build()
     import deepspeed
 
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_seconds))
@@ -81,6 +89,50 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def _check_master_port() -> None:
+    """Global rank 0 hosts the rendezvous store on MASTER_PORT. When another process already listens there,
+    torch waits out its connect timeout (~4.5 min) and fails with a transient-looking error: say it now.
+    Exit 2, not 75: a restart on this host meets the same process on that port; the fix is a flag.
+    (torchrun's agent binds the port itself: nothing to check there.)"""
+    from twa_scale.errors import ConfigError
+
+    port = os.environ.get("MASTER_PORT", "")
+    if (os.environ.get("RANK") != "0" or not port.isdigit() or "TORCHELASTIC_RUN_ID" in os.environ
+            or port in _OWN_PORTS):  # this process's earlier group (a stage run again in-process) had it
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is no conflict
+        try:
+            s.bind(("", int(port)))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return
+            raise ConfigError(f"--master_port {port}: the rendezvous port is already in use on this host (another "
+                              f"job?); pass the launcher a free one, e.g. deepspeed --master_port "
+                              f"{20000 + int(port) % 10000} ...") from None
+
+
+def _announce_shm_op_build() -> None:
+    """On a CPU host DeepSpeed JIT-compiles its shared-memory communication op the first time, silently,
+    for 1-2 minutes (then it is cached): say so before it starts."""
+    if torch.cuda.is_available() or local_rank() != 0:
+        return
+    try:
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or installed_ops.get(builder.NAME, False):
+            return  # no such op here, or built at install time (DS_BUILD_SHM_COMM=1 pip install deepspeed)
+        where = _get_build_directory(builder.NAME, verbose=False)
+    except Exception:  # noqa: BLE001 - only a notice: DeepSpeed's internals may move
+        return
+    if not os.path.exists(os.path.join(where, f"{builder.NAME}.so")):
+        logging.getLogger("twa_scale.comm").info(
+            "compiling DeepSpeed's CPU communication op once (1-2 min; cached in %s)", where)
 
 
 def local_rank() -> int:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 Schedule = Literal["step", "step-per-iter", "cosine", "linear", "constant"]
 SnapshotDtype = Literal["float32", "bfloat16", "float16"]
 Decode = Literal["cpu", "gpu", "pil"]
+LogFormat = Literal["text", "json"]
 # Local default store: a directory next to where the job was started.
 DEFAULT_SNAPSHOT_URL = "file://" + str(Path.cwd() / "twa_runs")
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -63,8 +64,13 @@ def check_run_id(run_id: str) -> None:
 
 
 def check_store_and_metrics(cfg: Any) -> None:
-    """The checks both stages share: --metrics-port, --storage-options (JSON), --snapshot-url (its form)."""
+    """The checks both stages share: --metrics-port, --storage-options (JSON), --snapshot-url (its form),
+    --logger, --log-format."""
     from twa_scale.store.backend import check_url, parse_storage_options
+    from twa_scale.tracking import check_logger
+
+    check_logger(cfg.logger)
+    check_choice("log-format", cfg.log_format, LogFormat)
 
     if not 0 <= cfg.metrics_port < 65536:
         raise ValueError(f"--metrics-port: must be in [0, 65535], got {cfg.metrics_port}")
@@ -173,6 +179,14 @@ class TrainConfig:
     log_every_steps: int = 50
     """Read the per-step loss from the device every N steps (one host sync per N steps, not per step);
     the progress bar and the per-step Prometheus series update at that cadence."""
+    logger: str = "none"
+    """Experiment tracking: `tensorboard` (event files under <snapshot-url>/<run-id>/tensorboard/<stage>/),
+    `mlflow` (pip install 'twa_scale[mlflow]'; MLFLOW_TRACKING_URI, default ./mlruns), both comma-separated,
+    or `none`. Rank 0 logs loss, lr and throughput per step, validation per epoch, snapshots and the TWA result."""
+    log_format: LogFormat = "text"
+    """Log lines as `text` or `json` (one JSON object per line, for log pipelines)."""
+    log_all_ranks: bool = False
+    """INFO lines from every rank; by default rank 0 logs INFO and the other ranks only warnings and errors."""
     metrics_port: int = 0
     """Port of this node's Prometheus exporter; 0 disables it (the Kubernetes manifests use 9400)."""
     metrics_addr: str = "0.0.0.0"
@@ -311,6 +325,8 @@ def build_parser(cls: type, *, stage: str, prog: str, description: str):
     p.add_class_arguments(cls, as_group=False, fail_untyped=True)
     bools = _bool_fields(cls)
     for action in list(p._actions):
+        if isinstance(action.help, str):  # the field docstrings' `literal` marks: plain text in a terminal
+            action.help = action.help.replace("`", "")
         for opt in list(action.option_strings):
             if opt.startswith("--") and "_" in opt:  # --snapshot-url as well as --snapshot_url
                 dashed = opt.replace("_", "-")
@@ -442,8 +458,8 @@ def dump_config(cfg: Any, *, stage: str, preset: str | None = None) -> str:
     return head + yaml.safe_dump(d, sort_keys=False)
 
 
-def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
+def parse_train_args(argv: Sequence[str] | None = None, prog: str = "launch/train.py") -> TrainConfig:
     """Parse argv into a TrainConfig. No arguments at all selects the `quickstart` preset."""
-    return parse_config(TrainConfig, argv, stage="train", prog="launch/train.py", default_preset="quickstart",
+    return parse_config(TrainConfig, argv, stage="train", prog=prog, default_preset="quickstart",
                         description="Train a model with DeepSpeed while streaming weight snapshots; optionally "
-                                    "run TWA after. With no arguments: the `quickstart` preset.")
+                                    "run TWA after. With no arguments: the quickstart preset.")

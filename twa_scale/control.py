@@ -19,7 +19,7 @@ from typing import Sequence
 
 from twa_scale.store import FormatError, RetryPolicy, RunPaths, StopMarker, open_store
 
-__all__ = ["write_stop", "StopWatch", "STOP_WRITE_RETRY_SECONDS"]
+__all__ = ["write_stop", "clear_stop", "finished", "StopWatch", "STOP_WRITE_RETRY_SECONDS"]
 
 log = logging.getLogger("twa_scale.control")
 
@@ -45,6 +45,33 @@ def write_stop(url: str, run_id: str, *, reason: str, rule: str = "manual", by: 
         f"writing {store.describe(paths.stop)}", lambda: store.put_small(paths.stop, marker.to_json()))
     log.info("wrote %s: %s", store.describe(paths.stop), reason)
     return marker
+
+
+def clear_stop(url: str, run_id: str, *, storage_options: dict | str | None = None) -> bool:
+    """Remove the run's STOP.json; False when there was none."""
+    paths = RunPaths(run_id)
+    store = open_store(url, storage_options)
+    if not store.exists(paths.stop):
+        return False
+    store.delete(paths.stop)
+    log.info("removed %s", store.describe(paths.stop))
+    return True
+
+
+def finished(url: str, run_id: str, *, storage_options: dict | str | None = None) -> dict | None:
+    """The ``final`` record of train/metrics.json when the run has ended, else None (running, or no metrics
+    yet). A missing run is an error naming run.json, as for :func:`write_stop`."""
+    import json
+
+    paths = RunPaths(run_id)
+    store = open_store(url, storage_options)
+    if not store.exists(paths.manifest):
+        raise FileNotFoundError(f"no run {run_id!r} under {url}: {store.describe(paths.manifest)} does not exist")
+    try:
+        final = json.loads(store.get(paths.metrics)).get("final")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+    return final if isinstance(final, dict) else None
 
 
 class StopWatch:

@@ -109,6 +109,17 @@ def _limit_indices(indices: list[int], limit: int | None, salt: int) -> list[int
     return sorted(indices[i] for i in torch.randperm(len(indices), generator=g)[:limit].tolist())
 
 
+def input_normalization(data: str, image_size: int) -> dict:
+    """How evaluation feeds images to the model, as a plain-torchvision user would redo it: RGB in [0, 1],
+    resized and centre-cropped (larger images), then (x - mean) / std per channel."""
+    from twa_scale.decode import recipe_for
+
+    if data == "digits":
+        return {"mean": [0.5] * 3, "std": [0.5] * 3, "size": 32, "resize": None}
+    r = recipe_for(image_size, train=False)
+    return {"mean": list(r.mean), "std": list(r.std), "size": r.size, "resize": None if r.small else 256}
+
+
 def _digits() -> tuple[TensorDataset, TensorDataset]:
     from sklearn.datasets import load_digits
 

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from twa_scale import comm
+from twa_scale import comm, logs
 
 __all__ = ["evaluate"]
 
@@ -23,7 +21,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, *, desc: str 
     # Summed on the device and read once at the end: no host sync per batch.
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     hits: list[torch.Tensor] = []
-    for x, y in tqdm(loader, desc=desc, disable=comm.rank() != 0, leave=False, mininterval=2.0):
+    for x, y in logs.progress(loader, desc):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

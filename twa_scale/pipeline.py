@@ -18,6 +18,8 @@ def run_pipeline(cfg: TrainConfig) -> dict:
         out["twa"] = run_twa(TwaConfig(snapshot_url=cfg.snapshot_url, run_id=cfg.run_id,
                                        storage_options=cfg.storage_options,
                                        metrics_port=cfg.metrics_port, metrics_addr=cfg.metrics_addr,
+                                       logger=cfg.logger, log_format=cfg.log_format,
+                                       log_all_ranks=cfg.log_all_ranks,
                                        **overrides)).to_dict()
     if comm.rank() == 0:
         print(_table(out), flush=True)

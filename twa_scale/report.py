@@ -80,12 +80,29 @@ def plot_result(result: dict) -> bytes:
     return buf.getvalue()
 
 
+def model_metadata(*, model: str, num_classes: int, classes: list[str] | None, normalization: dict,
+                   snapshots: list[int], run: str) -> dict[str, str]:
+    """What the model file says about itself (safetensors metadata is str -> str; lists and dicts as JSON),
+    so that it loads into a plain torchvision model without twa_scale:
+
+        from safetensors import safe_open; from safetensors.torch import load_file; import torchvision
+        meta = safe_open("model.safetensors", "pt").metadata()
+        net = torchvision.models.get_model(meta["model"], num_classes=int(meta["num_classes"]))
+        net.load_state_dict(load_file("model.safetensors"))  # strict; meta["normalization"]: its input
+    """
+    from twa_scale import __version__
+
+    return {"model": model, "num_classes": str(num_classes), "classes": json.dumps(classes),
+            "normalization": json.dumps(normalization), "snapshots": json.dumps(snapshots), "run": run,
+            "twa_scale_version": __version__}
+
+
 def write_outputs(result: dict, state_dict: dict[str, torch.Tensor], url: str, *, plot: bool = True,
-                  storage_options: dict | str | None = None) -> dict:
+                  storage_options: dict | str | None = None, metadata: dict[str, str] | None = None) -> dict:
     """Write model, plot, then result.json (last: its presence marks a complete result).
 
     The model is a safetensors file of the state_dict (weights + BatchNorm buffers):
-    nothing to unpickle. Returns {name: url}.
+    nothing to unpickle; ``metadata`` (:func:`model_metadata`) goes into its header. Returns {name: url}.
     """
     from safetensors.torch import save as st_save
 
@@ -99,7 +116,7 @@ def write_outputs(result: dict, state_dict: dict[str, torch.Tensor], url: str, *
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     # an older result.json must not vouch for the files this run is about to replace
     out.delete(RESULT_NAME)
-    model = st_save(tensors, metadata={"format": "pt"})
+    model = st_save(tensors, metadata={"format": "pt", **(metadata or {})})
     out.put_large(MODEL_NAME, memoryview(model))
     names = [MODEL_NAME]
     if plot:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import io
 import logging
 import os
@@ -77,26 +78,29 @@ def open_dataset_store(url: str, storage_options: dict | str | None = None) -> O
 
 
 def parse_size(text: str) -> int:
-    """'256MB' -> 268435456 (binary units; a bare number is bytes)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    """'256MiB' -> 268435456, '256MB' -> 256000000: SI units are powers of 10, IEC (KiB, MiB, GiB) powers of 2,
+    as `ls --si` and `df -H` read them; a bare number is bytes."""
+    t = text.strip().upper().removesuffix("B")
+    binary = t.endswith("I")
+    t = t.removesuffix("I")
+    mult = {"K": 1, "M": 2, "G": 3}.get(t[-1:], 0)
     try:
-        n = int(float(t[:-1] if mult > 1 else t) * mult)
+        n = int(float(t[:-1] if mult else t) * ((1024 if binary else 1000) ** mult))
     except ValueError:
-        raise ConfigError(f"--shard-size {text!r}: expected a size such as 256MB") from None
+        raise ConfigError(f"--shard-size {text!r}: expected a size such as 256MiB or 256MB") from None
     if n < 1 << 16:
-        raise ConfigError(f"--shard-size {text!r}: at least 64KB")
+        raise ConfigError(f"--shard-size {text!r}: at least 64KiB")
     return n
 
 
 # ------------------------------------------------------------------------------------------- index
-def open_index(url: str, storage_options: dict | str | None = None) -> DatasetIndex:
-    """Read and validate ``URL/index.json``; errors name the index."""
+def open_index(url: str, storage_options: dict | str | None = None, flag: str | None = "--data") -> DatasetIndex:
+    """Read and validate ``URL/index.json``; errors name the index (and ``flag``, the option that gave URL)."""
     store = open_dataset_store(url, storage_options)
     try:
         raw = store.get(INDEX_NAME)
     except FileNotFoundError:
-        raise DatasetIndexError(f"--data {url}: no {INDEX_NAME} (pack an ImageFolder tree with "
+        raise DatasetIndexError(f"{flag + ' ' if flag else ''}{url}: no {INDEX_NAME} (pack an ImageFolder tree with "
                                 f"`twa-scale data pack SRC {url}`)") from None
     where = store.describe(INDEX_NAME)
     try:
@@ -126,7 +130,7 @@ def check_shards_present(idx: DatasetIndex, splits: Sequence[str] = ("train", "v
 
 def verify(url: str, storage_options: dict | str | None = None) -> list[str]:
     """Every problem with the dataset at URL (missing shard, wrong size, sha256 mismatch), one line each."""
-    idx = open_index(url, storage_options)
+    idx = open_index(url, storage_options, flag=None)
     store = open_dataset_store(idx.url, storage_options)
     problems = []
     for split, s in idx.splits.items():
@@ -401,6 +405,9 @@ def _cmd_pack(args) -> int:
 
 def _cmd_verify(args) -> int:
     problems = verify(args.url, args.storage_options)
+    if args.json:
+        print(json.dumps({"url": args.url, "ok": not problems, "problems": problems}))
+        return 1 if problems else 0
     for p in problems:
         print(f"BAD {p}", file=sys.stderr)
     if problems:
@@ -418,13 +425,15 @@ def add_cli_command(sub) -> None:
                                       "index.json; re-running skips shards already written and verified")
     pk.add_argument("src", metavar="SRC", help="local ImageFolder root")
     pk.add_argument("dst", metavar="DST", help="destination URL (s3://bucket/prefix, file:///abs/path) or path")
-    pk.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
+    pk.add_argument("--shard-size", default="256MiB",
+                    help="target shard size: 256MiB = 256 x 2^20 bytes, 256MB = 256 x 10^6 (default 256MiB)")
     pk.add_argument("--quiet", action="store_true", help="no progress bar")
     pk.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
     pk.set_defaults(func=_cmd_pack)
     ver = cmds.add_parser("verify", help="check every shard's sha256 against the index; exit 1 naming each bad one")
     ver.add_argument("url", metavar="URL")
     ver.add_argument("--storage-options", metavar="JSON", help="fsspec filesystem arguments (a JSON object)")
+    ver.add_argument("--json", action="store_true", help="print the verdict as JSON (ok, problems)")
     ver.set_defaults(func=_cmd_verify)
 
 

@@ -12,9 +12,8 @@ import uuid
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from twa_scale import checkpoints, comm, metrics, preemption
+from twa_scale import checkpoints, comm, logs, metrics, preemption, tracking
 from twa_scale.config import TrainConfig
 from twa_scale.data import build_data, make_loader
 from twa_scale.errors import ConfigError
@@ -156,9 +155,13 @@ def run_training(cfg: TrainConfig) -> dict:
 
     comm.agree(create_run, f"creating run {cfg.run_id!r} in the store")
     try:
+        tracking.setup(cfg.logger, run_url=cfg.run_url, run_id=cfg.run_id, stage="train",
+                       storage_options=cfg.storage_options)
+        tracking.log_params(cfg.to_dict())
         return _train(cfg, engine_args=(model, ds, steps_per_epoch), layout=layout, data=data, micro=micro,
                       plan=plan, session=session, writer=writer.get("w"))
     finally:
+        tracking.close()
         if "w" in writer:
             writer["w"].close()  # releases the writer lease
 
@@ -292,6 +295,10 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                 row["epoch_fraction"] = stop.fields["stopped_epoch"]
             history.append(row)
             metrics.train_epoch(epoch + 1, val["accuracy"], val["loss"])
+            tracking.log_metrics({"val/loss": val["loss"], "val/accuracy": val["accuracy"],
+                                  "train/epoch_loss": train_loss, "train/epoch_seconds": row["seconds"],
+                                  **_snapshot_events(streamer)}, step=epoch + 1)
+            tracking.flush()
             if rank == 0:
                 print(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
                       f"val_acc {val['accuracy']:.4f}  {row['seconds']:.1f}s", flush=True)
@@ -329,6 +336,26 @@ def _load_snapshot(model: torch.nn.Module, cfg: TrainConfig) -> None:
     model.load_state_dict(reader.state_dict(seq, model))
 
 
+def _snapshot_events(streamer) -> dict[str, float]:
+    """The streamer's counters so far (rank 0 commits, so its counts are the run's), for the tracker."""
+    st = streamer.stats
+    return {"snapshot/committed": len(st.get("committed", ())), "snapshot/failed": st.get("failed", 0),
+            "snapshot/skipped": st.get("skipped", 0), "snapshot/stall_seconds": st.get("stall_seconds", 0.0),
+            "snapshot/bytes_uploaded": st.get("bytes", 0)}
+
+
+def _export_rows(rows, engine) -> None:
+    """A window of steps read from the device: to Prometheus, and to the experiment tracker (rank 0)."""
+    for r in rows:
+        metrics.train_step(r.seconds, r.samples, r.loss, r.lr)
+    if tracking.active():
+        first = engine.global_steps - len(rows) + 1  # the rows are the window's last optimizer steps
+        for i, r in enumerate(rows):
+            tracking.log_metrics({"train/loss": r.loss, "train/lr": r.lr,
+                                  "train/samples_per_second": r.samples * comm.world_size() / max(r.seconds, 1e-9)},
+                                 step=first + i)
+
+
 def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channels_last: bool, *,
                  snapshots: list[tuple[int, int]] = (), take_snapshot=None,
                  resume: checkpoints.ResumePoint | None = None, steps_per_epoch: int = 0, checkpoint=None,
@@ -349,11 +376,9 @@ def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channel
     loader = make_loader(data.train, batch_size=micro, train=True, seed=cfg.seed, epoch=epoch,
                          num_workers=_default_workers(cfg), start_batch=start_batch)
     engine.train()
-    bar = tqdm(loader, desc=f"train {epoch + 1}/{cfg.epochs}", disable=comm.rank() != 0, leave=False,
-               mininterval=2.0)
+    bar = logs.progress(loader, f"train {epoch + 1}/{cfg.epochs}")
     # Losses stay on the device; the host reads them every log_every_steps steps (no sync per step).
-    steps = StepLog(cfg.log_every_steps, device, bar=bar,
-                    on_rows=lambda rows: [metrics.train_step(r.seconds, r.samples, r.loss, r.lr) for r in rows])
+    steps = StepLog(cfg.log_every_steps, device, bar=bar, on_rows=lambda rows: _export_rows(rows, engine))
     if resume:
         steps.loss_sum, steps.samples = resume.loss_sum, resume.samples
     pending = [(s, j) for s, j in snapshots if s > done0]  # earlier ones are committed (checkpoints.save)

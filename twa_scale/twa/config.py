@@ -15,8 +15,8 @@ import dataclasses
 import logging
 from typing import Any, Literal, Sequence
 
-from twa_scale.config import (DEFAULT_SNAPSHOT_URL, Schedule, check_choice, check_run_id, check_store_and_metrics,
-                              parse_config)
+from twa_scale.config import (DEFAULT_SNAPSHOT_URL, LogFormat, Schedule, check_choice, check_run_id,
+                              check_store_and_metrics, parse_config)
 from twa_scale.twa.selection import parse_select, parse_select_epochs
 from twa_scale.twa.stoprule import StopRule, parse_stop_rule
 
@@ -139,6 +139,14 @@ class TwaConfig:
     log_every_steps: int = 50
     """Read the per-step loss from the device every N steps (one host sync per N steps, not per step);
     the divergence guard and the per-step Prometheus series see the steps at that cadence."""
+    logger: str = "none"
+    """Experiment tracking: `tensorboard` (event files under <snapshot-url>/<run-id>/tensorboard/<stage>/),
+    `mlflow` (pip install 'twa_scale[mlflow]'; MLFLOW_TRACKING_URI, default ./mlruns), both comma-separated,
+    or `none`. Rank 0 logs loss, lr and throughput per step, validation per epoch, snapshots and the TWA result."""
+    log_format: LogFormat = "text"
+    """Log lines as `text` or `json` (one JSON object per line, for log pipelines)."""
+    log_all_ranks: bool = False
+    """INFO lines from every rank; by default rank 0 logs INFO and the other ranks only warnings and errors."""
     follow: bool = False
     """Live TWA: follow a running training job's snapshots, probe TWA every --probe-every snapshots, write
     <run>/control/STOP.json when --stop-rule fires, and run the final TWA when training ends."""
@@ -273,7 +281,7 @@ def join_negative_select(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def parse_twa_args(argv: Sequence[str] | None = None) -> TwaConfig:
+def parse_twa_args(argv: Sequence[str] | None = None, prog: str = "launch/twa.py") -> TwaConfig:
     """Parse argv into a TwaConfig (flags, --config, --preset, environment TWA_SCALE_TWA_*).
     ``--select -5:`` is accepted as ``--select=-5:``. A selection on the command line replaces the
     preset's (the paper presets select by epoch; ``--preset paper_cifar --select 0:11`` takes seq 0..10)."""
@@ -285,5 +293,5 @@ def parse_twa_args(argv: Sequence[str] | None = None) -> TwaConfig:
         argv = ["--select-epochs=null", *argv]
     elif "--select-epochs" in flags and "--select" not in flags:
         argv = ["--select=null", *argv]
-    return parse_config(TwaConfig, argv, stage="twa", prog="launch/twa.py",
+    return parse_config(TwaConfig, argv, stage="twa", prog=prog,
                         description="Trainable Weight Averaging over streamed snapshots.")

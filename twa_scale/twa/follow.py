@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from twa_scale import comm, metrics
+from twa_scale import comm, metrics, tracking
 from twa_scale.errors import ConfigError, TransientError
 from twa_scale.store.format import FormatError, ProbeLog
 from twa_scale.twa.config import TwaConfig
@@ -63,7 +63,12 @@ def run_follow(cfg: TwaConfig) -> TwaResult:
     if not inp.data.holdout:
         raise ConfigError(f"--follow: run {cfg.snapshot_url.rstrip('/')}/{cfg.run_id} has no hold-out split; "
                           "probes evaluate on it, never on val: train it with --holdout-fraction > 0 (e.g. 0.1)")
-    Follower(cfg, inp, started_before_run=waited).follow()
+    tracking.setup(cfg.logger, run_url=f"{cfg.snapshot_url.rstrip('/')}/{cfg.run_id}", run_id=cfg.run_id,
+                   stage="follow", storage_options=cfg.storage_options)  # the probes; run_twa opens "twa"
+    try:
+        Follower(cfg, inp, started_before_run=waited).follow()
+    finally:
+        tracking.close()
     return run_twa(cfg)
 
 
@@ -274,6 +279,10 @@ class Follower:
             lambda: self.reader.store.put_small(self.paths.probes, data))
         metrics.twa_probe(epoch=rec["epoch"], twa_accuracy=rec["twa_accuracy"], swa_accuracy=rec["swa_accuracy"],
                           seconds=rec["seconds"], lr=rec["lr"], would_stop=rec["would_stop"])
+        tracking.log_metrics({f"probe/{k}": float(rec[k]) for k in ("epoch", "twa_accuracy", "swa_accuracy", "seconds",
+                                                                    "lr", "would_stop", "last_seq")
+                              if rec.get(k) is not None}, step=rec["probe"])
+        tracking.flush()
 
     def _read_probes(self) -> list[dict]:
         """Rank 0: the probe records of an earlier follower of this run (empty when none or unreadable)."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twa_scale import comm
+from twa_scale import comm, tracking
 from twa_scale.engine import lr_factor
 from twa_scale.layout import FlatLayout
 from twa_scale.steplog import StepLog
@@ -253,6 +253,7 @@ class CoefficientLoop:
                 _metrics().twa_eval(ev["accuracy"])
             att.epochs.append(row)
             _metrics().twa_coefficients(self.basis.alpha(theta).flatten().tolist())
+            tracking.log_metrics({f"twa/epoch_{k}": v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if comm.rank() == 0:
                 print(f"twa epoch {epoch + 1}/{cfg.epochs} (lr {lr:g}): loss {row['train_loss']:.4f}"
                       + (f" val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""), flush=True)

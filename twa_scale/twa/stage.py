@@ -56,10 +56,35 @@ def _metrics():
 
 
 def _warn(msg: str) -> None:
-    """A warning in the log and, once (rank 0), on stdout, where a user running the stage reads it."""
-    log.warning(msg)
+    """A warning about a decision every rank took together: logged once, by rank 0."""
     if comm.rank() == 0:
-        print(msg, flush=True)
+        log.warning(msg)
+
+
+def _model_metadata(inp: TwaInputs, out: dict) -> dict[str, str]:
+    from twa_scale.data import input_normalization
+    from twa_scale.report import model_metadata
+
+    meta = inp.reader.manifest.meta
+    return model_metadata(model=meta["model"], num_classes=int(meta["num_classes"]), classes=meta.get("classes"),
+                          normalization=input_normalization(inp.train_cfg.data, inp.data.image_size),
+                          snapshots=[s["seq"] for s in out["snapshots"]],
+                          run=f"{out.get('snapshot_url', '').rstrip('/')}/{out.get('run_id')}")
+
+
+def track_result(out: dict) -> None:
+    """The final TWA result to the experiment tracker: accuracies, one coefficient per snapshot (step = its
+    seq; the mean over layers when they are layer-wise), and result.json as text."""
+    from twa_scale import tracking
+
+    if not tracking.active():
+        return
+    tracking.log_metrics({f"twa/{k}": out[k] for k in ("twa_accuracy", "twa_loss", "swa_accuracy", "start_accuracy",
+                                                       "lr_final", "effective_rank") if out.get(k) is not None},
+                         step=len(out["epochs"]))
+    for snap, a in zip(out["snapshots"], out["alpha"]):
+        tracking.log_metrics({"twa/coefficient": sum(a) / len(a) if isinstance(a, list) else a}, step=snap["seq"])
+    tracking.log_text("twa/result", json.dumps(out, indent=1, default=str))
 
 
 # --- load ---------------------------------------------------------------------------------------
@@ -400,11 +425,23 @@ def run_twa(cfg: TwaConfig) -> TwaResult:
     Rank 0 writes model.safetensors, coefficients.png and, last, result.json under
     ``cfg.output_url``; nothing is written when an input check or the guard fails.
     """
-    from twa_scale import metrics, report
+    from twa_scale import metrics, tracking
 
     comm.init()
     metrics.setup(run_id=cfg.run_id, role="twa", port=cfg.metrics_port, addr=cfg.metrics_addr)
     inp = load_inputs(cfg)
+    try:
+        tracking.setup(cfg.logger, run_url=f"{cfg.snapshot_url.rstrip('/')}/{cfg.run_id}", run_id=cfg.run_id,
+                       stage="twa", storage_options=cfg.storage_options)
+        tracking.log_params(cfg.to_dict())
+        return _run(cfg, inp)
+    finally:
+        tracking.close()
+
+
+def _run(cfg: TwaConfig, inp: TwaInputs) -> TwaResult:
+    from twa_scale import report
+
     world = comm.world_size()
     requested = cfg.batch_size
     per_rank, total = effective_batch(requested, world)
@@ -427,8 +464,10 @@ def run_twa(cfg: TwaConfig) -> TwaResult:
         if comm.rank() == 0:
             out = result.to_dict()
             result.outputs = report.write_outputs(out, state, cfg.output_url, plot=cfg.plot,
-                                                  storage_options=cfg.storage_options)
+                                                  storage_options=cfg.storage_options,
+                                                  metadata=_model_metadata(inp, out))
             print(report.format_table(out), flush=True)
+            track_result(out)
 
     comm.agree(write, f"writing the TWA result to {cfg.output_url}")
     return result
