@@ -10,7 +10,7 @@ P[:, S_r], d = D/W columns) it computes, per rank:
 * memory of P: n·d·bits/8 bytes (+ the fp32 snapshot slice while P is built: n·d·4);
 * bytes read from the store: n·d·4 (fp32 snapshots), and the load time: every rank reads at
   ``--rank-read-MBps`` until the store's aggregate ``--store-read-GBps`` caps it, or its request
-  rate (``--store-gets-per-second``; one GET per piece of at most 16 MiB per snapshot) does;
+  rate (``--store-gets-per-second``; one GET per piece of at most 64 MiB per snapshot) does;
 * communication per TWA step: the gradient's reduce-scatter and the weights' all-gather, each
   (W-1)/W·D·4 bytes per rank (ring), plus an all-reduce of n floats; the set-up adds one n×n Gram
   all-reduce;
@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"resnet50": 25_557_032, "vit_b_16": 86_567_656, "vit_l_16": 304_326_632}  # torchvision parameter counts
 IMAGENET_TRAIN = 1_281_167
-PIECE_BYTES = 16 << 20  # the reader's largest ranged GET (twa_scale/store/s3client.py)
+PIECE_BYTES = 64 << 20  # the reader's largest ranged GET (twa_scale/store/s3client.py)
 
 
 def projection_seconds_per_byte(twa_step_json: Path, bits: int) -> float:

@@ -23,22 +23,28 @@ ConnectionError (network), OSError (other).
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
+import threading
 from typing import Sequence
 
 from twa_scale import knobs
 
 __all__ = ["ObstoreS3", "s3_client"]
 
-_READ_PIECE_BYTES = 16 << 20   # a ranged read is cut into pieces of this size, fetched concurrently
-_READ_CONCURRENCY = 16
+_READ_PIECE_BYTES = 64 << 20   # a longer ranged read is cut into pieces of this size, fetched concurrently
 
 
 def s3_client() -> str:
     """The S3 client for large puts and ranged reads: knob TWA_SCALE_S3_CLIENT."""
     return knobs.S3_CLIENT.get()
+
+
+def _has_boto3() -> bool:
+    """Without boto3, obstore resolves the environment, web identity and instance roles itself."""
+    import importlib.util
+
+    return importlib.util.find_spec("boto3") is not None
 
 
 def _seconds(value) -> str:
@@ -49,6 +55,21 @@ class ObstoreS3:
     """Large puts and ranged reads of one bucket through obstore; ``options`` as for s3fs."""
 
     def __init__(self, bucket: str, options: dict, *, quick: bool = False):
+        self.bucket, self._options, self._quick = bucket, options, quick
+        self._client = None
+        self._lock = threading.Lock()
+
+    @property
+    def _store(self):
+        """The obstore client, built on first use: a store that only lists or writes small objects
+        never resolves credentials here (s3fs reports a missing identity first, naming the endpoint)."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._build(self.bucket, self._options, self._quick)
+            return self._client
+
+    @staticmethod
+    def _build(bucket: str, options: dict, quick: bool):
         from obstore.store import S3Store
 
         client_kwargs = options.get("client_kwargs") or {}
@@ -59,7 +80,7 @@ class ObstoreS3:
                   or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
         config: dict = {"region": region}
         client_options: dict = {"connect_timeout": _seconds(config_kwargs.get("connect_timeout", 10)),
-                                # one request moves at most a part or a read piece (16 MB by default)
+                                # one request moves at most a part or a read piece (64 MiB at most)
                                 "timeout": _seconds(2 * config_kwargs.get("read_timeout", 60))}
         if endpoint:
             config["endpoint"] = endpoint
@@ -71,19 +92,18 @@ class ObstoreS3:
             config.update(access_key_id=options["key"], secret_access_key=options["secret"])
             if options.get("token"):
                 config["session_token"] = options["token"]
-        else:
+        elif _has_boto3():
             import boto3
             from obstore.auth.boto3 import Boto3CredentialProvider
 
             session = boto3.Session(profile_name=options.get("profile"))
             if session.get_credentials() is None:
-                raise PermissionError(f"no AWS credentials for s3://{bucket} (NoCredentialsError); set "
-                                      "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or --storage-options")
+                raise PermissionError(f"s3://{bucket} (endpoint {endpoint or 'AWS default'}): NoCredentialsError: "
+                                      "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or --storage-options")
             provider = Boto3CredentialProvider(session)
         retry = {"max_retries": 0} if quick else {"max_retries": 5}
-        self.bucket = bucket
-        self._store = S3Store(bucket, config=config, client_options=client_options, retry_config=retry,
-                              credential_provider=provider)
+        return S3Store(bucket, config=config, client_options=client_options, retry_config=retry,
+                       credential_provider=provider)
 
     def put(self, path: str, view: memoryview, *, part_bytes: int, concurrency: int) -> None:
         """Write ``view`` to ``path`` (inside the bucket): one PUT, or a multipart upload of
@@ -94,36 +114,32 @@ class ObstoreS3:
             obstore.put(self._store, path, view, chunk_size=part_bytes, max_concurrency=concurrency)
 
     def get_ranges(self, paths: Sequence[str], starts: Sequence[int], ends: Sequence[int]) -> list:
-        """Bytes [start, end) of each object, or the exception in its place; every range is cut into
-        pieces fetched concurrently (one GET per piece)."""
-        return asyncio.run(self._get_ranges(list(paths), list(starts), list(ends)))
-
-    async def _get_ranges(self, paths, starts, ends) -> list:
+        """Bytes [start, end) of each object, or the exception in its place. The ranges of one object
+        go in one ``obstore.get_ranges`` call (concurrent GETs on Rust threads, no coalescing); a range
+        over ``_READ_PIECE_BYTES`` is cut into pieces fetched side by side and joined."""
         import obstore
 
-        gate = asyncio.Semaphore(_READ_CONCURRENCY)
-
-        async def piece(path: str, a: int, b: int):
-            async with gate:
-                return await obstore.get_range_async(self._store, path, start=a, end=b)
-
-        async def one(path: str, start: int, end: int):
+        out: list = [None] * len(paths)
+        by_path: dict[str, list[int]] = {}
+        for i, p in enumerate(paths):
+            by_path.setdefault(p, []).append(i)
+        for path, idx in by_path.items():
+            cuts = [(i, a, min(a + _READ_PIECE_BYTES, ends[i]))
+                    for i in idx for a in (range(starts[i], ends[i], _READ_PIECE_BYTES) or [starts[i]])]
             try:
                 with _errors(path):
-                    cuts = list(range(start, end, _READ_PIECE_BYTES)) or [start]
-                    parts = await asyncio.gather(*(piece(path, a, min(a + _READ_PIECE_BYTES, end)) for a in cuts))
-                    if len(parts) == 1:
-                        return parts[0]
-                    out = bytearray(end - start)
-                    off = 0
-                    for p in parts:
-                        out[off: off + len(p)] = memoryview(p)
-                        off += len(p)
-                    return out
-            except Exception as e:  # noqa: BLE001 - returned in place, like fsspec's on_error="return"
-                return e
-
-        return list(await asyncio.gather(*(one(p, a, b) for p, a, b in zip(paths, starts, ends))))
+                    got = obstore.get_ranges(self._store, path, starts=[c[1] for c in cuts],
+                                             ends=[c[2] for c in cuts], coalesce=0)
+            except Exception as e:  # noqa: BLE001 - in place, like fsspec's on_error="return"
+                for i in idx:
+                    out[i] = e
+                continue
+            pieces: dict[int, list] = {}
+            for (i, _, _), blob in zip(cuts, got):
+                pieces.setdefault(i, []).append(blob)
+            for i, parts in pieces.items():
+                out[i] = parts[0] if len(parts) == 1 else b"".join(memoryview(x) for x in parts)
+        return out
 
 
 @contextlib.contextmanager
