@@ -20,7 +20,7 @@ py=${PYTHON:-python3}
 
 # Runtime dependencies (pyproject.toml) that the GPU image lacks beyond deepspeed's: carried as wheels
 # at the versions installed here.
-EXTRA_WHEELS=(simplejpeg typing_extensions)  # typing_extensions: pydantic 2.14 needs Sentinel (>= 4.14)
+EXTRA_WHEELS=(simplejpeg typing_extensions obstore)  # obstore: the S3 data path (twa_scale/store/s3client.py)  # typing_extensions: pydantic 2.14 needs Sentinel (>= 4.14)
 if [[ ${1:-} == --prepare ]]; then
   set -e
   bash "$repo/../shared/offline/gpu-wheelhouse.sh" .whl

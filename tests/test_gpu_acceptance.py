@@ -25,14 +25,16 @@ def test_dry_run_writes_one_json_with_every_section(tmp_path):
     result = json.loads((out / "gpu_acceptance.json").read_text())
     assert result["mode"] == "dry-run" and result["ok"] is True
     s = result["sections"]
-    assert set(s) == {"env", "gpu_tests", "train_throughput", "twa_step", "streamer_hotpath", "data_gpu_decode",
-                      "e2e_cifar10"}
+    assert set(s) == {"env", "gpu_tests", "train_throughput", "twa_step", "streamer_hotpath", "store_clients",
+                      "data_gpu_decode", "e2e_cifar10"}
     assert {k: v["status"] for k, v in s.items() if k != "data_gpu_decode"} == dict.fromkeys(
         set(s) - {"data_gpu_decode"}, "pass")
+    assert s["store_clients"]["upload_vs_boto3"] > 0 and s["store_clients"]["read_vs_s3fs"] > 0
     assert s["data_gpu_decode"]["status"] in ("pass", "skip") and s["data_gpu_decode"].get("note")
     assert s["env"]["import_errors"] == {} or set(s["env"]["import_errors"]) <= {"triton", "boto3", "s3fs"}
     assert s["gpu_tests"]["failed"] == 0 and s["gpu_tests"]["skipped"] >= 1  # CPU: the gpu tier skips
     assert s["train_throughput"]["engine_vs_plain"] > 0 and s["train_throughput"]["met"] is None
+    assert s["train_throughput"]["k5_stall_vs_memcpy"] > 0 and s["train_throughput"]["k5_met"] is None
     assert {(c["n"], c["p_bits"]) for c in s["twa_step"]["configs"]} == {(4, 32), (8, 32), (4, 4), (8, 4)}
     assert s["streamer_hotpath"]["committed"] >= 4 and s["streamer_hotpath"]["stall_vs_baseline"] > 0
     e2e = s["e2e_cifar10"]

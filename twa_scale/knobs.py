@@ -103,6 +103,11 @@ SIGTERM_FLUSH_SECONDS = _declare("TWA_SCALE_SIGTERM_FLUSH_SECONDS", 25.0,
                                  "its upload and the snapshot flush all end within it.",
                                  env_float)
 # --- the store (twa_scale.store): retries and the writer lease ----------------------------------
+S3_CLIENT = _declare("TWA_SCALE_S3_CLIENT", "obstore",
+                     "The client of S3 shard uploads and ranged reads: `obstore` (Rust, no GIL; measured "
+                     "in bench/store_clients.py) or `s3fs`. Small objects, creates and listings always use s3fs.",
+                     lambda name, default: (os.environ.get(name) or default).strip().lower(),
+                     choices=("obstore", "s3fs"))
 STORE_RETRY_SECONDS = _declare("TWA_SCALE_STORE_RETRY_SECONDS", 600.0,
                                "Deadline of the store's retry policy for the training job's small writes "
                                "(run.json, metrics, commit markers, lease): a store outage shorter than this "

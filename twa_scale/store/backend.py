@@ -308,11 +308,12 @@ class LocalStore(FsspecStore):
 class S3Store(FsspecStore):
     """An S3 bucket and prefix (AWS or any S3 API: SeaweedFS, MinIO, ...)."""
 
-    def __init__(self, url: str, fs, root: str, *, quick_options: dict | None = None):
+    def __init__(self, url: str, fs, root: str, *, quick_options: dict | None = None, data=None):
         super().__init__(url, fs, root)
         self.bucket = self.root.split("/", 1)[0]
         self._quick_options = quick_options
         self._quick = None
+        self._data = data  # s3client.ObstoreS3: large puts and ranged reads (TWA_SCALE_S3_CLIENT)
 
     @property
     def _quick_fs(self):
@@ -353,6 +354,9 @@ class S3Store(FsspecStore):
 
     def put_large(self, key, view, *, part_bytes=None, concurrency=None) -> None:
         part = part_bytes or 16 << 20
+        if self._data is not None:
+            return self._data.put(self._path(key)[len(self.bucket) + 1:], view, part_bytes=part,
+                                  concurrency=concurrency or 16)
         if len(view) < 2 * part:  # s3fs sends this as one PUT
             self.fs.pipe_file(self._path(key), bytes(view))
         else:
@@ -385,6 +389,9 @@ class S3Store(FsspecStore):
                            [None] * len(keys), on_error="return", max_concurrency=1)
 
     def get_ranges(self, keys, starts, ends):
+        if self._data is not None and None not in starts and None not in ends:
+            return self._guard(self._data.get_ranges, [self._path(k)[len(self.bucket) + 1:] for k in keys],
+                               starts, ends)
         return self._guard(super().get_ranges, keys, starts, ends)
 
     def sizes(self, prefix: str) -> dict[str, int]:
@@ -459,7 +466,11 @@ def open_store(url: str, storage_options: dict | str | None = None, *, quick: bo
         fs = fsspec.filesystem("s3", **(fast if quick else merged))
         if quick:
             fs.retries = 1
-        return S3Store(f"s3://{rest.rstrip('/')}", fs, rest.rstrip("/"), quick_options=fast)
+        from twa_scale.store.s3client import ObstoreS3, s3_client
+
+        data = ObstoreS3(rest.split("/", 1)[0], fast if quick else merged, quick=quick) \
+            if s3_client() == "obstore" else None
+        return S3Store(f"s3://{rest.rstrip('/')}", fs, rest.rstrip("/"), quick_options=fast, data=data)
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as e:  # ValueError: "Protocol not known"

@@ -126,24 +126,28 @@ def unpack_bits(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
 
 
 def pack_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes (..., G) with G = 64 * 8 / bits -> (..., 64) bytes, planar: byte v holds the
-    codes of columns v, 64 + v, 128 + v, ... at bit offsets 0, bits, 2 bits, ...
+    """Codes (..., G) with G = 64 * 8 / bits -> (..., 64) bytes in "dword-planar" order: the tile is
+    two halves of eight little-endian 32-bit words; column h * G/2 + 8 * pos + lane sits in word
+    (h, lane) at bit ``pos * bits``.
 
-    Planar tiles let a kernel turn 8 consecutive bytes into 8 consecutive columns of
-    every plane with one widening load, a shift and a mask.
+    A kernel loads eight words (32 bytes) and gets eight consecutive columns of position ``pos``
+    with one AND: the code times 2^(pos * bits), which converts to float exactly, so the power of
+    two is folded into g (project) or into the final store (reconstruct), never shifted out.
     """
     per = 8 // bits
-    c = codes.to(torch.int32).reshape(*codes.shape[:-1], per, TILE_BYTES)
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], 2, 4, per, 8)            # half, byte, plane, lane
     shifts = (torch.arange(per, device=codes.device, dtype=torch.int32) * bits).unsqueeze(1)
-    return (c << shifts).sum(-2).to(torch.uint8)
+    byte = (c << shifts).sum(-2).to(torch.uint8)                                  # half, byte, lane
+    return byte.transpose(-1, -2).reshape(*codes.shape[:-1], TILE_BYTES)
 
 
 def unpack_tiles(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_tiles`: (..., 64) bytes -> (..., G) int32 codes."""
     per, mask = 8 // bits, (1 << bits) - 1
-    x = packed.to(torch.int32).unsqueeze(-2)
-    shifts = (torch.arange(per, device=packed.device, dtype=torch.int32) * bits).unsqueeze(1)
-    return ((x >> shifts) & mask).reshape(*packed.shape[:-1], per * TILE_BYTES)
+    x = packed.to(torch.int32).reshape(*packed.shape[:-1], 2, 8, 4).transpose(-1, -2)   # half, byte, lane
+    shifts = (torch.arange(per, device=packed.device, dtype=torch.int32) * bits).view(per, 1)
+    v = (x.unsqueeze(-2) >> shifts) & mask                                        # half, byte, plane, lane
+    return v.reshape(*packed.shape[:-1], per * TILE_BYTES)
 
 
 def _levels(bits: int) -> int:
@@ -462,6 +466,7 @@ class GroupedP:
 # --- the native C kernel -------------------------------------------------------------------------
 _NATIVE_SRC = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -479,128 +484,168 @@ INLINE float hsum(__m256 s) {
 }
 #endif
 
+/* Tiles are dword-planar (see pack_tiles): half h of a tile is eight 32-bit words; column
+   h * G/2 + 8 * pos + lane is bits [pos * bits, (pos + 1) * bits) of word lane. One AND leaves
+   code << (pos * bits) in each lane, which converts to float exactly; the power of two goes into
+   g (project) or into the final store (reconstruct). The top position holds bit 31 (the sign of a
+   signed convert), so it is shifted down instead. */
+#define HALF 32
+
+INLINE uint32_t word_at(const uint8_t* p) { uint32_t w; memcpy(&w, p, 4); return w; }
+INLINE float pos_scale(int pos, int npos, int bits) {
+    return pos == npos - 1 ? 1.f : 1.f / (float)(1u << (pos * bits));
+}
+#ifdef __AVX2__
+/* code << (pos * bits) of each lane (the top position: the code itself) */
+INLINE __m256i code_at(__m256i x, int pos, int npos, int bits) {
+    return pos == npos - 1 ? _mm256_srli_epi32(x, 32 - bits)
+                           : _mm256_and_si256(x, _mm256_set1_epi32((int)(((1u << bits) - 1) << (pos * bits))));
+}
+#endif
+
 /* res[i*L + coef[pid[m]]] += scale[i, b] * (codes_i . g_m) + lo[i, b] * sum(g_m), group by group */
 INLINE void project_body(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
                          const float* scale, const float* lo, const float* g, double* res,
                          int64_t ng, int64_t k, int64_t nb, int64_t L, const int bits) {
-    const int per = 8 / bits, mask = (1 << bits) - 1;
+    const int npos = 32 / bits, G = 16 * npos;
+    const uint32_t mask = (1u << bits) - 1;
+#ifdef __AVX2__
+    float gp[512] __attribute__((aligned(32)));   /* the group's g, each position scaled by 2^-(pos*bits) */
+    /* per-row 8-lane partial dots, summed over consecutive groups of one block and flushed (horizontal
+       sum, scale, lo * sum(g), into double) when the block changes or every FLUSH groups: a per-group
+       horizontal sum would cost a third of the arithmetic at 4 bits */
+    enum { FLUSH = 32 };
+    float* part = (float*)aligned_alloc(32, (size_t)((k + 3) & ~3) * 8 * sizeof(float));
+    memset(part, 0, (size_t)((k + 3) & ~3) * 8 * sizeof(float));
+    double gsum_run = 0.;
+    int run = 0;
     for (int64_t m = 0; m < ng; m++) {
         const float* gm = g + gstart[m];
         const int64_t b = pid[m], l = coef[b];
-        float gsum;
-#ifdef __AVX2__
         {
-            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-            for (int j = 0; j < per * TILE; j += 16) {
-                s0 = _mm256_add_ps(s0, _mm256_loadu_ps(gm + j));
-                s1 = _mm256_add_ps(s1, _mm256_loadu_ps(gm + j + 8));
-            }
-            gsum = hsum(_mm256_add_ps(s0, s1));
+            __m256 s0 = _mm256_setzero_ps();
+            for (int h = 0; h < 2; h++)
+                for (int pos = 0; pos < npos; pos++) {
+                    const int o = h * (G / 2) + pos * 8;
+                    const __m256 v = _mm256_loadu_ps(gm + o);
+                    s0 = _mm256_add_ps(s0, v);
+                    _mm256_store_ps(gp + o, _mm256_mul_ps(v, _mm256_set1_ps(pos_scale(pos, npos, bits))));
+                }
+            gsum_run += hsum(s0);
         }
-        const __m256i vmask = _mm256_set1_epi32(mask);
         int64_t i = 0;
-        /* four rows at a time: eight independent accumulators hide the FMA latency, one load of g serves four rows */
+        /* four rows at a time: one load of g serves four rows; two accumulators a row hide the FMA latency */
         for (; i + 4 <= k; i += 4) {
             const uint8_t* row = pk + (m * k + i) * TILE;
             __m256 acc[4][2];
             for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-            for (int v = 0; v < TILE; v += 16) {
-                __m256i x[4][2];
-                for (int r = 0; r < 4; r++) {
-                    x[r][0] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + r * TILE + v)));
-                    x[r][1] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + r * TILE + v + 8)));
-                }
-                for (int t = 0; t < per; t++) {
-                    const __m256 g0 = _mm256_loadu_ps(gm + t * TILE + v), g1 = _mm256_loadu_ps(gm + t * TILE + v + 8);
+            for (int h = 0; h < 2; h++)
+                for (int pos = 0; pos < npos; pos++) {
+                    const __m256 gv = _mm256_load_ps(gp + h * (G / 2) + pos * 8);
                     for (int r = 0; r < 4; r++) {
-                        __m256 c0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x[r][0], t * bits), vmask));
-                        __m256 c1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x[r][1], t * bits), vmask));
-                        acc[r][0] = _mm256_fmadd_ps(c0, g0, acc[r][0]);
-                        acc[r][1] = _mm256_fmadd_ps(c1, g1, acc[r][1]);
+                        const __m256i x = _mm256_loadu_si256((const __m256i*)(row + r * TILE + h * HALF));
+                        const __m256i v = code_at(x, pos, npos, bits);
+                        acc[r][pos & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), gv, acc[r][pos & 1]);
                     }
                 }
-            }
             for (int r = 0; r < 4; r++) {
-                const float dot = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-                res[(i + r) * L + l] += (double)(scale[(i + r) * nb + b] * dot + lo[(i + r) * nb + b] * gsum);
+                float* pr = part + (i + r) * 8;
+                _mm256_store_ps(pr, _mm256_add_ps(_mm256_load_ps(pr), _mm256_add_ps(acc[r][0], acc[r][1])));
             }
         }
         for (; i < k; i++) {
             const uint8_t* row = pk + (m * k + i) * TILE;
             __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            for (int v = 0; v < TILE; v += 16) {
-                __m256i x0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + v)));
-                __m256i x1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + v + 8)));
-                for (int t = 0; t < per; t++) {
-                    __m256 c0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x0, t * bits), vmask));
-                    __m256 c1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x1, t * bits), vmask));
-                    acc0 = _mm256_fmadd_ps(c0, _mm256_loadu_ps(gm + t * TILE + v), acc0);
-                    acc1 = _mm256_fmadd_ps(c1, _mm256_loadu_ps(gm + t * TILE + v + 8), acc1);
+            for (int h = 0; h < 2; h++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i*)(row + h * HALF));
+                for (int pos = 0; pos < npos; pos++) {
+                    const __m256i v = code_at(x, pos, npos, bits);
+                    const __m256 c = _mm256_cvtepi32_ps(v), gv = _mm256_load_ps(gp + h * (G / 2) + pos * 8);
+                    if (pos & 1) acc1 = _mm256_fmadd_ps(c, gv, acc1); else acc0 = _mm256_fmadd_ps(c, gv, acc0);
                 }
             }
-            const float dot = hsum(_mm256_add_ps(acc0, acc1));
-            res[i * L + l] += (double)(scale[i * nb + b] * dot + lo[i * nb + b] * gsum);
+            float* pr = part + i * 8;
+            _mm256_store_ps(pr, _mm256_add_ps(_mm256_load_ps(pr), _mm256_add_ps(acc0, acc1)));
         }
+        if (++run == FLUSH || m + 1 == ng || pid[m + 1] != b) {
+            for (int64_t r = 0; r < k; r++) {
+                const float dot = hsum(_mm256_load_ps(part + r * 8));
+                res[r * L + l] += (double)scale[r * nb + b] * dot + (double)lo[r * nb + b] * gsum_run;
+            }
+            memset(part, 0, (size_t)k * 8 * sizeof(float));
+            gsum_run = 0.;
+            run = 0;
+        }
+    }
+    free(part);
 #else
-        gsum = 0.f;
-        for (int j = 0; j < per * TILE; j++) gsum += gm[j];
+    for (int64_t m = 0; m < ng; m++) {
+        const float* gm = g + gstart[m];
+        const int64_t b = pid[m], l = coef[b];
+        float gsum = 0.f;
+        for (int j = 0; j < G; j++) gsum += gm[j];
         for (int64_t i = 0; i < k; i++) {
             const uint8_t* row = pk + (m * k + i) * TILE;
             float dot = 0.f;
-            for (int t = 0; t < per; t++)
-                for (int v = 0; v < TILE; v++) dot += (float)((row[v] >> (t * bits)) & mask) * gm[t * TILE + v];
+            for (int h = 0; h < 2; h++)
+                for (int lane = 0; lane < 8; lane++) {
+                    const uint32_t w = word_at(row + h * HALF + 4 * lane);
+                    for (int pos = 0; pos < npos; pos++)
+                        dot += (float)((w >> (pos * bits)) & mask) * gm[h * (G / 2) + pos * 8 + lane];
+                }
             res[i * L + l] += (double)(scale[i * nb + b] * dot + lo[i * nb + b] * gsum);
         }
-#endif
     }
+#endif
 }
 
-/* out[gstart[m] + t*TILE + v] = w[...] + b[pid[m]] + sum_i a[i, pid[m]] * code_t(pk[m, i, v]) */
+/* out[gstart[m] + j] = w[...] + b[pid[m]] + sum_i a[i, pid[m]] * code_j(pk[m, i]) */
 INLINE void reconstruct_body(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const float* a,
                              const float* bvec, const float* w, float* out, int64_t ng, int64_t k, int64_t nb,
                              const int bits) {
-    const int per = 8 / bits, mask = (1 << bits) - 1;
+    const int npos = 32 / bits, G = 16 * npos;
+    const uint32_t mask = (1u << bits) - 1;
     for (int64_t m = 0; m < ng; m++) {
         const int64_t b = pid[m];
         const float* wm = w + gstart[m];
         float* om = out + gstart[m];
 #ifdef __AVX2__
-        const __m256i vmask = _mm256_set1_epi32(mask);
-        for (int v = 0; v < TILE; v += 16) {
-            __m256 acc[16];
-            for (int t = 0; t < 2 * per && t < 16; t++) acc[t] = _mm256_setzero_ps();
-            /* per <= 8 planes x 2 halves of 8 bytes: at most 16 accumulators */
-            for (int64_t i = 0; i < k; i++) {
-                const uint8_t* row = pk + (m * k + i) * TILE + v;
-                const __m256 ai = _mm256_set1_ps(a[i * nb + b]);
-                __m256i x0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)row));
-                __m256i x1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + 8)));
-                for (int t = 0; t < per; t++) {
-                    acc[2 * t] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x0, t * bits), vmask)), ai, acc[2 * t]);
-                    acc[2 * t + 1] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x1, t * bits), vmask)), ai,
-                        acc[2 * t + 1]);
+        const __m256 bb = _mm256_set1_ps(bvec[b]);
+        for (int h = 0; h < 2; h++)
+            /* eight positions (64 columns at 4 bits) at a time: eight accumulators, each row's word loaded once */
+            for (int p0 = 0; p0 < npos; p0 += 8) {
+                const int np = npos - p0 < 8 ? npos - p0 : 8;
+                __m256 acc[8];
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+                for (int64_t i = 0; i < k; i++) {
+                    const __m256i x = _mm256_loadu_si256((const __m256i*)(pk + (m * k + i) * TILE + h * HALF));
+                    const __m256 ai = _mm256_set1_ps(a[i * nb + b]);
+                    for (int j = 0; j < np; j++) {
+                        const int pos = p0 + j;
+                        const __m256i v = code_at(x, pos, npos, bits);
+                        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), ai, acc[j]);
+                    }
+                }
+                for (int j = 0; j < np; j++) {
+                    const int pos = p0 + j, o = h * (G / 2) + pos * 8;
+                    const __m256 base = _mm256_add_ps(_mm256_loadu_ps(wm + o), bb);
+                    _mm256_storeu_ps(om + o, _mm256_fmadd_ps(acc[j], _mm256_set1_ps(pos_scale(pos, npos, bits)), base));
                 }
             }
-            const __m256 bb = _mm256_set1_ps(bvec[b]);
-            for (int t = 0; t < per; t++) {
-                int o = t * TILE + v;
-                _mm256_storeu_ps(om + o, _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(wm + o), bb), acc[2 * t]));
-                _mm256_storeu_ps(om + o + 8,
-                                 _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(wm + o + 8), bb), acc[2 * t + 1]));
-            }
-        }
 #else
         float acc[512];
-        memset(acc, 0, sizeof(float) * per * TILE);
+        memset(acc, 0, sizeof(float) * G);
         for (int64_t i = 0; i < k; i++) {
             const uint8_t* row = pk + (m * k + i) * TILE;
             const float ai = a[i * nb + b];
-            for (int t = 0; t < per; t++)
-                for (int v = 0; v < TILE; v++) acc[t * TILE + v] += (float)((row[v] >> (t * bits)) & mask) * ai;
+            for (int h = 0; h < 2; h++)
+                for (int lane = 0; lane < 8; lane++) {
+                    const uint32_t wd = word_at(row + h * HALF + 4 * lane);
+                    for (int pos = 0; pos < npos; pos++)
+                        acc[h * (G / 2) + pos * 8 + lane] += (float)((wd >> (pos * bits)) & mask) * ai;
+                }
         }
-        for (int j = 0; j < per * TILE; j++) om[j] = (wm[j] + bvec[b]) + acc[j];
+        for (int j = 0; j < G; j++) om[j] = (wm[j] + bvec[b]) + acc[j];
 #endif
     }
 }
