@@ -357,9 +357,12 @@ def test_monitoring_objects_match_the_pods():
     alerts = {r["alert"]: r for g in one(docs, "PrometheusRule", "twa-scale")["spec"]["groups"] for r in g["rules"]}
     assert {"TwaScaleTrainingStalled", "TwaScaleSnapshotFailures", "TwaScaleSnapshotUploadLagging",
             "TwaScaleTwaJobFailed"} <= set(alerts)
-    # JobSet names its Jobs <jobset>-<replicatedJob>-<index>
-    assert 'job_name=~"twa-scale-twa-.*"' in alerts["TwaScaleTwaJobFailed"]["expr"]
-    assert 'job_name=~"twa-scale-train-.*"' in alerts["TwaScaleTrainJobFailed"]["expr"]
+    # JobSet names its Jobs <jobset>-<replicatedJob>-<index>: the alerts match the replicated Jobs' names
+    # under any JobSet name (an overlay's namePrefix), through kube_job_owner
+    assert set(rjobs(docs)) == {"train", "twa"}
+    for alert, rjob in (("TwaScaleTwaJobFailed", "twa"), ("TwaScaleTrainJobFailed", "train")):
+        expr = alerts[alert]["expr"]
+        assert f'job_name=~".+-{rjob}-[0-9]+"' in expr and 'kube_job_owner{owner_kind="JobSet"}' in expr
     dash_cm = one(docs, "ConfigMap", "twa-scale-grafana-dashboard")
     assert dash_cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     on_disk = json.loads((K8S / "base" / "monitoring" / "twa-scale-dashboard.json").read_text())

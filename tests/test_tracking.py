@@ -44,7 +44,7 @@ def s3_run(s3_server, tmp_path_factory):
     cmd = ["deepspeed", "--log_level", "warning", "--num_gpus", "2", "--master_port", str(free_port()),
            "launch/train.py", *ARGS, "--snapshot-url", url, "--run-id", "r", "--logger", "tensorboard",
            "--checkpoint-dir", str(tmp_path_factory.mktemp("ckpt"))]
-    proc = run(cmd, extra_env=dict(s3_server.env))
+    proc = run(cmd, extra_env=dict(s3_server.env), timeout=1200)  # 2 ranks, 2 epochs and TWA on a busy 2-core box
     return url, proc, tmp_path_factory.mktemp("tb")
 
 
