@@ -108,14 +108,14 @@ def fresh_s3(tmp_path):
 
 
 @pytest.fixture(params=["memory", "file", pytest.param("s3", marks=pytest.mark.s3),
-                        pytest.param("s3-s3fs", marks=pytest.mark.s3)])
+                        pytest.param("s3-obstore", marks=pytest.mark.s3)])
 def store_url(request, tmp_path, monkeypatch) -> str:
     """One store URL per backend; the s3 cases use the session SeaweedFS server, with each S3 client
-    of large puts and ranged reads (TWA_SCALE_S3_CLIENT: obstore by default, s3fs)."""
+    of large puts and ranged reads (TWA_SCALE_S3_CLIENT: s3fs by default, obstore)."""
     if request.param == "memory":
         return f"memory://twa-{uuid.uuid4().hex[:10]}"
     if request.param == "file":
         return (tmp_path / "store").as_uri()
-    if request.param == "s3-s3fs":
-        monkeypatch.setenv("TWA_SCALE_S3_CLIENT", "s3fs")
+    if request.param == "s3-obstore":
+        monkeypatch.setenv("TWA_SCALE_S3_CLIENT", "obstore")
     return request.getfixturevalue("s3_url")
