@@ -128,7 +128,8 @@ class LiveRun:
         self.next = upto + 1
 
     def finish(self) -> None:
-        rows = [{"epoch": e, "val_accuracy": 0.5, "val_loss": 1.0, "train_loss": 1.0} for e in (1, 2)]
+        rows = [{"epoch": e, "val_accuracy": 0.5, "val_loss": 1.0, "train_loss": 1.0, "lr": 0.1, "seconds": 1.0}
+                for e in (1, 2)]
         self.writer.write_metrics(rows, final={"val_accuracy": 0.5})
 
 
@@ -261,8 +262,8 @@ def test_stop_decisions_never_read_val_accuracy(tmp_path, trajectory):
         procs = {}
         for poison, run in runs.items():
             run.commit(upto)
-            rows = [{"epoch": e, "val_accuracy": poison, "val_loss": 1.0, "train_loss": 1.0}
-                    for e in range(1, upto // 2 + 1)]
+            rows = [{"epoch": e, "val_accuracy": poison, "val_loss": 1.0, "train_loss": 1.0, "lr": 0.1,
+                     "seconds": 1.0} for e in range(1, upto // 2 + 1)]
             run.writer.write_metrics(rows, final=None)
             procs[poison] = subprocess.Popen(  # both followers at once: the test's time is one follower's
                 [sys.executable, "launch/twa.py", "--snapshot-url", run.url, "--run-id", "live", *FOLLOW,

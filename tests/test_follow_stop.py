@@ -153,7 +153,8 @@ def test_cli_stop_on_a_finished_run_writes_nothing_and_clear_removes_a_marker(tm
     assert json.loads(capsys.readouterr().out)["action"] == "no_marker"
 
     w = store.create_run(url, "done", FlatLayout.from_model(_model()), meta={"model": "tiny"}, world_size=1)
-    w.write_metrics([{"epoch": 1, "val_accuracy": 0.9}], final={"epochs": 1, "val_accuracy": 0.9})
+    row = {"epoch": 1, "train_loss": 0.3, "val_loss": 0.3, "val_accuracy": 0.9, "lr": 0.1, "seconds": 1.0}
+    w.write_metrics([row], final={"epochs": 1, "val_accuracy": 0.9})
     w.close()
     assert main(["stop", f"{url}/done"]) == 0
     assert "has already finished (1 epochs, val accuracy 0.9); no stop marker written" in capsys.readouterr().out
