@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.s3server import SeaweedS3  # noqa: E402
+from devtools.s3server import SeaweedS3  # noqa: E402
 
 BUCKET = "twa-clients"
 
