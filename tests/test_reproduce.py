@@ -404,5 +404,5 @@ def test_early_stop_is_opt_in_and_needs_no_head(tmp_path):
     assert full.train[full.train.index("--epochs") + 1] == "20" and "--holdout-fraction" in full.train
     assert full.follow[:1] == ["--follow"] and "--stop-rule" not in full.follow  # the default rule is measured
     assert full.follow[full.follow.index("--snapshot-url") + 1].startswith("file://")
-    with pytest.raises(ValueError, match="twav and tail need head"):
+    with pytest.raises(ValueError, match="twav, tail and frontier need head"):
         reproduce.preset_from_args(parse(["--out", str(tmp_path), "--experiments", "tail,early-stop"]))
