@@ -112,7 +112,9 @@ def test_smoke_numbers_are_sane(smoke):
     assert res["epochs_saved"]["fraction"] == 0.0  # (2 - (1 + 1)) / 2
     assert {f["claim"] for f in res["findings"]} >= {"head", "head-swa", "twa-v", "tail"}
     assert not res["missing_steps"] and set(res["steps"]) == {
-        "head-s0", "head-paper-s0", "head-twav-s0", "tail-lr0.05-s0", "tail-twa-lr0.05-s0"}
+        "head-s0", "head-paper-s0", "head-twav-s0", "tail-lr0.05-s0", "tail-twa-lr0.05-s0", "tail-swa-lr0.05-s0"}
+    # tail TWA starts at the tail's last snapshot (the authors'); SWA of the same snapshots is its own step
+    assert tail["twa"]["hyperparameters"]["start"] == 1 and tail["swa"]["history"] == []
 
 
 @pytest.mark.slow
