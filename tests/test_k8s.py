@@ -187,16 +187,17 @@ def test_jobset_is_wired_for_multi_node_launch(target):
         c = main_container(spec)
         assert spec["completionMode"] == "Indexed"
         # the node count lives in three places: they must agree
-        assert spec["completions"] == spec["parallelism"] == int(env["TWA_NNODES"]), name
-        assert env["TWA_NNODES"] == config[{"train": "TRAIN_NNODES", "twa": "TWA_STAGE_NNODES"}[name]]
-        assert env["TWA_SERVICE_NAME"] == net["subdomain"]
+        assert spec["completions"] == spec["parallelism"] == int(env["TWA_SCALE_NNODES"]), name
+        assert env["TWA_SCALE_NNODES"] == config[{"train": "TRAIN_NNODES", "twa": "TWA_STAGE_NNODES"}[name]]
+        assert env["TWA_SCALE_SERVICE_NAME"] == net["subdomain"]
         assert c["command"] == ["/opt/twa_scale/launch/k8s-entry.sh"]
-        assert env["TWA_ROLE"] == name
-        for var in ("TWA_GPUS_PER_NODE", "TWA_MASTER_PORT", "TWA_METRICS_PORT"):
+        assert env["TWA_SCALE_ROLE"] == name
+        for var in ("TWA_SCALE_GPUS_PER_NODE", "TWA_SCALE_MASTER_PORT", "TWA_SCALE_METRICS_PORT"):
             assert env[var].isdigit(), var
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports["metrics"] == int(env["TWA_METRICS_PORT"]) and ports["rdzv"] == int(env["TWA_MASTER_PORT"])
-        restart = env_of(c)["TWA_RESTART_ATTEMPT"]["fieldRef"]["fieldPath"]
+        assert ports["metrics"] == int(env["TWA_SCALE_METRICS_PORT"])
+        assert ports["rdzv"] == int(env["TWA_SCALE_MASTER_PORT"])
+        restart = env_of(c)["TWA_SCALE_RESTART_ATTEMPT"]["fieldRef"]["fieldPath"]
         assert restart == "metadata.labels['jobset.sigs.k8s.io/restart-attempt']"
         for arg in c["args"]:  # every $(VAR) in args is defined for the container
             for var in re.findall(r"\$\((\w+)\)", arg):
@@ -322,13 +323,13 @@ def test_overlays_set_their_shape():
     gpu = render("overlays/gpu-8xN")
     assert rjobs(smoke)["train"]["completions"] == 2 and rjobs(gpu)["train"]["completions"] == 2
     for spec in rjobs(smoke).values():
-        assert pod_env(smoke, spec)["TWA_GPUS_PER_NODE"] == "1"
+        assert pod_env(smoke, spec)["TWA_SCALE_GPUS_PER_NODE"] == "1"
         assert "nvidia.com/gpu" not in main_container(spec)["resources"]["limits"]
     for spec in rjobs(gpu).values():
         c = main_container(spec)
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
         env = pod_env(gpu, spec)
-        assert env["TWA_GPUS_PER_NODE"] == "8" and "NCCL_SOCKET_IFNAME" in env
+        assert env["TWA_SCALE_GPUS_PER_NODE"] == "8" and "NCCL_SOCKET_IFNAME" in env
         assert spec["template"]["spec"]["volumes"][3] == {"name": "shm",
                                                           "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
@@ -388,7 +389,7 @@ def _parse_pod_args(docs, name: str):
     spec = rjobs(docs)[name]
     env = pod_env(docs, spec)
     args = [a.replace("/etc/twa-scale/ds/", f"{REPO}/ds_configs/") for a in container_args(docs, spec)]
-    args += ["--metrics-port", env["TWA_METRICS_PORT"]]
+    args += ["--metrics-port", env["TWA_SCALE_METRICS_PORT"]]
     return {"train": parse_train_args, "twa": parse_twa_args}[name](args), env
 
 
@@ -422,7 +423,7 @@ def _preset_alone(docs, name: str, extra: set[str] = frozenset()):
     env = pod_env(docs, spec)
     args = [a.replace("/etc/twa-scale/ds/", f"{REPO}/ds_configs/") for a in container_args(docs, spec)]
     keep = [a for a in args if _flag_name(a) in {"preset"} | POD_FIELDS | extra]
-    keep += ["--metrics-port", env["TWA_METRICS_PORT"]]
+    keep += ["--metrics-port", env["TWA_SCALE_METRICS_PORT"]]
     return {"train": parse_train_args, "twa": parse_twa_args}[name](keep)
 
 

@@ -20,11 +20,11 @@ from tests.support import REPO, free_port, require_binary
 ENTRY = REPO / "launch" / "k8s-entry.sh"
 
 POD_ENV = {
-    "TWA_NNODES": "2",
-    "TWA_GPUS_PER_NODE": "1",
-    "TWA_SERVICE_NAME": "twa-scale",
-    "TWA_MASTER_PORT": "29500",
-    "TWA_ROLE": "train",
+    "TWA_SCALE_NNODES": "2",
+    "TWA_SCALE_GPUS_PER_NODE": "1",
+    "TWA_SCALE_SERVICE_NAME": "twa-scale",
+    "TWA_SCALE_MASTER_PORT": "29500",
+    "TWA_SCALE_ROLE": "train",
     "JOB_COMPLETION_INDEX": "0",
 }
 
@@ -47,9 +47,9 @@ def test_missing_variable_is_named(var):
 
 
 @pytest.mark.parametrize("var,value,word", [
-    ("TWA_NNODES", "two", "TWA_NNODES=two"),
-    ("JOB_COMPLETION_INDEX", "2", "not below TWA_NNODES=2"),
-    ("TWA_ROLE", "eval", "TWA_ROLE=eval"),
+    ("TWA_SCALE_NNODES", "two", "TWA_SCALE_NNODES=two"),
+    ("JOB_COMPLETION_INDEX", "2", "not below TWA_SCALE_NNODES=2"),
+    ("TWA_SCALE_ROLE", "eval", "TWA_SCALE_ROLE=eval"),
 ])
 def test_bad_variable_is_named(var, value, word):
     r = _entry({**POD_ENV, var: value})
@@ -63,8 +63,8 @@ def test_builds_the_no_ssh_command(tmp_path):
     fake.parent.mkdir()
     fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$OUT/argv"\ncp "$2" "$OUT/hostfile"\n')
     fake.chmod(0o755)
-    env = {**POD_ENV, "JOB_COMPLETION_INDEX": "1", "HOSTNAME": "twa-scale-train-0-1", "TWA_METRICS_PORT": "9400",
-           "TWA_MASTER_ADDR": "127.0.0.1", "OUT": str(tmp_path),
+    env = {**POD_ENV, "JOB_COMPLETION_INDEX": "1", "HOSTNAME": "twa-scale-train-0-1", "TWA_SCALE_METRICS_PORT": "9400",
+           "TWA_SCALE_MASTER_ADDR": "127.0.0.1", "OUT": str(tmp_path),
            "PATH": f"{fake.parent}:{os.environ['PATH']}"}
     r = _entry(env, "--epochs", "3")
     assert r.returncode == 0, r.stderr
@@ -77,7 +77,7 @@ def test_builds_the_no_ssh_command(tmp_path):
     assert (tmp_path / "hostfile").read_text() == ("twa-scale-train-0-0.twa-scale slots=1\n"
                                                    "twa-scale-train-0-1.twa-scale slots=1\n")
     # without the override the rendezvous is pod 0 of the same Job
-    env.pop("TWA_MASTER_ADDR")
+    env.pop("TWA_SCALE_MASTER_ADDR")
     env["JOB_COMPLETION_INDEX"] = "0"
     r = _entry(env)
     assert r.returncode == 0, r.stderr
@@ -86,8 +86,8 @@ def test_builds_the_no_ssh_command(tmp_path):
 
 def test_pod_0_still_pending_is_transient():
     """Pod 0 never resolving (Pending: no capacity yet) is exit 75, which the JobSet restarts, not 2."""
-    env = {**POD_ENV, "JOB_COMPLETION_INDEX": "1", "TWA_MASTER_ADDR": "no-such-host.invalid",
-           "TWA_RDZV_TIMEOUT_SECONDS": "1"}
+    env = {**POD_ENV, "JOB_COMPLETION_INDEX": "1", "TWA_SCALE_MASTER_ADDR": "no-such-host.invalid",
+           "TWA_SCALE_RDZV_TIMEOUT_SECONDS": "1"}
     r = _entry(env)
     assert r.returncode == 75
     assert "no-such-host.invalid" in r.stderr and "did not resolve" in r.stderr, r.stderr
@@ -99,7 +99,7 @@ def _fake_deepspeed(tmp_path, body: str = ""):
     fake.parent.mkdir(exist_ok=True)
     fake.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > "$OUT/argv"\n{body}\n')
     fake.chmod(0o755)
-    return {"OUT": str(tmp_path), "PATH": f"{fake.parent}:{os.environ['PATH']}", "TWA_MASTER_ADDR": "127.0.0.1"}
+    return {"OUT": str(tmp_path), "PATH": f"{fake.parent}:{os.environ['PATH']}", "TWA_SCALE_MASTER_ADDR": "127.0.0.1"}
 
 
 @pytest.mark.parametrize("attempt,added", [
@@ -110,14 +110,14 @@ def _fake_deepspeed(tmp_path, body: str = ""):
 def test_auto_resume(tmp_path, attempt, added):
     env = {**POD_ENV, **_fake_deepspeed(tmp_path)}
     if attempt is not None:
-        env["TWA_RESTART_ATTEMPT"] = attempt
+        env["TWA_SCALE_RESTART_ATTEMPT"] = attempt
     r = _entry(env, "--epochs", "3")
     assert r.returncode == 0, r.stderr
     argv = (tmp_path / "argv").read_text().split("\n")[:-1]
     assert argv[-1] == added and "--resume" not in argv[:-1] and "--auto-resume" not in argv[:-1], argv
     assert ("auto-resume (restart attempt 2)" in r.stderr) == (added == "--resume")
     # the TWA stage never gets either; an explicit --resume is not doubled
-    _entry({**env, "TWA_ROLE": "twa"})
+    _entry({**env, "TWA_SCALE_ROLE": "twa"})
     assert "resume" not in (tmp_path / "argv").read_text()
     _entry(env, "--resume")
     assert (tmp_path / "argv").read_text().split("\n")[:-1][-1:] == ["--resume"]
@@ -171,9 +171,9 @@ def _run_pods(tmp_path, args: list[str], name: str, extra_env: dict | None = Non
     base.setdefault("OMP_NUM_THREADS", "1")   # 2 cores: the two pods must not oversubscribe them
     pods = []
     for index in (0, 1):
-        env = {**base, **POD_ENV, "JOB_COMPLETION_INDEX": str(index), "TWA_MASTER_PORT": str(port),
-               "TWA_MASTER_ADDR": "127.0.0.1", "HOSTNAME": f"twa-scale-train-0-{index}",
-               "TWA_HOSTFILE": str(tmp_path / f"hostfile-{name}-{index}"), **(extra_env or {})}
+        env = {**base, **POD_ENV, "JOB_COMPLETION_INDEX": str(index), "TWA_SCALE_MASTER_PORT": str(port),
+               "TWA_SCALE_MASTER_ADDR": "127.0.0.1", "HOSTNAME": f"twa-scale-train-0-{index}",
+               "TWA_SCALE_HOSTFILE": str(tmp_path / f"hostfile-{name}-{index}"), **(extra_env or {})}
         cwd = tmp_path / f"{name}{index}.cwd"   # a pod's own disk (relative paths in args land here)
         cwd.mkdir()
         log = open(tmp_path / f"{name}{index}.log", "w")  # noqa: SIM115 - closed in the finally below

@@ -156,11 +156,12 @@ def _own_dir(data: Path, name: str) -> Path:
 
 
 def _pod_env(s3_server, role: str, index: int, nnodes: int, port: int, job: str) -> dict:
-    return {"JOB_COMPLETION_INDEX": str(index), "TWA_NNODES": str(nnodes), "TWA_GPUS_PER_NODE": "1",
-            "TWA_SERVICE_NAME": "twa-scale", "TWA_MASTER_PORT": str(port), "TWA_ROLE": role,
-            "TWA_MASTER_ADDR": "127.0.0.1", "TWA_JOB_NAME": job, "TWA_HOSTFILE": f"/tmp/hostfile-{index}",
+    return {"JOB_COMPLETION_INDEX": str(index), "TWA_SCALE_NNODES": str(nnodes), "TWA_SCALE_GPUS_PER_NODE": "1",
+            "TWA_SCALE_SERVICE_NAME": "twa-scale", "TWA_SCALE_MASTER_PORT": str(port), "TWA_SCALE_ROLE": role,
+            "TWA_SCALE_MASTER_ADDR": "127.0.0.1", "TWA_SCALE_JOB_NAME": job,
+            "TWA_SCALE_HOSTFILE": f"/tmp/hostfile-{index}",
             "HOME": "/tmp/home", "TORCH_EXTENSIONS_DIR": "/tmp/torch_extensions", "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1", "TWA_RESTART_ATTEMPT": "0", **s3_server.env}
+            "PYTHONUNBUFFERED": "1", "TWA_SCALE_RESTART_ATTEMPT": "0", **s3_server.env}
 
 
 @pytest.fixture
