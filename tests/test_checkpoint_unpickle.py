@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 
+import pytest
 import torch
 
 from tests.support.launch import run
@@ -29,6 +30,7 @@ class _Evil:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.e2e
 def test_a_planted_pickle_is_refused_by_resume_and_never_runs(tmp_path):
     snap, ckpt_url = f"file://{tmp_path}/snap", f"file://{tmp_path}/snap/r/checkpoints"
     args = [*ARGS, "--snapshot-url", snap, "--run-id", "r", "--checkpoint-dir", str(tmp_path / "ckpt")]

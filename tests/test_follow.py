@@ -211,6 +211,7 @@ def test_follower_probes_falls_behind_resumes_and_finishes_like_launch_twa(tmp_p
         assert followed[key] == plain[key], key
 
 
+@pytest.mark.e2e
 def test_follower_waits_for_the_run_then_gives_up(tmp_path):
     proc = _follow(f"file://{tmp_path}", timeout=1.0)
     assert proc.returncode == 75
@@ -220,6 +221,7 @@ def test_follower_waits_for_the_run_then_gives_up(tmp_path):
         "after 1s (--follow-timeout); is the training job running?")
 
 
+@pytest.mark.e2e
 def test_follower_refuses_a_run_without_holdout(tmp_path):
     cfg = digits_config(limit_train=64)
     model, snaps = make_trajectory(cfg, 2, steps_between=1)
@@ -230,6 +232,7 @@ def test_follower_refuses_a_run_without_holdout(tmp_path):
     assert last.startswith("error: --follow: run ") and "has no hold-out split" in last and "--holdout-fraction" in last
 
 
+@pytest.mark.multirank
 def test_growing_basis_on_two_ranks_equals_the_single_process_build(tmp_path):
     """The follower's incremental basis, column-sharded over 2 gloo ranks (one all-reduce of n + 1 floats per
     snapshot), gives the single-process from-scratch build_basis P and start point to 1e-6."""

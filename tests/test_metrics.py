@@ -133,6 +133,7 @@ def test_port_in_use_is_a_clear_error():
     assert f"metrics port {port}" in r.stdout and "already in use" in r.stdout, r.stdout
 
 
+@pytest.mark.e2e
 def test_coefficients_are_bounded_and_role_switch_keeps_exporter():
     port = free_port()
     r = _run(f"""

@@ -93,6 +93,7 @@ def test_the_log_of_a_two_rank_job_fits_a_cluster(s3_run):
         assert sum(message in line for line in lines) == (2 if message.startswith("tensorboard") else 1), message
 
 
+@pytest.mark.e2e
 def test_mlflow_run_in_a_local_file_store_reads_back(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store behind this switch
@@ -116,6 +117,7 @@ def test_mlflow_run_in_a_local_file_store_reads_back(tmp_path, monkeypatch):
     assert len(client.get_metric_history(twa.info.run_id, "twa.coefficient")) == len(result["snapshots"])
 
 
+@pytest.mark.e2e
 def test_unknown_logger_names_the_flag():
     proc = subprocess.run([sys.executable, "launch/train.py", "--logger", "wandb"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)

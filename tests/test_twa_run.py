@@ -79,6 +79,7 @@ def test_start_from_a_snapshot_with_epochs_0(mlp_run):
     assert torch.equal(w, snaps[4])
 
 
+@pytest.mark.slow
 def test_journal_mode_with_batchnorm_on_holdout(tmp_path):
     """resnet20 (BatchNorm): centred, layer-wise, AdamW + cosine, 4-bit P, fit on the hold-out split."""
     cfg = digits_config(model="resnet20", holdout_fraction=0.2, limit_train=96, limit_val=48)
@@ -298,6 +299,7 @@ def test_model_file_describes_itself(mlp_run):
     assert meta["twa_scale_version"] == __version__ and meta["format"] == "pt"
 
 
+@pytest.mark.e2e
 def test_a_torchvision_result_loads_without_twa_scale_by_the_readme_line(tmp_path):
     """The README's one-liner, in a process where `import twa_scale` fails: strict load, same logits."""
     import re
