@@ -1,8 +1,8 @@
 """The shipped presets are the TWA authors' recipes, value by value.
 
 The table below is kept here, independently of the YAML files, each value with the authors' file and line
-(github.com/nblt/TWA at fd0cf0a); a preset that drifts from it fails. The README's recipe lines are checked
-against the same values.
+(github.com/nblt/TWA at fd0cf0a); a preset that drifts from it fails. The recipe lines of docs/training.md are
+checked against the same values.
 """
 import re
 import types
@@ -129,15 +129,15 @@ def test_paper_head_selection_is_the_first_half_of_the_run():
     assert (cfg.select, cfg.select_epochs) == ("0:11", None)
 
 
-def test_readme_recipe_lines_match_the_presets():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_documented_recipe_lines_match_the_presets():
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     cifar = re.search(r"# CIFAR-10, ResNet-20, the TWA authors' recipe \((.*)\)", readme)
-    assert cifar, "README lost its CIFAR recipe line"
+    assert cifar, "docs/training.md lost its CIFAR recipe line"
     c = _resolved("train", "cifar_resnet20")
     assert f"wd {c.weight_decay:g}" in cifar.group(1) and f"lr {c.lr:g}" in cifar.group(1)
     assert "÷10 at epochs 100 and 150" in cifar.group(1) and "BatchNorm and biases decayed" in cifar.group(1)
     imagenet = re.search(r"# ImageNet, ResNet-50 \(preset: (.*)\)", readme)
-    assert imagenet, "README lost its ImageNet recipe line"
+    assert imagenet, "docs/training.md lost its ImageNet recipe line"
     r = _resolved("train", "resnet50_imagenet")
     assert f"lr {r.lr:g} at batch {r.batch_size}" in imagenet.group(1)
     assert "÷10 at epochs 30 and 60" in imagenet.group(1) and "no warm-up" in imagenet.group(1)

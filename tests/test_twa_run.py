@@ -300,8 +300,8 @@ def test_model_file_describes_itself(mlp_run):
 
 
 @pytest.mark.e2e
-def test_a_torchvision_result_loads_without_twa_scale_by_the_readme_line(tmp_path):
-    """The README's one-liner, in a process where `import twa_scale` fails: strict load, same logits."""
+def test_a_torchvision_result_loads_without_twa_scale_by_the_documented_line(tmp_path):
+    """The one-liner of docs/twa.md, in a process where `import twa_scale` fails: strict load, same logits."""
     import re
     import subprocess
     import sys
@@ -316,7 +316,7 @@ def test_a_torchvision_result_loads_without_twa_scale_by_the_readme_line(tmp_pat
                                  normalization=input_normalization("/data/imagenet", 500), run="file:///r/x")
     report.write_outputs({"snapshots": []}, net.state_dict(), tmp_path.as_uri(), plot=False, metadata=meta)
     line = re.search(r"```bash\n(python -c \"from safetensors import safe_open.*?)\n```",
-                     (REPO / "README.md").read_text(), re.S).group(1)
+                     (REPO / "docs" / "twa.md").read_text(), re.S).group(1)
     code = (line[len('python -c "'):-1]
             + "; import torch; torch.manual_seed(1); print(net.eval()(torch.randn(2, 3, 64, 64)).sum().item())")
     proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['twa_scale'] = None; " + code],

@@ -11,6 +11,8 @@ Objects of one run, under any store URL (``file://``, ``s3://``, ``memory://``):
     <url>/<run>/train/epochs/<epoch:06d>.json                              EpochRow, one per finished epoch
     <url>/<run>/control/STOP.json                                          StopMarker: end training (live TWA)
     <url>/<run>/twa/probes.json                                            ProbeLog: the live TWA follower's probes
+    <url>/<run>/twa/result.json, model.safetensors, coefficients.png       the TWA stage's outputs (--output)
+    <url>/<run>/tensorboard/<stage>/                                       TensorBoard event files (--logger)
     <ckpt>/<tag>/<file>                                                    DeepSpeed checkpoint file (--checkpoint-url)
     <ckpt>/<tag>/nodes/<node>.json                                         CheckpointNode: one node's files uploaded
     <ckpt>/<tag>/COMMIT.json                                               CheckpointCommit, written last
