@@ -5,7 +5,7 @@
 #   bash bench/gpu_acceptance.sh --dry-run OUT_DIR    # CPU, tiny sizes, same code paths (CI runs this)
 #
 # Writes OUT_DIR/gpu_acceptance.json and OUT_DIR/gpu_acceptance.log; see bench/gpu_acceptance.py
-# for the sections and their goals, and bench/README.md ("GPU acceptance") for carrying the wheels
+# for the sections and their goals, and docs/benchmarks.md ("GPU acceptance") for carrying the wheels
 # and the dataset to a host without a package index.
 #
 # First it installs the carried wheels, .whl/*.whl (built here by ../shared/offline/gpu-wheelhouse.sh:
