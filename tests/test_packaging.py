@@ -52,3 +52,7 @@ def test_non_editable_install_trains_from_an_empty_directory(tmp_path):
     assert subprocess.run([str(venv / "bin" / "twa-scale"), "twa", "--preset", "paper_imagenet", "--snapshot-url",
                            "file:///x", "--run-id", "r", "--print-config"], cwd=work, env=env, capture_output=True,
                           text=True, timeout=300).stdout.count("base_lr: 0.3") == 1  # presets ship too
+    kernel = subprocess.run([str(venv / "bin" / "python"), "-c", "from twa_scale.twa import quant; "
+                             "print('twa_project' in quant._native_source())"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert kernel.stdout.split() == ["True"], kernel.stderr[-2000:]  # the C kernel source ships as package data

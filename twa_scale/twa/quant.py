@@ -464,215 +464,12 @@ class GroupedP:
 
 
 # --- the native C kernel -------------------------------------------------------------------------
-_NATIVE_SRC = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
-#define TILE 64
+def _native_source() -> str:
+    """The C source of the packed-P kernels, shipped beside this module as package data."""
+    from importlib.resources import files
 
-#define INLINE static inline __attribute__((always_inline))
+    return files("twa_scale.twa").joinpath("quant_kernel.c").read_text()
 
-#ifdef __AVX2__
-INLINE float hsum(__m256 s) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
-}
-#endif
-
-/* Tiles are dword-planar (see pack_tiles): half h of a tile is eight 32-bit words; column
-   h * G/2 + 8 * pos + lane is bits [pos * bits, (pos + 1) * bits) of word lane. One AND leaves
-   code << (pos * bits) in each lane, which converts to float exactly; the power of two goes into
-   g (project) or into the final store (reconstruct). The top position holds bit 31 (the sign of a
-   signed convert), so it is shifted down instead. */
-#define HALF 32
-
-INLINE uint32_t word_at(const uint8_t* p) { uint32_t w; memcpy(&w, p, 4); return w; }
-INLINE float pos_scale(int pos, int npos, int bits) {
-    return pos == npos - 1 ? 1.f : 1.f / (float)(1u << (pos * bits));
-}
-#ifdef __AVX2__
-/* code << (pos * bits) of each lane (the top position: the code itself) */
-INLINE __m256i code_at(__m256i x, int pos, int npos, int bits) {
-    return pos == npos - 1 ? _mm256_srli_epi32(x, 32 - bits)
-                           : _mm256_and_si256(x, _mm256_set1_epi32((int)(((1u << bits) - 1) << (pos * bits))));
-}
-#endif
-
-/* res[i*L + coef[pid[m]]] += scale[i, b] * (codes_i . g_m) + lo[i, b] * sum(g_m), group by group */
-INLINE void project_body(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
-                         const float* scale, const float* lo, const float* g, double* res,
-                         int64_t ng, int64_t k, int64_t nb, int64_t L, const int bits) {
-    const int npos = 32 / bits, G = 16 * npos;
-    const uint32_t mask = (1u << bits) - 1;
-#ifdef __AVX2__
-    float gp[512] __attribute__((aligned(32)));   /* the group's g, each position scaled by 2^-(pos*bits) */
-    /* per-row 8-lane partial dots, summed over consecutive groups of one block and flushed (horizontal
-       sum, scale, lo * sum(g), into double) when the block changes or every FLUSH groups: a per-group
-       horizontal sum would cost a third of the arithmetic at 4 bits */
-    enum { FLUSH = 32 };
-    float* part = (float*)aligned_alloc(32, (size_t)((k + 3) & ~3) * 8 * sizeof(float));
-    memset(part, 0, (size_t)((k + 3) & ~3) * 8 * sizeof(float));
-    double gsum_run = 0.;
-    int run = 0;
-    for (int64_t m = 0; m < ng; m++) {
-        const float* gm = g + gstart[m];
-        const int64_t b = pid[m], l = coef[b];
-        {
-            __m256 s0 = _mm256_setzero_ps();
-            for (int h = 0; h < 2; h++)
-                for (int pos = 0; pos < npos; pos++) {
-                    const int o = h * (G / 2) + pos * 8;
-                    const __m256 v = _mm256_loadu_ps(gm + o);
-                    s0 = _mm256_add_ps(s0, v);
-                    _mm256_store_ps(gp + o, _mm256_mul_ps(v, _mm256_set1_ps(pos_scale(pos, npos, bits))));
-                }
-            gsum_run += hsum(s0);
-        }
-        int64_t i = 0;
-        /* four rows at a time: one load of g serves four rows; two accumulators a row hide the FMA latency */
-        for (; i + 4 <= k; i += 4) {
-            const uint8_t* row = pk + (m * k + i) * TILE;
-            __m256 acc[4][2];
-            for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-            for (int h = 0; h < 2; h++)
-                for (int pos = 0; pos < npos; pos++) {
-                    const __m256 gv = _mm256_load_ps(gp + h * (G / 2) + pos * 8);
-                    for (int r = 0; r < 4; r++) {
-                        const __m256i x = _mm256_loadu_si256((const __m256i*)(row + r * TILE + h * HALF));
-                        const __m256i v = code_at(x, pos, npos, bits);
-                        acc[r][pos & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), gv, acc[r][pos & 1]);
-                    }
-                }
-            for (int r = 0; r < 4; r++) {
-                float* pr = part + (i + r) * 8;
-                _mm256_store_ps(pr, _mm256_add_ps(_mm256_load_ps(pr), _mm256_add_ps(acc[r][0], acc[r][1])));
-            }
-        }
-        for (; i < k; i++) {
-            const uint8_t* row = pk + (m * k + i) * TILE;
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            for (int h = 0; h < 2; h++) {
-                const __m256i x = _mm256_loadu_si256((const __m256i*)(row + h * HALF));
-                for (int pos = 0; pos < npos; pos++) {
-                    const __m256i v = code_at(x, pos, npos, bits);
-                    const __m256 c = _mm256_cvtepi32_ps(v), gv = _mm256_load_ps(gp + h * (G / 2) + pos * 8);
-                    if (pos & 1) acc1 = _mm256_fmadd_ps(c, gv, acc1); else acc0 = _mm256_fmadd_ps(c, gv, acc0);
-                }
-            }
-            float* pr = part + i * 8;
-            _mm256_store_ps(pr, _mm256_add_ps(_mm256_load_ps(pr), _mm256_add_ps(acc0, acc1)));
-        }
-        if (++run == FLUSH || m + 1 == ng || pid[m + 1] != b) {
-            for (int64_t r = 0; r < k; r++) {
-                const float dot = hsum(_mm256_load_ps(part + r * 8));
-                res[r * L + l] += (double)scale[r * nb + b] * dot + (double)lo[r * nb + b] * gsum_run;
-            }
-            memset(part, 0, (size_t)k * 8 * sizeof(float));
-            gsum_run = 0.;
-            run = 0;
-        }
-    }
-    free(part);
-#else
-    for (int64_t m = 0; m < ng; m++) {
-        const float* gm = g + gstart[m];
-        const int64_t b = pid[m], l = coef[b];
-        float gsum = 0.f;
-        for (int j = 0; j < G; j++) gsum += gm[j];
-        for (int64_t i = 0; i < k; i++) {
-            const uint8_t* row = pk + (m * k + i) * TILE;
-            float dot = 0.f;
-            for (int h = 0; h < 2; h++)
-                for (int lane = 0; lane < 8; lane++) {
-                    const uint32_t w = word_at(row + h * HALF + 4 * lane);
-                    for (int pos = 0; pos < npos; pos++)
-                        dot += (float)((w >> (pos * bits)) & mask) * gm[h * (G / 2) + pos * 8 + lane];
-                }
-            res[i * L + l] += (double)(scale[i * nb + b] * dot + lo[i * nb + b] * gsum);
-        }
-    }
-#endif
-}
-
-/* out[gstart[m] + j] = w[...] + b[pid[m]] + sum_i a[i, pid[m]] * code_j(pk[m, i]) */
-INLINE void reconstruct_body(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const float* a,
-                             const float* bvec, const float* w, float* out, int64_t ng, int64_t k, int64_t nb,
-                             const int bits) {
-    const int npos = 32 / bits, G = 16 * npos;
-    const uint32_t mask = (1u << bits) - 1;
-    for (int64_t m = 0; m < ng; m++) {
-        const int64_t b = pid[m];
-        const float* wm = w + gstart[m];
-        float* om = out + gstart[m];
-#ifdef __AVX2__
-        const __m256 bb = _mm256_set1_ps(bvec[b]);
-        for (int h = 0; h < 2; h++)
-            /* eight positions (64 columns at 4 bits) at a time: eight accumulators, each row's word loaded once */
-            for (int p0 = 0; p0 < npos; p0 += 8) {
-                const int np = npos - p0 < 8 ? npos - p0 : 8;
-                __m256 acc[8];
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-                for (int64_t i = 0; i < k; i++) {
-                    const __m256i x = _mm256_loadu_si256((const __m256i*)(pk + (m * k + i) * TILE + h * HALF));
-                    const __m256 ai = _mm256_set1_ps(a[i * nb + b]);
-                    for (int j = 0; j < np; j++) {
-                        const int pos = p0 + j;
-                        const __m256i v = code_at(x, pos, npos, bits);
-                        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), ai, acc[j]);
-                    }
-                }
-                for (int j = 0; j < np; j++) {
-                    const int pos = p0 + j, o = h * (G / 2) + pos * 8;
-                    const __m256 base = _mm256_add_ps(_mm256_loadu_ps(wm + o), bb);
-                    _mm256_storeu_ps(om + o, _mm256_fmadd_ps(acc[j], _mm256_set1_ps(pos_scale(pos, npos, bits)), base));
-                }
-            }
-#else
-        float acc[512];
-        memset(acc, 0, sizeof(float) * G);
-        for (int64_t i = 0; i < k; i++) {
-            const uint8_t* row = pk + (m * k + i) * TILE;
-            const float ai = a[i * nb + b];
-            for (int h = 0; h < 2; h++)
-                for (int lane = 0; lane < 8; lane++) {
-                    const uint32_t wd = word_at(row + h * HALF + 4 * lane);
-                    for (int pos = 0; pos < npos; pos++)
-                        acc[h * (G / 2) + pos * 8 + lane] += (float)((wd >> (pos * bits)) & mask) * ai;
-                }
-        }
-        for (int j = 0; j < G; j++) om[j] = (wm[j] + bvec[b]) + acc[j];
-#endif
-    }
-}
-
-/* one specialised copy per bit width: the plane loops unroll and the accumulators stay in registers */
-void twa_project(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
-                 const float* scale, const float* lo, const float* g, double* res,
-                 int64_t ng, int64_t k, int64_t nb, int64_t L, int64_t bits) {
-    switch (bits) {
-        case 1: project_body(pk, gstart, pid, coef, scale, lo, g, res, ng, k, nb, L, 1); break;
-        case 2: project_body(pk, gstart, pid, coef, scale, lo, g, res, ng, k, nb, L, 2); break;
-        case 4: project_body(pk, gstart, pid, coef, scale, lo, g, res, ng, k, nb, L, 4); break;
-        default: project_body(pk, gstart, pid, coef, scale, lo, g, res, ng, k, nb, L, 8); break;
-    }
-}
-
-void twa_reconstruct(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const float* a,
-                     const float* bvec, const float* w, float* out, int64_t ng, int64_t k, int64_t nb,
-                     int64_t bits) {
-    switch (bits) {
-        case 1: reconstruct_body(pk, gstart, pid, a, bvec, w, out, ng, k, nb, 1); break;
-        case 2: reconstruct_body(pk, gstart, pid, a, bvec, w, out, ng, k, nb, 2); break;
-        case 4: reconstruct_body(pk, gstart, pid, a, bvec, w, out, ng, k, nb, 4); break;
-        default: reconstruct_body(pk, gstart, pid, a, bvec, w, out, ng, k, nb, 8); break;
-    }
-}
-"""
 
 _NATIVE_LIB: list = []
 
@@ -691,7 +488,8 @@ def _native():
     lib = None
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc:
-        key = hashlib.sha256((_NATIVE_SRC + cc).encode()).hexdigest()[:16]
+        source = _native_source()
+        key = hashlib.sha256((source + cc).encode()).hexdigest()[:16]
         cache = os.path.join(tempfile.gettempdir(), f"twa_scale_kernels-{os.getuid()}")
         so = os.path.join(cache, f"twa_quant_{key}.so")
         try:
@@ -699,7 +497,7 @@ def _native():
                 os.makedirs(cache, exist_ok=True)
                 src = os.path.join(cache, f"twa_quant_{key}.c")
                 with open(src, "w") as f:
-                    f.write(_NATIVE_SRC)
+                    f.write(source)
                 tmp = f"{so}.{os.getpid()}"
                 subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", "-o", tmp, src], check=True,
                                capture_output=True, timeout=120)
