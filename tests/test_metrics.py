@@ -49,10 +49,10 @@ def _samples(text: str, name: str) -> list[str]:
 def test_calls_before_setup_are_noops_and_port_zero_disables():
     r = _run("""
         metrics.train_step(0.1, 32, 2.0, 0.1); metrics.snapshot_failure(); metrics.twa_coefficients([1.0])
-        assert not metrics.is_enabled()
+        assert metrics._m is None  # recording is off until setup
         metrics.setup(run_id="r", role="train", port=0)
         metrics.train_step(0.1, 32, 2.0, 0.1)
-        assert not metrics.is_enabled() and metrics.server_port() is None
+        assert metrics._m is None and metrics._state.server is None
         import prometheus_client.values as v
         assert not getattr(v.ValueClass, "_multiprocess", False), "port 0 must not touch prometheus_client"
         print("ok")
@@ -142,7 +142,7 @@ def test_coefficients_are_bounded_and_role_switch_keeps_exporter():
         metrics.train_step(0.1, 4, 1.0, 0.1)
         # train.py --twa: the TWA stage sets up again (here with port 0): same exporter, new role
         metrics.setup(run_id="coef", role="twa", port=0)
-        assert metrics.server_port() == {port}
+        assert metrics._state.server is not None and metrics._state.port == {port}
         import torch
         metrics.twa_coefficients(torch.full((5, 4), 0.05))   # n x L layer-wise: 20 values
         metrics.twa_step(0.3); metrics.twa_eval(0.9); metrics.twa_effective_rank(5)

@@ -14,8 +14,6 @@
 An installed package launches with DeepSpeed's launcher as a module or through the console script:
     deepspeed --num_gpus 2 --module twa_scale train --epochs 1
     deepspeed --num_gpus 2 $(which twa-scale) twa --snapshot-url URL --run-id RUN
-
-Further command groups register themselves in ``COMMANDS``.
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ import json
 import sys
 from typing import Callable
 
-__all__ = ["main", "split_run_url", "COMMANDS", "launch_main", "run_stage"]
+__all__ = ["main", "split_run_url", "launch_main", "run_stage"]
 
 
 def launch_main(parse: Callable[[], object], run: Callable[[object], object],
@@ -268,11 +266,6 @@ def _add_stop(sub) -> None:
     p.set_defaults(func=_stop)
 
 
-# name -> function(subparsers) that adds a command group; another module may add e.g. "report".
-COMMANDS: dict[str, Callable] = {"snapshots": _add_snapshots, "runs": _add_runs, "data": _add_data,
-                                  "stop": _add_stop}
-
-
 def build_parser() -> argparse.ArgumentParser:
     from twa_scale import __version__
 
@@ -282,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, what in (("train", "train with DeepSpeed (as launch/train.py; see `twa-scale train --help`)"),
                         ("twa", "run the TWA stage (as launch/twa.py; see `twa-scale twa --help`)")):
         sub.add_parser(stage, help=what, add_help=False)  # main() hands these their argv untouched
-    for add in COMMANDS.values():
+    for add in (_add_snapshots, _add_runs, _add_data, _add_stop):
         add(sub)
     return parser
 

@@ -1,10 +1,10 @@
 """Every environment variable twa_scale reads, declared once, under the one prefix ``TWA_SCALE_``.
 
-Tunables a Kubernetes manifest sets without new flags. A malformed value fails with an error that
-names the variable. docs/configuration.md's "Environment variables" table is generated from the
-declarations here (python -m devtools.docgen; tests/test_docs.py keeps the two in step). Besides these the code reads only variables other
-tools define: the launcher's RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR, AWS_* for S3, and
-OMP_NUM_THREADS / PROMETHEUS_MULTIPROC_DIR.
+Tunables a Kubernetes manifest sets without new flags. A malformed value fails with an error that names
+the variable. docs/configuration.md's "Environment variables" table is generated from the declarations
+here (python -m devtools.docgen; tests/test_docs.py keeps the two in step). Besides these the code reads
+only variables other tools define: the launcher's RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR, AWS_*
+for S3, and OMP_NUM_THREADS / PROMETHEUS_MULTIPROC_DIR.
 
 Every flag of both stages can also come from the environment (see :mod:`twa_scale.config`):
 ``TWA_SCALE_TRAIN_<FLAG>`` and ``TWA_SCALE_TWA_<FLAG>``, e.g. ``TWA_SCALE_TRAIN_EPOCHS=3`` or

@@ -50,7 +50,7 @@ from twa_scale import knobs
 from twa_scale.knobs import env_int
 
 __all__ = [
-    "MetricsPortInUseError", "setup", "shutdown", "is_enabled", "server_port",
+    "MetricsPortInUseError", "setup", "shutdown",
     "train_step", "train_epoch", "snapshot_stall", "snapshot_upload",
     "snapshot_retry", "snapshot_failure", "snapshot_skipped", "snapshot_queue_depth",
     "snapshot_committed", "twa_load", "twa_projection", "twa_step", "twa_eval",
@@ -334,11 +334,6 @@ def shutdown() -> None:
             _state.server = None
 
 
-def is_enabled() -> bool:
-    """True once :func:`setup` enabled recording in this process."""
-    return _m is not None
-
-
 def _when_enabled(record):
     """Decorate ``record(m, ...)``: it runs with this process's bound metrics ``m``, and the call is a
     no-op while metrics are disabled, so instrumented code never checks."""
@@ -348,11 +343,6 @@ def _when_enabled(record):
         if m is not None:
             record(m, *args, **kwargs)
     return call
-
-
-def server_port() -> int | None:
-    """Port this process serves on (local rank 0 only), else None."""
-    return _state.port if _state.server is not None else None
 
 
 # ------------------------------------------------------------------------ training

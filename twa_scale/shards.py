@@ -46,7 +46,7 @@ import sys
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -436,8 +436,3 @@ def add_cli_command(sub) -> None:
     ver.add_argument("--json", action="store_true", help="print the verdict as JSON (ok, problems)")
     ver.set_defaults(func=_cmd_verify)
 
-
-def iter_webdataset_keys(path: str) -> Iterator[str]:
-    """Member names of a local shard (tests: the shards are plain tars)."""
-    with tarfile.open(path) as t:
-        yield from (m.name for m in t.getmembers())

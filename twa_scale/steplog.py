@@ -92,8 +92,3 @@ class StepLog:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
         return rows
-
-    @property
-    def mean_loss(self) -> float:
-        """Sample-weighted mean loss over the steps read so far (call :meth:`flush` first)."""
-        return self.loss_sum / max(self.samples, 1)

@@ -18,12 +18,11 @@ from typing import Callable, TypeVar
 from twa_scale.errors import StoreUnreachableError
 from twa_scale import knobs
 
-__all__ = ["RetryPolicy", "RetryDeadlineExceeded", "PERMANENT_ERRORS", "DEFAULT_RETRY_SECONDS"]
+__all__ = ["RetryPolicy", "RetryDeadlineExceeded", "PERMANENT_ERRORS"]
 
 log = logging.getLogger("twa_scale.store")
 T = TypeVar("T")
 
-DEFAULT_RETRY_SECONDS = 600.0
 # Errors that retrying cannot fix; everything else is retried until the deadline.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (PermissionError, ValueError, TypeError, NotImplementedError,
                                                      KeyError)
