@@ -16,6 +16,7 @@ import pytest
 
 from tests.support import REPO, free_port, require_binary
 
+pytestmark = pytest.mark.e2e  # every case is a fresh process (above): not the unit lane
 PRELUDE = "import sys, time, urllib.request; sys.path.insert(0, %r)\nfrom twa_scale import metrics\n" % str(REPO)
 
 
@@ -133,7 +134,6 @@ def test_port_in_use_is_a_clear_error():
     assert f"metrics port {port}" in r.stdout and "already in use" in r.stdout, r.stdout
 
 
-@pytest.mark.e2e
 def test_coefficients_are_bounded_and_role_switch_keeps_exporter():
     port = free_port()
     r = _run(f"""
