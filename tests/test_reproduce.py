@@ -1,4 +1,4 @@
-"""bench/reproduce.py: the smoke preset end to end on real CIFAR-10, its resumability, and its report logic."""
+"""experiments/reproduce.py: the smoke preset end to end on real CIFAR-10, its resumability, and its report logic."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import pytest
 from tests.support import REPO, require_cifar10
 from tests.support.launch import env, python
 
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "experiments"))
 import reproduce  # noqa: E402
 
 SMOKE_METHODS = [  # (method prefix, SGD epochs, TWA epochs) for E=2, T=1, K=1
@@ -39,8 +39,9 @@ def _numbers(obj, path="$"):
 def _stop_after_first_epoch(out, data) -> int:
     """Start the smoke run, SIGTERM it once the head run has finished epoch 1 (of 2); return its exit code."""
     metrics = out / "work" / "store" / "head-s0" / "train" / "metrics.json"
-    proc = subprocess.Popen([sys.executable, "bench/reproduce.py", "--smoke", "--out", str(out), "--data", str(data)],
-                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "experiments/reproduce.py", "--smoke", "--out", str(out),
+                             "--data", str(data)], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -66,7 +67,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce") / "out"
     _stop_after_first_epoch(out, data)
     stopped_done = sorted(p.name for p in (out / "work" / "done").glob("*.json"))
-    proc = python("bench/reproduce.py", ["--smoke", "--out", str(out), "--data", str(data)], timeout=400)
+    proc = python("experiments/reproduce.py", ["--smoke", "--out", str(out), "--data", str(data)], timeout=400)
     return out, proc, stopped_done
 
 
@@ -126,7 +127,7 @@ def test_rerun_skips_done_steps_and_resumes_the_rest(smoke):
     (done / "tail-lr0.05-s0.json").unlink()  # as if killed after its last checkpoint
     (done / "tail-twa-lr0.05-s0.json").unlink()
     shutil.rmtree(out / "work" / "twa" / "tail-twa-lr0.05-s0")
-    proc = python("bench/reproduce.py", ["--smoke", "--out", str(out), "--data", data], timeout=300)
+    proc = python("experiments/reproduce.py", ["--smoke", "--out", str(out), "--data", data], timeout=300)
     for name in ("head-s0", "head-paper-s0", "head-twav-s0"):
         assert f"[skip] {name}" in proc.stdout
     assert "[run ] tail-lr0.05-s0" in proc.stdout and "[run ] tail-twa-lr0.05-s0" in proc.stdout
@@ -136,7 +137,7 @@ def test_rerun_skips_done_steps_and_resumes_the_rest(smoke):
         assert after[r["method"]]["accuracy_mean"] == pytest.approx(r["accuracy_mean"], abs=1e-9), r["method"]
 
     # A finished step rerun with other arguments is refused, not silently mixed in.
-    proc = python("bench/reproduce.py", ["--smoke", "--out", str(out), "--data", data, "--tail-epochs", "2"],
+    proc = python("experiments/reproduce.py", ["--smoke", "--out", str(out), "--data", data, "--tail-epochs", "2"],
                   check=False, timeout=300)
     assert proc.returncode != 0 and "finished earlier with other arguments" in proc.stderr
 
@@ -289,8 +290,8 @@ def early(tmp_path_factory):
     data = str(require_cifar10())
     out = tmp_path_factory.mktemp("early") / "out"
     args = ["--smoke", "--experiments", "early-stop", "--out", str(out), "--data", data]
-    first = python("bench/reproduce.py", args, timeout=400)
-    again = python("bench/reproduce.py", args, timeout=120)
+    first = python("experiments/reproduce.py", args, timeout=400)
+    again = python("experiments/reproduce.py", args, timeout=120)
     return out, first, again
 
 

@@ -1,15 +1,15 @@
 """Does TWA deliver? Reproduce the paper's head-stage and tail-stage claims on real CIFAR-10.
 
-    python bench/reproduce.py --out bench/results/cpu             # CPU preset: ResNet-20, 10k images, 2 seeds
-    python bench/reproduce.py --gpu --out bench/results/gpu       # the paper's recipe: VGG16-BN, 200 epochs
-    python bench/reproduce.py --smoke --out /tmp/twa-smoke        # the test suite's tiny run
-    python bench/reproduce.py --out bench/results/cpu --report-only   # rebuild report.md from finished steps
-    python bench/reproduce.py --out DIR --dry-run                 # print the commands, run nothing
-    python bench/reproduce.py --out bench/results/cpu-k5 --snapshots-per-epoch 5 --experiments head
+    python experiments/reproduce.py --out bench/results/cpu             # CPU preset: ResNet-20, 10k images, 2 seeds
+    python experiments/reproduce.py --gpu --out bench/results/gpu       # the paper's recipe: VGG16-BN, 200 epochs
+    python experiments/reproduce.py --smoke --out /tmp/twa-smoke        # the test suite's tiny run
+    python experiments/reproduce.py --out bench/results/cpu --report-only   # rebuild report.md from finished steps
+    python experiments/reproduce.py --out DIR --dry-run                 # print the commands, run nothing
+    python experiments/reproduce.py --out bench/results/cpu-k5 --snapshots-per-epoch 5 --experiments head
                                                                   # the paper's density: K=5 against K=1
-    python bench/reproduce.py --out bench/results/cpu-early-stop --experiments early-stop
+    python experiments/reproduce.py --out bench/results/cpu-early-stop --experiments early-stop
                                                                   # live TWA: does its stop save compute?
-    python bench/reproduce.py --out bench/results/cpu-frontier --experiments head,frontier --seeds 0 1 2
+    python experiments/reproduce.py --out bench/results/cpu-frontier --experiments head,frontier --seeds 0 1 2
                                                                   # accuracy against epochs spent
 
 Every step is one of the project's own commands, run as a subprocess:
@@ -31,9 +31,9 @@ Per seed:
               (`--tail-start swa`: from their uniform mean);
   tail-swa-lrX with the default `--tail-start last`: SWA of the same snapshots (`--epochs 0`, BatchNorm recomputed);
   frontier    (opt-in) per head length H, TWA over epochs 0..H + T TWA epochs against SGD trained on an
-              (H+T)-epoch schedule: accuracy against epochs spent (bench/frontier.py);
+              (H+T)-epoch schedule: accuracy against epochs spent (experiments/frontier.py);
   early-stop  (opt-in) per seed, an E-epoch run with a live TWA follower beside it that records where its stop
-              rule fires without being obeyed, and the same run obeying it (bench/early_stop.py).
+              rule fires without being obeyed, and the same run obeying it (experiments/early_stop.py).
 All runs train with the same --holdout-fraction, so they are comparable and TWA-v has a split to fit on.
 
 Resumable: a finished step leaves work/done/<step>.json and is skipped on a rerun (a rerun with a
@@ -62,8 +62,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import early_stop  # bench/early_stop.py: the early-stop experiment
-import frontier  # bench/frontier.py: accuracy against epochs spent, TWA against budget-matched SGD
+import early_stop  # experiments/early_stop.py: the early-stop experiment
+import frontier  # experiments/frontier.py: accuracy against epochs spent, TWA against budget-matched SGD
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_GRACE_SECONDS = 60.0  # a stopped step gets this long to flush before it is killed
@@ -882,7 +882,7 @@ def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: 
         saved.update(full_seconds=full, head_twa_seconds=ht, wall_fraction=(full - ht) / full if full else None)
     res = {
         "preset": dataclasses.asdict(p),
-        "command": shlex.join(["python", "bench/reproduce.py", *(x for x in argv if x != "--report-only")]),
+        "command": shlex.join(["python", "experiments/reproduce.py", *(x for x in argv if x != "--report-only")]),
         "ranks": ranks,
         "host": _host(),
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -921,7 +921,7 @@ def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: 
 
 # --- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bench/reproduce.py", description=__doc__,
+    ap = argparse.ArgumentParser(prog="experiments/reproduce.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (results.json, report.md, PNGs; work/ inside)")
     g = ap.add_mutually_exclusive_group()

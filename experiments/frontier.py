@@ -1,6 +1,6 @@
-"""The equal-compute frontier of bench/reproduce.py (issue 18, item 2): accuracy against epochs spent.
+"""The equal-compute frontier of experiments/reproduce.py (issue 18, item 2): accuracy against epochs spent.
 
-    python bench/reproduce.py --experiments head,frontier --seeds 0 1 2 --out bench/results/cpu-frontier
+    python experiments/reproduce.py --experiments head,frontier --seeds 0 1 2 --out bench/results/cpu-frontier
 
 Per seed, on top of the head experiment's full E-epoch SGD run (`head-sS`, step schedule, one snapshot per epoch):
 

@@ -1,6 +1,6 @@
-"""The early-stop experiment of bench/reproduce.py (issue 11, item 4): does the live TWA follower save compute?
+"""The early-stop experiment of experiments/reproduce.py (issue 11, item 4): does the live TWA follower save compute?
 
-    python bench/reproduce.py --experiments early-stop --out bench/results/cpu-early-stop
+    python experiments/reproduce.py --experiments early-stop --out bench/results/cpu-early-stop
 
 Per seed, the same SGD job twice (E epochs, the head run's step schedule, one snapshot per epoch), each with
 a 1-rank follower (`launch/twa.py --follow`, the follower's default stop rule unless the preset says
@@ -588,5 +588,5 @@ def _signed(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.2f}"
 
 
-if __name__ == "__main__":  # a module of bench/reproduce.py
-    sys.exit("run `python bench/reproduce.py --experiments early-stop --out DIR`")
+if __name__ == "__main__":  # a module of experiments/reproduce.py
+    sys.exit("run `python experiments/reproduce.py --experiments early-stop --out DIR`")
