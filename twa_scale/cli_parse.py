@@ -97,16 +97,16 @@ def check_config_file(path: str) -> None:
         raise ValueError(f"--config {path}: {where}not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
-def build_parser(cls: type, *, stage: str, prog: str, description: str, env_prefix: str,
-                 default_preset: str = NO_PRESET):
+def build_parser(cls: type, *, stage: str, prog: str, description: str, env_prefix: str, preset: str = NO_PRESET):
     """A jsonargparse parser with one argument per field of dataclass ``cls``, grouped by the section
-    (dataclass) that declares it, with help from the field docstrings."""
+    (dataclass) that declares it, with help from the field docstrings; the values of ``preset`` are its
+    defaults (below the environment, config files and flags)."""
     epilog = (f"Every flag can also come from the environment as {env_prefix}_<FLAG> (e.g. {env_prefix}_EPOCHS=3). "
               "Precedence: dataclass defaults < preset < environment < --config files and flags, in order.")
     p = ArgumentParser(prog=prog, description=description, epilog=epilog, env_prefix=env_prefix,
                        default_env=True, exit_on_error=False, print_config=None)
     p.add_argument("--config", action=_ConfigFile, help="YAML config file (as --print-config writes it)")
-    p.add_argument("--preset", type=str, default=default_preset,
+    p.add_argument("--preset", type=str, default=preset,
                    help=f"Start from a shipped preset: {', '.join(preset_names(stage))}, or {NO_PRESET} "
                         "(the dataclass defaults). It stays in force whatever other flags are given.")
     p.add_argument("--print-config", action="store_true",
@@ -122,8 +122,14 @@ def build_parser(cls: type, *, stage: str, prog: str, description: str, env_pref
             yes_no = {"action": ActionYesNo(no_prefix="no-"), "nargs": "?"} if bool in (kind, *typing.get_args(kind)) \
                 else {"type": kind}
             # `literal` marks of the docstrings: plain text in a terminal
-            group.add_argument(flag(name), "--" + name, dest=name, default=default, help=doc.replace("`", ""),
-                               **yes_no)
+            group.add_argument(*dict.fromkeys([flag(name), "--" + name]), dest=name, default=default,
+                               help=doc.replace("`", ""), **yes_no)
+    if preset != NO_PRESET:
+        values = load_preset(stage, preset)
+        unknown = sorted(set(values) - set(hints))
+        if unknown:
+            raise ValueError(f"--preset {preset}: unknown keys {unknown} in {PRESETS_DIR / stage / preset}.yaml")
+        p.set_defaults(**values)
     return p
 
 
@@ -150,16 +156,15 @@ def parse_config(cls: type, argv: Sequence[str] | None, *, stage: str, prog: str
     """Parse argv (and the environment, and config files) into a ``cls`` instance; errors are
     ValueErrors of one line naming the flag. ``--print-config`` prints and exits 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(cls, stage=stage, prog=prog, description=description, env_prefix=env_prefix,
-                          default_preset=default_preset)
-    ns = _parse(parser, argv)  # which preset is in force: a flag, the environment or a config file says
-    if ns.preset != NO_PRESET:
-        values = load_preset(stage, ns.preset)
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"--preset {ns.preset}: unknown keys {unknown} in {PRESETS_DIR / stage / ns.preset}.yaml")
-        parser.set_defaults(**values)
-        ns = _parse(parser, argv)
+
+    def parse_under(preset: str):
+        parser = build_parser(cls, stage=stage, prog=prog, description=description, env_prefix=env_prefix,
+                              preset=preset)
+        return parser, _parse(parser, argv)
+
+    parser, ns = parse_under(default_preset)  # --help shows the default preset's values
+    if ns.preset != default_preset:  # another one, named by a flag, the environment or a config file
+        parser, ns = parse_under(ns.preset)
     log.info("preset %s in force%s; --preset NAME picks another, --preset %s the plain defaults", ns.preset,
              "" if ns.preset == NO_PRESET else f" (twa_scale/presets/{stage}/{ns.preset}.yaml)", NO_PRESET)
     cfg = cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls) if f.init})

@@ -330,4 +330,4 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str = "launch/trai
     return parse_config(TrainConfig, argv, stage="train", prog=prog, env_prefix=knobs.TRAIN_CONFIG_ENV_PREFIX[:-1],
                         default_preset=DEFAULT_TRAIN_PRESET,
                         description="Train a model with DeepSpeed while streaming weight snapshots; optionally "
-                                    "run TWA after. With no arguments: the quickstart preset.")
+                                    "run TWA after. The quickstart preset is in force unless --preset picks another.")
