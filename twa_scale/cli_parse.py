@@ -60,10 +60,11 @@ def load_preset(stage: str, name: str) -> dict[str, Any]:
 
 
 def flag(name: str) -> str:
+    """The flag of field ``name``, as errors and help spell it: ``snapshot_url`` -> ``--snapshot-url``."""
     return "--" + name.replace("_", "-")
 
 
-def _field_docs(cls: type) -> dict[str, tuple[type, str]]:
+def _field_docs(cls: type) -> dict[type, dict[str, str]]:
     """Each dataclass in ``cls``'s MRO (the config and its sections) -> its own fields' docstrings."""
     import docstring_parser
 
@@ -85,6 +86,7 @@ class _ConfigFile(ActionConfigFile):
 
 
 def check_config_file(path: str) -> None:
+    """One-line error naming ``--config FILE`` (and the line) when the file is missing or not YAML."""
     import yaml
 
     try:

@@ -18,20 +18,17 @@ the dataclass defaults below).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from twa_scale import knobs
-from twa_scale.cli_parse import PRESETS_DIR, load_preset, preset_names
+from twa_scale.cli_parse import PRESETS_DIR, load_preset, parse_config, preset_names
 
 __all__ = ["TrainConfig", "DataSection", "SnapshotSection", "CheckpointSection", "MetricsSection",
            "parse_train_args", "preset_names", "load_preset", "DEFAULT_SNAPSHOT_URL", "PRESETS_DIR",
            "DEFAULT_TRAIN_PRESET"]
-
-log = logging.getLogger(__name__)
 
 Schedule = Literal["step", "step-per-iter", "cosine", "linear", "constant"]
 SnapshotDtype = Literal["float32", "bfloat16", "float16"]
@@ -325,8 +322,6 @@ class TrainConfig(DataSection, SnapshotSection, CheckpointSection, MetricsSectio
 def parse_train_args(argv: Sequence[str] | None = None, prog: str = "launch/train.py") -> TrainConfig:
     """Parse argv (flags, --config, --preset, environment TWA_SCALE_TRAIN_*) into a TrainConfig.
     The `quickstart` preset is in force unless --preset picks another or `none`."""
-    from twa_scale.cli_parse import parse_config
-
     return parse_config(TrainConfig, argv, stage="train", prog=prog, env_prefix=knobs.TRAIN_CONFIG_ENV_PREFIX[:-1],
                         default_preset=DEFAULT_TRAIN_PRESET,
                         description="Train a model with DeepSpeed while streaming weight snapshots; optionally "

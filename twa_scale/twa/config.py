@@ -22,6 +22,7 @@ import logging
 from typing import Any, Literal, Sequence
 
 from twa_scale import knobs
+from twa_scale.cli_parse import parse_config
 from twa_scale.config import (DEFAULT_SNAPSHOT_URL, MetricsSection, Schedule, bad, check_at_least_one, check_choice,
                               check_run_id, check_store)
 from twa_scale.twa.selection import parse_select, parse_select_epochs
@@ -286,8 +287,6 @@ def parse_twa_args(argv: Sequence[str] | None = None, prog: str = "launch/twa.py
     ``--select -5:`` is accepted as ``--select=-5:``. A selection on the command line replaces the
     preset's (the paper presets select by epoch; ``--preset paper_cifar --select 0:11`` takes seq 0..10)."""
     import sys
-
-    from twa_scale.cli_parse import parse_config
 
     argv = join_negative_select(sys.argv[1:] if argv is None else argv)
     flags = {a.split("=", 1)[0].replace("_", "-") for a in argv}
