@@ -156,6 +156,15 @@ def test_the_preset_stays_in_force_until_another_or_none_is_picked(caplog):
     assert parse_twa_args(TWA_REQUIRED) == TwaConfig(snapshot_url="memory://x", run_id="r")  # TWA: no default preset
 
 
+def test_the_environment_or_a_config_file_may_name_the_preset(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: cifar_resnet20\ndata: digits\nepochs: 3\n")
+    cfg = parse_train_args(["--config", str(path)])
+    assert (cfg.epochs, cfg.batch_size, cfg.twa) == (3, 128, False)  # the preset's batch, the file's epochs
+    monkeypatch.setenv("TWA_SCALE_TRAIN_PRESET", "none")
+    assert parse_train_args(["--epochs", "3"]) == TrainConfig(epochs=3)
+
+
 def test_the_quickstart_is_the_bare_command():
     """`deepspeed launch/train.py` with no arguments: the quickstart preset over the dataclass defaults."""
     want = dataclasses.replace(TrainConfig(), run_id=None, checkpoint_dir=None, checkpoint_url=None,
