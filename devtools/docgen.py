@@ -64,7 +64,7 @@ def _flags(cls: type) -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(hints[f.name]):
             rows += _flags(hints[f.name])
             continue
-        flag = "--deepspeed_config" if f.name == "deepspeed_config" else "--" + f.name.replace("_", "-")
+        flag = "--" + f.name.replace("_", "-")
         if f.default is not dataclasses.MISSING:
             default = _default(f.default)
         elif f.default_factory is not dataclasses.MISSING:
@@ -90,7 +90,7 @@ a YAML config file or the environment:
 
 <!-- test:readme-commands -->
 ```bash
-python launch/train.py --model mlp --epochs 2 --no-twa --print-config > my.yaml      # the fully resolved config
+python launch/train.py --model mlp --epochs 2 --no-twa --print-config > my.yaml      # a config template
 deepspeed launch/train.py --config my.yaml --lr 0.2                                 # a file, then flags
 TWA_SCALE_TRAIN_EPOCHS=1 deepspeed launch/train.py --model mlp --no-twa --run-id env  # the environment
 ```
@@ -98,16 +98,19 @@ TWA_SCALE_TRAIN_EPOCHS=1 deepspeed launch/train.py --model mlp --no-twa --run-id
 - Precedence, lowest first: dataclass defaults < `--preset NAME` < environment
   (`TWA_SCALE_TRAIN_<FLAG>` for training, `TWA_SCALE_TWA_<FLAG>` for the TWA stage, e.g.
   `TWA_SCALE_TWA_BATCH_SIZE=256`) < `--config FILE` and flags, in command-line order.
-- `--print-config` prints the fully resolved config (derived values such as `run_id`, and the TWA
-  stage's scaled `lr`, included) as YAML and exits; `--config` of that file gives the same run.
-  Print it with plain `python` (as above): the `deepspeed` launcher adds its own log lines to stdout.
+- `--print-config` prints the config as set (preset, environment, files, flags) as YAML and exits; a
+  derived value (`run_id`, the TWA stage's `lr` scaled by batch) prints as null and stays derived, so
+  `--config my.yaml --model resnet56` gets its own run id and `--config my.yaml --batch-size 256` a
+  rescaled TWA lr. Print it with plain `python` (as above): the `deepspeed` launcher adds its own log lines to stdout.
 - Flags are spelled with dashes or underscores (`--snapshot-url`, `--snapshot_url`); booleans take
   `--twa`, `--no-twa` or `--twa=false`. The DeepSpeed launcher's `--local_rank=N` is accepted.
 - Presets are YAML files shipped in the package (`twa_scale/presets/train/`, `twa_scale/presets/twa/`),
   each citing its source. Training: {train_presets}. TWA: {twa_presets}. `quickstart` is what
-  `deepspeed launch/train.py` without arguments runs. An unknown name fails listing the valid ones.
-- A bad value fails with one line naming the flag, e.g. `error: --schedule: must be one of step,
-  step-per-iter, cosine, linear, constant, got 'exp'`.
+  `deepspeed launch/train.py` without arguments runs, and it stays in force unless `--preset` picks
+  another, or `none` for the dataclass defaults: other flags change only their own values, and the log
+  names the preset in force. An unknown name fails listing the valid ones.
+- A bad value fails with one line naming the flag, e.g. `error: --schedule: Expected a
+  typing.Literal['step', 'step-per-iter', 'cosine', 'linear', 'constant']. Got value: exp` (jsonargparse's words).
 
 ## Environment variables (`twa_scale/knobs.py`)
 
@@ -139,9 +142,12 @@ def configuration() -> str:
              (f"`{knobs.TWA_CONFIG_ENV_PREFIX}<FLAG>`", "—",
               "Any flag of `launch/twa.py`, e.g. `TWA_SCALE_TWA_BATCH_SIZE=256`.")]
     out += _table(("variable", "default", "meaning"), rows)
-    for script, cls in (("launch/train.py", TrainConfig), ("launch/twa.py", TwaConfig)):
+    for script, cls, preset in (("launch/train.py", TrainConfig, "quickstart"), ("launch/twa.py", TwaConfig, "none")):
         out += f"\n## `{script}`\n\n"
-        out += _table(("flag", "default", "meaning"), [(f"`{f}`", d, m) for f, d, m in _flags(cls)])
+        parser_flags = [("--preset", f"`{preset}`",
+                         "The recipe in force under the other flags (`none`: the defaults below)."),
+                        ("--print-config", "—", "Print the config as set, a template for `--config`, and exit.")]
+        out += _table(("flag", "default", "meaning"), [(f"`{f}`", d, m) for f, d, m in parser_flags + _flags(cls)])
     return out
 
 

@@ -213,7 +213,8 @@ def _lr_tag(lr: float) -> str:
 def train_common(p: Preset, work: Path, *, ranks: int = 1) -> tuple[str, list[str]]:
     """The snapshot store's URL and the training flags every run shares (data, model, hold-out, store)."""
     store = "file://" + str((work / "store").resolve())
-    common = ["--model", p.model, "--data", p.data, "--weight-decay", f"{p.weight_decay:g}",
+    # --preset none: this experiment's own recipe over the dataclass defaults, not the quickstart's
+    common = ["--preset", "none", "--model", p.model, "--data", p.data, "--weight-decay", f"{p.weight_decay:g}",
               "--batch-size", str(p.batch_size), "--holdout-fraction", f"{p.holdout_fraction:g}",
               "--snapshot-url", store, "--snapshot-every", "1", "--resume"]
     if ranks > 1:

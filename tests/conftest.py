@@ -36,6 +36,18 @@ def pytest_sessionstart(session):
                 pass
 
 
+# Component tests launch training with the flags under test on the dataclass defaults. The `quickstart`
+# preset, which the bare command keeps in force under other flags, has tests of its own that lift this
+# (tests/test_config.py, tests/test_presets.py, the README and docs commands).
+os.environ["TWA_SCALE_TRAIN_PRESET"] = "none"
+
+
+@pytest.fixture
+def default_preset(monkeypatch):
+    """The preset as users get it: no TWA_SCALE_TRAIN_PRESET in the environment."""
+    monkeypatch.delenv("TWA_SCALE_TRAIN_PRESET", raising=False)
+
+
 # Every marker that puts a test in a heavier tier than `unit` (pyproject.toml's [tool.pytest.ini_options]).
 TIERS = ("multirank", "s3", "prometheus", "k8s", "gpu", "image", "slow", "e2e")
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import yaml
 
-from twa_scale.config import TrainConfig, parse_train_args, preset_names
+from twa_scale.config import TrainConfig, load_preset, parse_train_args, preset_names
 from twa_scale.twa.config import TwaConfig, parse_twa_args
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("default_preset")]
 TWA_REQUIRED = ["--snapshot-url", "memory://x", "--run-id", "r"]
 
 
@@ -41,7 +41,7 @@ def test_bad_flags_name_the_flag(argv, flag):
 
 @pytest.mark.parametrize("argv", [["--schedule", "exp"], ["--snapshot-dtype", "int8"]])
 def test_choices_rejected_by_the_parser(argv):
-    with pytest.raises(ValueError, match=f"^{argv[0]}: must be one of .*got 'exp'|^{argv[0]}: must be one of"):
+    with pytest.raises(ValueError, match=f"^{argv[0]}: .*'cosine'.*Got value: exp$|^{argv[0]}: .*'bfloat16'.*int8$"):
         parse_train_args(argv)
     with pytest.raises(ValueError, match=argv[0]):  # and by the dataclass, for Python callers
         TrainConfig(**{argv[0][2:].replace("-", "_"): argv[1]})
@@ -111,7 +111,64 @@ def test_print_config_round_trips_through_config(stage, parse, argv, tmp_path, c
     path.write_text(text)
     again = parse(["--config", str(path)])
     assert again == parse(argv)
-    assert dataclasses.asdict(again) == yaml.safe_load(text)
+    printed = yaml.safe_load(text)
+    default_preset = "quickstart" if stage == "train" else "none"
+    assert printed.pop("preset") == dict(zip(argv, argv[1:])).get("--preset", default_preset)
+    resolved = dataclasses.asdict(again)
+    assert printed.keys() == resolved.keys() and {k for k, v in printed.items() if v != resolved[k]} <= \
+        {"run_id", "checkpoint_dir", "checkpoint_url", "lr"}  # what stays derived: null in the print
+
+
+def _print_config(parse, argv, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse(argv + ["--print-config"])
+    path = tmp_path / "printed.yaml"
+    path.write_text(capsys.readouterr().out)
+    return str(path)
+
+
+def test_a_printed_config_is_a_template_whose_derived_values_follow_the_flags(tmp_path, capsys):
+    """Derived values print as null and stay derived: --batch-size rescales the TWA lr, --model renames the run."""
+    printed = _print_config(parse_twa_args, TWA_REQUIRED, tmp_path, capsys)
+    assert yaml.safe_load(open(printed))["lr"] is None
+    assert parse_twa_args(["--config", printed]).lr == 2.0
+    assert parse_twa_args(["--config", printed, "--batch-size", "256"]).lr == pytest.approx(4.0)
+    # a value the user set is kept as set
+    printed = _print_config(parse_twa_args, TWA_REQUIRED + ["--lr", "0.5"], tmp_path, capsys)
+    assert parse_twa_args(["--config", printed, "--batch-size", "256"]).lr == 0.5
+
+    printed = _print_config(parse_train_args, [], tmp_path, capsys)
+    cfg = parse_train_args(["--config", printed, "--model", "mlp"])
+    assert (cfg.run_id, cfg.model, cfg.epochs, cfg.twa) == ("mlp-digits-s0", "mlp", 12, True)
+    assert cfg.checkpoint_url.endswith("/mlp-digits-s0/checkpoints") and cfg.checkpoint_dir.endswith("mlp-digits-s0")
+    printed = _print_config(parse_train_args, ["--run-id", "mine"], tmp_path, capsys)
+    assert parse_train_args(["--config", printed, "--model", "mlp"]).run_id == "mine"
+
+
+def test_the_preset_stays_in_force_until_another_or_none_is_picked(caplog):
+    with caplog.at_level("INFO"):
+        cfg = parse_train_args(["--epochs", "3"])
+    assert (cfg.epochs, cfg.twa, cfg.twa_lr) == (3, True, 0.5)  # a flag changes that value only
+    assert "preset quickstart in force" in caplog.text
+    bare = parse_train_args(["--preset", "none", "--epochs", "3"])
+    assert (bare.epochs, bare.twa, bare.twa_lr) == (3, False, None) and bare == TrainConfig(epochs=3)
+    assert parse_twa_args(TWA_REQUIRED) == TwaConfig(snapshot_url="memory://x", run_id="r")  # TWA: no default preset
+
+
+def test_the_environment_or_a_config_file_may_name_the_preset(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: cifar_resnet20\ndata: digits\nepochs: 3\n")
+    cfg = parse_train_args(["--config", str(path)])
+    assert (cfg.epochs, cfg.batch_size, cfg.twa) == (3, 128, False)  # the preset's batch, the file's epochs
+    monkeypatch.setenv("TWA_SCALE_TRAIN_PRESET", "none")
+    assert parse_train_args(["--epochs", "3"]) == TrainConfig(epochs=3)
+
+
+def test_the_quickstart_is_the_bare_command():
+    """`deepspeed launch/train.py` with no arguments: the quickstart preset over the dataclass defaults."""
+    want = dataclasses.replace(TrainConfig(), run_id=None, checkpoint_dir=None, checkpoint_url=None,
+                               **load_preset("train", "quickstart"))
+    assert parse_train_args([]) == want
 
 
 def test_config_file_then_flags_and_environment(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from twa_scale.engine import build_optimizer, lr_factor, milestones
 from twa_scale.twa.config import parse_twa_args
 from twa_scale.twa.selection import select_by_epochs
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("default_preset")]
 
 TWA_REQUIRED = ["--snapshot-url", "memory://x", "--run-id", "r"]
 

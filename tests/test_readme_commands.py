@@ -37,7 +37,8 @@ def test_the_docs_mark_command_blocks():
 @pytest.mark.multirank
 def test_readme_commands_run_as_written(tmp_path):
     (tmp_path / "launch").symlink_to(REPO / "launch")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # as users run them: the bare command's preset in force (tests/conftest.py sets none for the rest)
+    env = {k: v for k, v in os.environ.items() if k != "TWA_SCALE_TRAIN_PRESET"} | {"PYTHONPATH": str(REPO)}
     for cmd in _all_commands():
         run = re.sub(r"\bdeepspeed ", f"deepspeed --master_port {free_port()} ", cmd, count=1)
         proc = subprocess.run(["bash", "-c", f"set -euo pipefail; {run}"], cwd=tmp_path, env=env,

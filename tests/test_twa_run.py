@@ -168,7 +168,7 @@ def test_cifar10_trained_on_2_ranks_to_s3_then_twa_on_3(s3_url, tmp_path):
     from tests.support import launch, require_cifar10
 
     data = str(require_cifar10())
-    launch.deepspeed("launch/train.py", ["--model", "resnet20", "--data", data, "--epochs", "3",
+    launch.deepspeed("launch/train.py", ["--preset", "none", "--model", "resnet20", "--data", data, "--epochs", "3",
                                          "--limit-train", "256", "--limit-val", "128", "--batch-size", "64",
                                          "--snapshot-url", s3_url, "--run-id", "c10", "--seed", "0",
                                          "--checkpoint-dir", str(tmp_path / "ckpt")],

@@ -1,4 +1,4 @@
-"""Typed configuration of the TWA stage, and its command line (the mechanism in :mod:`twa_scale.config`).
+"""Typed configuration of the TWA stage: ``TwaConfig``, with the guard and live-follow sections.
 
 Paper mode (ICLR 2023) is the default: Gram-Schmidt basis of the raw snapshots (seq 0 included,
 as in the authors' head-stage scripts), start at the SWA mean, projected SGD (batch 128, lr 2,
@@ -6,8 +6,14 @@ momentum 0.9, wd 1e-5, 10 epochs, the authors' epoch-wise MultiStepLR), BatchNor
 start and end. Named presets are shipped YAML files in ``twa_scale/presets/twa/``: `paper_cifar`,
 `paper_imagenet` (batch 256, lr 0.3, 2 epochs) and `journal` (arXiv 2205.13104).
 
+The flags stay flat; ``GuardSection`` (the divergence guard) and ``FollowSection`` (live TWA beside a
+training job) are dataclasses ``TwaConfig`` inherits, each checking its own fields, as does the
+``MetricsSection`` both stages share. The command line comes from :mod:`twa_scale.cli_parse`.
+
 The lr belongs to a batch: unless ``--lr`` is given, lr = base_lr × batch_size / base_batch_size
 (linear scaling from the preset's batch), and the scaled value is logged and kept in the config.
+A printed config (``--print-config``) leaves the lr null when it was not set, so it rescales with
+``--batch-size``.
 """
 from __future__ import annotations
 
@@ -15,12 +21,14 @@ import dataclasses
 import logging
 from typing import Any, Literal, Sequence
 
-from twa_scale.config import (DEFAULT_SNAPSHOT_URL, LogFormat, Schedule, check_choice, check_run_id,
-                              check_store_and_metrics, parse_config)
+from twa_scale import knobs
+from twa_scale.cli_parse import parse_config
+from twa_scale.config import (DEFAULT_SNAPSHOT_URL, MetricsSection, Schedule, bad, check_at_least_one, check_choice,
+                              check_run_id, check_store)
 from twa_scale.twa.selection import parse_select, parse_select_epochs
 from twa_scale.twa.stoprule import StopRule, parse_stop_rule
 
-__all__ = ["TwaConfig", "parse_twa_args", "parse_select"]
+__all__ = ["TwaConfig", "GuardSection", "FollowSection", "parse_twa_args", "parse_select"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +42,92 @@ GuardFallback = Literal["start", "error"]
 
 
 @dataclasses.dataclass(kw_only=True)
-class TwaConfig:
+class GuardSection:
+    """guard: never return a model worse than the start silently"""
+    guard: bool = True
+    """Never return a model worse than the start silently: on divergence in any epoch, or a result below
+    the start on the guard split, restart at a lower lr (see --guard-fallback when every lr fails)."""
+    guard_fallback: GuardFallback = "start"
+    """When every lr fails the guard: `start` returns the start point (the uniform average of the
+    selection, i.e. SWA; with --start, that snapshot) with a warning, and result.json says `returned:
+    start` and why; `error` exits 2 and writes no model."""
+    guard_retries: int = 3
+    """Restarts the guard may make (each at lr x guard-lr-factor)."""
+    guard_lr_factor: float = 0.25
+    """Learning-rate factor of each restart."""
+    guard_loss_factor: float = 4.0
+    """Divergence: an epoch's running mean loss exceeds this many times the start point's loss."""
+    guard_tolerance: float = 0.003
+    """Accuracy (0..1) the fitted point may lose against the start on the guard split; beyond it the attempt
+    fails, whatever its loss."""
+    guard_samples: int = 1024
+    """Size of the guard split carved from the training data when the run has no hold-out split (at most half
+    of it); the fit leaves those images out."""
+
+    def __post_init__(self) -> None:
+        check_choice("guard-fallback", self.guard_fallback, GuardFallback)
+        if self.guard_retries < 0:
+            bad("guard-retries", f"must be >= 0, got {self.guard_retries}")
+        for flag, v, ok, want in (
+                ("guard-lr-factor", self.guard_lr_factor, 0 < self.guard_lr_factor < 1, "in (0, 1)"),
+                ("guard-loss-factor", self.guard_loss_factor, self.guard_loss_factor > 1, "> 1"),
+                ("guard-tolerance", self.guard_tolerance, 0 <= self.guard_tolerance < 1, "in [0, 1)"),
+                ("guard-samples", self.guard_samples, self.guard_samples >= 1, ">= 1")):
+            if not ok:
+                bad(flag, f"must be {want}, got {v}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class FollowSection:
+    """follow: live TWA beside a running training job (--follow)"""
+    follow: bool = False
+    """Live TWA: follow a running training job's snapshots, probe TWA every --probe-every snapshots, write
+    <run>/control/STOP.json when --stop-rule fires, and run the final TWA when training ends."""
+    probe_every: int = 2
+    """--follow: run a probe every K newly committed snapshots (at one snapshot per epoch: every 2 epochs)."""
+    probe_steps: int = 100
+    """--follow: TWA steps of a probe's short fit (a seeded sample of the training data, new per probe)."""
+    probe_bn_batches: int = 20
+    """--follow: batches per rank a probe recalibrates BatchNorm on."""
+    stop_rule: str = "gain"
+    """--follow: `gain` (the upper 95% bound of the TWA probe's gain per epoch, paired per hold-out image,
+    fell below --stop-price, the TWA probe is >= the SGD snapshot on the hold-out, and the run's lr is still
+    in its first phase), `plateau` (the last --stop-patience probes gained < --stop-epsilon points, TWA >=
+    SGD on the hold-out), `target:ACC` (a TWA probe reached ACC on the hold-out), or `none` (never stop).
+    No rule reads the validation split."""
+    stop_price: float = 1.0
+    """--follow: the gain rule's price, in accuracy points per epoch: stop once another epoch is unlikely
+    (95% upper bound) to buy this much TWA accuracy."""
+    stop_epsilon: float = 0.2
+    """--follow: the plateau rule's least gain, in accuracy points (0.2 = 0.002)."""
+    stop_patience: int = 3
+    """--follow: probes the plateau rule looks back over."""
+    stop_marker: bool = True
+    """--follow: write STOP.json when the rule fires; --no-stop-marker only records the decision (`would_stop`
+    in probes.json), for runs that measure where the rule would have stopped."""
+    follow_timeout: float = 1800.0
+    """--follow: seconds to wait for the run to appear, and then for each next snapshot, before exiting 75."""
+    poll_seconds: float = 5.0
+    """--follow: seconds between two looks at the run for new snapshots."""
+
+    def __post_init__(self) -> None:
+        check_at_least_one(probe_every=self.probe_every, probe_steps=self.probe_steps,
+                           probe_bn_batches=self.probe_bn_batches)
+        for flag, v in (("follow-timeout", self.follow_timeout), ("poll-seconds", self.poll_seconds)):
+            if not v > 0:
+                bad(flag, f"must be > 0 seconds, got {v}")
+        _ = self.rule  # one-line errors for --stop-rule and its parameters, before any work
+
+    @property
+    def rule(self) -> StopRule:
+        """The --follow stop rule."""
+        return parse_stop_rule(self.stop_rule, epsilon_points=self.stop_epsilon, patience=self.stop_patience,
+                               price_points=self.stop_price)
+
+
+@dataclasses.dataclass(kw_only=True)
+class TwaConfig(GuardSection, FollowSection, MetricsSection):
+    """twa: the snapshots, the start point and the fit"""
     snapshot_url: str = DEFAULT_SNAPSHOT_URL
     """fsspec URL of the snapshot store (s3://bucket/prefix, file:///abs/path, memory://x); the default is
     the training job's, ./twa_runs."""
@@ -90,25 +183,6 @@ class TwaConfig:
     compile: bool | None = None
     """Packed-P kernels (p-bits <= 8): True = torch.compile, False = eager; None = auto (a C kernel on CPU,
     torch.compile on CUDA). The knob TWA_SCALE_P_KERNEL overrides both."""
-    guard: bool = True
-    """Never return a model worse than the start silently: on divergence in any epoch, or a result below
-    the start on the guard split, restart at a lower lr (see --guard-fallback when every lr fails)."""
-    guard_fallback: GuardFallback = "start"
-    """When every lr fails the guard: `start` returns the start point (the uniform average of the
-    selection, i.e. SWA; with --start, that snapshot) with a warning, and result.json says `returned:
-    start` and why; `error` exits 2 and writes no model."""
-    guard_retries: int = 3
-    """Restarts the guard may make (each at lr x guard-lr-factor)."""
-    guard_lr_factor: float = 0.25
-    """Learning-rate factor of each restart."""
-    guard_loss_factor: float = 4.0
-    """Divergence: an epoch's running mean loss exceeds this many times the start point's loss."""
-    guard_tolerance: float = 0.003
-    """Accuracy (0..1) the fitted point may lose against the start on the guard split; beyond it the attempt
-    fails, whatever its loss."""
-    guard_samples: int = 1024
-    """Size of the guard split carved from the training data when the run has no hold-out split (at most half
-    of it); the fit leaves those images out."""
     rank_tol: float = 1e-5
     """Drop a snapshot whose residual after the earlier ones is below this fraction of its norm."""
     batch_size: int = 128
@@ -132,55 +206,8 @@ class TwaConfig:
     """DataLoader workers per rank."""
     plot: bool = True
     """Write coefficients.png next to result.json."""
-    metrics_port: int = 0
-    """Prometheus exporter port of this node (0: off)."""
-    metrics_addr: str = "0.0.0.0"
-    """Bind address of the Prometheus exporter."""
-    log_every_steps: int = 50
-    """Read the per-step loss from the device every N steps (one host sync per N steps, not per step);
-    the divergence guard and the per-step Prometheus series see the steps at that cadence."""
-    logger: str = "none"
-    """Experiment tracking: `tensorboard` (event files under <snapshot-url>/<run-id>/tensorboard/<stage>/),
-    `mlflow` (pip install 'twa_scale[mlflow]'; MLFLOW_TRACKING_URI, default ./mlruns), both comma-separated,
-    or `none`. Rank 0 logs loss, lr and throughput per step, validation per epoch, snapshots and the TWA result."""
-    log_format: LogFormat = "text"
-    """Log lines as `text` or `json` (one JSON object per line, for log pipelines)."""
-    log_all_ranks: bool = False
-    """INFO lines from every rank; by default rank 0 logs INFO and the other ranks only warnings and errors."""
-    follow: bool = False
-    """Live TWA: follow a running training job's snapshots, probe TWA every --probe-every snapshots, write
-    <run>/control/STOP.json when --stop-rule fires, and run the final TWA when training ends."""
-    probe_every: int = 2
-    """--follow: run a probe every K newly committed snapshots (at one snapshot per epoch: every 2 epochs)."""
-    probe_steps: int = 100
-    """--follow: TWA steps of a probe's short fit (a seeded sample of the training data, new per probe)."""
-    probe_bn_batches: int = 20
-    """--follow: batches per rank a probe recalibrates BatchNorm on."""
-    stop_rule: str = "gain"
-    """--follow: `gain` (the upper 95% bound of the TWA probe's gain per epoch, paired per hold-out image,
-    fell below --stop-price, the TWA probe is >= the SGD snapshot on the hold-out, and the run's lr is still
-    in its first phase), `plateau` (the last --stop-patience probes gained < --stop-epsilon points, TWA >=
-    SGD on the hold-out), `target:ACC` (a TWA probe reached ACC on the hold-out), or `none` (never stop).
-    No rule reads the validation split."""
-    stop_price: float = 1.0
-    """--follow: the gain rule's price, in accuracy points per epoch: stop once another epoch is unlikely
-    (95% upper bound) to buy this much TWA accuracy."""
-    stop_epsilon: float = 0.2
-    """--follow: the plateau rule's least gain, in accuracy points (0.2 = 0.002)."""
-    stop_patience: int = 3
-    """--follow: probes the plateau rule looks back over."""
-    stop_marker: bool = True
-    """--follow: write STOP.json when the rule fires; --no-stop-marker only records the decision (`would_stop`
-    in probes.json), for runs that measure where the rule would have stopped."""
-    follow_timeout: float = 1800.0
-    """--follow: seconds to wait for the run to appear, and then for each next snapshot, before exiting 75."""
-    poll_seconds: float = 5.0
-    """--follow: seconds between two looks at the run for new snapshots."""
 
     def __post_init__(self) -> None:
-        def bad(flag: str, msg: str):
-            raise ValueError(f"--{flag}: {msg}")
-
         if not self.snapshot_url:
             bad("snapshot-url", "is required")
         if not self.run_id:
@@ -191,16 +218,12 @@ class TwaConfig:
             parse_select_epochs(self.select_epochs)
             if self.select is not None:
                 bad("select-epochs", f"cannot be combined with --select {self.select} (pick one)")
-        if self.log_every_steps < 1:
-            bad("log-every-steps", f"must be >= 1, got {self.log_every_steps}")
         if self.epochs < 0:
             bad("epochs", f"must be >= 0, got {self.epochs}")
-        for flag, v in (("batch-size", self.batch_size), ("base-batch-size", self.base_batch_size)):
-            if v < 1:
-                bad(flag, f"must be >= 1, got {v}")
+        check_at_least_one(batch_size=self.batch_size, base_batch_size=self.base_batch_size)
         if self.base_lr <= 0:
             bad("base-lr", f"must be > 0, got {self.base_lr}")
-        if self.lr is None:
+        if self.lr is None:  # derived unless set
             self.lr = self.base_lr * self.batch_size / self.base_batch_size
             if self.batch_size != self.base_batch_size:
                 log.info("--lr %g: scaled linearly from lr %g at batch %d to --batch-size %d (set --lr to override)",
@@ -221,35 +244,13 @@ class TwaConfig:
             bad("warmup", f"is a fraction of the TWA steps in [0, 1), got {self.warmup}")
         if not 0 < self.rank_tol < 1:
             bad("rank-tol", f"must be in (0, 1), got {self.rank_tol}")
-        for flag, v in (("block-size", self.block_size), ("bn-batches", self.bn_batches),
-                        ("limit-train", self.limit_train), ("limit-val", self.limit_val)):
-            if v is not None and v < 1:
-                bad(flag, f"must be >= 1, got {v}")
-        for flag, v in (("eval-every", self.eval_every), ("guard-retries", self.guard_retries)):
-            if v < 0:
-                bad(flag, f"must be >= 0, got {v}")
-        for flag, v, ok, want in (
-                ("guard-lr-factor", self.guard_lr_factor, 0 < self.guard_lr_factor < 1, "in (0, 1)"),
-                ("guard-loss-factor", self.guard_loss_factor, self.guard_loss_factor > 1, "> 1"),
-                ("guard-tolerance", self.guard_tolerance, 0 <= self.guard_tolerance < 1, "in [0, 1)"),
-                ("guard-samples", self.guard_samples, self.guard_samples >= 1, ">= 1")):
-            if not ok:
-                bad(flag, f"must be {want}, got {v}")
-        for flag, v in (("probe-every", self.probe_every), ("probe-steps", self.probe_steps),
-                        ("probe-bn-batches", self.probe_bn_batches)):
-            if v < 1:
-                bad(flag, f"must be >= 1, got {v}")
-        for flag, v in (("follow-timeout", self.follow_timeout), ("poll-seconds", self.poll_seconds)):
-            if not v > 0:
-                bad(flag, f"must be > 0 seconds, got {v}")
-        _ = self.rule  # one-line errors for --stop-rule and its parameters, before any work
-        check_store_and_metrics(self)
-
-    @property
-    def rule(self) -> StopRule:
-        """The --follow stop rule."""
-        return parse_stop_rule(self.stop_rule, epsilon_points=self.stop_epsilon, patience=self.stop_patience,
-                               price_points=self.stop_price)
+        check_at_least_one(block_size=self.block_size, bn_batches=self.bn_batches, limit_train=self.limit_train,
+                           limit_val=self.limit_val)
+        if self.eval_every < 0:
+            bad("eval-every", f"must be >= 0, got {self.eval_every}")
+        for section in (GuardSection, FollowSection, MetricsSection):
+            section.__post_init__(self)
+        check_store(self.snapshot_url, self.storage_options)
 
     @property
     def output_url(self) -> str:
@@ -293,5 +294,5 @@ def parse_twa_args(argv: Sequence[str] | None = None, prog: str = "launch/twa.py
         argv = ["--select-epochs=null", *argv]
     elif "--select-epochs" in flags and "--select" not in flags:
         argv = ["--select=null", *argv]
-    return parse_config(TwaConfig, argv, stage="twa", prog=prog,
+    return parse_config(TwaConfig, argv, stage="twa", prog=prog, env_prefix=knobs.TWA_CONFIG_ENV_PREFIX[:-1],
                         description="Trainable Weight Averaging over streamed snapshots.")
