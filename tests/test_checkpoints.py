@@ -126,6 +126,24 @@ def test_sigterm_on_one_rank_checkpoints_every_rank_at_one_step_then_resume_matc
     _same_as_reference(reference, tmp_path, "term")
 
 
+
+def test_buffers_saved_by_another_model_are_a_one_line_error():
+    """A checkpoint's per-rank buffers go back into the model only when they fit it (names and shapes)."""
+    import torch
+
+    from twa_scale.checkpoints import CheckpointError, _buffers, _restore_buffers
+    from twa_scale.models import build_model
+
+    torch.manual_seed(0)
+    saved, model = build_model("resnet20", 10), build_model("resnet20", 10)
+    saved.train()(torch.randn(4, 3, 32, 32))  # running statistics away from their initial values
+    _restore_buffers(model, _buffers(saved), "ckpt/epoch1")
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), saved.buffers(), strict=True))
+    with pytest.raises(CheckpointError, match=r"^--resume: checkpoint ckpt/epoch1: its per-rank buffers do not "
+                                              r"match this model's \(57 buffers\)"):
+        _restore_buffers(model, _buffers(build_model("resnet56", 10)), "ckpt/epoch1")
+
+
 # --- fail-safe resume on S3 (issue 19): a damaged newest tag leaves the resume on the previous intact one ---------
 @pytest.fixture(scope="module")
 def s3_finished(s3_server, tmp_path_factory):
