@@ -7,9 +7,12 @@ the data the run stands, so ``--resume`` continues exactly where it stopped, mid
 
 - ``epoch`` (0-based epoch in progress; after an epoch's end, the next one) and ``batch`` (micro-batches
   of that epoch already consumed; the loader starts there with ``start_batch``), ``step_in_epoch``;
-- ``ranks``: per rank, the torch RNG states (dropout draws from them) and the partial epoch loss sums
+- ``ranks``: per rank, the torch RNG states (dropout draws from them), the partial epoch loss sums
   (float64, as :class:`~twa_scale.steplog.StepLog` keeps them), so the epoch's ``train_loss`` row is the
-  one an uninterrupted run writes.
+  one an uninterrupted run writes, and the model's buffers (BatchNorm running statistics). Each rank
+  updates its running statistics from its own batches and evaluates its part of the validation set with
+  them, while DeepSpeed saves rank 0's module only; a resume with the same number of ranks gives every
+  rank its own back (:func:`load`), so ``val_loss`` and ``val_accuracy`` are the uninterrupted run's too.
 
 On SIGTERM every rank saves one at the same step (twa_scale/preemption.py), if it fits in the deadline.
 
@@ -86,6 +89,23 @@ def _rng_state() -> dict:
     return state
 
 
+def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's module buffers (BatchNorm running statistics), on the CPU."""
+    return {name: b.detach().cpu() for name, b in module.named_buffers()}
+
+
+def _restore_buffers(module: torch.nn.Module, saved: dict, path) -> None:
+    """Copy this rank's saved buffers back into ``module``; a checkpoint for another model is a one-line error."""
+    own = dict(module.named_buffers())
+    if not isinstance(saved, dict) or set(saved) != set(own) or any(
+            not isinstance(saved[n], torch.Tensor) or saved[n].shape != b.shape for n, b in own.items()):
+        raise CheckpointError(f"--resume: checkpoint {path}: its per-rank buffers do not match this model's "
+                              f"({len(own)} buffers); it was saved by a different model")
+    with torch.no_grad():
+        for name, b in own.items():
+            b.copy_(saved[name])
+
+
 def drain(streamer, below: int | None = None, poll_seconds: float = 0.01,
           timeout_seconds: float | None = None) -> bool:
     """Wait until every snapshot this rank queued (with a seq < ``below``, if given) is uploaded, and on
@@ -121,7 +141,8 @@ def save(engine, checkpoint_dir: str, *, epoch: int, batch: int = 0, step_in_epo
         log.error("checkpoint at epoch %d, batch %d not saved: snapshots %s still uncommitted after %.0f s",
                   epoch, batch, streamer.pending(), drain_seconds)
         return None
-    ranks = _all_gather_object({"rng": _rng_state(), "loss_sum": float(loss_sum), "samples": int(samples)})
+    ranks = _all_gather_object({"rng": _rng_state(), "loss_sum": float(loss_sum), "samples": int(samples),
+                                "buffers": _buffers(engine.module)})
     tag = f"epoch{epoch}" if batch == 0 else f"epoch{epoch}-step{step_in_epoch}"
     client = {"epoch": int(epoch), "batch": int(batch), "step_in_epoch": int(step_in_epoch),
               "global_steps": int(engine.global_steps), "world_size": comm.world_size(), "ranks": ranks}
@@ -169,6 +190,10 @@ def load(engine, checkpoint_dir: str, url: str | None = None, storage_options=No
     point = ResumePoint(path=str(path), epoch=int(client["epoch"]), batch=int(client.get("batch", 0)),
                         step_in_epoch=int(client.get("step_in_epoch", 0)))
     ranks = client.get("ranks")
+    if ranks and len(ranks) == comm.world_size() and "buffers" in ranks[comm.rank()]:
+        _restore_buffers(engine.module, ranks[comm.rank()]["buffers"], path)
+    # (With another number of ranks, every rank keeps rank 0's buffers, which DeepSpeed loaded: the data
+    # is split differently then, so no resume could reproduce the old run's evaluation anyway.)
     if point.mid_epoch:
         if not ranks or len(ranks) != comm.world_size():
             from twa_scale.errors import ConfigError
