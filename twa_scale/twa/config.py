@@ -111,6 +111,10 @@ class TwaConfig:
     of it); the fit leaves those images out."""
     rank_tol: float = 1e-5
     """Drop a snapshot whose residual after the earlier ones is below this fraction of its norm."""
+    rank_spread_tol: float = 0.01
+    """Drop a near-duplicate snapshot: one whose residual after the earlier ones is below this fraction of
+    the trajectory's spread (the largest singular value of the centred snapshots); the fit would otherwise
+    move along a direction SGD barely explored, with huge coefficients. 0 keeps every independent one."""
     batch_size: int = 128
     """Global batch size of the TWA steps (its own, not the training run's); see --lr. When it does not
     divide over the ranks, the largest per-rank batch that fits is used and the effective batch reported."""
@@ -221,6 +225,8 @@ class TwaConfig:
             bad("warmup", f"is a fraction of the TWA steps in [0, 1), got {self.warmup}")
         if not 0 < self.rank_tol < 1:
             bad("rank-tol", f"must be in (0, 1), got {self.rank_tol}")
+        if not 0 <= self.rank_spread_tol < 1:
+            bad("rank-spread-tol", f"must be in [0, 1), got {self.rank_spread_tol}")
         for flag, v in (("block-size", self.block_size), ("bn-batches", self.bn_batches),
                         ("limit-train", self.limit_train), ("limit-val", self.limit_val)):
             if v is not None and v < 1:
