@@ -92,7 +92,8 @@ class TwaConfig:
     torch.compile on CUDA). The knob TWA_SCALE_P_KERNEL overrides both."""
     guard: bool = True
     """Never return a model worse than the start silently: on divergence in any epoch, or a result below
-    the start on the guard split, restart at a lower lr (see --guard-fallback when every lr fails)."""
+    the start on the guard split (by more than --guard-tolerance), restart at a lower lr (see
+    --guard-fallback when every lr fails). The guard split is not the reported val split."""
     guard_fallback: GuardFallback = "start"
     """When every lr fails the guard: `start` returns the start point (the uniform average of the
     selection, i.e. SWA; with --start, that snapshot) with a warning, and result.json says `returned:
