@@ -95,7 +95,8 @@ AUTH_ERROR_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "In
 def auth_error_code(exc: BaseException) -> str | None:
     """The S3 error code (``SignatureDoesNotMatch``, ``AccessDenied``, ``403`` ...) when ``exc`` or one of its
     causes is the store refusing our credentials, else None. botocore's ``ClientError`` carries the code in
-    ``response["Error"]["Code"]``; a HEAD answers a bare 403 (no body, so no code); missing credentials
+    ``response["Error"]["Code"]``; a HEAD answers a bare 403 (no body, so no code); obstore's
+    ``PermissionDeniedError``/``UnauthenticatedError`` carry it in their text; missing credentials
     (``NoCredentialsError``) count too."""
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -109,8 +110,11 @@ def auth_error_code(exc: BaseException) -> str | None:
                 return code
             if status == 403:
                 return code or "403"
-        if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
-            return type(exc).__name__
+        name = type(exc).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            return name
+        if name in ("PermissionDeniedError", "UnauthenticatedError"):  # obstore's: the S3 code is in the text
+            return next((c for c in sorted(AUTH_ERROR_CODES) if c in str(exc) and not c.isdigit()), name)
         exc = exc.__cause__ or exc.__context__
     return None
 

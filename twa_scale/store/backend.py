@@ -386,7 +386,7 @@ class S3Store(FsspecStore):
             raise self.unreachable(e) from e
         if isinstance(out, list):
             for x in out:
-                if isinstance(x, Exception) and not isinstance(x, (OSError, ValueError)):
+                if isinstance(x, Exception) and (not isinstance(x, (OSError, ValueError)) or auth_error_code(x)):
                     raise self.unreachable(x) from x
         return out
 
