@@ -87,9 +87,10 @@ def is_connection_error(exc: BaseException) -> bool:
 
 # S3 error codes that mean the store rejected who we are (a bad key id, a wrong secret, an expired or
 # malformed token) or refused the request as an identity: permanent, a configuration problem.
-AUTH_ERROR_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-                              "TokenRefreshRequired", "InvalidClientTokenId", "AuthorizationHeaderMalformed",
-                              "MissingSecurityHeader", "AccessDenied", "403", "Forbidden"})
+# The most specific first: a text that holds several names the credential problem, not the status.
+AUTH_ERROR_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                    "TokenRefreshRequired", "InvalidClientTokenId", "AuthorizationHeaderMalformed",
+                    "MissingSecurityHeader", "AccessDenied", "Forbidden", "403")
 
 
 def auth_error_code(exc: BaseException) -> str | None:
@@ -114,7 +115,7 @@ def auth_error_code(exc: BaseException) -> str | None:
         if name in ("NoCredentialsError", "PartialCredentialsError"):
             return name
         if name in ("PermissionDeniedError", "UnauthenticatedError"):  # obstore's: the S3 code is in the text
-            return next((c for c in sorted(AUTH_ERROR_CODES) if c in str(exc) and not c.isdigit()), name)
+            return next((c for c in AUTH_ERROR_CODES if c in str(exc) and not c.isdigit()), name)
         exc = exc.__cause__ or exc.__context__
     return None
 

@@ -378,7 +378,9 @@ class S3Store(FsspecStore):
         bucket."""
         try:
             out = fn(*args, **kwargs)
-        except PermissionError as e:  # s3fs's translation of 403s: which credentials, where
+        except PermissionError as e:  # s3fs's translation of 403s: say which credentials failed, where
+            if auth_error_code(e) is None:
+                raise
             raise self.unreachable(e) from e
         except (OSError, ValueError, TypeError):
             raise
