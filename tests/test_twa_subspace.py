@@ -312,3 +312,71 @@ def test_growing_basis_equals_the_from_scratch_build():
         assert _rel(b.reconstruct(theta), ref.reconstruct(theta)) < 1e-6
         assert _rel(b.alpha(theta), ref.alpha(theta)) < 1e-6
     assert added == [True] * 5 + [False] + [True] * 3
+
+
+def _with_near_duplicates(offset: float):
+    """A trajectory of 5 distinct snapshots, then two that moved ``offset`` x its spread (converged SGD)."""
+    from twa_scale.twa.subspace import trajectory_spread
+
+    x = _trajectory(n=5)
+    spread = trajectory_spread(gram(x))
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(2, x.shape[1], generator=g)
+    noise = offset * spread * noise / noise.norm(dim=1, keepdim=True)
+    return torch.cat([x, (x[4] + noise[0])[None], (x[4] + noise[0] + noise[1])[None]]), spread
+
+
+def test_near_duplicate_snapshots_are_dropped_at_the_source():
+    """Issue 20: two snapshots 1e-3 x the spread from the last distinct one. With the default spread
+    tolerance they leave the basis, the averaging weights a unit move in the span can ask for stay bounded,
+    the rank equals numpy's SVD rank at the same tolerance, and the span still holds every distinct snapshot."""
+    import numpy as np
+
+    x, spread = _with_near_duplicates(1e-3)
+    spread_tol = TwaConfig(snapshot_url="memory://x", run_id="r").rank_spread_tol
+    b = build_basis(x, 0, x.shape[1], BLOCKS, spread_tol=spread_tol)
+    assert b.report["near_duplicates"] == [5, 6] and b.report["dropped"] == [5, 6] and b.k == 5
+    assert b.report["spread_tol"] == spread_tol
+    assert b.report["spread"] == pytest.approx(torch.linalg.svdvals(x.double() - x.double().mean(0))[0].item())
+    spread = b.report["spread"]  # of all 7 snapshots, the scale the tolerance is measured against
+    # reference: numpy's SVD rank of the snapshots, singular values below spread_tol x the spread counted out
+    s = np.linalg.svd(x.double().numpy(), compute_uv=False)
+    assert np.linalg.matrix_rank(x.double().numpy(), tol=spread_tol * spread) == b.k
+    assert s[b.k - 1] > 10 * spread_tol * spread > 10 * s[b.k]  # a clear gap: the near-duplicates' values
+    # the span still holds every distinct snapshot; the model's affine subspace through the SWA start holds
+    # every snapshot to within the near-duplicates' offset (the start averages them in)
+    q = b.dequantized().double()
+    for i in range(x.shape[0]):
+        w = x[i].double()
+        if i < 5:
+            assert (w - q.T @ (q @ w)).norm() < 1e-5 * w.norm(), i
+        d = w - b.w_start.double()
+        assert (d - q.T @ (q @ d)).norm() < 3e-3 * spread, i
+    # bounded coefficients: a move of one spread anywhere in the span changes the snapshot weights by at
+    # most 1 / spread_tol; without the tolerance the near-duplicates' direction asks for ~1e3
+    def worst_alpha(basis):
+        return torch.linalg.matrix_norm(basis.M[0], ord=2).item() * spread
+
+    assert worst_alpha(b) < 1 / spread_tol
+    loose = build_basis(x, 0, x.shape[1], BLOCKS, spread_tol=0.0)
+    assert loose.k == 7 and loose.report["near_duplicates"] == [] and worst_alpha(loose) > 3 / spread_tol
+    assert torch.isfinite(b.M).all() and torch.isfinite(b.dequantized()).all()
+
+
+def test_spread_tolerance_keeps_snapshots_that_moved():
+    """Snapshots 5% of the spread apart are a real part of the trajectory: kept."""
+    x, _ = _with_near_duplicates(0.05)
+    b = build_basis(x, 0, x.shape[1], BLOCKS, spread_tol=0.01)
+    assert b.k == 7 and b.report["dropped"] == [] and b.report["near_duplicates"] == []
+
+
+def test_growing_basis_drops_near_duplicates_as_they_arrive():
+    from twa_scale.twa.subspace import GrowingBasis
+
+    x, _ = _with_near_duplicates(1e-3)
+    grow = GrowingBasis(0, x.shape[1], spread_tol=0.01)
+    assert [grow.append(row) for row in x] == [True] * 5 + [False] * 2
+    b = grow.basis()
+    ref = build_basis(x, 0, x.shape[1], BLOCKS, spread_tol=0.01)
+    assert b.report["near_duplicates"] == [5, 6] and b.k == ref.k
+    assert _rel(b.dequantized(), ref.dequantized()) < 1e-6

@@ -8,8 +8,8 @@ see a process's exit status, so every launch path (``launch/*.py`` through
 status  name                meaning, and what a restart policy should do
 ======  ==================  ==================================================================
 0       ``EXIT_OK``         done.
-2       ``EXIT_CONFIG``     bad configuration or bad input (flag, URL, dataset, snapshot):
-                            permanent; retrying cannot help. Fail at once.
+2       ``EXIT_CONFIG``     bad configuration or bad input (flag, URL, dataset, snapshot, refused
+                            credentials): permanent; retrying cannot help. Fail at once.
 75      ``EXIT_TEMPFAIL``   transient infrastructure (``EX_TEMPFAIL``, sysexits.h): the store is
                             unreachable at start, the rendezvous timed out, pod 0 stayed
                             Pending. Restart (the job resumes from its newest checkpoint).
@@ -28,7 +28,7 @@ import os
 
 __all__ = ["EXPECTED_ERRORS", "EXIT_CONFIG", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_TEMPFAIL", "ConfigError",
            "StoreUnreachableError",
-           "TransientError", "TwaScaleError", "exit_code", "is_connection_error", "is_transient"]
+           "TransientError", "TwaScaleError", "auth_error_code", "exit_code", "is_connection_error", "is_transient"]
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -83,6 +83,41 @@ def is_connection_error(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+# S3 error codes that mean the store rejected who we are (a bad key id, a wrong secret, an expired or
+# malformed token) or refused the request as an identity: permanent, a configuration problem.
+# The most specific first: a text that holds several names the credential problem, not the status.
+AUTH_ERROR_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                    "TokenRefreshRequired", "InvalidClientTokenId", "AuthorizationHeaderMalformed",
+                    "MissingSecurityHeader", "AccessDenied", "Forbidden", "403")
+
+
+def auth_error_code(exc: BaseException) -> str | None:
+    """The S3 error code (``SignatureDoesNotMatch``, ``AccessDenied``, ``403`` ...) when ``exc`` or one of its
+    causes is the store refusing our credentials, else None. botocore's ``ClientError`` carries the code in
+    ``response["Error"]["Code"]``; a HEAD answers a bare 403 (no body, so no code); obstore's
+    ``PermissionDeniedError``/``UnauthenticatedError`` carry it in their text; missing credentials
+    (``NoCredentialsError``) count too."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            err = response.get("Error") or {}
+            code = str(err.get("Code") or "")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code in AUTH_ERROR_CODES:
+                return code
+            if status == 403:
+                return code or "403"
+        name = type(exc).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            return name
+        if name in ("PermissionDeniedError", "UnauthenticatedError"):  # obstore's: the S3 code is in the text
+            return next((c for c in AUTH_ERROR_CODES if c in str(exc) and not c.isdigit()), name)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _transient_torch_error(exc: BaseException) -> bool:

@@ -27,8 +27,12 @@ def format_table(result: dict) -> str:
         f"(seq {seqs[0] if seqs else '-'}..{seqs[-1] if seqs else '-'}), world size {result.get('world_size')}, "
         f"effective rank {result.get('effective_rank')}",
     ]
-    if result.get("basis", {}).get("dropped"):
-        lines.append(f"  dropped nearly dependent snapshots: {result['basis']['dropped']}")
+    basis = result.get("basis", {})
+    if basis.get("dropped"):
+        near = basis.get("near_duplicates") or []
+        lines.append(f"  dropped {len(basis['dropped'])} snapshot(s) from the basis: {basis['dropped']}"
+                     + (f" ({len(near)} near-duplicate(s) within {basis.get('spread_tol'):g} x the spread)"
+                        if near else " (nearly dependent)"))
     start = "SWA" if result.get("start") == "swa" else f"start (seq {result.get('start')})"
     lines += ["", f"{'point':<18}val accuracy", f"{'-' * 18}------------",
               f"{start:<18}{_fmt(result.get('start_accuracy'))}", f"{'TWA':<18}{_fmt(result.get('twa_accuracy'))}"]

@@ -10,8 +10,8 @@
 """
 from __future__ import annotations
 
-from twa_scale.store.backend import (ObjectStore, StoreAccessError, StoreUnreachable, check_url, open_store,
-                                     parse_storage_options)
+from twa_scale.store.backend import (ObjectStore, StoreAccessError, StoreAuthError, StoreUnreachable, check_url,
+                                     open_store, parse_storage_options)
 from twa_scale.store.format import (DEFAULT_CHUNK_BYTES, DTYPES, CheckpointCommit, CheckpointFile, CheckpointNode,
                                     CommitMarker, CorruptSnapshotError, DatasetIndex, DatasetShard, DatasetSplit,
                                     EpochRow, FormatError, Lease, ProbeLog, RunManifest, RunPaths, ShardMeta,
@@ -26,7 +26,8 @@ __all__ = [
     "RunManifest", "ShardMeta", "CommitMarker", "Lease", "StopMarker", "RunPaths", "CorruptSnapshotError",
     "FormatError", "CheckpointFile", "CheckpointNode", "CheckpointCommit", "EpochRow", "TrainMetrics", "ProbeLog",
     "DatasetShard", "DatasetSplit", "DatasetIndex",
-    "ObjectStore", "StoreUnreachable", "StoreAccessError", "open_store", "check_url", "parse_storage_options",
+    "ObjectStore", "StoreUnreachable", "StoreAccessError", "StoreAuthError", "open_store", "check_url",
+    "parse_storage_options",
     "DTYPES", "DEFAULT_CHUNK_BYTES", "check_dtype", "checksums", "RunExistsError", "LeaseHeldError",
     "LeaseLostError", "RetryPolicy", "RetryDeadlineExceeded",
 ]

@@ -27,10 +27,10 @@ import threading
 import uuid
 from typing import Any, Sequence
 
-from twa_scale.errors import ConfigError, StoreUnreachableError, is_connection_error
+from twa_scale.errors import ConfigError, StoreUnreachableError, auth_error_code, is_connection_error
 
 __all__ = ["ObjectStore", "FsspecStore", "LocalStore", "S3Store", "open_store", "parse_storage_options",
-           "check_url", "StoreUnreachable", "StoreAccessError", "store_error"]
+           "check_url", "StoreUnreachable", "StoreAccessError", "StoreAuthError", "store_error"]
 
 log = logging.getLogger("twa_scale.store")
 
@@ -42,6 +42,16 @@ StoreUnreachable = StoreUnreachableError  # network-level: transient, exit 75
 
 class StoreAccessError(ConfigError, OSError):
     """The store answered but refuses us (credentials, permissions, no bucket): permanent, exit 2."""
+
+
+class StoreAuthError(StoreAccessError, PermissionError):
+    """The store rejected our credentials (a wrong secret, an unknown key id, an expired token) or refused
+    them access: a configuration error (exit 2), never an outage to wait out. Also a ``PermissionError``,
+    so code that treats refusals as permanent still does."""
+
+
+_CREDENTIAL_HINT = ("check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), the profile, "
+                    "or --storage-options key/secret")
 
 
 def store_error(message: str, err: BaseException) -> OSError:
@@ -363,17 +373,22 @@ class S3Store(FsspecStore):
             self.fs.pipe_file(self._path(key), _Parts(view), chunksize=part, max_concurrency=concurrency)
 
     def _guard(self, fn, *args, **kwargs):
-        """Call into s3fs; botocore errors that are not OSErrors (NoCredentialsError, ...) become
-        one StoreUnreachableError/StoreAccessError naming endpoint and bucket."""
+        """Call into s3fs; botocore errors that are not OSErrors (NoCredentialsError, ...) and refused
+        credentials become one StoreUnreachableError/StoreAccessError/StoreAuthError naming endpoint and
+        bucket."""
         try:
             out = fn(*args, **kwargs)
+        except PermissionError as e:  # s3fs's translation of 403s: say which credentials failed, where
+            if auth_error_code(e) is None:
+                raise
+            raise self.unreachable(e) from e
         except (OSError, ValueError, TypeError):
             raise
         except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors
             raise self.unreachable(e) from e
         if isinstance(out, list):
             for x in out:
-                if isinstance(x, Exception) and not isinstance(x, (OSError, ValueError)):
+                if isinstance(x, Exception) and (not isinstance(x, (OSError, ValueError)) or auth_error_code(x)):
                     raise self.unreachable(x) from x
         return out
 
@@ -422,11 +437,19 @@ class S3Store(FsspecStore):
             raise self.unreachable(e, what="not writable") from e
 
     def unreachable(self, err: BaseException, what: str = "not reachable") -> OSError:
-        name = type(err).__name__
-        hint = ""
-        if name in ("NoCredentialsError", "PartialCredentialsError"):
-            hint = "; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or --storage-options"
-        return store_error(f"snapshot store {self.url} is {what} ({self.where()}): {name}: {err}{hint}", err)
+        """The one-line error for ``err``: an authentication failure when the store refused the credentials
+        (StoreAuthError, exit 2), else unreachable (transient, 75) or not writable/refused (2)."""
+        code = auth_error_code(err)
+        if code is not None:
+            detail = (str(err).splitlines() or [code])[0].rstrip(".")
+            if code in ("AccessDenied", "403", "Forbidden"):  # a wrong key pair, or an identity without the right
+                kind = "access denied" + (f" ({what})" if what != "not reachable" else "")
+                hint = f"check the identity's permissions on bucket {self.bucket}, or {_CREDENTIAL_HINT}"
+            else:
+                kind = "credentials missing" if code.endswith("CredentialsError") else "authentication failed"
+                hint = _CREDENTIAL_HINT
+            return StoreAuthError(f"snapshot store {self.url}: {kind} ({self.where()}): {code}: {detail}; {hint}")
+        return store_error(f"snapshot store {self.url} is {what} ({self.where()}): {type(err).__name__}: {err}", err)
 
 
 _S3_DEFAULTS: dict[str, Any] = {

@@ -46,7 +46,8 @@ class GuardSection:
     """guard: never return a model worse than the start silently"""
     guard: bool = True
     """Never return a model worse than the start silently: on divergence in any epoch, or a result below
-    the start on the guard split, restart at a lower lr (see --guard-fallback when every lr fails)."""
+    the start on the guard split (by more than --guard-tolerance), restart at a lower lr (see
+    --guard-fallback when every lr fails). The guard split is not the reported val split."""
     guard_fallback: GuardFallback = "start"
     """When every lr fails the guard: `start` returns the start point (the uniform average of the
     selection, i.e. SWA; with --start, that snapshot) with a warning, and result.json says `returned:
@@ -185,6 +186,10 @@ class TwaConfig(GuardSection, FollowSection, MetricsSection):
     torch.compile on CUDA). The knob TWA_SCALE_P_KERNEL overrides both."""
     rank_tol: float = 1e-5
     """Drop a snapshot whose residual after the earlier ones is below this fraction of its norm."""
+    rank_spread_tol: float = 0.01
+    """Drop a near-duplicate snapshot: one whose residual after the earlier ones is below this fraction of
+    the trajectory's spread (the largest singular value of the centred snapshots); the fit would otherwise
+    move along a direction SGD barely explored, with huge coefficients. 0 keeps every independent one."""
     batch_size: int = 128
     """Global batch size of the TWA steps (its own, not the training run's); see --lr. When it does not
     divide over the ranks, the largest per-rank batch that fits is used and the effective batch reported."""
@@ -244,6 +249,8 @@ class TwaConfig(GuardSection, FollowSection, MetricsSection):
             bad("warmup", f"is a fraction of the TWA steps in [0, 1), got {self.warmup}")
         if not 0 < self.rank_tol < 1:
             bad("rank-tol", f"must be in (0, 1), got {self.rank_tol}")
+        if not 0 <= self.rank_spread_tol < 1:
+            bad("rank-spread-tol", f"must be in [0, 1), got {self.rank_spread_tol}")
         check_at_least_one(block_size=self.block_size, bn_batches=self.bn_batches, limit_train=self.limit_train,
                            limit_val=self.limit_val)
         if self.eval_every < 0:

@@ -111,7 +111,8 @@ class Follower:
         self.last_x: torch.Tensor | None = None    # this rank's slice of the newest snapshot (the SGD point)
         tc = inp.train_cfg  # the rule acts in the run's first lr phase: the hand-over of the high-lr trajectory
         self.phase_end = first_phase_end(tc.schedule, tc.epochs, getattr(tc, "lr_milestones", None))
-        self.basis = GrowingBasis(self.start, self.stop, reduce=comm.all_reduce, tol=cfg.rank_tol, device=device)
+        self.basis = GrowingBasis(self.start, self.stop, reduce=comm.all_reduce, tol=cfg.rank_tol,
+                                  spread_tol=cfg.rank_spread_tol, device=device)
         self.refs: list[SnapshotRef] = []          # every snapshot in the basis, in order (dropped ones too)
         self.per_rank, _ = effective_batch(cfg.batch_size, comm.world_size())
         self.probes: list[dict] = comm.broadcast_object(self._read_probes() if comm.rank() == 0 else None)

@@ -320,14 +320,17 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
         t0 = time.perf_counter()
         basis = build_basis(x, flat.start, flat.stop, layout.blocks(cfg.block_size), directions=cfg.directions,
                             layerwise=cfg.coefficients == "layerwise", bits=cfg.p_bits, alpha_start=alpha_start,
-                            reduce=comm.all_reduce, tol=cfg.rank_tol, granularity=cfg.quant_granularity,
+                            reduce=comm.all_reduce, tol=cfg.rank_tol, spread_tol=cfg.rank_spread_tol,
+                            granularity=cfg.quant_granularity,
                             kernels=kernels)
         del x
         timings["basis_seconds"] = time.perf_counter() - t0
     _metrics().twa_effective_rank(basis.k)
     if basis.report.get("dropped"):
-        _warn(f"TWA basis: dropped {len(basis.report['dropped'])} nearly dependent direction(s) "
-              f"(seq {[seqs[i] for i in basis.report['dropped']]}); effective rank {basis.k} of {n}")
+        near = basis.report.get("near_duplicates") or []
+        _warn(f"TWA basis: dropped {len(basis.report['dropped'])} direction(s) (seq "
+              f"{[seqs[i] for i in basis.report['dropped']]}; {len(near)} near-duplicate(s) within "
+              f"{basis.report.get('spread_tol', 0):g} x the snapshots' spread); effective rank {basis.k} of {n}")
 
     workers = cfg.num_workers
     val_loader = make_loader(val_data, batch_size=per_rank_batch, train=False, num_workers=workers)
@@ -393,6 +396,7 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
     report = dict(basis.report)
     report["kept"] = [seqs[i] for i in report.get("kept", [])] if not layerwise else seqs
     report["dropped"] = [seqs[i] for i in report.get("dropped", [])]
+    report["near_duplicates"] = [seqs[i] for i in report.get("near_duplicates", [])]
     coef = theta.detach().double()
     result = TwaResult(
         mode=cfg.mode, world_size=world, snapshots=[dataclasses.asdict(r) for r in refs],

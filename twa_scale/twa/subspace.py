@@ -19,8 +19,8 @@ import torch
 
 from twa_scale.twa.quant import DenseP, Kernels, PStorage, build_storage
 
-__all__ = ["Reduce", "Piece", "Basis", "GrowingBasis", "identity_reduce", "gram", "sequential_cholesky",
-           "orthonormalize", "build_basis", "local_pieces"]
+__all__ = ["Reduce", "Piece", "Basis", "GrowingBasis", "identity_reduce", "gram", "trajectory_spread",
+           "sequential_cholesky", "orthonormalize", "build_basis", "local_pieces"]
 
 Reduce = Callable[..., torch.Tensor]  # (tensor, op="sum"|"min"|"max") -> tensor, in place
 # Columns processed at once when building/applying the basis: bounds temporaries to
@@ -48,13 +48,23 @@ def gram(local: torch.Tensor, reduce: Reduce = identity_reduce) -> torch.Tensor:
     return reduce(g)
 
 
-def sequential_cholesky(g: torch.Tensor, tol: float) -> tuple[torch.Tensor, list[int], list[float]]:
+def trajectory_spread(g: torch.Tensor) -> float:
+    """How far the snapshots reach from their mean: the largest singular value of the centred snapshots,
+    from their Gram matrix (n x n, float64), so it costs no pass over the weights and no collective."""
+    n = g.shape[0]
+    c = torch.eye(n, dtype=g.dtype, device=g.device) - 1.0 / n
+    return math.sqrt(max(float(torch.linalg.eigvalsh(c @ g @ c)[-1]), 0.0))
+
+
+def sequential_cholesky(g: torch.Tensor, tol: float, floor: float = 0.0
+                        ) -> tuple[torch.Tensor, list[int], list[float]]:
     """Gram-Schmidt, in Gram form, in the given order, dropping near-dependent vectors.
 
     Returns (R, kept, residuals): R (k x k) upper triangular with G[kept][:, kept] = RᵀR,
     the kept indices, and each vector's residual norm relative to its own norm
     (what survives after removing the earlier directions). A vector whose relative
-    residual is <= tol is dropped instead of normalised, so no NaN/inf can appear.
+    residual is <= tol, or whose absolute residual is <= ``floor``, is dropped instead of
+    normalised, so no NaN/inf can appear.
     """
     n = g.shape[0]
     kept: list[int] = []
@@ -68,7 +78,7 @@ def sequential_cholesky(g: torch.Tensor, tol: float) -> tuple[torch.Tensor, list
         resid2 = norm2 - float(coord @ coord)
         frac = math.sqrt(max(resid2, 0.0) / norm2) if norm2 > 0 else 0.0
         rel.append(frac)
-        if frac <= tol:
+        if frac <= tol or math.sqrt(max(resid2, 0.0)) <= floor:
             continue
         k = len(kept)
         grown = g.new_zeros(k + 1, k + 1)
@@ -91,13 +101,13 @@ def _apply(m: torch.Tensor, local: torch.Tensor, out: torch.Tensor | None = None
 
 
 def orthonormalize(local: torch.Tensor, combo: torch.Tensor, *, reduce: Reduce = identity_reduce,
-                   tol: float = 1e-5, g: torch.Tensor | None = None) -> dict:
+                   tol: float = 1e-5, floor: float = 0.0, g: torch.Tensor | None = None) -> dict:
     """Orthonormal basis of span{combo @ X} by Cholesky-QR twice, in Gram-Schmidt order.
 
     ``combo`` (m x n, float64) names the vectors to orthonormalise as combinations
     of the snapshots (identity: raw snapshots; I - 11ᵀ/n: centred ones).
     Pass 1 works on the Gram matrix (one n x n all-reduce) and drops vectors whose
-    relative residual is <= tol. Pass 2 re-orthogonalises the fp32 result against
+    relative residual is <= tol or absolute residual <= floor. Pass 2 re-orthogonalises the fp32 result against
     its own Gram matrix (one k x k all-reduce), which removes the rounding left by
     pass 1. Returns {"Q": k x d_r fp32, "M": k x n float64 with Q = M X, "kept",
     "residuals", "dropped"}.
@@ -105,7 +115,7 @@ def orthonormalize(local: torch.Tensor, combo: torch.Tensor, *, reduce: Reduce =
     if g is None:
         g = gram(local, reduce)
     gv = combo @ g @ combo.T
-    r1, kept, rel = sequential_cholesky(gv, tol)
+    r1, kept, rel = sequential_cholesky(gv, tol, floor)
     if not kept:
         return {"Q": local.new_zeros(0, local.shape[1]), "M": combo.new_zeros(0, combo.shape[1]),
                 "kept": [], "residuals": rel, "dropped": list(range(combo.shape[0]))}
@@ -202,12 +212,17 @@ class Basis:
 def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tuple[int, int]], *,
                 directions: str = "raw", layerwise: bool = False, bits: int = 32,
                 alpha_start: torch.Tensor | None = None, reduce: Reduce = identity_reduce,
-                tol: float = 1e-5, max_columns: int = CHUNK_COLUMNS, granularity: str = "row-block",
-                kernels: Kernels | None = None) -> Basis:
+                tol: float = 1e-5, spread_tol: float = 0.0, max_columns: int = CHUNK_COLUMNS,
+                granularity: str = "row-block", kernels: Kernels | None = None) -> Basis:
     """Build this rank's P[:, S_r] from its snapshot slice ``local`` (n x d_r fp32).
 
     - global coefficients: an orthonormal basis (Cholesky-QR twice) of the raw or
-      centred snapshots (the paper's Gram-Schmidt basis, in its order);
+      centred snapshots (the paper's Gram-Schmidt basis, in its order). A snapshot is dropped when
+      its residual after the earlier ones is <= ``tol`` x its own norm (numerically dependent) or
+      <= ``spread_tol`` x the trajectory's spread (:func:`trajectory_spread`): a near-duplicate
+      (snapshots after convergence) adds a direction the trajectory barely explored, along which the
+      fit is free to move tens of times further than SGD ever did (coefficients of -64 seen), so it
+      is left out at the source rather than left to the optimiser;
     - layer-wise: each (direction, block) normalised to unit norm (the journal's
       per-layer coefficients); zero blocks get a zero direction, never NaN.
     ``blocks`` are the layer blocks over [0, D); ``alpha_start`` the start point as
@@ -229,7 +244,9 @@ def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tup
     eye = torch.eye(n, dtype=torch.float64, device=dev)
     raw = sequential_cholesky(g, tol)
     rank_raw = len(raw[1])
-    report = {"n": n, "rank_raw": rank_raw, "residuals_raw": [round(x, 9) for x in raw[2]], "tol": tol}
+    spread = trajectory_spread(g)
+    report = {"n": n, "rank_raw": rank_raw, "residuals_raw": [round(x, 9) for x in raw[2]], "tol": tol,
+              "spread": round(spread, 9), "spread_tol": spread_tol}
     if rank_raw <= 1:
         raise ValueError(f"the {n} selected snapshots span a space of dimension {rank_raw} "
                          f"(relative residuals {report['residuals_raw']}); TWA needs at least 2 "
@@ -245,13 +262,16 @@ def build_basis(local: torch.Tensor, start: int, stop: int, blocks: Sequence[tup
     a_dir = alpha_start if directions == "raw" else alpha_start - 1.0 / n
 
     if not layerwise:
-        res = orthonormalize(local, combo, reduce=reduce, tol=tol, g=g)
+        res = orthonormalize(local, combo, reduce=reduce, tol=tol, floor=spread_tol * spread, g=g)
         q, m = res["Q"], res["M"]
         k = q.shape[0]
         if k == 0:
             raise ValueError("no independent direction left after centring: the snapshots are identical")
         theta0 = (m @ g @ a_dir).unsqueeze(1)  # coordinates of (w_start - base) on Q
-        report.update(kept=res["kept"], dropped=res["dropped"], residuals=[round(x, 9) for x in res["residuals"]])
+        # near-duplicates: dropped by the spread floor although numerically independent
+        near = [i for i in res["dropped"] if res["residuals"][i] > tol]
+        report.update(kept=res["kept"], dropped=res["dropped"], near_duplicates=near,
+                      residuals=[round(x, 9) for x in res["residuals"]])
         num_l, m_all = 1, m.unsqueeze(0)
     else:
         num_l = len(blocks)
@@ -291,11 +311,13 @@ class GrowingBasis:
     nothing is rebuilt. The directions are the sequential Gram-Schmidt ones, as
     :func:`build_basis` gives from scratch (there with a second re-orthogonalisation
     pass; the two agree to about 1e-7). Start point: the SWA mean of all snapshots.
+    ``spread_tol`` measures a new snapshot's residual against the spread of the snapshots so far
+    (a snapshot kept early is never dropped later, when the spread has grown).
     """
 
     def __init__(self, start: int, stop: int, *, reduce: Reduce = identity_reduce, tol: float = 1e-5,
-                 device: torch.device | None = None):
-        self.start, self.stop, self.reduce, self.tol = start, stop, reduce, tol
+                 spread_tol: float = 0.0, device: torch.device | None = None):
+        self.start, self.stop, self.reduce, self.tol, self.spread_tol = start, stop, reduce, tol, spread_tol
         self.device = device or torch.device("cpu")
         d = stop - start
         self.x = torch.empty(0, d, dtype=torch.float32, device=self.device)
@@ -304,6 +326,7 @@ class GrowingBasis:
         self.m = torch.zeros(0, 0, dtype=torch.float64, device=self.device)   # k x n: Q = M X
         self.q = torch.empty(0, d, dtype=torch.float32, device=self.device)
         self.kept: list[int] = []
+        self.near_duplicates: list[int] = []
         self.residuals: list[float] = []
         self.sum = torch.zeros(d, dtype=torch.float64, device=self.device)    # for the SWA mean
 
@@ -338,6 +361,9 @@ class GrowingBasis:
         self.residuals.append(frac)
         if frac <= self.tol:
             return False
+        if self.spread_tol and math.sqrt(max(resid2, 0.0)) <= self.spread_tol * trajectory_spread(g):
+            self.near_duplicates.append(n)
+            return False
         rk = math.sqrt(resid2)
         grown = g.new_zeros(k + 1, k + 1)
         grown[:k, :k], grown[:k, k], grown[k, k] = self.r, coord, rk
@@ -364,6 +390,8 @@ class GrowingBasis:
         theta0 = (self.m @ self.g @ alpha).unsqueeze(1)
         dropped = [i for i in range(n) if i not in self.kept]
         report = {"n": n, "k": len(self.kept), "kept": list(self.kept), "dropped": dropped,
+                  "near_duplicates": list(self.near_duplicates), "spread": round(trajectory_spread(self.g), 9),
+                  "spread_tol": self.spread_tol,
                   "residuals": [round(r, 9) for r in self.residuals], "tol": self.tol, "num_coef_blocks": 1,
                   "directions": "raw", "bits": 32, "incremental": True}
         return Basis(num_coef_blocks=1, k=len(self.kept), M=self.m.unsqueeze(0), theta0=theta0, alpha_start=alpha,
