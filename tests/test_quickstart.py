@@ -23,7 +23,7 @@ def _quickstart() -> tuple[str, dict[str, float]]:
     section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     install_and_run = re.search(r"```bash\n(.*?)\n```", section, re.S).group(1).strip()
     assert install_and_run.startswith("pip install -e . && "), install_and_run
-    stated = re.search(r"last / SWA / TWA accuracy\s*\(measured [^:]*: ([\d.]+) / ([\d.]+) / ([\d.]+)\)", section)
+    stated = re.search(r"last / SWA / TWA accuracy\s*\(measured [^:]*: ([\d.]+) / ([\d.]+) / ([\d.]+)[:)]", section)
     assert stated, "the quick start lost its measured accuracies"
     return install_and_run.split(" && ", 1)[1], dict(zip(("last (SGD)", "SWA", "TWA"), map(float, stated.groups())))
 
