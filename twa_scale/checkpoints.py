@@ -13,8 +13,11 @@ the data the run stands, so ``--resume`` continues exactly where it stopped, mid
 
 On SIGTERM every rank saves one at the same step (twa_scale/preemption.py), if it fits in the deadline.
 
-Before a checkpoint is saved every snapshot queued so far is committed (the streamer is drained), so a
-resumed run never needs a snapshot from before its checkpoint: the committed sequence has no gap.
+Before a checkpoint is saved every snapshot queued so far is committed (the streamer is drained) and the
+metrics rows it covers are written, so a resumed run never needs a snapshot or a row from before its
+checkpoint: the committed sequence has no gap. Training waits for that at most
+``TWA_SCALE_CHECKPOINT_WAIT_SECONDS``; in a store outage the checkpoint is skipped (a warning) and the
+next one covers it, so the steps go on.
 
 Checkpoints fail safe: a resume loads the newest *intact* tag. A tag whose commit marker is empty, truncated
 or fails its seal, or one of whose files is missing or fails its recorded size or SHA-256

@@ -335,9 +335,10 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
             if stopped_inside:
                 break
             # The boundary snapshot queued above is re-taken by a resume: only earlier ones must be committed.
+            # After the last epoch no step is left to protect: its checkpoint waits for the store.
             with agreement.timed():
                 checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch + 1, streamer=streamer, drain_below=seq,
-                                 uploader=uploader, drain_seconds=wait,
+                                 uploader=uploader, drain_seconds=None if epoch + 1 == cfg.epochs else wait,
                                  stored=metrics_out.idle if metrics_out else None)
     summary = streamer.close()  # already closed: returns the summary
 
