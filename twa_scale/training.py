@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
 import uuid
@@ -257,11 +258,23 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
     # Rank 0's metrics.json writes go to the store in the background: the latest state wins, every row is
     # written once (RunWriter.write_metrics); a checkpoint waits (bounded) for the rows it covers.
     metrics_out = Background("twa-metrics", lambda state: writer.write_metrics(*state)) if rank == 0 else None
-    wait = knobs.CHECKPOINT_WAIT_SECONDS.get()
+    wait, behind = knobs.CHECKPOINT_WAIT_SECONDS.get(), [False]
     streamer = SnapshotStreamer(cfg.snapshot_url, cfg.run_id, layout, rank=rank, world_size=world,
                                 config=StreamerConfig(dtype=cfg.snapshot_dtype, session=session,
                                                       storage_options=store.parse_storage_options(cfg.storage_options)),
                                 writer=writer)
+    def save_checkpoint(drain_seconds: float | None = None, **where) -> None:
+        """checkpoints.save, waiting for the store at most ``drain_seconds`` (SIGTERM: what is left of the
+        deadline; inf: no limit; None: ``wait``, or 1 s while the store is behind: after a checkpoint was
+        skipped, until one is saved, so an outage costs the steps one wait, not one per checkpoint)."""
+        if drain_seconds is None:
+            drain_seconds = min(wait, 1.0) if behind[0] else wait
+        with agreement.timed():
+            tag = checkpoints.save(engine, cfg.checkpoint_dir, streamer=streamer, uploader=uploader,
+                                   drain_seconds=None if math.isinf(drain_seconds) else drain_seconds,
+                                   stored=metrics_out.idle if metrics_out else None, **where)
+        behind[0] = tag is None
+
     # SIGTERM (preemption) unwinds the loop; pending snapshots then get a bounded flush. Checkpoints
     # upload in the background; the last one is waited for at the end (bounded: see Uploader.closing).
     with flush_on_sigterm(streamer), checkpoints.Uploader.closing(ckpt_url, cfg.storage_options) as uploader, \
@@ -286,11 +299,8 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
 
             def step_checkpoint(batch: int, step_in_epoch: int, steps: StepLog, epoch: int = epoch,
                                 drain_seconds: float | None = None) -> None:
-                with agreement.timed():
-                    checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch, batch=batch, step_in_epoch=step_in_epoch,
-                                     loss_sum=steps.loss_sum, samples=steps.samples, streamer=streamer,
-                                     uploader=uploader, drain_seconds=wait if drain_seconds is None else drain_seconds,
-                                     stored=metrics_out.idle if metrics_out else None)
+                save_checkpoint(epoch=epoch, batch=batch, step_in_epoch=step_in_epoch, loss_sum=steps.loss_sum,
+                                samples=steps.samples, drain_seconds=drain_seconds)
 
             def sigterm_checkpoint(batch: int, step_in_epoch: int, steps: StepLog) -> None:
                 estimate = agreement.save_seconds + (uploader.upload_seconds if uploader else 0.0)
@@ -336,10 +346,8 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                 break
             # The boundary snapshot queued above is re-taken by a resume: only earlier ones must be committed.
             # After the last epoch no step is left to protect: its checkpoint waits for the store.
-            with agreement.timed():
-                checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch + 1, streamer=streamer, drain_below=seq,
-                                 uploader=uploader, drain_seconds=None if epoch + 1 == cfg.epochs else wait,
-                                 stored=metrics_out.idle if metrics_out else None)
+            final_epoch = epoch + 1 == cfg.epochs
+            save_checkpoint(epoch=epoch + 1, drain_below=seq, drain_seconds=math.inf if final_epoch else None)
     summary = streamer.close()  # already closed: returns the summary
 
     last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
