@@ -109,8 +109,9 @@ def test_training_steps_through_a_store_stall(fresh_s3, tmp_path, backpressure):
     assert proc.returncode == 0, err[-4000:]
 
     steps = after["twa_scale_train_step_seconds_count"] - before["twa_scale_train_step_seconds_count"]
-    print(f"{backpressure}: {steps:.0f} optimizer steps and {after['twa_scale_train_epoch'] - before['twa_scale_train_epoch']:.0f}"
-          f" epoch ends during the {STALL_SECONDS:.0f} s stall; rank RSS {rss_before >> 20} MiB before, "
+    ends = after["twa_scale_train_epoch"] - before["twa_scale_train_epoch"]
+    print(f"{backpressure}: {steps:.0f} optimizer steps and {ends:.0f} epoch ends during the {STALL_SECONDS:.0f} s "
+          f"stall; rank RSS {rss_before >> 20} MiB before, "
           f"{rss_stall >> 20} MiB peak during and after")
     assert steps > STEPS_PER_EPOCH and after["twa_scale_train_epoch"] > before["twa_scale_train_epoch"]
     assert rss_stall <= rss_before * 1.15 + (64 << 20), (rss_before, rss_stall)
