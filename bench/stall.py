@@ -9,7 +9,9 @@ of rank 0 as they arrive (so it includes evaluation, the metrics hand-off and th
 the store is the one cost a stall still has). Reported: the ratio of the longest epoch that overlaps the
 stall to the median normal epoch before it (the issue's goal: at most 1.5), the optimizer steps rank 0 took
 during the stall (its Prometheus counter, scraped at both ends), the skipped snapshots, and the machine's
-load average (the box is shared: a loaded host stretches every epoch alike, the ratio less so).
+load average. The box is shared and its load swings, so each epoch also gets a load-corrected twin: its wall
+time minus the time rank 0's training thread sat runnable waiting for a CPU (``/proc/PID/schedstat``). A wait
+for the store is sleep, not run-queue time, so the twin still counts it.
 """
 from __future__ import annotations
 
@@ -41,6 +43,21 @@ def _steps(port: int) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _schedstat(pid: int) -> tuple[float, float]:
+    """(CPU seconds, run-queue wait seconds) of the process's main thread: the training loop."""
+    cpu, wait, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    return int(cpu) / 1e9, int(wait) / 1e9
+
+
+def _rank0(launcher: int) -> int | None:
+    import psutil
+
+    for p in psutil.Process(launcher).children(recursive=True):
+        if any(a == "--local_rank=0" for a in p.cmdline()):
+            return p.pid
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stall-seconds", type=float, default=60.0)
@@ -64,6 +81,8 @@ def main() -> None:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         ends: dict[int, float] = {}  # epoch -> monotonic time its line arrived
+        sched: dict[int, tuple[float, float]] = {}  # epoch -> rank 0's (CPU, run-queue wait) seconds then
+        rank0: list[int] = []
         tail: list[str] = []
         done = threading.Event()
 
@@ -74,6 +93,11 @@ def main() -> None:
                 m = EPOCH_LINE.search(line)
                 if m:
                     ends[int(m.group(1))] = time.monotonic()
+                    try:
+                        rank0[:] = rank0 or [_rank0(proc.pid)]
+                        sched[int(m.group(1))] = _schedstat(rank0[0])
+                    except (OSError, TypeError, ValueError):
+                        pass
             done.set()
 
         threading.Thread(target=read, daemon=True).start()
@@ -118,6 +142,12 @@ def main() -> None:
     spanning = {e: s for e, s in seconds.items() if starts[e] < t_resume and ends[e] > t_pause}
     baseline = statistics.median(normal)
     worst = max(spanning, key=spanning.get)
+    # load-corrected twin: wall time less rank 0's run-queue wait (epochs whose both ends were sampled)
+    queued = {e: sched[e][1] - sched[e - 1][1] for e in seconds if e in sched and e - 1 in sched}
+    busy = {e: sched[e][0] - sched[e - 1][0] for e in queued}
+    fixed = {e: seconds[e] - queued[e] for e in queued}
+    fixed_normal = [fixed[e] for e in range(2, args.normal_epochs + 2) if e in fixed]
+    fixed_spanning = {e: fixed[e] for e in spanning if e in fixed}
     out = {
         "command": "python bench/stall.py " + " ".join(sys.argv[1:]),
         "setup": {"model": args.model, "data": "digits", "limit_train": args.limit_train, "ranks": 2,
@@ -129,6 +159,12 @@ def main() -> None:
         "worst_spanning_epoch": worst,
         "ratio_spanning_over_normal": round(spanning[worst] / baseline, 3),
         "goal_ratio": 1.5,
+        "rank0_run_queue_wait_seconds": {str(e): round(q, 2) for e, q in sorted(queued.items())},
+        "rank0_cpu_seconds": {str(e): round(b, 2) for e, b in sorted(busy.items())},
+        "load_corrected_epoch_seconds": {str(e): round(f, 2) for e, f in sorted(fixed.items())},
+        "load_corrected_ratio_spanning_over_normal": round(max(fixed_spanning.values()) /
+                                                           statistics.median(fixed_normal), 3)
+        if fixed_spanning and fixed_normal else None,
         "steps_during_stall": steps1 - steps0,
         "snapshots_skipped": final["snapshots"]["skipped"],
         "snapshots_failed": final["snapshots"]["failed"],
