@@ -116,11 +116,11 @@ class StepAgreement:
     ``stop_seen`` (rank 0's view of the stop marker, set by the training job's StopCheck) rides along:
     once it returned True on any rank, :attr:`stop_requested` is True on every rank from the same step on."""
 
-    def __init__(self, stop_seen: Callable[[], bool] | None = None):
+    def __init__(self):
         self.group = comm.host_group()
         self._flag = torch.zeros(2)  # [SIGTERM received, stop marker seen], max over the ranks
         self._pending: comm.Pending | None = None
-        self.stop_seen = stop_seen
+        self.stop_seen: Callable[[], bool] | None = None
         self.stop_requested = False
         self.save_seconds = 0.0  # of this process's last checkpoint save (see timed)
 
