@@ -161,3 +161,36 @@ def test_cli_stop_on_a_finished_run_writes_nothing_and_clear_removes_a_marker(tm
     assert StopWatch(url, "done").check() is None
     assert main(["stop", f"{url}/done", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["action"] == "already_finished"
+
+
+def test_the_stop_is_polled_in_the_background_and_agreed_on_one_step_later(tmp_path, monkeypatch):
+    """The training job's StopCheck never reads the store when called at a snapshot: rank 0's background poll
+    finds the marker, the step agreement's all-reduce carries it, and the first snapshot after that ends
+    training with the fields metrics.json records (one process; the 2-rank run above does it for real)."""
+    from types import SimpleNamespace
+
+    from twa_scale.preemption import StepAgreement
+    from twa_scale.training import StopCheck
+
+    monkeypatch.setenv("TWA_SCALE_STOP_POLL_SECONDS", "0.05")
+    url = tmp_path.as_uri()
+    _make_run(url)
+    agreement = StepAgreement()
+    stop = StopCheck(SimpleNamespace(obey_stop=True, snapshot_url=url, run_id="r", storage_options=None), agreement)
+    try:
+        assert stop(0, 0, 0.0, agree_now=True) is False and stop.fields is None
+        write_stop(url, "r", reason="enough")
+        deadline = time.monotonic() + 30
+        while not stop.seen():
+            assert time.monotonic() < deadline, "the background poll never saw the marker"
+            time.sleep(0.05)
+        stop.watch.check = lambda: pytest.fail("a snapshot's stop check read the store")
+        assert stop(1, 5, 0.5) is False  # seen, not yet agreed: no step since
+        agreement.poll()  # step k: starts the all-reduce that carries it
+        assert stop(1, 5, 0.5) is False
+        agreement.poll()  # step k+1: every rank reads it here
+        assert stop(2, 10, 1.0) is True
+        assert stop.fields == {"stopped_by": "user", "stop_reason": "enough", "stop_rule": "manual",
+                               "stopped_epoch": 1.0, "stopped_step": 10, "stopped_seq": 2}
+    finally:
+        stop.close()

@@ -83,6 +83,25 @@ def test_storage_options_and_fsspec_config_reach_the_filesystem(monkeypatch):
         open_store("s3://bkt/p", "[1]")
 
 
+def test_every_s3_call_has_a_read_and_a_connect_timeout_from_the_knobs(monkeypatch):
+    """A stalled server accepts connections and then says nothing: only a read timeout ends such a call.
+    Both timeouts come from knobs; quick stores halve the connect timeout; a poll sets both."""
+    pytest.importorskip("s3fs")
+    monkeypatch.setenv("TWA_SCALE_STORE_READ_TIMEOUT_SECONDS", "42")
+    monkeypatch.setenv("TWA_SCALE_STORE_CONNECT_TIMEOUT_SECONDS", "8")
+    kw = open_store("s3://bkt/p").fs.config_kwargs
+    assert (kw["read_timeout"], kw["connect_timeout"]) == (42, 8)
+    kw = open_store("s3://bkt/p", quick=True).fs.config_kwargs
+    assert (kw["read_timeout"], kw["connect_timeout"], kw["retries"]) == (42, 4, {"max_attempts": 1})
+    kw = open_store("s3://bkt/p", quick=True, timeout_seconds=3).fs.config_kwargs
+    assert (kw["read_timeout"], kw["connect_timeout"]) == (3, 1.5)
+    kw = open_store("s3://bkt/p", '{"config_kwargs": {"read_timeout": 5}}').fs.config_kwargs
+    assert (kw["read_timeout"], kw["connect_timeout"]) == (5, 8)  # --storage-options wins
+    monkeypatch.setenv("TWA_SCALE_STORE_READ_TIMEOUT_SECONDS", "soon")
+    with pytest.raises(ValueError, match="TWA_SCALE_STORE_READ_TIMEOUT_SECONDS"):
+        open_store("s3://bkt/p")
+
+
 def test_retry_policy_is_bounded_and_raises_permanent_errors_at_once():
     calls = []
 

@@ -16,8 +16,11 @@ the data the run stands, so ``--resume`` continues exactly where it stopped, mid
 
 On SIGTERM every rank saves one at the same step (twa_scale/preemption.py), if it fits in the deadline.
 
-Before a checkpoint is saved every snapshot queued so far is committed (the streamer is drained), so a
-resumed run never needs a snapshot from before its checkpoint: the committed sequence has no gap.
+Before a checkpoint is saved every snapshot queued so far is committed (the streamer is drained) and the
+metrics rows it covers are written, so a resumed run never needs a snapshot or a row from before its
+checkpoint: the committed sequence has no gap. Training waits for that at most
+``TWA_SCALE_CHECKPOINT_WAIT_SECONDS``; in a store outage the checkpoint is skipped (a warning) and the
+next one covers it, so the steps go on.
 
 Checkpoints fail safe: a resume loads the newest *intact* tag. A tag whose commit marker is empty, truncated
 or fails its seal, or one of whose files is missing or fails its recorded size or SHA-256
@@ -107,18 +110,23 @@ def _restore_buffers(module: torch.nn.Module, saved: dict, path) -> None:
 
 
 def drain(streamer, below: int | None = None, poll_seconds: float = 0.01,
-          timeout_seconds: float | None = None) -> bool:
+          timeout_seconds: float | None = None, stored=None) -> bool:
     """Wait until every snapshot this rank queued (with a seq < ``below``, if given) is uploaded, and on
-    rank 0 committed; then meet the other ranks. A snapshot whose upload fails for good stops being
+    rank 0 committed, and ``stored()`` (if given: this rank's other background writes, e.g. metrics
+    rows) is True; then meet the other ranks. A snapshot whose upload fails for good stops being
     pending. With ``timeout_seconds``, returns whether every rank finished in time (one all-reduce)."""
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
     done = True
-    if streamer is not None:
-        while any(below is None or s < below for s in streamer.pending()):
-            if deadline is not None and time.monotonic() > deadline:
-                done = False
-                break
-            time.sleep(poll_seconds)
+
+    def busy() -> bool:
+        return (streamer is not None and any(below is None or s < below for s in streamer.pending())) \
+            or (stored is not None and not stored())
+
+    while busy():
+        if deadline is not None and time.monotonic() > deadline:
+            done = False
+            break
+        time.sleep(poll_seconds)
     if deadline is None:
         comm.barrier()
         return True
@@ -128,18 +136,22 @@ def drain(streamer, below: int | None = None, poll_seconds: float = 0.01,
 
 def save(engine, checkpoint_dir: str, *, epoch: int, batch: int = 0, step_in_epoch: int = 0,
          loss_sum: float = 0.0, samples: int = 0, streamer=None, drain_below: int | None = None,
-         uploader: Uploader | None = None, drain_seconds: float | None = None) -> str | None:
+         uploader: Uploader | None = None, drain_seconds: float | None = None, stored=None) -> str | None:
     """Save the checkpoint of position (``epoch``, ``batch``) on every rank; returns its tag.
 
     ``batch`` 0 is an epoch boundary (``epoch`` is then the next epoch to run). First every snapshot
-    of ``streamer`` (with a seq < ``drain_below``: the ones a resume would not re-take) is committed;
-    if that takes more than ``drain_seconds`` on any rank (the SIGTERM deadline), no checkpoint is
-    saved (None): one would need snapshots that may never commit. With ``uploader``, the checkpoint is
-    then queued for upload (in the background).
+    of ``streamer`` (with a seq < ``drain_below``: the ones a resume would not re-take) is committed,
+    and ``stored()`` is True (rank 0: the metrics rows a resume reads are written); if that takes more
+    than ``drain_seconds`` on any rank (the SIGTERM deadline; in training, TWA_SCALE_CHECKPOINT_WAIT_SECONDS
+    so that a store outage does not stop the steps), no checkpoint is saved (None): one would need
+    snapshots or rows that may never reach the store. With ``uploader``, the checkpoint is then queued
+    for upload (in the background).
     """
-    if not drain(streamer, below=drain_below, timeout_seconds=drain_seconds):
-        log.error("checkpoint at epoch %d, batch %d not saved: snapshots %s still uncommitted after %.0f s",
-                  epoch, batch, streamer.pending(), drain_seconds)
+    if not drain(streamer, below=drain_below, timeout_seconds=drain_seconds, stored=stored):
+        log.warning("checkpoint at epoch %d, batch %d not saved: the store has not caught up after %.0f s "
+                    "(snapshots %s uncommitted%s); training goes on, the next checkpoint covers this one",
+                    epoch, batch, drain_seconds, streamer.pending() if streamer is not None else [],
+                    "" if stored is None or stored() else ", metrics rows not yet written")
         return None
     ranks = _all_gather_object({"rng": _rng_state(), "loss_sum": float(loss_sum), "samples": int(samples),
                                 "buffers": _buffers(engine.module)})

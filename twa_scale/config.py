@@ -240,9 +240,10 @@ class TrainConfig(DataSection, SnapshotSection, CheckpointSection, MetricsSectio
     channels_last: bool | None = None
     """channels_last activations on GPU (parameters stay contiguous for DeepSpeed); None = on for CUDA."""
     obey_stop: bool = True
-    """At each snapshot, rank 0 reads <run>/control/STOP.json (written by the live TWA follower's stop rule
-    or `twa-scale stop`) and, when present, training ends cleanly after that snapshot (exit 0; metrics.json
-    records `stopped_by`). --no-obey-stop ignores the marker (a full run beside a record-only follower)."""
+    """Rank 0 polls <run>/control/STOP.json (written by the live TWA follower's stop rule or `twa-scale
+    stop`) in the background and, once it is present, training ends cleanly after the next snapshot (exit 0;
+    metrics.json records `stopped_by`). --no-obey-stop ignores the marker (a full run beside a record-only
+    follower)."""
     twa: bool = False
     """Run the TWA stage in the same job after training."""
     twa_epochs: int | None = None

@@ -77,15 +77,20 @@ def finished(url: str, run_id: str, *, storage_options: dict | str | None = None
 class StopWatch:
     """The training job's view of STOP.json: one small GET per :meth:`check`, no retries.
 
-    The store is opened in quick mode (one attempt, short connect timeout), so a store outage costs a
-    snapshot at most that timeout and a warning, never the 600 s retry of the job's writes.
+    The store is opened in quick mode with a short connect and read timeout (``timeout_seconds``), so one
+    check against an unreachable or stalled store ends within that, with a warning. A training job never
+    calls :meth:`check` on its step path: :meth:`start` polls in a background thread (rank 0), and the
+    ranks agree on :attr:`marker` through the step agreement (twa_scale/preemption.py).
     """
 
-    def __init__(self, url: str, run_id: str, *, storage_options: dict | str | None = None):
+    def __init__(self, url: str, run_id: str, *, storage_options: dict | str | None = None,
+                 timeout_seconds: float | None = None):
         self.paths = RunPaths(run_id)
-        self.store = open_store(url, storage_options, quick=True)
+        self.store = open_store(url, storage_options, quick=True, timeout_seconds=timeout_seconds)
         self.where = self.store.describe(self.paths.stop)
         self._last_problem: str | None = None
+        self.marker: StopMarker | None = None  # the first marker the poll found (kept: the stop is taken once)
+        self._poll = None
 
     def check(self) -> StopMarker | None:
         """The marker, or None when there is none or it cannot be used (warned once per distinct problem)."""
@@ -99,6 +104,23 @@ class StopWatch:
             return StopMarker.from_json(raw, self.where)
         except FormatError as e:
             return self._ignore(f"ignoring a malformed stop marker: {e}")
+
+    def start(self, every_seconds: float) -> "StopWatch":
+        """Check once now (a marker written before the launch holds at the first snapshot), then every
+        ``every_seconds`` in a background thread until :meth:`close`; :attr:`marker` is the result."""
+        from twa_scale.background import Background
+
+        self._refresh()
+        self._poll = Background("twa-stop-poll", lambda _: self._refresh(), every=every_seconds)
+        return self
+
+    def _refresh(self) -> None:
+        if self.marker is None:
+            self.marker = self.check()
+
+    def close(self) -> None:
+        if self._poll is not None:
+            self._poll.close(timeout=0, check=False)
 
     def _ignore(self, problem: str) -> None:
         if problem != self._last_problem:

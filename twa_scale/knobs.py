@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 __all__ = ["Knob", "KNOBS", "env_int", "env_float", "TRAIN_CONFIG_ENV_PREFIX", "TWA_CONFIG_ENV_PREFIX",
            "UPLOAD_PART_BYTES", "UPLOAD_CONCURRENCY", "CHECKSUM_CHUNK_BYTES", "SNAPSHOT_BACKPRESSURE",
-           "UPLOAD_TIMEOUT_SECONDS", "COMMIT_TIMEOUT_SECONDS", "STORE_RETRY_SECONDS", "LEASE_TIMEOUT_SECONDS",
+           "UPLOAD_TIMEOUT_SECONDS", "COMMIT_TIMEOUT_SECONDS", "STORE_RETRY_SECONDS", "STORE_CONNECT_TIMEOUT_SECONDS",
+           "STORE_READ_TIMEOUT_SECONDS", "STOP_POLL_SECONDS", "CHECKPOINT_WAIT_SECONDS", "LEASE_TIMEOUT_SECONDS",
            "LEASE_HEARTBEAT_SECONDS", "JOB_ID", "SIGTERM_FLUSH_SECONDS", "FAULT_KILL_AT_STEP",
            "METRICS_DIR",
            "METRICS_LINGER_SECONDS", "NODE_NAME", "P_KERNEL", "P_KERNELS", "P_CHUNK_COLUMNS", "p_kernel",
@@ -113,6 +114,24 @@ STORE_RETRY_SECONDS = _declare("TWA_SCALE_STORE_RETRY_SECONDS", 600.0,
                                "Deadline of the store's retry policy for the training job's small writes "
                                "(run.json, metrics, commit markers, lease): a store outage shorter than this "
                                "stalls that write, longer fails the job with exit 75.", env_float)
+STORE_CONNECT_TIMEOUT_SECONDS = _declare("TWA_SCALE_STORE_CONNECT_TIMEOUT_SECONDS", 10.0,
+                                         "Connect timeout of every S3 call (stores that retry on their own, "
+                                         "writers and probes, use half of it); `config_kwargs.connect_timeout` in "
+                                         "--storage-options overrides it.", env_float)
+STORE_READ_TIMEOUT_SECONDS = _declare("TWA_SCALE_STORE_READ_TIMEOUT_SECONDS", 60.0,
+                                      "Read timeout of every S3 call: how long a reply may be silent (a stalled "
+                                      "server still accepts connections, so this is what bounds a call to it); "
+                                      "`config_kwargs.read_timeout` in --storage-options overrides it.",
+                                      env_float)
+STOP_POLL_SECONDS = _declare("TWA_SCALE_STOP_POLL_SECONDS", 5.0,
+                             "How often rank 0 reads the run's control/STOP.json, in a background thread; each "
+                             "read also gives up after this long (connect and read timeout).", env_float)
+CHECKPOINT_WAIT_SECONDS = _declare("TWA_SCALE_CHECKPOINT_WAIT_SECONDS", 10.0,
+                                   "How long a checkpoint (not a SIGTERM one) waits for the store to hold what it "
+                                   "covers (earlier snapshots committed, metrics rows written); longer, as in a "
+                                   "store outage, it is skipped with a warning and the next one covers it (the "
+                                   "next ones wait 1 s at most until one is saved; the last epoch's waits).",
+                                   env_float)
 LEASE_TIMEOUT_SECONDS = _declare("TWA_SCALE_LEASE_TIMEOUT_SECONDS", 120.0,
                                  "A run's writer lease without a heartbeat for this long is stale: a --resume "
                                  "may take it over. Keep it well above clock skew between nodes.", env_float)

@@ -16,6 +16,11 @@ gradient all-reduce: a SIGTERM is acted on one step after the first rank saw it.
 resume starts from the newest checkpoint. The last step of an epoch is agreed on with one blocking
 all-reduce (:meth:`StepAgreement.finish`), so only a SIGTERM in the instant between it and the end of
 the loop is left to the rank that got it.
+
+The same all-reduce carries the run's stop request (``control/STOP.json``, read by rank 0 in a
+background thread, :class:`twa_scale.control.StopWatch`): :attr:`StepAgreement.stop_requested` turns
+True on every rank at the same step, and training ends at the next snapshot. No rank ever waits for
+the store to learn of a stop.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import logging
 import signal
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -105,12 +111,17 @@ def seconds_left() -> float | None:
 class StepAgreement:
     """Every rank calls :meth:`poll` after each optimizer step; it returns True on every rank at the
     same step once any rank has seen SIGTERM (one step later, see the module docstring). Construct
-    it on every rank at the same point (it may create the gloo group)."""
+    it on every rank at the same point (it may create the gloo group).
+
+    ``stop_seen`` (rank 0's view of the stop marker, set by the training job's StopCheck) rides along:
+    once it returned True on any rank, :attr:`stop_requested` is True on every rank from the same step on."""
 
     def __init__(self):
         self.group = comm.host_group()
-        self._flag = torch.zeros(1)
+        self._flag = torch.zeros(2)  # [SIGTERM received, stop marker seen], max over the ranks
         self._pending: comm.Pending | None = None
+        self.stop_seen: Callable[[], bool] | None = None
+        self.stop_requested = False
         self.save_seconds = 0.0  # of this process's last checkpoint save (see timed)
 
     @contextlib.contextmanager
@@ -123,30 +134,35 @@ class StepAgreement:
     def poll(self) -> bool:
         stop = self._take()
         if not stop:
-            self._flag.fill_(1.0 if received() else 0.0)
+            self._fill()
             self._pending = comm.all_reduce_start(self._flag, op="max", group=self.group)
         return stop
 
     def finish(self) -> bool:
         """At the end of the step loop: whether the ranks stop at its last step. Besides the last poll's
         all-reduce, one blocking all-reduce of the flag now (once per epoch), so a SIGTERM that came
-        during the last step is acted on here too, not left to one rank at the start of evaluation."""
+        during the last step is acted on here too, not left to one rank at the start of evaluation.
+        Also where the ranks agree before any step (the initial snapshot's stop check)."""
         if self._take():
             return True
-        self._flag.fill_(1.0 if received() else 0.0)
+        self._fill()
         return self._agreed(comm.all_reduce(self._flag, op="max", group=self.group))
+
+    def _fill(self) -> None:
+        self._flag[0] = 1.0 if received() else 0.0
+        self._flag[1] = 1.0 if self.stop_seen is not None and self.stop_seen() else 0.0
 
     def _take(self) -> bool:
         pending, self._pending = self._pending, None
         return pending is not None and self._agreed(pending.wait())
 
-    @staticmethod
-    def _agreed(flag: torch.Tensor) -> bool:
+    def _agreed(self, flag: torch.Tensor) -> bool:
         global _received_at
-        stop = flag.item() > 0
-        if stop and _received_at is None:  # another rank's SIGTERM: this rank's deadline starts now
+        term, stop = (v > 0 for v in flag.tolist())
+        self.stop_requested = self.stop_requested or stop
+        if term and _received_at is None:  # another rank's SIGTERM: this rank's deadline starts now
             _received_at = time.monotonic()
-        return stop
+        return term
 
     def checkpoint_fits(self, estimate_seconds: float) -> bool:
         """Whether a checkpoint that takes ``estimate_seconds`` (the last one's save and upload time on

@@ -15,7 +15,8 @@ same uploads (see its JSON: ``gil``).
 
 Host memory is bounded by ``buffers`` slices plus ``concurrency × part_bytes`` in flight.
 When uploads fall behind, ``snapshot()`` blocks (counted as stall seconds) unless
-``backpressure="skip"``, which drops the snapshot, counts and logs it.
+``backpressure="skip"``, which drops the snapshot, counts and logs it; all ranks drop it together (one
+small all-reduce of "a buffer is free"), so no rank's shard waits for a commit that cannot happen.
 """
 from __future__ import annotations
 
@@ -199,10 +200,15 @@ class SnapshotStreamer:
             try:
                 idx = self._free.get_nowait()
             except queue.Empty:
+                idx = None
+            if not self._all_ranks_have_a_buffer(idx is not None):
+                if idx is not None:
+                    self._free.put(idx)
                 with self._lock:
                     self.stats["skipped"] += 1
-                log.warning("snapshot seq %d skipped on rank %d: %d uploads still in flight "
-                            "(backpressure=skip)", seq, self.rank, self.config.buffers)
+                log.warning("snapshot seq %d skipped on rank %d: %s (backpressure=skip)", seq, self.rank,
+                            f"{self.config.buffers} uploads still in flight" if idx is None
+                            else "another rank has no free buffer")
                 metrics.snapshot_skipped()
                 return False
         else:
@@ -229,6 +235,15 @@ class SnapshotStreamer:
         metrics.snapshot_stall(stall)
         metrics.snapshot_queue_depth(depth)
         return True
+
+    def _all_ranks_have_a_buffer(self, mine: bool) -> bool:
+        """backpressure=skip: the ranks skip a snapshot together (a shard that one rank skipped would leave
+        the others' waiting for a commit that never comes). One tiny all-reduce on the training thread,
+        where every rank calls snapshot() at the same step; no store involved."""
+        if self.world_size == 1 or not comm.is_distributed():
+            return mine
+        flag = torch.tensor([1.0 if mine else 0.0])
+        return comm.all_reduce(flag, op="min", group=comm.host_group()).item() > 0
 
     def _copy_on_cpu(self, params: Sequence[torch.Tensor], buf: torch.Tensor) -> None:
         # One copy per parameter tensor opens one OpenMP parallel region each; on busy CPUs

@@ -4,8 +4,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
 import uuid
@@ -13,10 +15,11 @@ import uuid
 import torch
 import torch.nn.functional as F
 
-from twa_scale import checkpoints, comm, logs, metrics, preemption, tracking
+from twa_scale import checkpoints, comm, knobs, logs, metrics, preemption, tracking
 from twa_scale.config import TrainConfig
 from twa_scale.data import build_data, make_loader
-from twa_scale.errors import ConfigError
+from twa_scale.background import Background
+from twa_scale.errors import ConfigError, TransientError
 from twa_scale.engine import build_engine, load_ds_config, resolve_batch
 from twa_scale.evaluation import evaluate
 from twa_scale.layout import FlatLayout
@@ -31,30 +34,49 @@ KEEP_CHECKPOINTS = checkpoints.KEEP_CHECKPOINTS
 
 class StopCheck:
     """Obeys <run>/control/STOP.json (see twa_scale/control.py): called on every rank after each snapshot is
-    queued; rank 0 does one small read and broadcasts the decision, so all ranks end after the same snapshot.
-    The read never blocks on the follower and a store error is only a warning (StopWatch)."""
+    queued. Rank 0 reads the marker in a background thread (every TWA_SCALE_STOP_POLL_SECONDS, each read
+    bounded by that too); the ranks agree on it through the step agreement's all-reduce (preemption.py), so
+    all ranks end after the same snapshot, the first one after they agreed, and none waits for the store."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, agreement: preemption.StepAgreement):
         from twa_scale.control import StopWatch
 
         self.enabled = cfg.obey_stop
-        self.watch = StopWatch(cfg.snapshot_url, cfg.run_id, storage_options=cfg.storage_options) \
-            if self.enabled and comm.rank() == 0 else None
+        self.watch = None
+        if self.enabled and comm.rank() == 0:
+            every = knobs.STOP_POLL_SECONDS.get()
+            self.watch = StopWatch(cfg.snapshot_url, cfg.run_id, storage_options=cfg.storage_options,
+                                   timeout_seconds=every).start(every)
+        self.agreement = agreement
+        agreement.stop_seen = self.seen
         self.fields: dict | None = None  # set once the stop is taken: what metrics.json records
 
-    def __call__(self, seq: int, step: int, epoch_fraction: float) -> bool:
-        """True when training must end after snapshot ``seq`` (the same answer on every rank)."""
+    def seen(self) -> bool:
+        """Rank 0's poll has found a marker (what the step agreement carries)."""
+        return self.watch is not None and self.watch.marker is not None
+
+    def __call__(self, seq: int, step: int, epoch_fraction: float, *, agree_now: bool = False) -> bool:
+        """True when training must end after snapshot ``seq`` (the same answer on every rank).
+        ``agree_now``: before any step (the initial snapshot), agree with one blocking all-reduce."""
         if not self.enabled:
             return False
-        marker = self.watch.check() if self.watch is not None else None
+        if agree_now:
+            self.agreement.finish()
+        if not self.agreement.stop_requested:
+            return False
+        marker = self.watch.marker if self.watch is not None else None
         fields = None if marker is None else {
             "stopped_by": marker.by, "stop_reason": marker.reason, "stop_rule": marker.rule,
             "stopped_epoch": epoch_fraction, "stopped_step": step, "stopped_seq": seq}
-        self.fields = comm.broadcast_object(fields)
-        if self.fields and comm.rank() == 0:
+        self.fields = comm.broadcast_object(fields)  # once, as training ends: the marker is in memory
+        if comm.rank() == 0:
             print(f"stop requested by {self.fields['stopped_by']} ({self.fields['stop_reason']}): training ends "
                   f"after snapshot {seq} (epoch {epoch_fraction:g}, step {step})", flush=True)
-        return self.fields is not None
+        return True
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,23 +253,40 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                       f"(global step {engine.global_steps})", flush=True)
 
     params = layout.trainable(model)
-    stop = StopCheck(cfg)
+    agreement = preemption.StepAgreement()  # SIGTERM and the stop marker: all ranks act at one step (preemption.py)
+    stop = StopCheck(cfg, agreement)
+    # Rank 0's metrics.json writes go to the store in the background: the latest state wins, every row is
+    # written once (RunWriter.write_metrics); a checkpoint waits (bounded) for the rows it covers.
+    metrics_out = Background("twa-metrics", lambda state: writer.write_metrics(*state)) if rank == 0 else None
+    wait, behind = knobs.CHECKPOINT_WAIT_SECONDS.get(), [False]
     streamer = SnapshotStreamer(cfg.snapshot_url, cfg.run_id, layout, rank=rank, world_size=world,
                                 config=StreamerConfig(dtype=cfg.snapshot_dtype, session=session,
                                                       storage_options=store.parse_storage_options(cfg.storage_options)),
                                 writer=writer)
+    def save_checkpoint(drain_seconds: float | None = None, **where) -> None:
+        """checkpoints.save, waiting for the store at most ``drain_seconds`` (SIGTERM: what is left of the
+        deadline; inf: no limit; None: ``wait``, or 1 s while the store is behind: after a checkpoint was
+        skipped, until one is saved, so an outage costs the steps one wait, not one per checkpoint)."""
+        if drain_seconds is None:
+            drain_seconds = min(wait, 1.0) if behind[0] else wait
+        with agreement.timed():
+            tag = checkpoints.save(engine, cfg.checkpoint_dir, streamer=streamer, uploader=uploader,
+                                   drain_seconds=None if math.isinf(drain_seconds) else drain_seconds,
+                                   stored=metrics_out.idle if metrics_out else None, **where)
+        behind[0] = tag is None
+
     # SIGTERM (preemption) unwinds the loop; pending snapshots then get a bounded flush. Checkpoints
     # upload in the background; the last one is waited for at the end (bounded: see Uploader.closing).
-    with flush_on_sigterm(streamer), checkpoints.Uploader.closing(ckpt_url, cfg.storage_options) as uploader:
+    with flush_on_sigterm(streamer), checkpoints.Uploader.closing(ckpt_url, cfg.storage_options) as uploader, \
+            _closing(stop, metrics_out):
         # Snapshot 0 is the initial weights; after a resume the restored weights are re-snapshotted, and
         # the resumed epoch's sub-epoch snapshots re-taken: a committed seq is kept (the streamer checks),
         # so a snapshot lost with the killed process leaves no gap and none is written twice. (A
         # checkpoint is saved only once every earlier snapshot is committed: see checkpoints.save.)
-        agreement = preemption.StepAgreement()  # SIGTERM: all ranks checkpoint at one step (preemption.py)
         seq = plan.seq_at_boundary(start_epoch)
         if seq is not None and not (point and point.mid_epoch):
             streamer.snapshot(seq, engine.global_steps, start_epoch, params, epoch_fraction=float(start_epoch))
-            stop(seq, engine.global_steps, float(start_epoch))
+            stop(seq, engine.global_steps, float(start_epoch), agree_now=True)
         for epoch in range(start_epoch, cfg.epochs):
             if stop.fields:
                 break
@@ -260,10 +299,8 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
 
             def step_checkpoint(batch: int, step_in_epoch: int, steps: StepLog, epoch: int = epoch,
                                 drain_seconds: float | None = None) -> None:
-                with agreement.timed():
-                    checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch, batch=batch, step_in_epoch=step_in_epoch,
-                                     loss_sum=steps.loss_sum, samples=steps.samples, streamer=streamer,
-                                     uploader=uploader, drain_seconds=drain_seconds)
+                save_checkpoint(epoch=epoch, batch=batch, step_in_epoch=step_in_epoch, loss_sum=steps.loss_sum,
+                                samples=steps.samples, drain_seconds=drain_seconds)
 
             def sigterm_checkpoint(batch: int, step_in_epoch: int, steps: StepLog) -> None:
                 estimate = agreement.save_seconds + (uploader.upload_seconds if uploader else 0.0)
@@ -302,24 +339,43 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
             if rank == 0:
                 print(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
                       f"val_acc {val['accuracy']:.4f}  {row['seconds']:.1f}s", flush=True)
-                # Before the checkpoint that covers this epoch: a resume never lacks its row.
-                writer.write_metrics(history, final=None)
+                # Queued before the checkpoint that covers this epoch, which waits for it: a resume never
+                # lacks its row.
+                metrics_out.submit((list(history), None))
             if stopped_inside:
                 break
             # The boundary snapshot queued above is re-taken by a resume: only earlier ones must be committed.
-            with agreement.timed():
-                checkpoints.save(engine, cfg.checkpoint_dir, epoch=epoch + 1, streamer=streamer, drain_below=seq,
-                                 uploader=uploader)
+            # After the last epoch no step is left to protect: its checkpoint waits for the store.
+            final_epoch = epoch + 1 == cfg.epochs
+            save_checkpoint(epoch=epoch + 1, drain_below=seq, drain_seconds=math.inf if final_epoch else None)
     summary = streamer.close()  # already closed: returns the summary
 
     last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
     final = {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"], "epochs": cfg.epochs,
              "world_size": world, "train_seconds": sum(r["seconds"] for r in history),
              "snapshots": summary, "run_url": cfg.run_url, **(stop.fields or {})}
-    if rank == 0:
-        writer.write_metrics(history, final=final)
+    if rank == 0:  # the final state, flushed within the store's deadline (an error: exit 75)
+        metrics_out.submit((history, final))
+        if not metrics_out.close(knobs.STORE_RETRY_SECONDS.get()):
+            raise TransientError(f"writing {writer.describe(writer.paths.metrics)}: not done after "
+                                 f"{knobs.STORE_RETRY_SECONDS.get():.0f} s (TWA_SCALE_STORE_RETRY_SECONDS)")
     comm.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _closing(stop: StopCheck, metrics_out: Background | None):
+    """Stop the stop-marker poll when training ends; on an exception (SIGTERM), give the metrics rows on
+    their way what is left of the exit deadline."""
+    try:
+        yield
+    except BaseException:
+        if metrics_out is not None:
+            left = preemption.seconds_left()
+            metrics_out.close(knobs.SIGTERM_FLUSH_SECONDS.get() if left is None else left, check=False)
+        raise
+    finally:
+        stop.close()
 
 
 def _load_snapshot(model: torch.nn.Module, cfg: TrainConfig) -> None:

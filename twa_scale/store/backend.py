@@ -27,6 +27,7 @@ import threading
 import uuid
 from typing import Any, Sequence
 
+from twa_scale import knobs
 from twa_scale.errors import ConfigError, StoreUnreachableError, auth_error_code, is_connection_error
 
 __all__ = ["ObjectStore", "FsspecStore", "LocalStore", "S3Store", "open_store", "parse_storage_options",
@@ -452,18 +453,21 @@ class S3Store(FsspecStore):
         return store_error(f"snapshot store {self.url} is {what} ({self.where()}): {type(err).__name__}: {err}", err)
 
 
-_S3_DEFAULTS: dict[str, Any] = {
-    # Our own per-chunk CRC-32 checks the bytes end to end; botocore's extra per-request checksum
-    # costs ~30% of upload throughput in s3fs's single asyncio thread.
-    "config_kwargs": {"connect_timeout": 10, "read_timeout": 60},
-}
+def _s3_defaults() -> dict[str, Any]:
+    # Both timeouts, always: a stalled server (SIGSTOP, a hung proxy) accepts connections and then
+    # says nothing, and only the read timeout ends such a call. Knobs, read when a store is opened.
+    return {"config_kwargs": {"connect_timeout": knobs.STORE_CONNECT_TIMEOUT_SECONDS.get(),
+                              "read_timeout": knobs.STORE_READ_TIMEOUT_SECONDS.get()}}
 
 
-def open_store(url: str, storage_options: dict | str | None = None, *, quick: bool = False) -> ObjectStore:
+def open_store(url: str, storage_options: dict | str | None = None, *, quick: bool = False,
+               timeout_seconds: float | None = None) -> ObjectStore:
     """The store for ``url`` (see the module docstring); ValueError for a malformed URL.
 
-    ``quick``: no library-level retries and a short connect timeout, for callers that retry
-    with their own backoff and deadline (writers) and for probes.
+    ``quick``: no library-level retries and half the connect timeout, for callers that retry
+    with their own backoff and deadline (writers) and for probes. ``timeout_seconds``: the connect
+    and read timeout of every call (with ``quick``, the most one call can take against a stalled
+    server: the background stop-marker poll).
     """
     import fsspec
     from fsspec.config import conf
@@ -481,11 +485,17 @@ def open_store(url: str, storage_options: dict | str | None = None, *, quick: bo
             import s3fs  # noqa: F401
         except ImportError as e:
             raise ImportError(f"{url}: s3:// URLs need s3fs; install it with `pip install s3fs`") from e
-        defaults = dict(_S3_DEFAULTS)
+        defaults = _s3_defaults()
         if not os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION"):
+            # Our own per-chunk CRC-32 checks the bytes end to end; botocore's extra per-request checksum
+            # costs ~30% of upload throughput in s3fs's single asyncio thread.
             defaults = _merge(defaults, {"config_kwargs": {"request_checksum_calculation": "when_required"}})
         merged = _merge(defaults, conf.get("s3", {}), options)
-        fast = _merge(merged, {"config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 1}}})
+        if timeout_seconds is not None:
+            merged = _merge(merged, {"config_kwargs": {"connect_timeout": timeout_seconds,
+                                                       "read_timeout": timeout_seconds}})
+        fast = _merge(merged, {"config_kwargs": {"connect_timeout": merged["config_kwargs"]["connect_timeout"] / 2,
+                                                 "retries": {"max_attempts": 1}}})
         fs = fsspec.filesystem("s3", **(fast if quick else merged))
         if quick:
             fs.retries = 1
