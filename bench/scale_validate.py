@@ -345,9 +345,13 @@ def docs_tables(docs: Path = DOCS) -> str:
 
 # --- main -----------------------------------------------------------------------------------------------
 def validate(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="scale_validate-", dir=args.work_dir) as tmp:  # snapshots, outputs
+        return _validate(args, Path(tmp))
+
+
+def _validate(args, work: Path) -> dict:
     import random
 
-    work = Path(tempfile.mkdtemp(prefix="scale_validate-", dir=args.work_dir))
     url, run_id = args.snapshot_url or f"file://{work}/runs", args.run_id
     if not args.snapshot_url:
         make_snapshots(url, run_id, args.train_epochs, args.snapshots_per_epoch)
@@ -391,7 +395,7 @@ def main(argv=None) -> int:
     ap.add_argument("--guard-samples", type=int, default=128,
                     help="of which the guard split takes these (carved even with --no-guard); TWA fits on the rest")
     ap.add_argument("--twa-step-json", type=Path, default=REPO / "bench/results/twa_step-cpu.json")
-    ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--work-dir", default=None, help="where the temporary run directory goes (default: $TMPDIR)")
     ap.add_argument("--out", default="bench/out/scale_validate.json")
     ap.add_argument("--update-docs", action="store_true", help="rewrite the validation tables in docs/scaling.md")
     ap.add_argument("--markdown", default=None, metavar="JSON", help="print the tables of a written JSON and exit")
