@@ -12,12 +12,12 @@ P[:, S_r], d = D/W columns) it computes, per rank:
   ``--rank-read-MBps`` until the store's aggregate ``--store-read-GBps`` caps it, or its request
   rate (``--store-gets-per-second``; one GET per piece of at most 64 MiB per snapshot) does;
 * communication per TWA step: the gradient's reduce-scatter and the weights' all-gather, each
-  (W-1)/W·D·4 bytes per rank (ring), plus an all-reduce of n floats; the set-up adds one n×n Gram
-  all-reduce;
-* time per TWA epoch: steps = N/(W·batch); a step costs the forward/backward of the rank's batch
-  (``--samples-per-second`` per rank: an input, not measured here), the projection (two passes
-  over P at the measured seconds per byte) and the collectives at ``--link-GBps`` per rank plus a
-  latency per ring hop (``--hop-us``);
+  (W-1)/W·D·4 bytes sent per rank (ring), plus an all-reduce of n+1 floats; the set-up adds one n×n
+  Gram all-reduce;
+* time per TWA epoch: steps = ⌊N/(W·batch)⌋ (the loader drops the ragged tail); a step costs the
+  forward/backward of the rank's batch (``--samples-per-second`` per rank: an input, not measured
+  here), the projection (two passes over P at the measured seconds per byte) and the collectives
+  at ``--link-GBps`` per rank plus a latency per ring hop (``--hop-us``);
 * the streamer's write bandwidth per node at K snapshots per epoch: each snapshot moves D·4 bytes
   across all training ranks, so a node of g ranks writes K·D·4·g·s/N bytes per second (s: samples
   per second per rank), whatever the number of nodes.
@@ -62,9 +62,10 @@ def predict(*, D: int, n: int, bits: int, world: int, samples: int, batch: int, 
     gets = world * n * max(1, math.ceil(read / n / PIECE_BYTES))
     load = max(read / rank_read_Bps, world * read / store_read_Bps, gets / store_gets_per_s)
     ring = (world - 1) / world
-    comm_step = 2 * ring * D * 4 + 4 * n            # reduce-scatter g + all-gather w + all-reduce c
+    # sent per rank: reduce-scatter g + all-gather w + all-reduce of c (n floats, the loss riding along)
+    comm_step = 2 * ring * D * 4 + 2 * ring * 4 * (n + 1)
     comm_step_s = 2 * ring * D * 4 / link_Bps + 3 * (world - 1) * hop_s * (world > 1)
-    steps = math.ceil(samples / (world * batch))
+    steps = max(1, samples // (world * batch))     # the loader drops the ragged tail
     step_s = batch / samples_per_second + 2 * p_bytes * proj_s_per_byte + comm_step_s
     per_node_Bps = k_per_epoch * D * 4 * ranks_per_node * samples_per_second / samples
     return {"world": world, "d": d, "p_bytes_per_rank": p_bytes, "build_peak_bytes_per_rank": p_bytes + read,
@@ -72,6 +73,8 @@ def predict(*, D: int, n: int, bits: int, world: int, samples: int, batch: int, 
             "load_bound": ["rank bandwidth", "store bandwidth", "store request rate"][
                 [read / rank_read_Bps, world * read / store_read_Bps, gets / store_gets_per_s].index(load)],
             "gram_bytes": 8 * n * n, "comm_bytes_per_step": comm_step, "comm_seconds_per_step": comm_step_s,
+            "reduce_scatter_bytes_per_step": ring * D * 4, "all_gather_bytes_per_step": ring * D * 4,
+            "all_reduce_bytes_per_step": 2 * ring * 4 * (n + 1),
             "projection_seconds_per_step": 2 * p_bytes * proj_s_per_byte, "steps_per_epoch": steps,
             "step_seconds": step_s, "epoch_seconds": steps * step_s,
             "streamer_write_Bps_per_node": per_node_Bps}

@@ -16,9 +16,13 @@ def test_scale_model_matches_hand_computed_case():
     assert r["read_bytes_per_rank"] == 10 * 250 * 4 == 10_000
     assert r["gets_total"] == 4 * 10                       # one GET per snapshot per rank (< 16 MiB each)
     assert r["load_seconds"] == pytest.approx(10_000 / 100.0) and r["load_bound"] == "rank bandwidth"
-    assert r["comm_bytes_per_step"] == pytest.approx(2 * 0.75 * 4000 + 40)
+    assert r["comm_bytes_per_step"] == pytest.approx(2 * 0.75 * 4000 + 2 * 0.75 * 44)  # + ring all-reduce of n+1
     assert r["comm_seconds_per_step"] == pytest.approx(2 * 0.75 * 4000 / 1e3 + 3 * 3 * 0.01)   # 6.09 s
     assert r["steps_per_epoch"] == 1000 // 40 == 25
+    ragged = dict(D=1000, n=10, bits=4, world=4, samples=1039, batch=10, samples_per_second=100.0, proj_s_per_byte=0,
+                  link_Bps=1e3, hop_s=0, rank_read_Bps=1.0, store_read_Bps=1.0, store_gets_per_s=1.0, k_per_epoch=1,
+                  ranks_per_node=1)
+    assert predict(**ragged)["steps_per_epoch"] == 25   # the loader drops the ragged tail (39 samples)
     assert r["step_seconds"] == pytest.approx(10 / 100 + 2 * 1250 * 1e-3 + 6.09)              # 8.69 s
     assert r["epoch_seconds"] == pytest.approx(25 * 8.69)
     assert r["streamer_write_Bps_per_node"] == pytest.approx(5 * 4000 * 2 * 100 / 1000)        # 400 B/s
