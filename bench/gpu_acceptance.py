@@ -458,7 +458,7 @@ SCIENCE_GPU = ["--epochs", "40", "--snapshots-per-epoch", "5", "--frontier-heads
                "--twa-epochs", "2", "--num-workers", "3", "--jobs", "4",
                "--follow-args", "--probe-every 5"]  # a probe per epoch (K = 5); the default rule
 SCIENCE_DRY = ["--epochs", "4", "--snapshots-per-epoch", "2", "--frontier-heads", "1", "2", "--twa-epochs", "1",
-               "--num-workers", "0", "--jobs", "2",
+               "--num-workers", "0", "--jobs", "4",
                "--follow-args", "--probe-every 2 --probe-steps 2 --probe-bn-batches 1 --bn-batches 1 "
                                 "--poll-seconds 0.2 --follow-timeout 300"]
 SCIENCE_FILES = ("report.md", "results.json", "frontier.png", "accuracy_vs_epoch.png", "coefficients.png")
@@ -505,13 +505,15 @@ def science_summary(results: dict) -> dict:
     points = {m: [{"epochs_spent": p["epochs_spent"], "accuracy": p["mean"]} for p in rows]
               for m, rows in (fr.get("points") or {}).items()}
     claims = [{"head": c["head"], "epochs_spent": c["epochs_spent"],
-               **{k: (c.get(k) or {}).get("mean") for k in ("vs_budget_sgd", "vs_full_sgd", "vs_swa")},
+               **{k: {"difference": c[k]["mean"], "verdict": c[k]["verdict"]} if c.get(k) else None
+                  for k in ("vs_budget_sgd", "vs_full_sgd", "vs_swa")},
                "fallback_seeds": c["fallback_seeds"]} for c in fr.get("claims", [])]
     fol = seed.get("follower") or {}
     fired = fol.get("rule_fired") or {}
     epochs = head.get("epochs") or []
     return {"missing_steps": results.get("missing_steps", []),
             "host": results.get("host"), "steps_seconds_sum": results.get("wall_seconds"),
+            "steps_seconds_span": results.get("wall_span_seconds"),
             "full_sgd_accuracy": head.get("final_accuracy"),
             "head_epoch_seconds_mean": (sum(e["seconds"] for e in epochs) / len(epochs)) if epochs else None,
             "frontier": points, "claims": claims,

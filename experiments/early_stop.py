@@ -152,10 +152,12 @@ def pair_env(env: dict[str, str], ranks: int) -> dict[str, str]:
 
 
 def run_pair(pair: Pair, work: Path, *, cmds: tuple[list[str], list[str]], shown: Callable[[list[str]], str],
-             env: dict[str, str], log=print, live: set | None = None) -> dict:
+             env: dict[str, str], log=print, live: set | None = None,
+             on_trained: Callable[[], None] | None = None) -> dict:
     """Run the trainer and its follower concurrently unless the pair's done-marker says it already finished.
     ``env``: see :func:`pair_env`. ``live``: the caller's set of running processes, which holds both while they
-    run (a caller running pairs in threads stops them through it)."""
+    run (a caller running pairs in threads stops them through it). ``on_trained``: called once the trainer has
+    finished well, while the follower runs its final TWA (what reads only the run need not wait for that)."""
     marker = work / "done" / f"{pair.name}.json"
     done = _read_json(marker)
     if done is not None:
@@ -189,6 +191,8 @@ def run_pair(pair: Pair, work: Path, *, cmds: tuple[list[str], list[str]], shown
             train_seconds = time.perf_counter() - t_train
             if train_rc != 0:  # the follower would wait out its --follow-timeout for a run that never ends
                 _stop(follower)
+            elif on_trained is not None and (_read_json(paths["metrics"]) or {}).get("final"):
+                on_trained()
             follow_rc = follower.wait()
         except BaseException:  # SIGTERM (see reproduce.main) or Ctrl-C: stop both
             for proc in (trainer, follower):

@@ -11,6 +11,9 @@
                                                                   # live TWA: does its stop save compute?
     python experiments/reproduce.py --out bench/results/cpu-frontier --experiments head,frontier --seeds 0 1 2
                                                                   # accuracy against epochs spent
+    python experiments/reproduce.py --gpu --model resnet20 --epochs 40 --snapshots-per-epoch 5 --seeds 0 \
+        --twa-epochs 2 --experiments head,frontier --frontier-heads 16 20 24 --follow-head --jobs 4 --out DIR
+                                    # the GPU science run (bash bench/gpu_acceptance.sh --science OUT_DIR)
 
 Every step is one of the project's own commands, run as a subprocess:
 `python launch/train.py ...` / `python launch/twa.py ...` (or `deepspeed --num_gpus N ...` with --ranks N).
@@ -35,6 +38,10 @@ Per seed:
   early-stop  (opt-in) per seed, an E-epoch run with a live TWA follower beside it that records where its stop
               rule fires without being obeyed, and the same run obeying it (experiments/early_stop.py).
 All runs train with the same --holdout-fraction, so they are comparable and TWA-v has a split to fit on.
+With --follow-head each head run trains beside a record-only live follower (`launch/twa.py --follow`, its
+default stop rule; the trainer runs --no-obey-stop), and the report lists every probe with its decision.
+--jobs N runs up to N steps at once (one GPU is mostly idle under a small model): a TWA step starts once the
+run it reads has finished training, and a failed step stops only the steps that need it.
 
 Resumable: a finished step leaves work/done/<step>.json and is skipped on a rerun (a rerun with a
 different command for that step stops with an error); a training step killed midway continues
@@ -396,22 +403,25 @@ def head_pair(step: Step) -> early_stop.Pair:
     return early_stop.Pair(step.name, step.seed, False, step.run_id, step.args, step.follow, ckpt)
 
 
-def run_task(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=print) -> dict:
-    """Run one step, or a training step and its follower side by side (an early_stop.Pair)."""
+def run_task(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=print, on_trained=None) -> dict:
+    """Run one step, or a training step and its follower side by side (an early_stop.Pair; ``on_trained`` is
+    called when its training has finished, before the follower's final TWA)."""
     if step.follow is None:
         return run_step(step, work, ranks=ranks, env=env, log=log)
     pair = head_pair(step)
     return early_stop.run_pair(pair, work, cmds=early_stop.commands(pair, ranks, script_command), shown=_shown,
-                               env=early_stop.pair_env(env, ranks), log=log, live=_LIVE)
+                               env=early_stop.pair_env(env, ranks), log=log, live=_LIVE, on_trained=on_trained)
 
 
 def run_steps(steps: Sequence[Step], work: Path, *, ranks: int, env: dict[str, str], jobs: int = 1,
               log=print) -> None:
     """Run ``steps`` in plan order, up to ``jobs`` at once (processes sharing the machine and its GPU); a step
-    starts once the steps it needs (among ``steps``) have finished. A failed step does not stop the others,
-    only the steps that need it; the call then exits with every failure."""
+    starts once the steps it needs (among ``steps``) have finished, or for a training step run beside its
+    follower, once its training has. A failed step does not stop the others, only the steps that need it; the
+    call then exits with every failure."""
     names = {st.name for st in steps}
     pending, running, done, failed = list(steps), {}, set(), {}
+    trained: set[str] = set()  # pairs whose trainer has finished (set from their threads)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         try:
             while pending or running:
@@ -420,11 +430,13 @@ def run_steps(steps: Sequence[Step], work: Path, *, ranks: int, env: dict[str, s
                     failed[st.name] = f"not run: it needs {', '.join(n for n in st.needs if n in failed)}"
                     log(f"[fail] {st.name}: {failed[st.name]}")
                 while len(running) < jobs:
-                    st = next((st for st in pending if all(n in done or n not in names for n in st.needs)), None)
+                    st = next((st for st in pending if all(n in done or n in trained or n not in names
+                                                           for n in st.needs)), None)
                     if st is None:
                         break
                     pending.remove(st)
-                    running[pool.submit(run_task, st, work, ranks=ranks, env=env, log=log)] = st
+                    running[pool.submit(run_task, st, work, ranks=ranks, env=env, log=log,
+                                        on_trained=lambda n=st.name: trained.add(n))] = st
                 # a timeout, so that SIGTERM's handler (main) runs promptly in this thread
                 finished, _ = concurrent.futures.wait(running, timeout=1.0,
                                                       return_when=concurrent.futures.FIRST_COMPLETED)
@@ -863,8 +875,10 @@ def render_report(res: dict, discussion: str | None) -> str:
              f"Command: `{res['command']}`", "",
              f"Host: {res['host']['platform']}, {res['host']['cpus']} CPUs, torch {res['host']['torch']}"
              f"{', ' + res['host']['gpu'] if res['host'].get('gpu') else ''}; ranks per step: {res['ranks']}. "
-             f"Wall time of all steps: {res['wall_seconds'] / 60:.1f} min "
-             f"(generated {res['generated_at']}).", ""]
+             f"Wall time of all steps: {res['wall_seconds'] / 60:.1f} min"
+             + (f" summed, {res['wall_span_seconds'] / 60:.1f} min from the first start to the last end"
+                if res.get("wall_span_seconds") and res["wall_span_seconds"] < 0.95 * res["wall_seconds"] else "")
+             + f" (generated {res['generated_at']}).", ""]
     if res["missing_steps"]:
         lines += [f"**Incomplete:** {len(res['missing_steps'])} step(s) have not finished: "
                   + ", ".join(res["missing_steps"]), ""]
@@ -968,6 +982,13 @@ def _host() -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "gpu": gpu}
 
 
+def _span(markers) -> float | None:
+    """Seconds from the first finished step's start to the last one's end (less than their sum with --jobs)."""
+    ends = [(datetime.datetime.fromisoformat(m["finished_at"]).timestamp(), m["seconds"])
+            for m in markers if m and m.get("finished_at")]
+    return max(e for e, _ in ends) - min(e - s for e, s in ends) if ends else None
+
+
 def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: int, argv: Sequence[str],
                  pairs: Sequence[early_stop.Pair] = ()) -> dict:
     seeds = summarize(p, steps, work)
@@ -988,6 +1009,7 @@ def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: 
         "host": _host(),
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": sum(m["seconds"] for m in markers.values() if m),
+        "wall_span_seconds": _span(markers.values()),
         "missing_steps": [n for n, m in markers.items() if m is None],
         "steps": {n: ({"seconds": m["seconds"], "command": m["command"]} if m else {}) for n, m in markers.items()},
         "table": table,

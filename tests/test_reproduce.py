@@ -454,6 +454,7 @@ def _waits_for_b(tmp_path, seconds):
                                      f"    if time.monotonic() - t > {seconds}: sys.exit('b never started beside a')")
 
 
+@pytest.mark.slow  # a dozen short Python processes
 def test_run_steps_runs_independent_steps_side_by_side_and_waits_for_needs(tmp_path):
     work = tmp_path / "work"
     a = _waits_for_b(tmp_path, 60)
