@@ -518,7 +518,7 @@ def run_step(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=pri
 
 
 def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds through run_step, which stops the running step first
+    raise SystemExit(128 + signum)  # unwinds through run_steps / run_pair, which stop the running steps first
 
 
 def child_env(ranks: int, jobs: int = 1) -> dict[str, str]:
