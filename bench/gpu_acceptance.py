@@ -521,7 +521,7 @@ def science_summary(results: dict) -> dict:
                          "fired_epoch": fired.get("epoch"), "fired_reason": fired.get("decision"),
                          "final_twa_accuracy": fol.get("twa_accuracy"), "final_twa_returned": fol.get("twa_returned"),
                          "decisions": [{k: q.get(k) for k in ("epoch", "twa_accuracy", "sgd_holdout_accuracy",
-                                                              "statistic", "bound", "would_stop")}
+                                                              "statistic", "bound", "would_stop", "decision")}
                                        for q in fol.get("probes", [])]} if fol else None}
 
 
