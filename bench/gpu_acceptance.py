@@ -2,6 +2,8 @@
 
     bash bench/gpu_acceptance.sh OUT_DIR                 # one GPU (H200): <= 8 minutes
     bash bench/gpu_acceptance.sh --dry-run OUT_DIR       # CPU, tiny sizes, same code paths (CI)
+    bash bench/gpu_acceptance.sh --science OUT_DIR       # the science run alone, its own <= 8 minutes
+    bash bench/gpu_acceptance.sh --science --dry-run OUT_DIR   # its plan on CPU at tiny sizes (CI)
 
 Writes OUT_DIR/gpu_acceptance.json (rewritten after every section, so an interrupted run
 keeps what it measured) and OUT_DIR/gpu_acceptance.log (every command's output). Sections:
@@ -24,6 +26,22 @@ keeps what it measured) and OUT_DIR/gpu_acceptance.log (every command's output).
   data_gpu_decode   the data pipeline's GPU (nvJPEG) decode, when the project has one
   e2e_cifar10       cifar10.tar.gz unpacked on the host, ResNet-20 trained a few epochs on 1 GPU with
                     file:// snapshots, then TWA: accuracies and wall time per epoch
+  science           (--science only, after env) experiments/reproduce.py's equal-compute frontier on full
+                    CIFAR-10: ResNet-20, E = 40, K = 5, seed 0; TWA over epochs 0..H + 2 TWA epochs for
+                    H = 16, 20, 24 against SGD on 18-, 22- and 26-epoch schedules, full SGD and SWA; a
+                    record-only live follower (default `gain` rule, a probe per epoch) on the head run.
+                    OUT_DIR/science/ gets report.md, results.json, frontier.png (the CPU frontier's
+                    format), the follower's probes.json and the steps' logs
+
+The science run's time, estimated (no GPU number for ResNet-20 is measured yet; its first run's
+head_epoch_seconds_mean replaces this): a step of ResNet-20 at batch 128 is launch-bound, ~5-8 ms, so an
+epoch of 351 steps plus a 10k-image eval is ~3 s alone and ~4-5 s with four steps sharing the GPU; the
+loaders need ~45k images per epoch at ~5k img/s per core (measured on the 2-core dev box under load:
+4.6k img/s with the default decoder), 3 workers per step. Head (40 epochs) beside the budget runs (18, 22
+and 26 epochs, so they finish first): ~3-3.5 min; then 5 TWA runs (H = 16, 20, 24, K = 1, per-iteration
+cut), 4 at a time, and the follower's final TWA: ~1 min (process start-up ~15 s each); unpacking 60k
+files ~0.5 min. About 5 minutes of the 7.5-minute budget; one 24-epoch SGD run instead of three would
+save GPU share, not wall time, and would pair with no TWA point.
 
 Each section runs as its own process with a time limit cut from one overall budget
 (--budget-seconds), so the script ends in time even when a section hangs. A section that
@@ -37,6 +55,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -430,6 +449,82 @@ def section_e2e(r: Runner, a, data_root: Path | None, unpack_seconds: float | No
     return out
 
 
+# The science run: experiments/reproduce.py's equal-compute frontier with a live follower on the head run.
+# GPU: full CIFAR-10 (45k training images, a 5k hold-out for the follower's probes), ResNet-20, E = 40, K = 5.
+# Steps run 4 at a time on the one GPU (the model is far too small to fill it; 16 cores feed the loaders).
+SCIENCE_COMMON = ["--gpu", "--model", "resnet20", "--seeds", "0", "--experiments", "head,frontier", "--follow-head",
+                  "--holdout-fraction", "0.1"]
+SCIENCE_GPU = ["--epochs", "40", "--snapshots-per-epoch", "5", "--frontier-heads", "16", "20", "24",
+               "--twa-epochs", "2", "--num-workers", "3", "--jobs", "4",
+               "--follow-args", "--probe-every 5"]  # a probe per epoch (K = 5); the default rule
+SCIENCE_DRY = ["--epochs", "4", "--snapshots-per-epoch", "2", "--frontier-heads", "1", "2", "--twa-epochs", "1",
+               "--num-workers", "0", "--jobs", "4",
+               "--follow-args", "--probe-every 2 --probe-steps 2 --probe-bn-batches 1 --bn-batches 1 "
+                                "--poll-seconds 0.2 --follow-timeout 300"]
+SCIENCE_FILES = ("report.md", "results.json", "frontier.png", "accuracy_vs_epoch.png", "coefficients.png")
+SCIENCE_REPORT_SECONDS = 45.0  # kept back from the run for a --report-only rebuild after a timeout
+
+
+def section_science(r: Runner, a, data_root: Path | None, unpack_seconds: float | None, why: str | None) -> dict:
+    """experiments/reproduce.py on the GPU: the equal-compute frontier (TWA over epochs 0..H + T against SGD on an
+    (H+T)-epoch schedule, full SGD, SWA) with a record-only live follower on the head run. Its report, JSON and
+    plots go to OUT_DIR/science/ (the bulky work dir stays in the scratch space)."""
+    if data_root is None:
+        return {"status": "fail" if a.require_data or not a.dry_run else "skip", "note": why}
+    run_out, dest = r.work / "science", r.out_dir / "science"
+    args = ["experiments/reproduce.py", "--out", str(run_out), "--data", str(data_root), *SCIENCE_COMMON,
+            *(SCIENCE_DRY if a.dry_run else SCIENCE_GPU)]
+    res = r.run("science", args, timeout=r.left() - SCIENCE_REPORT_SECONDS)
+    out: dict = {**res, "unpack_seconds": unpack_seconds, "command": "python " + shlex.join(args)}
+    if res["rc"] != 0:  # a timeout or failed steps: rebuild the report from the steps that finished
+        out["report_only"] = r.run("science_report", [*args, "--report-only"], timeout=max(10.0, r.left()))
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SCIENCE_FILES:
+        if (run_out / name).is_file():
+            shutil.copy2(run_out / name, dest / name)
+    if (run_out / "work" / "logs").is_dir():
+        shutil.copytree(run_out / "work" / "logs", dest / "logs", dirs_exist_ok=True)
+    probes = run_out / "work" / "store" / "head-s0" / "twa" / "probes.json"
+    if probes.is_file():
+        shutil.copy2(probes, dest / "probes.json")
+    out["files"] = sorted(str(p.relative_to(r.out_dir)) for p in dest.rglob("*") if p.is_file())
+    results = _read_json(dest / "results.json")
+    if results is None:
+        return {**out, "status": "timeout" if res["timed_out"] else "fail", "tail": r.tail()}
+    out.update(science_summary(results))
+    complete = res["rc"] == 0 and not out["missing_steps"]
+    out["status"] = "pass" if complete else "timeout" if res["timed_out"] else "fail"
+    return out
+
+
+def science_summary(results: dict) -> dict:
+    """The key numbers of the science run's results.json: the frontier, its claims and the follower's decisions."""
+    seed = next(iter(results.get("seeds", {}).values()), {})
+    head = seed.get("head") or {}
+    fr = results.get("frontier") or {}
+    points = {m: [{"epochs_spent": p["epochs_spent"], "accuracy": p["mean"]} for p in rows]
+              for m, rows in (fr.get("points") or {}).items()}
+    claims = [{"head": c["head"], "epochs_spent": c["epochs_spent"],
+               **{k: {"difference": c[k]["mean"], "verdict": c[k]["verdict"]} if c.get(k) else None
+                  for k in ("vs_budget_sgd", "vs_full_sgd", "vs_swa")},
+               "fallback_seeds": c["fallback_seeds"]} for c in fr.get("claims", [])]
+    fol = seed.get("follower") or {}
+    fired = fol.get("rule_fired") or {}
+    epochs = head.get("epochs") or []
+    return {"missing_steps": results.get("missing_steps", []),
+            "host": results.get("host"), "steps_seconds_sum": results.get("wall_seconds"),
+            "steps_seconds_span": results.get("wall_span_seconds"),
+            "full_sgd_accuracy": head.get("final_accuracy"),
+            "head_epoch_seconds_mean": (sum(e["seconds"] for e in epochs) / len(epochs)) if epochs else None,
+            "frontier": points, "claims": claims,
+            "follower": {"rule": fol.get("rule"), "probes": len(fol.get("probes", [])),
+                         "fired_epoch": fired.get("epoch"), "fired_reason": fired.get("decision"),
+                         "final_twa_accuracy": fol.get("twa_accuracy"), "final_twa_returned": fol.get("twa_returned"),
+                         "decisions": [{k: q.get(k) for k in ("epoch", "twa_accuracy", "sgd_holdout_accuracy",
+                                                              "statistic", "bound", "would_stop", "decision")}
+                                       for q in fol.get("probes", [])]} if fol else None}
+
+
 # --------------------------------------------------------------------------------------- main
 CAPS_GPU = {"gpu_tests": 150, "train_throughput": 150, "twa_step": 150, "streamer_hotpath": 90, "store_clients": 90,
             "data_gpu_decode": 60, "e2e_train": 150, "e2e_twa": 90}
@@ -441,13 +536,17 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="bash bench/gpu_acceptance.sh", description=__doc__.split("\n")[0])
     ap.add_argument("out_dir", help="where gpu_acceptance.json and gpu_acceptance.log go")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, same code paths (what CI runs)")
+    ap.add_argument("--science", action="store_true",
+                    help="run the science section alone (after env), under its own budget: the equal-compute "
+                         "frontier on full CIFAR-10 with a live follower (OUT_DIR/science/)")
     ap.add_argument("--data-tar", default=None,
                     help="cifar10.tar.gz (default: .data/cifar10.tar.gz, then ../shared/datasets/cifar10.tar.gz)")
     ap.add_argument("--require-data", action="store_true", help="fail (not skip) the end-to-end run without data")
     ap.add_argument("--budget-seconds", type=float, default=None,
-                    help="overall time limit (default 450 on GPU, 600 for --dry-run)")
+                    help="overall time limit (default 450 on GPU, 600 for --dry-run; the same for --science)")
     ap.add_argument("--work-dir", default=None, help="scratch space (default: a temp dir, removed at the end)")
-    ap.add_argument("--only", default=None, help="comma-separated sections to run (default: all)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated sections to run (default: all but science; --science: env,science)")
     ap.add_argument("--e2e-epochs", type=int, default=4)
     ap.add_argument("--e2e-twa-epochs", type=int, default=2)
     a = ap.parse_args(argv)
@@ -457,7 +556,7 @@ def parse_args(argv=None):
 
 
 SECTIONS = ("env", "train_throughput", "twa_step", "streamer_hotpath", "store_clients", "gpu_tests", "e2e_cifar10",
-            "data_gpu_decode")
+            "data_gpu_decode", "science")
 
 
 def main(argv=None) -> int:
@@ -478,7 +577,7 @@ def main(argv=None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="twa-gpu-acceptance-")
         work = Path(tmp.name)
     r = Runner(out_dir, work, budget, sys.executable, dry_run=a.dry_run)
-    only = set(a.only.split(",")) if a.only else set(SECTIONS)
+    only = set(a.only.split(",")) if a.only else {"env", "science"} if a.science else set(SECTIONS) - {"science"}
     result = {"schema": SCHEMA, "mode": "dry-run" if a.dry_run else "gpu",
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "budget_seconds": budget,
               "command": "bash bench/gpu_acceptance.sh " + " ".join(argv),
@@ -493,9 +592,11 @@ def main(argv=None) -> int:
     tar = Path(a.data_tar) if a.data_tar else next((p for p in TAR_CANDIDATES if p.exists()), None)
     if tar is None or not tar.exists():
         why = f"no cifar10.tar.gz (looked for {a.data_tar or ', '.join(map(str, TAR_CANDIDATES))})"
-    elif only & {"e2e_cifar10", "data_gpu_decode"}:
+    elif only & {"e2e_cifar10", "data_gpu_decode", "science"}:
+        # the dry run's science section needs a few hundred images: a 10% hold-out and a batch of 128 to train
+        per_class = (30 if "science" in only else 16) if a.dry_run else None
         try:
-            data_root, unpack_s = unpack_cifar10(tar, work / "data", per_class=16 if a.dry_run else None)
+            data_root, unpack_s = unpack_cifar10(tar, work / "data", per_class=per_class)
         except (OSError, tarfile.TarError) as e:
             why = f"{tar}: {e}"
 
@@ -517,7 +618,8 @@ def main(argv=None) -> int:
                        "streamer_hotpath": lambda: section_streamer(r, a),
                        "store_clients": lambda: section_store_clients(r, a),
                        "data_gpu_decode": lambda: section_data_gpu_decode(r, a, data_root),
-                       "e2e_cifar10": lambda: section_e2e(r, a, data_root, unpack_s, why)}[name]()
+                       "e2e_cifar10": lambda: section_e2e(r, a, data_root, unpack_s, why),
+                       "science": lambda: section_science(r, a, data_root, unpack_s, why)}[name]()
             except Exception as e:  # noqa: BLE001 - one broken section must not lose the others
                 sec = {"status": "error", "note": f"{type(e).__name__}: {e}", "tail": r.tail()}
         sec.setdefault("section_seconds", round(time.monotonic() - t0, 1))
@@ -528,7 +630,8 @@ def main(argv=None) -> int:
                                                           "engine_vs_plain", "stall_vs_baseline",
                                                           "fp32_over_floor_max", "q4_speedup_vs_authors_min",
                                                           "last_accuracy", "swa_accuracy", "twa_accuracy",
-                                                          "seconds_per_epoch") and v is not None}
+                                                          "seconds_per_epoch", "full_sgd_accuracy",
+                                                          "missing_steps") and v is not None}
         print(f"[{time.monotonic() - r.t0:6.1f}s] {name}: {json.dumps(summary, default=str)}", flush=True)
         save()
 

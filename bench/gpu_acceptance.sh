@@ -3,6 +3,9 @@
 #
 #   bash bench/gpu_acceptance.sh OUT_DIR              # on the GPU host
 #   bash bench/gpu_acceptance.sh --dry-run OUT_DIR    # CPU, tiny sizes, same code paths (CI runs this)
+#   bash bench/gpu_acceptance.sh --science OUT_DIR    # the science run alone (its own <= 8 minutes): the
+#       equal-compute frontier on full CIFAR-10, ResNet-20, E=40, K=5, with a live follower (OUT_DIR/science/)
+#   bash bench/gpu_acceptance.sh --science --dry-run OUT_DIR    # its plan on CPU at tiny sizes (CI runs this)
 #
 # Writes OUT_DIR/gpu_acceptance.json and OUT_DIR/gpu_acceptance.log; see bench/gpu_acceptance.py
 # for the sections and their goals, and docs/benchmarks.md ("GPU acceptance") for carrying the wheels

@@ -41,7 +41,8 @@ from typing import Any, Callable, Sequence
 from twa_scale.twa.config import TwaConfig
 from twa_scale.twa.stoprule import ProbeView, StopRule, parse_stop_rule
 
-__all__ = ["Pair", "plan_pairs", "run_pair", "summarize", "replay", "replay_grid", "plot", "render"]
+__all__ = ["Pair", "plan_pairs", "follower_args", "run_pair", "run_summary", "render_probes", "summarize", "replay",
+           "replay_grid", "plot", "render"]
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_GRACE_SECONDS = 60.0  # a stopped process gets this long to flush before it is killed
@@ -87,14 +88,20 @@ def plan_pairs(p, work: Path, *, common: list[str], store: str, twa_workers: int
                       "--epochs", str(E), "--lr", f"{p.lr:g}", "--schedule", "step"]
             if not obey:
                 train.append("--no-obey-stop")
-            follow = ["--follow", "--snapshot-url", store, "--run-id", name, "--seed", str(s),
-                      "--epochs", str(p.twa_epochs), "--lr", f"{p.twa_lr:g}", "--schedule", "step",
-                      "--num-workers", str(twa_workers), "--no-plot"]
-            if p.bn_batches is not None:
-                follow += ["--bn-batches", str(p.bn_batches)]
-            follow += list(p.follow_args)
+            follow = follower_args(p, store=store, run_id=name, seed=s, twa_workers=twa_workers)
             pairs.append(Pair(name, s, obey, name, train, follow, ckpt))
     return pairs
+
+
+def follower_args(p, *, store: str, run_id: str, seed: int, twa_workers: int) -> list[str]:
+    """A follower of ``run_id`` (launch/twa.py --follow): the reproduction's final-TWA settings, then the preset's
+    follower flags (``p.follow_args``; none: the follower's own defaults, its default stop rule included)."""
+    follow = ["--follow", "--snapshot-url", store, "--run-id", run_id, "--seed", str(seed),
+              "--epochs", str(p.twa_epochs), "--lr", f"{p.twa_lr:g}", "--schedule", "step",
+              "--num-workers", str(twa_workers), "--no-plot"]
+    if p.bn_batches is not None:
+        follow += ["--bn-batches", str(p.bn_batches)]
+    return follow + list(p.follow_args)
 
 
 def commands(pair: Pair, ranks: int, command: Callable[[str, list[str], int], list[str]]) -> tuple[list, list]:
@@ -145,9 +152,12 @@ def pair_env(env: dict[str, str], ranks: int) -> dict[str, str]:
 
 
 def run_pair(pair: Pair, work: Path, *, cmds: tuple[list[str], list[str]], shown: Callable[[list[str]], str],
-             env: dict[str, str], log=print) -> dict:
+             env: dict[str, str], log=print, live: set | None = None,
+             on_trained: Callable[[], None] | None = None) -> dict:
     """Run the trainer and its follower concurrently unless the pair's done-marker says it already finished.
-    ``env``: see :func:`pair_env`."""
+    ``env``: see :func:`pair_env`. ``live``: the caller's set of running processes, which holds both while they
+    run (a caller running pairs in threads stops them through it). ``on_trained``: called once the trainer has
+    finished well, while the follower runs its final TWA (what reads only the run need not wait for that)."""
     marker = work / "done" / f"{pair.name}.json"
     done = _read_json(marker)
     if done is not None:
@@ -174,16 +184,22 @@ def run_pair(pair: Pair, work: Path, *, cmds: tuple[list[str], list[str]], shown
         follower = subprocess.Popen(follow_cmd, cwd=REPO, env=env, stdout=ff, stderr=subprocess.STDOUT)
         t_train = time.perf_counter()
         trainer = subprocess.Popen(train_cmd, cwd=REPO, env=env, stdout=ft, stderr=subprocess.STDOUT)
+        live = set() if live is None else live
+        live |= {follower, trainer}
         try:
             train_rc = trainer.wait()
             train_seconds = time.perf_counter() - t_train
             if train_rc != 0:  # the follower would wait out its --follow-timeout for a run that never ends
                 _stop(follower)
+            elif on_trained is not None and (_read_json(paths["metrics"]) or {}).get("final"):
+                on_trained()
             follow_rc = follower.wait()
         except BaseException:  # SIGTERM (see reproduce.main) or Ctrl-C: stop both
             for proc in (trainer, follower):
                 _stop(proc)
             raise
+        finally:
+            live -= {follower, trainer}
     seconds = time.perf_counter() - t0
     # The follower's final TWA always writes result.json (when every lr fails its guard, the stage returns
     # the start point and says so), so a missing result or a non-zero exit is a failure of the pair.
@@ -209,7 +225,8 @@ def _fired(probes: list[dict]) -> dict | None:
     return next((q for q in probes if q.get("would_stop")), None)
 
 
-def _run_summary(pair: Pair, work: Path) -> dict | None:
+def run_summary(pair: Pair, work: Path) -> dict | None:
+    """One finished pair: its training, its follower's probes (each with its decision) and final TWA."""
     done = _read_json(work / "done" / f"{pair.name}.json")
     if done is None:
         return None
@@ -246,7 +263,7 @@ def summarize(p, pairs: list[Pair], work: Path, replay_twa: dict[str, dict[int, 
     E = epochs_of(p)
     seeds: dict[str, dict] = {}
     for pair in pairs:
-        r = _run_summary(pair, work)
+        r = run_summary(pair, work)
         if r is not None:
             seeds.setdefault(str(pair.seed), {})["obey" if pair.obey else "full"] = r
     for d in seeds.values():
@@ -482,6 +499,28 @@ def render(p, es: dict, ranks: int) -> list[str]:
             f"{_ms(mean['result_wall_saving'], 100, '.1f')}% | {_ms(mean['gap'], 100, '+.2f')} |")
     lines += ["", *_verdicts(es), "", "![probe accuracy against epoch](early_stop.png)", ""]
     lines += _replay_lines(es)
+    return lines
+
+
+def render_probes(run: dict, *, title: str, intro: str) -> list[str]:
+    """A section on one follower (a :func:`run_summary`): where its rule fired, and every probe with its decision."""
+    fired = run.get("rule_fired")
+    lines = [f"## {title}", "", intro, "",
+             f"Rule `{run.get('rule') or 'n/a'}`: "
+             + (f"**fired at epoch {fired['epoch']:g}** (probe {fired['probe']}, snapshot seq {fired['last_seq']}, "
+                f"TWA probe {_pct(fired['twa_accuracy'])}% on the hold-out): {fired['decision']}." if fired else
+                f"**never fired** in {len(run['probes'])} probe(s).")
+             + f" The follower's final TWA over all {run.get('twa_snapshots')} snapshots: "
+               f"{_pct(run.get('twa_accuracy'))}% on val (returned: {run.get('twa_returned')}), against "
+               f"{_pct(run.get('sgd_accuracy'))}% for the run's last SGD point.", "",
+             "| probe | epoch | seq | TWA probe (hold-out, %) | SGD snapshot (hold-out, %) | first lr phase | "
+             "statistic (pts/epoch) | 95% bound | stop | decision |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---|---|"]
+    for q in run["probes"]:
+        lines.append(f"| {q['probe']} | {_num(q['epoch'])} | {_num(q['last_seq'])} | {_pct(q['twa_accuracy'])} | "
+                     f"{_pct(q['sgd_holdout_accuracy'])} | {'yes' if q.get('first_phase') else 'no'} | "
+                     f"{_num(q.get('statistic'), '+.2f')} | {_num(q.get('bound'), '+.2f')} | "
+                     f"{'**yes**' if q.get('would_stop') else 'no'} | {q.get('decision') or ''} |")
     return lines
 
 

@@ -11,6 +11,9 @@
                                                                   # live TWA: does its stop save compute?
     python experiments/reproduce.py --out bench/results/cpu-frontier --experiments head,frontier --seeds 0 1 2
                                                                   # accuracy against epochs spent
+    python experiments/reproduce.py --gpu --model resnet20 --epochs 40 --snapshots-per-epoch 5 --seeds 0 \
+        --twa-epochs 2 --experiments head,frontier --frontier-heads 16 20 24 --follow-head --jobs 4 --out DIR
+                                    # the GPU science run (bash bench/gpu_acceptance.sh --science OUT_DIR)
 
 Every step is one of the project's own commands, run as a subprocess:
 `python launch/train.py ...` / `python launch/twa.py ...` (or `deepspeed --num_gpus N ...` with --ranks N).
@@ -35,6 +38,10 @@ Per seed:
   early-stop  (opt-in) per seed, an E-epoch run with a live TWA follower beside it that records where its stop
               rule fires without being obeyed, and the same run obeying it (experiments/early_stop.py).
 All runs train with the same --holdout-fraction, so they are comparable and TWA-v has a split to fit on.
+With --follow-head each head run trains beside a record-only live follower (`launch/twa.py --follow`, its
+default stop rule; the trainer runs --no-obey-stop), and the report lists every probe with its decision.
+--jobs N runs up to N steps at once (one GPU is mostly idle under a small model): a TWA step starts once the
+run it reads has finished training, and a failed step stops only the steps that need it.
 
 Resumable: a finished step leaves work/done/<step>.json and is skipped on a rerun (a rerun with a
 different command for that step stops with an error); a training step killed midway continues
@@ -46,6 +53,7 @@ discussion.md in --out is appended to report.md.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import fnmatch
@@ -115,7 +123,11 @@ class Preset:
     early_stop_epochs: int | None = None
     """Epochs of the early-stop runs (None: `epochs`; a smaller E is a documented shortcut, in the report)."""
     follow_args: tuple[str, ...] = ()
-    """Extra flags of the early-stop follower; empty: its defaults, so the default stop rule is measured."""
+    """Extra flags of every follower (early-stop, --follow-head); empty: its defaults, so the default stop rule is
+    measured."""
+    follow_head: bool = False
+    """The head run trains beside a live follower (`launch/twa.py --follow`, record-only: the trainer runs
+    `--no-obey-stop` to the end), whose probes and stop decisions go into the report."""
     replay_twa_max: int = 4
     """Early-stop: per seed, at most this many epochs where a replayed rule stops get a TWA run (earliest first)."""
     num_workers: int | None = None
@@ -204,6 +216,10 @@ class Step:
     run_id: str | None = None
     output: str | None = None
     """TWA output URL."""
+    needs: tuple[str, ...] = ()
+    """Steps whose output this one reads (with --jobs it starts once they have finished)."""
+    follow: list[str] | None = None
+    """A training step's follower arguments (launch/twa.py --follow), run beside it as an early_stop.Pair."""
 
 
 def _lr_tag(lr: float) -> str:
@@ -251,7 +267,8 @@ def twa_step(p: Preset, work: Path, name: str, seed: int, role: str, run_id: str
     if p.bn_batches is not None:
         args += ["--bn-batches", str(p.bn_batches)]
     args += extra
-    return Step(name, "twa", "launch/twa.py", args, seed, role, swa_lr, run_id=run_id, output=out)
+    # every training step's name is its run id, so a TWA step needs the step named after the run it reads
+    return Step(name, "twa", "launch/twa.py", args, seed, role, swa_lr, run_id=run_id, output=out, needs=(run_id,))
 
 
 def plan_replay_steps(p: Preset, work: Path, pairs: Sequence[early_stop.Pair], *, ranks: int = 1) -> list[Step]:
@@ -279,10 +296,10 @@ def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
     """Every step of the reproduction, in dependency order."""
     store, common = train_common(p, work, ranks=ranks)
 
-    def train(name, seed, role, run_id, extra, swa_lr=None, head=None):
+    def train(name, seed, role, run_id, extra, swa_lr=None, head=None, needs=()):
         args = [*common, "--seed", str(seed), "--run-id", run_id,
                 "--checkpoint-dir", str((work / "checkpoints" / run_id).resolve()), *extra]
-        return Step(name, "train", "launch/train.py", args, seed, role, swa_lr, head=head, run_id=run_id)
+        return Step(name, "train", "launch/train.py", args, seed, role, swa_lr, head=head, run_id=run_id, needs=needs)
 
     def twa(name, seed, role, run_id, extra, swa_lr=None):
         return twa_step(p, work, name, seed, role, run_id, extra, ranks=ranks, swa_lr=swa_lr)
@@ -296,6 +313,10 @@ def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
         cadence = ["--snapshots-per-epoch", str(k)] if k > 1 else []
         steps.append(train(head, s, "head", head, ["--epochs", str(p.epochs), "--lr", f"{p.lr:g}",
                                                    "--schedule", "step", *cadence]))
+        if p.follow_head:  # record-only: the run goes to its end, the follower records where its rule fires
+            steps[-1].args.append("--no-obey-stop")
+            steps[-1].follow = early_stop.follower_args(p, store=store, run_id=head, seed=s,
+                                                        twa_workers=twa_workers(p, 1))
         steps.append(twa(f"head-paper-s{s}", s, "head-paper", head,
                          [*sel, "--lr", f"{p.twa_lr:g}", "--schedule", "step"]))
         if k > 1:
@@ -321,7 +342,7 @@ def plan_steps(p: Preset, work: Path, *, ranks: int = 1) -> list[Step]:
             tail = f"tail-lr{_lr_tag(lr)}-s{s}"
             steps.append(train(tail, s, "tail", tail,
                                ["--epochs", str(p.tail_epochs), "--lr", f"{lr:g}", "--schedule", "constant",
-                                "--init-from", f"{store}/{head}@{p.epochs * k}"], swa_lr=lr))
+                                "--init-from", f"{store}/{head}@{p.epochs * k}"], swa_lr=lr, needs=(head,)))
             steps.append(twa(f"tail-twa-lr{_lr_tag(lr)}-s{s}", s, "tail-twa", tail,
                              ["--select", f"0:{p.tail_epochs + 1}", "--lr", f"{p.twa_lr:g}", "--schedule", "step",
                               "--weight-decay", f"{p.tail_twa_weight_decay:g}",
@@ -376,6 +397,82 @@ def step_output(step: Step, work: Path) -> dict | None:
     return _read_json(_url_path(step.output) / "result.json")
 
 
+def head_pair(step: Step) -> early_stop.Pair:
+    """A training step run beside its follower (``step.follow``): the trainer runs the step's own arguments."""
+    ckpt = Path(step.args[step.args.index("--checkpoint-dir") + 1])
+    return early_stop.Pair(step.name, step.seed, False, step.run_id, step.args, step.follow, ckpt)
+
+
+def run_task(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=print, on_trained=None) -> dict:
+    """Run one step, or a training step and its follower side by side (an early_stop.Pair; ``on_trained`` is
+    called when its training has finished, before the follower's final TWA)."""
+    if step.follow is None:
+        return run_step(step, work, ranks=ranks, env=env, log=log)
+    pair = head_pair(step)
+    return early_stop.run_pair(pair, work, cmds=early_stop.commands(pair, ranks, script_command), shown=_shown,
+                               env=early_stop.pair_env(env, ranks), log=log, live=_LIVE, on_trained=on_trained)
+
+
+def run_steps(steps: Sequence[Step], work: Path, *, ranks: int, env: dict[str, str], jobs: int = 1,
+              log=print) -> None:
+    """Run ``steps`` in plan order, up to ``jobs`` at once (processes sharing the machine and its GPU); a step
+    starts once the steps it needs (among ``steps``) have finished, or for a training step run beside its
+    follower, once its training has. A failed step does not stop the others, only the steps that need it; the
+    call then exits with every failure."""
+    names = {st.name for st in steps}
+    pending, running, done, failed = list(steps), {}, set(), {}
+    trained: set[str] = set()  # pairs whose trainer has finished (set from their threads)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
+            while pending or running:
+                for st in [st for st in pending if any(n in failed for n in st.needs)]:
+                    pending.remove(st)
+                    failed[st.name] = f"not run: it needs {', '.join(n for n in st.needs if n in failed)}"
+                    log(f"[fail] {st.name}: {failed[st.name]}")
+                while len(running) < jobs:
+                    st = next((st for st in pending if all(n in done or n in trained or n not in names
+                                                           for n in st.needs)), None)
+                    if st is None:
+                        break
+                    pending.remove(st)
+                    running[pool.submit(run_task, st, work, ranks=ranks, env=env, log=log,
+                                        on_trained=lambda n=st.name: trained.add(n))] = st
+                # a timeout, so that SIGTERM's handler (main) runs promptly in this thread
+                finished, _ = concurrent.futures.wait(running, timeout=1.0,
+                                                      return_when=concurrent.futures.FIRST_COMPLETED)
+                for fut in finished:
+                    st = running.pop(fut)
+                    try:
+                        fut.result()
+                        done.add(st.name)
+                    except SystemExit as e:  # run_step / run_pair: the step failed, with its log's tail
+                        failed[st.name] = str(e.code)
+                        log(f"[fail] {st.name}")
+        except BaseException:  # SIGTERM or Ctrl-C: stop every running step the way a preemption would
+            _stop_live()
+            raise
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(steps)} steps failed:\n" + "\n".join(
+            f"- {name}: {why}" for name, why in failed.items()))
+
+
+_LIVE: set[subprocess.Popen] = set()  # the running steps' processes (run_steps stops them on SIGTERM)
+
+
+def _stop_live() -> None:
+    procs = list(_LIVE)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()  # a trainer flushes its snapshots on SIGTERM; --resume continues it later
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_step(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=print) -> dict:
     """Run one step unless its done-marker says it already finished with the same arguments."""
     marker = work / "done" / f"{step.name}.json"
@@ -396,6 +493,7 @@ def run_step(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=pri
         f.write(f"\n=== {datetime.datetime.now(datetime.timezone.utc).isoformat()} {_shown(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _LIVE.add(proc)
         try:
             rc = proc.wait()
         except BaseException:  # SIGTERM (see main) or Ctrl-C: stop the step the way a preemption would
@@ -406,6 +504,8 @@ def run_step(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=pri
                 proc.kill()
                 proc.wait()
             raise
+        finally:
+            _LIVE.discard(proc)
     seconds = time.perf_counter() - t0
     if rc != 0 or step_output(step, work) is None:
         tail = log_path.read_text(errors="replace").replace("\r", "\n").splitlines()[-30:]
@@ -418,14 +518,14 @@ def run_step(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=pri
 
 
 def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds through run_step, which stops the running step first
+    raise SystemExit(128 + signum)  # unwinds through run_steps / run_pair, which stop the running steps first
 
 
-def child_env(ranks: int) -> dict[str, str]:
+def child_env(ranks: int, jobs: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if ranks > 1:  # several CPU ranks must not oversubscribe the cores
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    if ranks * jobs > 1:  # several CPU ranks or parallel steps must not oversubscribe the cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (ranks * jobs))))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -485,6 +585,8 @@ def summarize(p: Preset, steps: list[Step], work: Path) -> dict:
         d = seeds.setdefault(str(st.seed), {"tail": {}})
         if st.role == "head":
             d["head"] = _train_summary(out)
+            if st.follow is not None:
+                d["follower"] = early_stop.run_summary(head_pair(st), work)
             rows = {r["epoch"]: r for r in d["head"]["epochs"]}
             d["head"]["half_accuracy"] = (rows.get(p.half) or {}).get("val_accuracy")
             d["head"]["half_seconds"] = sum(r.get("seconds", 0.0) for r in d["head"]["epochs"] if r["epoch"] <= p.half)
@@ -773,8 +875,10 @@ def render_report(res: dict, discussion: str | None) -> str:
              f"Command: `{res['command']}`", "",
              f"Host: {res['host']['platform']}, {res['host']['cpus']} CPUs, torch {res['host']['torch']}"
              f"{', ' + res['host']['gpu'] if res['host'].get('gpu') else ''}; ranks per step: {res['ranks']}. "
-             f"Wall time of all steps: {res['wall_seconds'] / 60:.1f} min "
-             f"(generated {res['generated_at']}).", ""]
+             f"Wall time of all steps: {res['wall_seconds'] / 60:.1f} min"
+             + (f" summed, {res['wall_span_seconds'] / 60:.1f} min from the first start to the last end"
+                if res.get("wall_span_seconds") and res["wall_span_seconds"] < 0.95 * res["wall_seconds"] else "")
+             + f" (generated {res['generated_at']}).", ""]
     if res["missing_steps"]:
         lines += [f"**Incomplete:** {len(res['missing_steps'])} step(s) have not finished: "
                   + ", ".join(res["missing_steps"]), ""]
@@ -786,6 +890,16 @@ def render_report(res: dict, discussion: str | None) -> str:
     if "head" in p["experiments"]:
         lines += _head_report(res)
     lines += res.get("frontier_report", [])
+    for s, d in sorted(res["seeds"].items()):
+        if d.get("follower"):
+            lines += early_stop.render_probes(
+                d["follower"], title=f"Live follower on the head run (seed {s})",
+                intro=f"The head run trained beside a live follower (`launch/twa.py --follow`, 1 rank; its command is "
+                      f"in the steps below), record-only: the trainer ran `--no-obey-stop` to its end, so every probe "
+                      f"of the {p['epochs']} epochs is here. Each probe fits TWA over the snapshots so far and "
+                      "scores it and the newest SGD snapshot on the hold-out split (never on val); the rule decides "
+                      "from those alone. *Statistic*: the rule's gain per epoch against the probe at least 2 epochs "
+                      "back (paired per hold-out image); *bound*: its one-sided 95% upper bound.")
     lines += res.get("early_stop_report", [])
     lines += ["", "## Steps", "", "| step | seconds | command |", "|---|---:|---|"]
     for name, st in res["steps"].items():
@@ -868,6 +982,13 @@ def _host() -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "gpu": gpu}
 
 
+def _span(markers) -> float | None:
+    """Seconds from the first finished step's start to the last one's end (less than their sum with --jobs)."""
+    ends = [(datetime.datetime.fromisoformat(m["finished_at"]).timestamp(), m["seconds"])
+            for m in markers if m and m.get("finished_at")]
+    return max(e for e, _ in ends) - min(e - s for e, s in ends) if ends else None
+
+
 def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: int, argv: Sequence[str],
                  pairs: Sequence[early_stop.Pair] = ()) -> dict:
     seeds = summarize(p, steps, work)
@@ -888,6 +1009,7 @@ def write_report(p: Preset, steps: list[Step], out: Path, work: Path, *, ranks: 
         "host": _host(),
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": sum(m["seconds"] for m in markers.values() if m),
+        "wall_span_seconds": _span(markers.values()),
         "missing_steps": [n for n, m in markers.items() if m is None],
         "steps": {n: ({"seconds": m["seconds"], "command": m["command"]} if m else {}) for n, m in markers.items()},
         "table": table,
@@ -950,6 +1072,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--early-stop-epochs", type=int, help="epochs of the early-stop runs (default: --epochs)")
     ap.add_argument("--frontier-heads", type=int, nargs="+",
                     help="frontier head lengths H (default: 30%%, 50%% and 70%% of --epochs)")
+    ap.add_argument("--follow-head", action="store_true",
+                    help="train each head run beside a record-only live follower (its default stop rule); its "
+                         "probes and decisions go into the report")
+    ap.add_argument("--follow-args",
+                    help="extra follower flags, one shell-quoted string (e.g. '--probe-every 5'); default: the "
+                         "follower's own defaults")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run up to N independent steps at once (e.g. on one GPU); a step waits for the runs it reads")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from finished steps; run nothing")
     ap.add_argument("--only", help="comma-separated step-name patterns to run (e.g. 'budget-*-s2'): processes "
                                    "sharing one --out run disjoint steps side by side; the report covers every step")
@@ -965,6 +1095,8 @@ def preset_from_args(a: argparse.Namespace) -> Preset:
             "holdout_fraction": a.holdout_fraction, "num_workers": a.num_workers,
             "snapshots_per_epoch": a.snapshots_per_epoch, "early_stop_epochs": a.early_stop_epochs,
             "frontier_heads": tuple(a.frontier_heads) if a.frontier_heads else None,
+            "follow_head": a.follow_head or None,
+            "follow_args": tuple(shlex.split(a.follow_args)) if a.follow_args is not None else None,
             "experiments": tuple(a.experiments.split(",")) if a.experiments else None,
             "seeds": tuple(a.seeds) if a.seeds else None, "swa_lrs": tuple(a.swa_lrs) if a.swa_lrs else None}
     base.update({k: v for k, v in over.items() if v is not None})
@@ -983,6 +1115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.ranks < 1:
         print(f"error: --ranks must be >= 1, got {a.ranks}", file=sys.stderr)
         return 2
+    if a.jobs < 1:
+        print(f"error: --jobs must be >= 1, got {a.jobs}", file=sys.stderr)
+        return 2
     out = Path(a.out).resolve()
     work = out / "work"
     steps = plan_steps(p, work, ranks=a.ranks)
@@ -990,7 +1125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.dry_run:
         for st in steps:
             state = "done" if (work / "done" / f"{st.name}.json").is_file() else "todo"
-            print(f"[{state}] {st.name}: {_shown(command(st, a.ranks))}")
+            follow = "" if st.follow is None else f" & {_shown(script_command('launch/twa.py', st.follow, 1))}"
+            print(f"[{state}] {st.name}: {_shown(command(st, a.ranks))}{follow}")
         for pair in pairs:
             state = "done" if (work / "done" / f"{pair.name}.json").is_file() else "todo"
             train, follow = early_stop.commands(pair, a.ranks, script_command)
@@ -1006,13 +1142,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         work.mkdir(parents=True, exist_ok=True)
         (work / ".gitignore").write_text("*\n")  # snapshots, checkpoints and logs stay out of git
-        env = child_env(a.ranks)
+        env = child_env(a.ranks, a.jobs)
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         t0 = time.perf_counter()
-        for st in steps:
-            if a.only and not any(fnmatch.fnmatch(st.name, pat) for pat in a.only.split(",")):
-                continue
-            run_step(st, work, ranks=a.ranks, env=env, log=lambda m: print(m, flush=True))
+        chosen = [st for st in steps if not a.only or any(fnmatch.fnmatch(st.name, pat) for pat in a.only.split(","))]
+        try:
+            run_steps(chosen, work, ranks=a.ranks, env=env, jobs=a.jobs, log=lambda m: print(m, flush=True))
+        except SystemExit as e:
+            if isinstance(e.code, str):  # failed steps (not a stop): the report still shows what finished
+                out.mkdir(parents=True, exist_ok=True)
+                write_report(p, steps, out, work, ranks=a.ranks, argv=argv, pairs=pairs)
+            raise
         for pair in pairs:
             early_stop.run_pair(pair, work, cmds=early_stop.commands(pair, a.ranks, script_command), shown=_shown,
                                 env=early_stop.pair_env(env, a.ranks), log=lambda m: print(m, flush=True))

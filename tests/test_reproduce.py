@@ -409,3 +409,73 @@ def test_early_stop_is_opt_in_and_needs_no_head(tmp_path):
     assert full.follow[full.follow.index("--snapshot-url") + 1].startswith("file://")
     with pytest.raises(ValueError, match="twav, tail and frontier need head"):
         reproduce.preset_from_args(parse(["--out", str(tmp_path), "--experiments", "tail,early-stop"]))
+
+
+# --- --follow-head and --jobs (the GPU science run, issue 18 item 4) -----------------------------------------
+def test_follow_head_plan_runs_the_head_beside_a_record_only_follower(tmp_path):
+    args = ["--out", str(tmp_path), "--experiments", "head,frontier", "--seeds", "0", "--epochs", "40",
+            "--snapshots-per-epoch", "5", "--frontier-heads", "16", "20", "24", "--follow-head",
+            "--follow-args", "--probe-every 5"]
+    p = reproduce.preset_from_args(reproduce.build_parser().parse_args(args))
+    steps = {s.name: s for s in reproduce.plan_steps(p, tmp_path / "work")}
+    assert sorted(steps) == sorted(f"{n}-s0" for n in (
+        "head", "head-paper", "head-paper-k1", "head-paper-periter", "frontier-twa-h16", "frontier-twa-h24",
+        "budget-e18", "budget-e22", "budget-e26"))
+    head = steps["head-s0"]
+    assert "--no-obey-stop" in head.args and head.follow[:1] == ["--follow"] and head.follow[-2:] == [
+        "--probe-every", "5"] and "--stop-rule" not in head.follow  # the follower's default rule
+    assert head.follow[head.follow.index("--run-id") + 1] == "head-s0" and head.needs == ()
+    pair = reproduce.head_pair(head)
+    assert (pair.name, pair.run_id, pair.obey, pair.train) == ("head-s0", "head-s0", False, head.args)
+    assert pair.checkpoint_dir == (tmp_path / "work" / "checkpoints" / "head-s0").resolve()
+    # TWA steps read the head run; the budget runs read nothing, so --jobs runs them beside it
+    assert all(s.needs == ("head-s0",) for n, s in steps.items() if s.kind == "twa")
+    assert all(s.needs == () and s.follow is None for n, s in steps.items() if n.startswith("budget-"))
+    without = reproduce.preset_from_args(reproduce.build_parser().parse_args(args[:-3]))
+    plain = reproduce.plan_steps(without, tmp_path / "work")[0]
+    assert plain.follow is None and "--no-obey-stop" not in plain.args
+
+
+def _fake_step(tmp_path, name, code, needs=()):
+    """A step whose process is ``python -c code`` and whose output is result.json in its own folder."""
+    out = tmp_path / "twa" / name
+    code = (f"import pathlib, sys, time; out = pathlib.Path({str(out)!r}); d = pathlib.Path({str(tmp_path)!r})\n"
+            + code)
+    code += "\nout.mkdir(parents=True, exist_ok=True); (out / 'result.json').write_text('{}')"
+    return reproduce.Step(name, "twa", "-c", [code], 0, "fake", output=f"file://{out}", needs=needs)
+
+
+def _waits_for_b(tmp_path, seconds):
+    """Step a: it finishes only once step b has started, so only when the two run at once."""
+    return _fake_step(tmp_path, "a", "(d / 'a.started').touch()\n"
+                                     "t = time.monotonic()\n"
+                                     "while not (d / 'b.started').exists():\n"
+                                     "    time.sleep(0.05)\n"
+                                     f"    if time.monotonic() - t > {seconds}: sys.exit('b never started beside a')")
+
+
+@pytest.mark.slow  # a dozen short Python processes
+def test_run_steps_runs_independent_steps_side_by_side_and_waits_for_needs(tmp_path):
+    work = tmp_path / "work"
+    a = _waits_for_b(tmp_path, 60)
+    b = _fake_step(tmp_path, "b", "(d / 'b.started').touch()")
+    c = _fake_step(tmp_path, "c", "assert (d / 'twa' / 'a' / 'result.json').exists(), 'c started before a ended'",
+                   needs=("a",))
+    bad = _fake_step(tmp_path, "bad", "sys.exit(3)")
+    after_bad = _fake_step(tmp_path, "after-bad", "(d / 'after-bad.ran').touch()", needs=("bad",))
+    log = []
+    with pytest.raises(SystemExit) as e:
+        reproduce.run_steps([a, bad, after_bad, b, c], work, ranks=1, env=env(), jobs=2, log=log.append)
+    # the failure is reported with its log; the step that needs it never ran; the others all finished
+    assert "2 of 5 steps failed" in e.value.code and "step bad failed (exit 3)" in e.value.code
+    assert "after-bad: not run: it needs bad" in e.value.code and not (tmp_path / "after-bad.ran").exists()
+    assert sorted(p.stem for p in (work / "done").glob("*.json")) == ["a", "b", "c"]
+    # a rerun skips the finished steps
+    log.clear()
+    reproduce.run_steps([b, c], work, ranks=1, env=env(), jobs=1, log=log.append)
+    assert [m.split(" (")[0] for m in log] == ["[skip] b", "[skip] c"]
+    # one at a time, a (which waits for b) cannot finish: the side-by-side run above was real
+    for p in (work / "done" / "a.json", work / "done" / "b.json", tmp_path / "b.started"):
+        p.unlink()
+    with pytest.raises(SystemExit, match="b never started beside a"):
+        reproduce.run_steps([_waits_for_b(tmp_path, 2), b], work, ranks=1, env=env(), jobs=1, log=log.append)
