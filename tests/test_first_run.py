@@ -31,7 +31,7 @@ def test_the_shm_op_compile_is_announced_only_when_it_will_happen(tmp_path, monk
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty extension cache: a compile is due
     with caplog.at_level(logging.INFO, logger="twa_scale.comm"):
         comm._announce_shm_op_build()
-    said = [r.getMessage() for r in caplog.records]
+    said = [r.getMessage() for r in caplog.records if r.name == "twa_scale.comm"]  # not torch's own warnings
     assert len(said) == 1 and said[0].startswith("compiling DeepSpeed's CPU communication op once (1-2 min")
     built = tmp_path / said[0].split("cached in ")[1].rstrip(")")
     built.mkdir(parents=True, exist_ok=True)
@@ -39,4 +39,4 @@ def test_the_shm_op_compile_is_announced_only_when_it_will_happen(tmp_path, monk
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="twa_scale.comm"):
         comm._announce_shm_op_build()
-    assert not caplog.records
+    assert not [r for r in caplog.records if r.name == "twa_scale.comm"]
