@@ -11,9 +11,10 @@ node's ranks get it while the other nodes' do not. So inside the training step l
 after every optimizer step: all ranks see it at the same step, save the same mid-epoch checkpoint
 there if it fits in the deadline, and exit 143. The all-reduce is started after step k and read after
 step k+1 (``async_op``), on a gloo group of its own, so it never waits on the GPU stream or on the
-gradient all-reduce: a SIGTERM is acted on one step after the first rank saw it. Outside the loop
-(start-up, evaluation, an epoch-end checkpoint) SIGTERM raises :class:`Preempted` at once and the
-resume starts from the newest checkpoint. The last step of an epoch is agreed on with one blocking
+gradient all-reduce: a SIGTERM is acted on one step after the first rank saw it. An epoch-end
+checkpoint is deferred the same way: it finishes, then the job exits. Elsewhere outside the loop
+(start-up, evaluation) SIGTERM raises :class:`Preempted` at once and the resume starts from the newest
+checkpoint. The last step of an epoch is agreed on with one blocking
 all-reduce (:meth:`StepAgreement.finish`), so only a SIGTERM in the instant between it and the end of
 the loop is left to the rank that got it.
 

@@ -157,6 +157,7 @@ class SnapshotStreamer:
         self._closed = False
         self._abort_at = float("inf")  # set by close(timeout): retries stop there
         self._pending: set[int] = set()
+        self.skipping = False  # the latest snapshot was skipped (backpressure=skip; the same on every rank)
         self.stats = {"snapshots": 0, "uploaded": 0, "failed": 0, "skipped": 0, "already_committed": 0,
                       "committed": [], "stall_seconds": 0.0, "max_stall_seconds": 0.0, "wait_seconds": 0.0,
                       "upload_seconds": 0.0, "checksum_seconds": 0.0, "bytes": 0, "retries": 0}
@@ -204,6 +205,7 @@ class SnapshotStreamer:
             if not self._all_ranks_have_a_buffer(idx is not None):
                 if idx is not None:
                     self._free.put(idx)
+                self.skipping = True
                 with self._lock:
                     self.stats["skipped"] += 1
                 log.warning("snapshot seq %d skipped on rank %d: %s (backpressure=skip)", seq, self.rank,
@@ -213,6 +215,7 @@ class SnapshotStreamer:
                 return False
         else:
             idx = self._free.get()
+        self.skipping = False
         t_wait = time.perf_counter() - t0
         buf = self._buffers[idx]
         ready = None

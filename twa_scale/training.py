@@ -266,9 +266,10 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
     def save_checkpoint(drain_seconds: float | None = None, **where) -> None:
         """checkpoints.save, waiting for the store at most ``drain_seconds`` (SIGTERM: what is left of the
         deadline; inf: no limit; None: ``wait``, or 1 s while the store is behind: after a checkpoint was
-        skipped, until one is saved, so an outage costs the steps one wait, not one per checkpoint)."""
+        skipped, until one is saved, or while snapshots are being skipped, so an outage costs the steps
+        at most one wait, and none when the skipped snapshots already showed it)."""
         if drain_seconds is None:
-            drain_seconds = min(wait, 1.0) if behind[0] else wait
+            drain_seconds = min(wait, 1.0) if behind[0] or streamer.skipping else wait
         with agreement.timed():
             tag = checkpoints.save(engine, cfg.checkpoint_dir, streamer=streamer, uploader=uploader,
                                    drain_seconds=None if math.isinf(drain_seconds) else drain_seconds,
@@ -346,8 +347,11 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                 break
             # The boundary snapshot queued above is re-taken by a resume: only earlier ones must be committed.
             # After the last epoch no step is left to protect: its checkpoint waits for the store.
+            # A SIGTERM during this save lets it finish (bounded by the store waits) and then exits: the epoch
+            # just trained is not lost to a signal that came a moment after it ended.
             final_epoch = epoch + 1 == cfg.epochs
-            save_checkpoint(epoch=epoch + 1, drain_below=seq, drain_seconds=math.inf if final_epoch else None)
+            with preemption.deferred():
+                save_checkpoint(epoch=epoch + 1, drain_below=seq, drain_seconds=math.inf if final_epoch else None)
     summary = streamer.close()  # already closed: returns the summary
 
     last = history[-1] if history else {"val_accuracy": None, "val_loss": None}

@@ -7,6 +7,7 @@ start them whatever the test runner's import mode.
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 import uuid
 from typing import Any, Callable, Sequence
@@ -109,7 +110,15 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         torch.save({"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}, path)
     finally:
+        # Every rank is past its last collective before any tears the group down, and the process then ends
+        # without interpreter finalization: gloo's worker threads can abort a finalizing interpreter
+        # (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291), which
+        # would fail a rank whose result is already written.
+        dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def run_ranks(world: int, fn: Callable, *args, out_dir: str) -> list[dict]:
