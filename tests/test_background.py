@@ -26,6 +26,14 @@ def test_latest_state_wins_and_close_flushes_it():
     release.set()
     assert out.close(timeout=10)  # the state waiting when close began is still written
     assert seen == [1, 3]
+    assert out.last_seconds is not None and out.last_seconds > 0  # how long the store took: the checkpoint wait
+
+
+def test_a_failed_item_leaves_the_last_duration_unset():
+    out = Background("t", lambda item: 1 / 0)
+    out.submit("rows")
+    out.close(timeout=10, check=False)
+    assert out.last_seconds is None
 
 
 def test_a_failed_item_is_raised_on_the_callers_thread():

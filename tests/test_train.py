@@ -157,3 +157,14 @@ def test_init_from_snapshot_starts_at_those_weights(tmp_path):
     bad = python("launch/train.py", common + ["--epochs", "0", "--run-id", "c", "--init-from", f"{url}/a@7",
                                               "--checkpoint-dir", str(tmp_path / "c")], check=False)
     assert bad.returncode != 0 and "snapshot 7 is not committed" in bad.stderr
+
+
+def test_checkpoint_wait_follows_the_store_and_stays_under_its_cap():
+    from twa_scale.training import checkpoint_wait
+
+    assert checkpoint_wait(10.0, False) == 10.0                       # nothing timed yet: the cap
+    assert checkpoint_wait(10.0, False, 0.05, None) == 1.0            # a fast store: 1 s is plenty
+    assert checkpoint_wait(10.0, False, 0.05, 1.5) == 6.0             # the slower of upload and write, 4x
+    assert checkpoint_wait(10.0, False, 30.0) == 10.0                 # never over the cap
+    assert checkpoint_wait(0.5, False, 0.05) == 0.5                   # a cap under 1 s is kept
+    assert checkpoint_wait(10.0, True, 1.5) == 1.0                    # after a skipped checkpoint

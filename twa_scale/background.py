@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 __all__ = ["Background"]
@@ -36,6 +37,7 @@ class Background:
         self._busy = False
         self._closed = False
         self.error: BaseException | None = None
+        self.last_seconds: float | None = None  # of the latest ``work`` call that succeeded
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -77,8 +79,10 @@ class Background:
                     return
                 item, self._item = (None if self._item is _EMPTY else self._item), _EMPTY
                 self._busy = True
+            t0 = time.monotonic()
             try:
                 self._work(item)
+                self.last_seconds = time.monotonic() - t0
             except Exception as e:  # noqa: BLE001 - kept for the caller's thread (see the module docstring)
                 log.error("%s: %s: %s", self.name, type(e).__name__, e)
                 if item is not None:

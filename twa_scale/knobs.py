@@ -127,11 +127,11 @@ STOP_POLL_SECONDS = _declare("TWA_SCALE_STOP_POLL_SECONDS", 5.0,
                              "How often rank 0 reads the run's control/STOP.json, in a background thread; each "
                              "read also gives up after this long (connect and read timeout).", env_float)
 CHECKPOINT_WAIT_SECONDS = _declare("TWA_SCALE_CHECKPOINT_WAIT_SECONDS", 10.0,
-                                   "How long a checkpoint (not a SIGTERM one) waits for the store to hold what it "
-                                   "covers (earlier snapshots committed, metrics rows written); longer, as in a "
+                                   "The longest a checkpoint (not a SIGTERM one) waits for the store to hold what "
+                                   "it covers (earlier snapshots committed, metrics rows written): it waits 4x the "
+                                   "store's latest upload or write time (at least 1 s), up to this. Longer, as in a "
                                    "store outage, it is skipped with a warning and the next one covers it (the "
-                                   "next ones wait 1 s at most until one is saved, as does one while snapshots "
-                                   "are being skipped; the last epoch's waits).",
+                                   "next ones wait 1 s at most until one is saved; the last epoch's waits).",
                                    env_float)
 LEASE_TIMEOUT_SECONDS = _declare("TWA_SCALE_LEASE_TIMEOUT_SECONDS", 120.0,
                                  "A run's writer lease without a heartbeat for this long is stale: a --resume "

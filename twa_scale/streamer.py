@@ -157,7 +157,7 @@ class SnapshotStreamer:
         self._closed = False
         self._abort_at = float("inf")  # set by close(timeout): retries stop there
         self._pending: set[int] = set()
-        self.skipping = False  # the latest snapshot was skipped (backpressure=skip; the same on every rank)
+        self.last_upload_seconds: float | None = None  # of the latest finished upload: how slow the store is now
         self.stats = {"snapshots": 0, "uploaded": 0, "failed": 0, "skipped": 0, "already_committed": 0,
                       "committed": [], "stall_seconds": 0.0, "max_stall_seconds": 0.0, "wait_seconds": 0.0,
                       "upload_seconds": 0.0, "checksum_seconds": 0.0, "bytes": 0, "retries": 0}
@@ -205,7 +205,6 @@ class SnapshotStreamer:
             if not self._all_ranks_have_a_buffer(idx is not None):
                 if idx is not None:
                     self._free.put(idx)
-                self.skipping = True
                 with self._lock:
                     self.stats["skipped"] += 1
                 log.warning("snapshot seq %d skipped on rank %d: %s (backpressure=skip)", seq, self.rank,
@@ -215,7 +214,6 @@ class SnapshotStreamer:
                 return False
         else:
             idx = self._free.get()
-        self.skipping = False
         t_wait = time.perf_counter() - t0
         buf = self._buffers[idx]
         ready = None
@@ -375,6 +373,7 @@ class SnapshotStreamer:
             self.stats["upload_seconds"] += dt
             self.stats["checksum_seconds"] += t_crc
             self.stats["bytes"] += len(view)
+        self.last_upload_seconds = dt
         metrics.snapshot_upload(dt, len(view))
         if self.rank == 0:
             self._commits.put(job.seq)

@@ -265,11 +265,10 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                                 writer=writer)
     def save_checkpoint(drain_seconds: float | None = None, **where) -> None:
         """checkpoints.save, waiting for the store at most ``drain_seconds`` (SIGTERM: what is left of the
-        deadline; inf: no limit; None: ``wait``, or 1 s while the store is behind: after a checkpoint was
-        skipped, until one is saved, or while snapshots are being skipped, so an outage costs the steps
-        at most one wait, and none when the skipped snapshots already showed it)."""
+        deadline; inf: no limit; None: see :func:`checkpoint_wait`)."""
         if drain_seconds is None:
-            drain_seconds = min(wait, 1.0) if behind[0] or streamer.skipping else wait
+            drain_seconds = checkpoint_wait(wait, behind[0], streamer.last_upload_seconds,
+                                            metrics_out.last_seconds if metrics_out else None)
         with agreement.timed():
             tag = checkpoints.save(engine, cfg.checkpoint_dir, streamer=streamer, uploader=uploader,
                                    drain_seconds=None if math.isinf(drain_seconds) else drain_seconds,
@@ -365,6 +364,17 @@ def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session,
                                  f"{knobs.STORE_RETRY_SECONDS.get():.0f} s (TWA_SCALE_STORE_RETRY_SECONDS)")
     comm.barrier()
     return final
+
+
+def checkpoint_wait(cap: float, behind: bool, *store_seconds: float | None) -> float:
+    """How long a checkpoint waits for the store to hold what it covers: 4x the time the store took for
+    this job's latest snapshot upload or metrics write (the slower; at least 1 s), at most ``cap``
+    (TWA_SCALE_CHECKPOINT_WAIT_SECONDS, also the wait before anything was timed). After a skipped
+    checkpoint (``behind``), until one is saved: 1 s at most. A healthy store is waited for as long as it
+    needs, and a stalled one costs the steps about a second per outage, not the whole cap."""
+    seen = [t for t in store_seconds if t is not None]
+    limit = cap if not seen else min(cap, max(1.0, 4.0 * max(seen)))
+    return min(limit, 1.0) if behind else limit
 
 
 @contextlib.contextmanager
