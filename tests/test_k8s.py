@@ -374,10 +374,10 @@ def test_monitoring_objects_match_the_pods():
 @pytest.fixture(autouse=True)
 def _pod_paths(monkeypatch):
     """A preset's dataset directory (/data/...) exists only where a cluster mounts it: accept it here."""
-    from twa_scale import data
+    from twa_scale.data import shards
 
-    check = data.check_data_spec
-    monkeypatch.setattr(data, "check_data_spec", lambda p: None if str(p).startswith("/data/") else check(p))
+    check = shards.check_data_spec
+    monkeypatch.setattr(shards, "check_data_spec", lambda p: None if str(p).startswith("/data/") else check(p))
 
 
 def _parse_pod_args(docs, name: str):

@@ -220,7 +220,7 @@ def _store_command(cmds, name: str, help_text: str, func: Callable, *, target: s
 
 
 def _add_data(sub) -> None:
-    from twa_scale.shards import add_cli_command
+    from twa_scale.data.shards import add_cli_command
 
     add_cli_command(sub)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from twa_scale import checkpoints, comm, knobs, logs, metrics, preemption, tracking
 from twa_scale.config import TrainConfig
-from twa_scale.data import build_data, make_loader
+from twa_scale.data.datasets import build_data, make_loader
 from twa_scale.background import Background
 from twa_scale.errors import ConfigError, TransientError
 from twa_scale.engine import build_engine, load_ds_config, resolve_batch
@@ -144,7 +144,7 @@ def run_training(cfg: TrainConfig) -> dict:
         _auto_resume(cfg)
     ds = load_ds_config(cfg.deepspeed_config)
     _, micro, accum = resolve_batch(ds, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, world=world)
-    data = build_data(cfg)
+    data = build_data(cfg, storage_options=cfg.storage_options)
     steps_per_epoch = len(data.train) // world // micro // accum
     if steps_per_epoch == 0:
         raise ValueError(f"--data {cfg.data}: {len(data.train)} training images are fewer than one global batch "

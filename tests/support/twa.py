@@ -32,7 +32,7 @@ def digits_config(**overrides):
 def make_trajectory(cfg, n: int, *, steps_between: int = 4, lr: float = 0.2) -> tuple[torch.nn.Module, list]:
     """Train ``cfg.model`` with plain SGD on ``cfg``'s data and take n+1 flat snapshots
     (seq 0 = initial weights). Returns (model, [w_0, ..., w_n])."""
-    from twa_scale.data import build_data
+    from twa_scale.data.datasets import build_data
     from twa_scale.layout import FlatLayout
     from twa_scale.models import build_model
 
