@@ -160,8 +160,8 @@ for name in dict.fromkeys([alias.get(n, n.replace("-", "_")) for n in names] + [
         out[name] = getattr(m, "__version__", "?")
     except Exception as e:
         missing[name] = f"{type(e).__name__}: {e}"
-for name in ("twa_scale.training", "twa_scale.twa", "twa_scale.twa.solver", "twa_scale.streamer",
-             "twa_scale.store", "twa_scale.data.datasets", "twa_scale.engine", "twa_scale.cli"):
+for name in ("twa_scale.train.loop", "twa_scale.twa", "twa_scale.twa.solver", "twa_scale.train.streamer",
+             "twa_scale.store", "twa_scale.data.datasets", "twa_scale.train.engine", "twa_scale.cli"):
     try:
         importlib.import_module(name)
     except Exception as e:

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("store", ("store",)),
     ("services", ("checks", "tracking", "evaluation", "report")),
     ("data", ("data",)),
-    ("train", ("config", "engine", "training", "checkpoints", "preemption", "streamer", "steplog", "control")),
+    ("train", ("train",)),
     ("twa", ("twa",)),
     ("entry", ("pipeline", "cli", "__main__")),
 ]

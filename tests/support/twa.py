@@ -21,7 +21,7 @@ __all__ = ["digits_config", "make_trajectory", "write_run", "run_ranks", "gram_s
 
 def digits_config(**overrides):
     """A small TrainConfig on the built-in digits data (mlp unless overridden)."""
-    from twa_scale.config import TrainConfig
+    from twa_scale.train.config import TrainConfig
 
     kw = dict(model="mlp", data="digits", epochs=1, lr=0.1, batch_size=48, limit_train=240, limit_val=120,
               seed=0, snapshot_url="memory://unused", run_id="t")

@@ -12,7 +12,7 @@ uses). The newest SGD snapshot is scored on the same hold-out, BatchNorm recalib
 keep their per-example correctness for the rule's paired comparisons. The probe is appended to
 ``<run>/twa/probes.json`` (the whole list, one atomic put) and exported as metrics; the stop rule
 (:mod:`twa_scale.twa.stoprule`) then decides from hold-out numbers only (never val, never training's
-metrics), and when it fires ``STOP.json`` is written (:mod:`twa_scale.control`), which the training job obeys
+metrics), and when it fires ``STOP.json`` is written (:mod:`twa_scale.store.control`), which the training job obeys
 at its next snapshot. Once training has finished or stopped (its metrics.json has ``final``), the follower
 runs a probe that fell due with the last snapshots, then the final TWA exactly as ``launch/twa.py`` does
 (:func:`run_twa`), on the configured selection.
@@ -268,7 +268,7 @@ class Follower:
         this idempotent put), then the whole probe list, then the metrics."""
         if comm.rank() != 0:
             return
-        from twa_scale.control import write_stop
+        from twa_scale.store.control import write_stop
         from twa_scale.store import RetryPolicy
 
         if rec["stop_written"]:

@@ -193,7 +193,7 @@ class TrainConfig(DataConfig, SnapshotSection, CheckpointSection, MetricsSection
             bad("warmup-epochs", f"must be >= 0, got {self.warmup_epochs}")
         check_at_least_one(batch_size=self.batch_size, micro_batch=self.micro_batch)
         if self.deepspeed_config is not None:
-            from twa_scale.engine import find_ds_config
+            from twa_scale.train.engine import find_ds_config
             find_ds_config(self.deepspeed_config)  # one-line error naming --deepspeed_config
         from twa_scale.models import model_names
         if self.model not in model_names():
