@@ -34,11 +34,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from devtools.s3server import SeaweedS3  # noqa: E402
-from twa_scale import data as data_mod  # noqa: E402
-from twa_scale import shards  # noqa: E402
-from twa_scale.config import TrainConfig  # noqa: E402
-from twa_scale.data import build_data, make_loader  # noqa: E402
-from twa_scale.decode import pil_transform  # noqa: E402
+from twa_scale.data import datasets as data_mod  # noqa: E402
+from twa_scale.data import shards  # noqa: E402
+from twa_scale.data.config import DataConfig  # noqa: E402
+from twa_scale.data.datasets import build_data, make_loader  # noqa: E402
+from twa_scale.data.decode import pil_transform  # noqa: E402
 
 CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
 # img/s, ResNet-50 on an H200 (plain PyTorch, AMP, channels_last; 55.2 ms per batch of 256, measured)
@@ -135,7 +135,7 @@ def pil_loader(root: Path, workers: int, batch: int):
 
 
 def new_loader(spec: str, workers: int, batch: int, decode: str = "cpu", device=None, uint8: bool = False):
-    data = build_data(TrainConfig(data=spec, decode=decode, snapshot_url="memory://x", run_id="bench"))
+    data = build_data(DataConfig(data=spec, decode=decode))
 
     def make(epoch):
         return make_loader(data.train, batch_size=batch, train=True, seed=0, epoch=epoch, num_workers=workers,
@@ -153,7 +153,7 @@ class _Synthetic(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, k):
-        from twa_scale.decode import normalize, recipe_for
+        from twa_scale.data.decode import normalize, recipe_for
 
         x = torch.from_numpy(np.random.default_rng(k).integers(0, 256, (self.batch, 3, 224, 224), dtype=np.uint8))
         return normalize(x, recipe_for(224, True)), torch.zeros(self.batch, dtype=torch.long)

@@ -160,8 +160,8 @@ for name in dict.fromkeys([alias.get(n, n.replace("-", "_")) for n in names] + [
         out[name] = getattr(m, "__version__", "?")
     except Exception as e:
         missing[name] = f"{type(e).__name__}: {e}"
-for name in ("twa_scale.training", "twa_scale.twa", "twa_scale.twa.solver", "twa_scale.streamer",
-             "twa_scale.store", "twa_scale.data", "twa_scale.engine", "twa_scale.cli"):
+for name in ("twa_scale.train.loop", "twa_scale.twa", "twa_scale.twa.solver", "twa_scale.train.streamer",
+             "twa_scale.store", "twa_scale.data.datasets", "twa_scale.train.engine", "twa_scale.cli"):
     try:
         importlib.import_module(name)
     except Exception as e:
@@ -329,8 +329,8 @@ def decode_probe(data_root: str, out: str, per_class: int, batch: int, workers: 
     import torch
     from PIL import Image
 
-    from twa_scale.config import TrainConfig
-    from twa_scale.data import build_data, make_loader
+    from twa_scale.data.config import DataConfig
+    from twa_scale.data.datasets import build_data, make_loader
 
     src = Path(data_root)
     imgs = Path(out).parent / "decode_images"
@@ -343,7 +343,7 @@ def decode_probe(data_root: str, out: str, per_class: int, batch: int, workers: 
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     res = {"images": per_class * 10, "batch": batch, "workers": workers, "device": str(dev), "decoders": {}}
     for decode in decoders:
-        data = build_data(TrainConfig(data=str(imgs), decode=decode, snapshot_url="memory://probe", run_id="probe"))
+        data = build_data(DataConfig(data=str(imgs), decode=decode))
         rates = []
         for epoch in range(3):  # the first pass warms caches and nvJPEG
             t0, n = time.perf_counter(), 0
@@ -362,11 +362,11 @@ def decode_probe(data_root: str, out: str, per_class: int, batch: int, workers: 
 def section_data_gpu_decode(r: Runner, a, data_root: Path | None) -> dict:
     """The data pipeline's --decode gpu (nvJPEG), when the project has it, against the CPU decoder."""
     try:
-        from twa_scale.decode import DECODERS
+        from twa_scale.data.decode import DECODERS
     except ImportError:
-        return {"status": "skip", "note": "no twa_scale.decode: the GPU decode path has not landed"}
+        return {"status": "skip", "note": "no twa_scale.data.decode: the GPU decode path has not landed"}
     if "gpu" not in DECODERS:
-        return {"status": "skip", "note": "twa_scale.decode has no gpu decoder"}
+        return {"status": "skip", "note": "twa_scale.data.decode has no gpu decoder"}
     if data_root is None:
         return {"status": "skip", "note": "no CIFAR-10 data to make test images from (see e2e_cifar10)"}
     js = r.work / "decode" / "decode.json"

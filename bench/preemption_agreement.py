@@ -1,4 +1,4 @@
-"""Per-step cost of the SIGTERM agreement (twa_scale/preemption.py) on 2 gloo ranks on this machine.
+"""Per-step cost of the SIGTERM agreement (twa_scale/train/preemption.py) on 2 gloo ranks on this machine.
 
     python bench/preemption_agreement.py [--steps 2000] [--step-ms 5] [--out FILE.json]
 
@@ -34,7 +34,7 @@ def _busy(ms: float, a: torch.Tensor) -> None:
 
 def _worker(rank: int, world: int, port: int, args, out) -> None:
     from twa_scale import comm
-    from twa_scale.preemption import StepAgreement
+    from twa_scale.train.preemption import StepAgreement
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)

@@ -157,14 +157,13 @@ def measure(url: str, run_id: str, *, world: int, bits: int, twa_args: list[str]
 def fit_samples(twa_args: list[str]) -> int:
     """N: the samples the stage fits on (the training split less the guard's, which is carved even with
     --no-guard), found as the stage finds it."""
-    from twa_scale.config import TrainConfig
-    from twa_scale.data import build_data
+    from twa_scale.data.config import DataConfig
+    from twa_scale.data.datasets import build_data
     from twa_scale.twa import parse_twa_args
     from twa_scale.twa.stage import fit_split, guard_split
 
     cfg = parse_twa_args(["--snapshot-url", "memory://x", "--run-id", "x", *twa_args])
-    data = build_data(TrainConfig(model="resnet20", data="digits", snapshot_url="memory://x", run_id="x",
-                                  limit_train=cfg.limit_train))
+    data = build_data(DataConfig(data="digits", limit_train=cfg.limit_train))
     return len(fit_split(data, cfg, guard_split(data, cfg)[2]))
 
 

@@ -120,7 +120,7 @@ def main() -> None:
             t_resume = time.monotonic()
             after = max(ends) + 2
             wait_for_epoch(after)
-            from twa_scale.control import write_stop
+            from twa_scale.store.control import write_stop
 
             os.environ.update(server.env)
             write_stop(url, run, reason="bench over")

@@ -48,7 +48,7 @@ from devtools.s3server import SeaweedS3  # noqa: E402
 from twa_scale import store  # noqa: E402
 from twa_scale.layout import FlatLayout  # noqa: E402
 from twa_scale.models import build_model  # noqa: E402
-from twa_scale.streamer import SnapshotStreamer, StreamerConfig  # noqa: E402
+from twa_scale.train.streamer import SnapshotStreamer, StreamerConfig  # noqa: E402
 
 
 def _wait_idle(streamer: SnapshotStreamer, timeout: float = 300.0) -> None:

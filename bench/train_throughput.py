@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from twa_scale import comm
-from twa_scale.config import TrainConfig
-from twa_scale.engine import build_engine, build_optimizer, load_ds_config, resolve_batch
+from twa_scale.train.config import TrainConfig
+from twa_scale.train.engine import build_engine, build_optimizer, load_ds_config, resolve_batch
 from twa_scale.models import build_model
 
 
@@ -148,7 +148,7 @@ def _snapshot_cost(step, model: torch.nn.Module, args, device) -> dict:
     """Blocks of one snapshot interval, alternating none / with one snapshot; see the module docstring."""
     from twa_scale import store
     from twa_scale.layout import FlatLayout
-    from twa_scale.streamer import SnapshotStreamer
+    from twa_scale.train.streamer import SnapshotStreamer
 
     interval = max(1, args.steps_per_epoch // args.snapshots_per_epoch)
     layout = FlatLayout.from_model(model)

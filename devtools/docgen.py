@@ -47,7 +47,7 @@ def _cell(text: str) -> str:
 
 
 def _default(value) -> str:
-    from twa_scale.config import DEFAULT_SNAPSHOT_URL
+    from twa_scale.train.config import DEFAULT_SNAPSHOT_URL
 
     # the default store is relative to the directory a job starts in
     return "`file://$PWD/twa_runs`" if value == DEFAULT_SNAPSHOT_URL else f"`{value}`"
@@ -128,13 +128,14 @@ tools define: the launcher's `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`; 
 
 def configuration() -> str:
     from twa_scale import knobs
-    from twa_scale.config import TrainConfig, preset_names
+    from twa_scale.train.config import TrainConfig, preset_names
     from twa_scale.twa.config import TwaConfig
 
     def names(stage):
         return ", ".join(f"`{n}`" for n in preset_names(stage))
 
-    out = HEADER.format(src="twa_scale/config.py, twa_scale/twa/config.py and twa_scale/knobs.py")
+    out = HEADER.format(src="twa_scale/train/config.py, twa_scale/data/config.py, twa_scale/twa/config.py and "
+                            "twa_scale/knobs.py")
     out += CONFIG_INTRO.format(train_presets=names("train"), twa_presets=names("twa"))
     rows = [(f"`{k.name}`", "—" if k.default is None else f"`{k.default}`", k.doc) for k in knobs.KNOBS.values()]
     rows += [(f"`{knobs.TRAIN_CONFIG_ENV_PREFIX}<FLAG>`", "—",

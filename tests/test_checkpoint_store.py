@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from twa_scale import checkpoints
-from twa_scale.checkpoints import CheckpointError, committed_tags, fetch, newest, scan_tags
+from twa_scale.train import checkpoints
+from twa_scale.train.checkpoints import CheckpointError, committed_tags, fetch, newest, scan_tags
 from twa_scale.store import CheckpointCommit, open_store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_today" / "runs" / "today-mlp" / "checkpoints"
@@ -65,7 +65,7 @@ def test_a_damaged_newest_tag_falls_back_to_the_previous_intact_one(uploaded, tm
     assert {f.name: (f.bytes, f.sha256) for f in commit.files} == {
         n: (len(d), hashlib.sha256(d).hexdigest()) for n, d in written["epoch1-step4"].items()}
     _damage(store, f"epoch1-step4/{obj}", how)
-    caplog.set_level(logging.WARNING, "twa_scale.checkpoints")
+    caplog.set_level(logging.WARNING, "twa_scale.train.checkpoints")
     fresh = tmp_path / "fresh"
     assert fetch(str(fresh), url) == ("epoch1-step4" if obj.startswith("nodes/") else "epoch1")
     tag = (fresh / "latest").read_text()

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from tests.support.launch import deepspeed, run
-from twa_scale.checkpoints import committed_tags
+from twa_scale.train.checkpoints import committed_tags
 from twa_scale.store import TrainMetrics, open_run, open_store
 
 EVERY = 4  # --checkpoint-every-steps
@@ -131,7 +131,7 @@ def test_buffers_saved_by_another_model_are_a_one_line_error():
     """A checkpoint's per-rank buffers go back into the model only when they fit it (names and shapes)."""
     import torch
 
-    from twa_scale.checkpoints import CheckpointError, _buffers, _restore_buffers
+    from twa_scale.train.checkpoints import CheckpointError, _buffers, _restore_buffers
     from twa_scale.models import build_model
 
     torch.manual_seed(0)

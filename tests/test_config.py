@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from twa_scale.config import TrainConfig, load_preset, parse_train_args, preset_names
+from twa_scale.train.config import TrainConfig, load_preset, parse_train_args, preset_names
 from twa_scale.twa.config import TwaConfig, parse_twa_args
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("default_preset")]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.support import require_cifar10
-from twa_scale import shards
-from twa_scale.config import TrainConfig
-from twa_scale.data import build_data, make_loader
+from twa_scale.data import shards
+from twa_scale.data.config import DataConfig
+from twa_scale.data.datasets import build_data, make_loader
 from twa_scale.errors import ConfigError
 from twa_scale.store.format import DatasetIndex
 
@@ -40,7 +40,7 @@ def packed(tree, tmp_path_factory):
 
 
 def _first_labels(spec, workers, seed=3, **kw):
-    data = build_data(TrainConfig(data=spec, **kw))
+    data = build_data(DataConfig(data=spec, **kw))
     return next(iter(make_loader(data.train, batch_size=16, train=True, epoch=1, num_workers=workers, seed=seed)))[1]
 
 
@@ -76,8 +76,8 @@ def test_pack_is_resumable_and_repairs(packed, tree, monkeypatch):
 
 
 def test_one_scan_and_same_views_for_folder_and_packed(tree, packed):
-    a = build_data(TrainConfig(data=str(tree), holdout_fraction=0.1))
-    b = build_data(TrainConfig(data=packed, holdout_fraction=0.1))
+    a = build_data(DataConfig(data=str(tree), holdout_fraction=0.1))
+    b = build_data(DataConfig(data=packed, holdout_fraction=0.1))
     for d in (a, b):
         assert (len(d.train), len(d.holdout), len(d.val), d.num_classes, d.image_size) == (216, 24, 60, 10, 32)
         assert d.train.source is d.holdout.source is d.train_eval.source  # one scan / one index, shared
@@ -96,7 +96,7 @@ def test_first_batch_labels_same_with_1_and_2_workers(kind, tree, packed):
 
 
 def test_batches_equal_per_rank_disjoint_and_resumable(packed, monkeypatch):
-    data = build_data(TrainConfig(data=packed))
+    data = build_data(DataConfig(data=packed))
     per_rank = []
     for r in range(3):
         monkeypatch.setattr("twa_scale.comm.rank", lambda r=r: r)
@@ -135,7 +135,7 @@ def test_fast_decode_matches_pil_distribution(size, tmp_path, tree):
     for train in (True, False):
         stats = {}
         for decode in ("cpu", "pil"):
-            data = build_data(TrainConfig(data=str(root), decode=decode))
+            data = build_data(DataConfig(data=str(root), decode=decode))
             ds = data.train if train else data.train_eval
             torch.manual_seed(0)
             xs = torch.stack([ds[i][0] for i in range(0, len(ds), max(1, len(ds) // 32))])
@@ -164,12 +164,12 @@ def test_bad_images_skipped_counted_and_bounded(tmp_path, monkeypatch):
     shards.pack(str(root), url, progress=False)
     for spec in (str(root), url):
         counted.clear()
-        data = build_data(TrainConfig(data=spec, max_bad_fraction=0.05))
+        data = build_data(DataConfig(data=spec, max_bad_fraction=0.05))
         assert data.image_size == 32  # the zero-byte first file is not where the size comes from
         loader = make_loader(data.train, batch_size=8, train=True)
         seen = sum(len(y) for _, y in loader)
         assert seen == 80 - 2 and sum(counted) == 2
-        strict = build_data(TrainConfig(data=spec, max_bad_fraction=0.0))
+        strict = build_data(DataConfig(data=spec, max_bad_fraction=0.0))
         with pytest.raises(ConfigError, match="undecodable") as e:
             list(make_loader(strict.train, batch_size=8, train=True))
         assert "\n" not in str(e.value)
@@ -179,24 +179,24 @@ def test_bad_specs_are_one_line_errors(tmp_path, packed):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "val").mkdir()
     with pytest.raises(ConfigError, match="holds no images"):
-        build_data(TrainConfig(data=str(tmp_path / "empty")))
+        build_data(DataConfig(data=str(tmp_path / "empty")))
     with pytest.raises(ConfigError, match="no filesystem for scheme 'nosuch'"):
-        TrainConfig(data="nosuch://bucket/c10")
+        DataConfig(data="nosuch://bucket/c10")
     with pytest.raises(ConfigError, match="no index.json"):
-        build_data(TrainConfig(data=f"file://{tmp_path}/nothing"))
+        build_data(DataConfig(data=f"file://{tmp_path}/nothing"))
     root = Path(packed[len("file://"):])
     (root / "index.json").rename(root / "index.bak")
     (root / "index.json").write_text(json.dumps({"format": "other"}))
     try:
         with pytest.raises(ConfigError, match="index.json is not a twa_scale dataset_index record"):
-            build_data(TrainConfig(data=packed))
+            build_data(DataConfig(data=packed))
     finally:
         (root / "index.bak").replace(root / "index.json")
     victim = shards.open_index(packed).split("val").shards[0].name
     (root / victim).rename(root / "moved")
     try:
         with pytest.raises(ConfigError, match=f"shard .*{victim} is missing"):
-            build_data(TrainConfig(data=packed))
+            build_data(DataConfig(data=packed))
     finally:
         (root / "moved").replace(root / victim)
 
@@ -206,7 +206,7 @@ def test_packed_on_s3_reads_like_local(tree, packed, s3_url):
     url = s3_url + "/c10"
     shards.pack(str(tree), url, shard_bytes=64 << 10, progress=False)
     assert shards.verify(url) == []
-    s3, local = (build_data(TrainConfig(data=u)) for u in (url, packed))
+    s3, local = (build_data(DataConfig(data=u)) for u in (url, packed))
     for a, b in zip(make_loader(s3.train, batch_size=16, train=True, seed=1, num_workers=1),
                     make_loader(local.train, batch_size=16, train=True, seed=1)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -216,7 +216,7 @@ def test_packed_on_s3_reads_like_local(tree, packed, s3_url):
     victim = shards.open_index(url).split("train").shards[0].name
     fs.rm(f"{url[5:]}/{victim}")
     with pytest.raises(ConfigError, match=f"{victim} is missing"):
-        build_data(TrainConfig(data=url))
+        build_data(DataConfig(data=url))
 
 
 @pytest.mark.s3
@@ -281,7 +281,7 @@ def test_gpu_decode_matches_cpu_decode(tmp_path):
     dev = torch.device("cuda")
     got = {}
     for decode in ("gpu", "cpu"):
-        data = build_data(TrainConfig(data=url, decode=decode))
+        data = build_data(DataConfig(data=url, decode=decode))
         for train, ds in ((True, data.train), (False, data.val)):
             batches = list(make_loader(ds, batch_size=8, train=train, seed=0, device=dev, num_workers=1))
             x = torch.cat([b[0] for b in batches])

@@ -10,7 +10,7 @@ import pytest
 from devtools import docgen
 from tests.support import REPO
 from twa_scale import knobs
-from twa_scale.config import parse_train_args
+from twa_scale.train.config import parse_train_args
 from twa_scale.store.format import RunPaths
 from twa_scale.twa.config import parse_twa_args
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from twa_scale.engine import load_ds_config, resolve_batch
+from twa_scale.train.engine import load_ds_config, resolve_batch
 
 
 def test_batch_must_divide_over_ranks_and_micro_batch():

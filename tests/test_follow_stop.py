@@ -15,7 +15,7 @@ import pytest
 from tests.support import REPO, free_port
 from tests.support.launch import env
 from twa_scale.cli import main
-from twa_scale.control import StopWatch, write_stop
+from twa_scale.store.control import StopWatch, write_stop
 from twa_scale.store import RunPaths, StopMarker, open_run
 
 
@@ -50,7 +50,7 @@ def test_malformed_marker_is_ignored_with_a_warning(tmp_path, caplog, content):
     path.parent.mkdir(parents=True)
     path.write_bytes(content)
     watch = StopWatch(url, "r")
-    with caplog.at_level(logging.WARNING, logger="twa_scale.control"):
+    with caplog.at_level(logging.WARNING, logger="twa_scale.store.control"):
         assert watch.check() is None
         assert watch.check() is None
     warnings = [r.getMessage() for r in caplog.records]
@@ -62,7 +62,7 @@ def test_unreadable_marker_is_a_warning_not_an_error(tmp_path, caplog):
     url = tmp_path.as_uri()
     _make_run(url)
     (tmp_path / RunPaths("r").stop).mkdir(parents=True)  # a directory where the object should be: a read error
-    with caplog.at_level(logging.WARNING, logger="twa_scale.control"):
+    with caplog.at_level(logging.WARNING, logger="twa_scale.store.control"):
         assert StopWatch(url, "r").check() is None
     assert "cannot read" in caplog.text and "training continues" in caplog.text
 
@@ -169,8 +169,8 @@ def test_the_stop_is_polled_in_the_background_and_agreed_on_one_step_later(tmp_p
     training with the fields metrics.json records (one process; the 2-rank run above does it for real)."""
     from types import SimpleNamespace
 
-    from twa_scale.preemption import StepAgreement
-    from twa_scale.training import StopCheck
+    from twa_scale.train.preemption import StepAgreement
+    from twa_scale.train.loop import StopCheck
 
     monkeypatch.setenv("TWA_SCALE_STOP_POLL_SECONDS", "0.05")
     url = tmp_path.as_uri()

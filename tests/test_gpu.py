@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from twa_scale import comm, store
-from twa_scale.config import TrainConfig
-from twa_scale.engine import build_engine, load_ds_config, resolve_batch
+from twa_scale.train.config import TrainConfig
+from twa_scale.train.engine import build_engine, load_ds_config, resolve_batch
 from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
-from twa_scale.streamer import SnapshotStreamer, StreamerConfig
+from twa_scale.train.streamer import SnapshotStreamer, StreamerConfig
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -55,7 +55,7 @@ def test_engine_trains_with_autocast_and_channels_last_activations():
 
 
 def test_steplog_records_steps_without_a_host_sync():
-    from twa_scale.steplog import StepLog
+    from twa_scale.train.steplog import StepLog
 
     log = StepLog(8, "cuda")
     loss = torch.full((), 0.5, device="cuda")

@@ -374,16 +374,16 @@ def test_monitoring_objects_match_the_pods():
 @pytest.fixture(autouse=True)
 def _pod_paths(monkeypatch):
     """A preset's dataset directory (/data/...) exists only where a cluster mounts it: accept it here."""
-    from twa_scale import data
+    from twa_scale.data import shards
 
-    check = data.check_data_spec
-    monkeypatch.setattr(data, "check_data_spec", lambda p: None if str(p).startswith("/data/") else check(p))
+    check = shards.check_data_spec
+    monkeypatch.setattr(shards, "check_data_spec", lambda p: None if str(p).startswith("/data/") else check(p))
 
 
 def _parse_pod_args(docs, name: str):
     """The args the pod's launch script gets (after $(VAR) expansion, plus what k8s-entry.sh appends),
     parsed by the project's own parser."""
-    from twa_scale.config import parse_train_args
+    from twa_scale.train.config import parse_train_args
     from twa_scale.twa import parse_twa_args
 
     spec = rjobs(docs)[name]
@@ -416,7 +416,7 @@ def _flag_name(arg: str) -> str:
 
 def _preset_alone(docs, name: str, extra: set[str] = frozenset()):
     """What the pod's --preset resolves to with nothing else but the pod's own fields (POD_FIELDS)."""
-    from twa_scale.config import parse_train_args
+    from twa_scale.train.config import parse_train_args
     from twa_scale.twa import parse_twa_args
 
     spec = rjobs(docs)[name]
@@ -432,7 +432,7 @@ def test_gpu_overlay_runs_the_resnet50_imagenet_and_paper_imagenet_presets():
     and where ImageNet is read from (a packed dataset on the object store, not the preset's ImageFolder
     path). The TWA selection is the preset's own: the paper's "60+2" head stage, the first 60 of the 90
     epochs, snapshots 0..300 at 5 per epoch (twa_scale/presets/twa/paper_imagenet.yaml)."""
-    from twa_scale.config import load_preset
+    from twa_scale.train.config import load_preset
 
     docs = render("overlays/gpu-8xN")
     assert _flag_name("--preset=x") == "preset" and "deepspeed_config" in POD_FIELDS

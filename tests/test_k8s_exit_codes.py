@@ -44,7 +44,7 @@ def test_launch_main_keeps_the_traceback_of_a_bug():
 
 
 def test_preemption_keeps_its_status():
-    from twa_scale.streamer import Preempted
+    from twa_scale.train.streamer import Preempted
 
     with pytest.raises(SystemExit) as e:
         launch_main(lambda: object(), _raise(Preempted(143)))

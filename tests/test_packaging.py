@@ -39,7 +39,7 @@ def test_non_editable_install_trains_from_an_empty_directory(tmp_path):
                           "--quiet", str(REPO)], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stderr[-3000:]
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import twa_scale, twa_scale.engine as e; print(twa_scale.__file__); "
+                            "import twa_scale, twa_scale.train.engine as e; print(twa_scale.__file__); "
                             "print(e.default_ds_config_path())"],
                            cwd=work, env=env, capture_output=True, text=True, check=True, timeout=300)
     pkg, ds = where.stdout.split()[-2:]

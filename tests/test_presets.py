@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from twa_scale.config import parse_train_args
-from twa_scale.engine import build_optimizer, lr_factor, milestones
+from twa_scale.train.config import parse_train_args
+from twa_scale.train.engine import build_optimizer
+from twa_scale.train.schedule import lr_factor, milestones
 from twa_scale.twa.config import parse_twa_args
 from twa_scale.twa.selection import select_by_epochs
 

@@ -1,7 +1,7 @@
 """The one LR schedule both stages use: the authors' epoch-wise MultiStepLR, the other schedules, warm-up."""
 import pytest
 
-from twa_scale.engine import build_lr_scheduler, lr_factor, milestones
+from twa_scale.train.schedule import build_lr_scheduler, lr_factor, milestones
 
 
 @pytest.mark.parametrize("epochs, factors", [(2, [1.0, 0.1]),

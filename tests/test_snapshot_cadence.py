@@ -7,10 +7,10 @@ import pytest
 
 from tests.support import require_cifar10
 from tests.support.launch import deepspeed, python
-from twa_scale.config import TrainConfig
+from twa_scale.train.config import TrainConfig
 from twa_scale.errors import ConfigError
 from twa_scale.store import open_run
-from twa_scale.training import SnapshotPlan
+from twa_scale.train.loop import SnapshotPlan
 from twa_scale.twa.selection import check_select_seqs, select_by_epochs
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from twa_scale.steplog import StepLog
+from twa_scale.train.steplog import StepLog
 
 
 def test_reads_once_per_window_and_exports_every_step():

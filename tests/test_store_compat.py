@@ -71,14 +71,14 @@ def test_metrics_and_probes_of_todays_code_read_as_records(today):
 
 
 def test_dataset_index_of_todays_code_reads_and_trains(today):
-    from twa_scale import shards
-    from twa_scale.config import TrainConfig
-    from twa_scale.data import build_data, make_loader
+    from twa_scale.data import shards
+    from twa_scale.data.config import DataConfig
+    from twa_scale.data.datasets import build_data, make_loader
 
     url = (today / "dataset").as_uri()
     idx = shards.open_index(url)
     assert idx.classes == ("cat", "dog") and idx.split("train").samples == 6 and idx.image_size == 8
     assert shards.verify(url) == []
-    data = build_data(TrainConfig(data=url, holdout_fraction=0.0))
+    data = build_data(DataConfig(data=url, holdout_fraction=0.0))
     x, y = next(iter(make_loader(data.train, batch_size=6, train=False)))
     assert x.shape[0] == 6 and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]

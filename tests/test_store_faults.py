@@ -15,7 +15,7 @@ from tests.support import REPO
 from tests.support.launch import env
 from tests.support.s3 import S3_ENV
 from twa_scale import store
-from twa_scale.checkpoints import committed_tags
+from twa_scale.train.checkpoints import committed_tags
 from twa_scale.cli import main
 from twa_scale.store import open_store
 

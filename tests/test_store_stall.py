@@ -33,7 +33,7 @@ import pytest
 from tests.support import REPO, free_port
 from tests.support.launch import env
 from twa_scale import store
-from twa_scale.control import write_stop
+from twa_scale.store.control import write_stop
 from twa_scale.store import RunPaths, open_store
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.multirank]

@@ -12,7 +12,7 @@ from torch import nn
 
 from twa_scale import store
 from twa_scale.layout import FlatLayout
-from twa_scale.streamer import SnapshotStreamer, StreamerConfig
+from twa_scale.train.streamer import SnapshotStreamer, StreamerConfig
 
 
 def _setup(url: str, width: int = 64, run_id: str = "run1"):
@@ -103,7 +103,7 @@ def test_backpressure_blocks_by_default_and_skips_when_asked(fresh_s3, caplog):
     block = SnapshotStreamer(url, "run1", layout, rank=0, world_size=1, config=StreamerConfig(buffers=1))
     fresh_s3.pause()
     try:
-        with caplog.at_level(logging.WARNING, logger="twa_scale.streamer"):
+        with caplog.at_level(logging.WARNING, logger="twa_scale.train.streamer"):
             assert skip.snapshot(0, 0, 0, params) and skip.snapshot(1, 1, 1, params)
             assert not skip.snapshot(2, 2, 2, params)
         assert "snapshot seq 2 skipped" in caplog.text
@@ -125,7 +125,7 @@ def test_upload_gives_up_after_bounded_retries_and_training_continues(fresh_s3, 
     cfg = StreamerConfig(upload_timeout_seconds=3.0, retry_initial_seconds=0.2)
     s = SnapshotStreamer(url, "run1", layout, rank=0, world_size=1, config=cfg)
     fresh_s3.kill()
-    with caplog.at_level(logging.WARNING, logger="twa_scale.streamer"):
+    with caplog.at_level(logging.WARNING, logger="twa_scale.train.streamer"):
         s.snapshot(0, 0, 0, params)
         deadline = time.monotonic() + 60
         while s.stats["failed"] == 0 and time.monotonic() < deadline:

@@ -29,7 +29,7 @@ import json, sys, torch
 from twa_scale import store
 from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
-from twa_scale.streamer import SnapshotStreamer, StreamerConfig, flush_on_sigterm
+from twa_scale.train.streamer import SnapshotStreamer, StreamerConfig, flush_on_sigterm
 url, run, rank, world, session = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 def model_at(seq):
     torch.manual_seed(1000 + seq)

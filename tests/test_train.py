@@ -160,7 +160,7 @@ def test_init_from_snapshot_starts_at_those_weights(tmp_path):
 
 
 def test_checkpoint_wait_follows_the_store_and_stays_under_its_cap():
-    from twa_scale.training import checkpoint_wait
+    from twa_scale.train.loop import checkpoint_wait
 
     assert checkpoint_wait(10.0, False) == 10.0                       # nothing timed yet: the cap
     assert checkpoint_wait(10.0, False, 0.05, None) == 1.0            # a fast store: 1 s is plenty

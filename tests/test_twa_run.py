@@ -308,7 +308,7 @@ def test_a_torchvision_result_loads_without_twa_scale_by_the_documented_line(tmp
 
     from tests.support import REPO
     from twa_scale import report
-    from twa_scale.data import input_normalization
+    from twa_scale.data.datasets import input_normalization
 
     torch.manual_seed(0)
     net = build_model("resnet18", 7).eval()

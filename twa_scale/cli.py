@@ -71,7 +71,7 @@ def run_stage(stage: str, argv: list[str] | None = None, prog: str | None = None
     """`launch/train.py` (stage `train`) or `launch/twa.py` (stage `twa`) with ``argv``; the exit status.
     ``prog``: the command name ``--help`` shows (`twa-scale train` from the console script)."""
     if stage == "train":
-        from twa_scale.config import parse_train_args
+        from twa_scale.train.config import parse_train_args
         from twa_scale.pipeline import run_pipeline
 
         return launch_main(lambda: parse_train_args(argv, prog=prog or "launch/train.py"), run_pipeline)
@@ -220,7 +220,7 @@ def _store_command(cmds, name: str, help_text: str, func: Callable, *, target: s
 
 
 def _add_data(sub) -> None:
-    from twa_scale.shards import add_cli_command
+    from twa_scale.data.shards import add_cli_command
 
     add_cli_command(sub)
 
@@ -233,7 +233,7 @@ def _add_runs(sub) -> None:
 
 
 def _stop(args) -> int:
-    from twa_scale.control import clear_stop, finished, write_stop
+    from twa_scale.store.control import clear_stop, finished, write_stop
 
     url, run = split_run_url(args.target)
     where = f"{url}/{run}"

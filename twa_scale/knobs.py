@@ -6,7 +6,7 @@ here (python -m devtools.docgen; tests/test_docs.py keeps the two in step). Besi
 only variables other tools define: the launcher's RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR, AWS_*
 for S3, and OMP_NUM_THREADS / PROMETHEUS_MULTIPROC_DIR.
 
-Every flag of both stages can also come from the environment (see :mod:`twa_scale.config`):
+Every flag of both stages can also come from the environment (see :mod:`twa_scale.train.config`):
 ``TWA_SCALE_TRAIN_<FLAG>`` and ``TWA_SCALE_TWA_<FLAG>``, e.g. ``TWA_SCALE_TRAIN_EPOCHS=3`` or
 ``TWA_SCALE_TWA_CONFIG=twa.yaml``.
 
@@ -84,7 +84,7 @@ def _declare(name: str, default: Any, doc: str, read: Callable[[str, Any], Any] 
     return knob
 
 
-# --- snapshot streaming (twa_scale.streamer) ------------------------------------------------
+# --- snapshot streaming (twa_scale.train.streamer) ------------------------------------------------
 UPLOAD_PART_BYTES = _declare("TWA_SCALE_UPLOAD_PART_BYTES", 16 << 20,
                              "Multipart part size of snapshot uploads to S3 (>= 5 MiB).")
 UPLOAD_CONCURRENCY = _declare("TWA_SCALE_UPLOAD_CONCURRENCY", 16, "Parts uploaded at once per rank.")

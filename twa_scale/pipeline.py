@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from twa_scale import comm
-from twa_scale.config import TrainConfig
-from twa_scale.training import run_training
+from twa_scale.train.config import TrainConfig
+from twa_scale.train.loop import run_training
 
 __all__ = ["run_pipeline"]
 

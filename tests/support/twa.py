@@ -21,7 +21,7 @@ __all__ = ["digits_config", "make_trajectory", "write_run", "run_ranks", "gram_s
 
 def digits_config(**overrides):
     """A small TrainConfig on the built-in digits data (mlp unless overridden)."""
-    from twa_scale.config import TrainConfig
+    from twa_scale.train.config import TrainConfig
 
     kw = dict(model="mlp", data="digits", epochs=1, lr=0.1, batch_size=48, limit_train=240, limit_val=120,
               seed=0, snapshot_url="memory://unused", run_id="t")
@@ -32,7 +32,7 @@ def digits_config(**overrides):
 def make_trajectory(cfg, n: int, *, steps_between: int = 4, lr: float = 0.2) -> tuple[torch.nn.Module, list]:
     """Train ``cfg.model`` with plain SGD on ``cfg``'s data and take n+1 flat snapshots
     (seq 0 = initial weights). Returns (model, [w_0, ..., w_n])."""
-    from twa_scale.data import build_data
+    from twa_scale.data.datasets import build_data
     from twa_scale.layout import FlatLayout
     from twa_scale.models import build_model
 

@@ -383,7 +383,7 @@ class Lease(_Record):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StopMarker(_Record):
     """A request to end training after its next snapshot, written by the live TWA follower's stop rule or by
-    hand (`twa-scale stop`); the training job checks for it at each snapshot (see twa_scale/control.py)."""
+    hand (`twa-scale stop`); the training job checks for it at each snapshot (see twa_scale/store/control.py)."""
 
     KIND: ClassVar[str] = "stop"
 

@@ -22,9 +22,9 @@ import logging
 from typing import Any, Literal, Sequence
 
 from twa_scale import knobs
+from twa_scale.checks import bad, check_at_least_one, check_choice, check_run_id, check_store
 from twa_scale.cli_parse import parse_config
-from twa_scale.config import (DEFAULT_SNAPSHOT_URL, MetricsSection, Schedule, bad, check_at_least_one, check_choice,
-                              check_run_id, check_store)
+from twa_scale.train.config import DEFAULT_SNAPSHOT_URL, MetricsSection, Schedule
 from twa_scale.twa.selection import parse_select, parse_select_epochs
 from twa_scale.twa.stoprule import StopRule, parse_stop_rule
 

@@ -12,7 +12,7 @@ uses). The newest SGD snapshot is scored on the same hold-out, BatchNorm recalib
 keep their per-example correctness for the rule's paired comparisons. The probe is appended to
 ``<run>/twa/probes.json`` (the whole list, one atomic put) and exported as metrics; the stop rule
 (:mod:`twa_scale.twa.stoprule`) then decides from hold-out numbers only (never val, never training's
-metrics), and when it fires ``STOP.json`` is written (:mod:`twa_scale.control`), which the training job obeys
+metrics), and when it fires ``STOP.json`` is written (:mod:`twa_scale.store.control`), which the training job obeys
 at its next snapshot. Once training has finished or stopped (its metrics.json has ``final``), the follower
 runs a probe that fell due with the last snapshots, then the final TWA exactly as ``launch/twa.py`` does
 (:func:`run_twa`), on the configured selection.
@@ -109,8 +109,10 @@ class Follower:
         self.flat = flat = ShardedFlat(inp.layout, comm.world_size(), comm.rank(), device)
         self.start, self.stop = flat.start, flat.stop
         self.last_x: torch.Tensor | None = None    # this rank's slice of the newest snapshot (the SGD point)
-        tc = inp.train_cfg  # the rule acts in the run's first lr phase: the hand-over of the high-lr trajectory
-        self.phase_end = first_phase_end(tc.schedule, tc.epochs, getattr(tc, "lr_milestones", None))
+        # The rule acts in the run's first lr phase: the hand-over of the high-lr trajectory. A manifest without
+        # the keys (written before they were stored) ran TrainConfig's defaults: step, 10 epochs.
+        tc = inp.run_config
+        self.phase_end = first_phase_end(tc.get("schedule", "step"), tc.get("epochs", 10), tc.get("lr_milestones"))
         self.basis = GrowingBasis(self.start, self.stop, reduce=comm.all_reduce, tol=cfg.rank_tol,
                                   spread_tol=cfg.rank_spread_tol, device=device)
         self.refs: list[SnapshotRef] = []          # every snapshot in the basis, in order (dropped ones too)
@@ -188,7 +190,7 @@ class Follower:
     # --- probes ---------------------------------------------------------------------------------------
     def _holdout(self, desc: str) -> dict:
         """The model as it stands on the hold-out, with per-example correctness."""
-        from twa_scale.data import make_loader
+        from twa_scale.data.datasets import make_loader
         from twa_scale.evaluation import evaluate
 
         loader = make_loader(self.inp.data.holdout, batch_size=self.per_rank, train=False,
@@ -197,7 +199,7 @@ class Follower:
 
     def _score_sgd(self) -> dict:
         """The newest SGD snapshot on the hold-out, BatchNorm recalibrated as the probe's (same batches)."""
-        from twa_scale.data import make_loader
+        from twa_scale.data.datasets import make_loader
         from twa_scale.twa.bn import has_batchnorm, recalibrate_bn
 
         model, cfg = self.inp.model, self.cfg
@@ -266,7 +268,7 @@ class Follower:
         this idempotent put), then the whole probe list, then the metrics."""
         if comm.rank() != 0:
             return
-        from twa_scale.control import write_stop
+        from twa_scale.store.control import write_stop
         from twa_scale.store import RetryPolicy
 
         if rec["stop_written"]:

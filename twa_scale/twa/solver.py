@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from twa_scale import comm, tracking
-from twa_scale.engine import lr_factor
+from twa_scale.train.schedule import lr_factor
 from twa_scale.layout import FlatLayout
-from twa_scale.steplog import StepLog
+from twa_scale.train.steplog import StepLog
 from twa_scale.twa.config import TwaConfig, parse_select
 from twa_scale.twa.subspace import Basis
 

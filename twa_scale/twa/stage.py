@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from twa_scale import comm
+from twa_scale.data.config import DataConfig
 from twa_scale.errors import ConfigError
 from twa_scale.layout import FlatLayout
 from twa_scale.twa.bn import has_batchnorm, recalibrate_bn
@@ -62,12 +63,12 @@ def _warn(msg: str) -> None:
 
 
 def _model_metadata(inp: TwaInputs, out: dict) -> dict[str, str]:
-    from twa_scale.data import input_normalization
+    from twa_scale.data.datasets import input_normalization
     from twa_scale.report import model_metadata
 
     meta = inp.reader.manifest.meta
     return model_metadata(model=meta["model"], num_classes=int(meta["num_classes"]), classes=meta.get("classes"),
-                          normalization=input_normalization(inp.train_cfg.data, inp.data.image_size),
+                          normalization=input_normalization(inp.data_cfg.data, inp.data.image_size),
                           snapshots=[s["seq"] for s in out["snapshots"]],
                           run=f"{out.get('snapshot_url', '').rstrip('/')}/{out.get('run_id')}")
 
@@ -95,7 +96,10 @@ class TwaInputs:
     model: nn.Module
     layout: FlatLayout
     refs: list[SnapshotRef]
-    train_cfg: Any
+    data_cfg: DataConfig
+    """The run's data section, with --data and --limit-* of the TWA stage over it."""
+    run_config: dict
+    """The training job's config as the run's manifest stores it (``TrainConfig.to_dict()``)."""
     data: Any
 
 
@@ -116,8 +120,7 @@ def load_inputs(cfg: TwaConfig, *, select: bool = True) -> TwaInputs:
     """Open the run and validate it before any TWA work (same checks on every rank). ``select`` False: no
     selection yet (``refs`` empty; the live follower takes snapshots as they are committed)."""
     from twa_scale import store
-    from twa_scale.config import TrainConfig
-    from twa_scale.data import build_data
+    from twa_scale.data.datasets import build_data
     from twa_scale.models import build_model
 
     reader = store.open_run(cfg.snapshot_url, cfg.run_id, storage_options=cfg.storage_options)
@@ -130,19 +133,19 @@ def load_inputs(cfg: TwaConfig, *, select: bool = True) -> TwaInputs:
     model = build_model(meta["model"], int(meta["num_classes"])).to(comm.device())
     layout = FlatLayout.from_model(model)
     reader.layout.check_matches(layout, what=f"model {meta['model']!r} with {meta['num_classes']} classes")
-    train_cfg = TrainConfig.from_dict(meta.get("config") or {})
-    train_cfg.storage_options = cfg.storage_options  # the run stores it redacted; --data s3://... needs it
-    run_epochs = (meta.get("config") or {}).get("epochs")  # a percentage in --select-epochs is of this E
-    refs = _select(*reader.scan(), cfg, run_epochs) if select else []
+    run_config = meta.get("config") or {}
+    data_cfg = DataConfig.from_dict(run_config)
+    refs = _select(*reader.scan(), cfg, run_config.get("epochs")) if select else []  # --select-epochs' % is of E
     for name in ("data", "limit_train", "limit_val"):
         if getattr(cfg, name) is not None:
-            setattr(train_cfg, name, getattr(cfg, name))
-    data = build_data(train_cfg)
+            setattr(data_cfg, name, getattr(cfg, name))
+    # the run stores --storage-options redacted; --data s3://... needs the stage's own
+    data = build_data(data_cfg, storage_options=cfg.storage_options)
     if data.num_classes != int(meta["num_classes"]) or (meta.get("classes") and data.classes
                                                         and list(meta["classes"]) != list(data.classes)):
-        raise ConfigError(f"--data {train_cfg.data}: its {data.num_classes} classes do not match the "
+        raise ConfigError(f"--data {data_cfg.data}: its {data.num_classes} classes do not match the "
                           f"{meta['num_classes']} classes the run's model {meta['model']!r} was trained on")
-    return TwaInputs(reader, model, layout, refs, train_cfg, data)
+    return TwaInputs(reader, model, layout, refs, data_cfg, run_config, data)
 
 
 def effective_batch(requested: int, world: int) -> tuple[int, int]:
@@ -289,7 +292,7 @@ def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequenc
     follower's GrowingBasis); nothing is loaded then.
     """
     if make_loader is None:
-        from twa_scale.data import make_loader
+        from twa_scale.data.datasets import make_loader
     if evaluate is None:
         from twa_scale.evaluation import evaluate
     device = device or comm.device()

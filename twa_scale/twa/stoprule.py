@@ -53,7 +53,7 @@ def unpack_correct(packed: str) -> np.ndarray:
 def first_phase_end(schedule: str, epochs: int, lr_milestones: Sequence[int] | None = None) -> float:
     """Training progress (epochs) up to which the run's lr is still in its first phase; inf when the schedule
     has no phases (constant, cosine, linear: the hand-over to TWA may come at any time)."""
-    from twa_scale.engine import milestones
+    from twa_scale.train.schedule import milestones
 
     if schedule == "step":
         return float(milestones(epochs, lr_milestones)[0])

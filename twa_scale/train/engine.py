@@ -1,4 +1,5 @@
-"""Everything DeepSpeed: config loading and validation, engine construction, the LR schedule.
+"""Everything DeepSpeed: config loading and validation, engine construction (the LR schedule is
+:mod:`twa_scale.train.schedule`).
 
 Model code stays plain torch; this module is the only one that imports deepspeed
 for training.
@@ -6,19 +7,19 @@ for training.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
+from twa_scale.train.schedule import build_lr_scheduler
+
 __all__ = ["default_ds_config_path", "find_ds_config", "load_ds_config", "resolve_batch", "build_optimizer",
            "UnsafeCheckpointError", "weights_only_checkpoint_engine",
-           "milestones", "lr_factor", "build_lr_scheduler", "build_engine"]
+           "build_engine"]
 
 # ds_configs/ at the repository root, also shipped inside the package (twa_scale/ds_configs is a link to it
 # in the source tree and a copy in an installed wheel), so the defaults are found from any directory.
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def default_ds_config_path() -> Path:
@@ -107,55 +108,9 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
 
 
-def milestones(epochs: int, explicit: Sequence[int] | None = None) -> tuple[int, ...]:
-    """Epochs at which the `step` schedule divides the lr by 10.
-
-    ``explicit`` (--lr-milestones) wins. Otherwise the TWA authors' MultiStepLR (train_twa.py:
-    milestones=[int(0.5E), int(0.75E + 0.9)], stepped once per epoch), never before epoch 1: the
-    authors' rule puts a milestone at epoch 0 when E = 1, which would run a one-epoch job at lr/10
-    throughout. For E >= 2 this is exactly their rule (and train_sgd_cifar.py's [100, 150] at E = 200)."""
-    if explicit:
-        return tuple(explicit)
-    return max(1, int(epochs * 0.5)), max(1, int(epochs * 0.75 + 0.9))
-
-
-def lr_factor(step: int, *, schedule: str, epochs: int, steps_per_epoch: int, warmup_steps: int = 0,
-              lr_milestones: Sequence[int] | None = None) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based): the one schedule of both stages.
-
-    A linear warm-up of ``warmup_steps`` ((t+1)/W, as the journal's cosine_lr) comes first. Then
-    `step` holds 1, 0.1, 0.01 by epoch, switching at :func:`milestones` (absolute epochs, as torch's
-    MultiStepLR); `step-per-iter` switches at 50% and 75% of the post-warm-up steps; `cosine` and
-    `linear` decay over the post-warm-up steps; `constant` stays at 1.
-    """
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "step":
-        epoch = step // max(steps_per_epoch, 1)
-        return 0.1 ** sum(epoch >= m for m in milestones(epochs, lr_milestones))
-    p = (step - warmup_steps) / max(epochs * steps_per_epoch - warmup_steps, 1)
-    if schedule == "step-per-iter":
-        return 1.0 if p < 0.5 else (0.1 if p < 0.75 else 0.01)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
-    if schedule == "linear":
-        return max(1.0 - p, 0.0)
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"--schedule: unknown schedule {schedule!r}")
-
-
-def build_lr_scheduler(opt: torch.optim.Optimizer, *, schedule: str, epochs: int, steps_per_epoch: int,
-                       warmup_steps: int = 0,
-                       lr_milestones: Sequence[int] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """:func:`lr_factor` as a torch LambdaLR, stepped once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
-        s, schedule=schedule, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_steps=warmup_steps,
-        lr_milestones=lr_milestones))
-
-
 def build_engine(model: torch.nn.Module, cfg, ds: dict, *, steps_per_epoch: int):
-    """A DeepSpeed engine with the paper's SGD and the LR schedule of :func:`lr_factor`, stepped per step."""
+    """A DeepSpeed engine with the paper's SGD and the LR schedule of :func:`~twa_scale.train.schedule.lr_factor`,
+    stepped per step."""
     import deepspeed
 
     opt = build_optimizer(model, cfg)

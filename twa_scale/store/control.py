@@ -1,6 +1,6 @@
 """The control marker of a run, ``<run>/control/STOP.json``: a request to end training after its next snapshot.
 
-    from twa_scale import control
+    from twa_scale.store import control
     control.write_stop("file:///runs", "r1", reason="TWA plateaued", rule="plateau", by="twa", probes=[...])
     watch = control.StopWatch("file:///runs", "r1")   # the training job, rank 0
     marker = watch.check()                             # None: keep training
@@ -21,7 +21,7 @@ from twa_scale.store import FormatError, RetryPolicy, RunPaths, StopMarker, open
 
 __all__ = ["write_stop", "clear_stop", "finished", "StopWatch", "STOP_WRITE_RETRY_SECONDS"]
 
-log = logging.getLogger("twa_scale.control")
+log = logging.getLogger("twa_scale.store.control")
 
 # A follower or a user waits this long at most for a flaky store: the marker is worth a retry, not a hang.
 STOP_WRITE_RETRY_SECONDS = 60.0
@@ -80,7 +80,7 @@ class StopWatch:
     The store is opened in quick mode with a short connect and read timeout (``timeout_seconds``), so one
     check against an unreachable or stalled store ends within that, with a warning. A training job never
     calls :meth:`check` on its step path: :meth:`start` polls in a background thread (rank 0), and the
-    ranks agree on :attr:`marker` through the step agreement (twa_scale/preemption.py).
+    ranks agree on :attr:`marker` through the step agreement (twa_scale/train/preemption.py).
     """
 
     def __init__(self, url: str, run_id: str, *, storage_options: dict | str | None = None,

@@ -1,4 +1,5 @@
-"""Sharded image datasets on any fsspec URL: WebDataset tar shards plus a JSON index.
+"""Sharded image datasets on any fsspec URL: WebDataset tar shards plus a JSON index; and what ``--data`` names
+(``check_data_spec``, ``resolve_folder``: `digits`, a local ImageFolder tree, or a packed dataset).
 
     twa-scale data pack /data/imagenet s3://bucket/imagenet     # train/ and val/ -> shards + index.json
     twa-scale data verify s3://bucket/imagenet                  # every shard's sha256
@@ -30,7 +31,7 @@ Why this format and reader (checked 2026-11: what pip installs here, what we nee
 - litdata is similar (own chunk format, boto3/obstore clients, local cache).
 
 So the container is WebDataset's, unmodified, and the reader is ours: a map-style plan over the
-index (:func:`twa_scale.data.make_loader`), reading byte ranges through the store backend
+index (:func:`twa_scale.data.datasets.make_loader`), reading byte ranges through the store backend
 (:class:`twa_scale.store.ObjectStore`, ``get_ranges``): the same URL grammar and ``--storage-options`` as
 every other object the service reads. The index and shard records are in ``twa_scale/store/format.py``.
 """
@@ -54,8 +55,9 @@ from twa_scale.errors import ConfigError
 from twa_scale.store.backend import ObjectStore, check_url, open_store
 from twa_scale.store.format import DatasetIndex, DatasetShard, DatasetSplit, FormatError
 
-__all__ = ["INDEX_NAME", "scan_image_folder", "pack", "open_index", "open_dataset_store", "verify", "ShardSource",
-           "FolderSource", "IMG_EXTENSIONS", "parse_size", "DatasetIndexError"]
+__all__ = ["INDEX_NAME", "check_data_spec", "check_image_folder", "resolve_folder", "scan_image_folder", "pack",
+           "open_index", "open_dataset_store", "verify", "ShardSource", "FolderSource", "IMG_EXTENSIONS", "parse_size",
+           "DatasetIndexError"]
 
 log = logging.getLogger("twa_scale.data")
 
@@ -75,6 +77,42 @@ def open_dataset_store(url: str, storage_options: dict | str | None = None) -> O
         return open_store(url.rstrip("/"), storage_options)
     except ImportError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_image_folder(path: str) -> tuple[Path, Path]:
+    """(train_dir, val_dir) of an ImageFolder tree, or a one-line error naming the directory."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"--data {path}: not a directory (use `digits`, an ImageFolder root, or a packed "
+                          f"dataset URL such as s3://bucket/dataset)")
+    train = root / "train"
+    val = next((root / v for v in ("val", "test") if (root / v).is_dir()), None)
+    if not train.is_dir() or val is None:
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise ConfigError(f"--data {path}: expected subfolders train/ and val/ (or test/), "
+                          f"found {found[:8] or 'none'}")
+    return train, val
+
+
+def check_data_spec(spec: str) -> None:
+    """Cheap up-front check of --data (no network): digits, a local tree or packed dir, or a URL whose
+    scheme has an installed filesystem."""
+    if spec == "digits":
+        return
+    if resolve_folder(spec) is None and check_url(spec, "--data")[0] != "file":
+        open_dataset_store(spec)  # s3fs and the like connect lazily: this only finds the filesystem
+
+
+def resolve_folder(spec: str) -> tuple[Path, Path, Path] | None:
+    """(root, train_dir, val_dir) when SPEC is a local ImageFolder tree, else None (a packed dataset)."""
+    protocol, path = check_url(spec, "--data")
+    if protocol != "file":
+        return None
+    root = Path(path)
+    if (root / INDEX_NAME).is_file() or (spec.startswith("file://") and not (root / "train").is_dir()):
+        return None
+    train, val = check_image_folder(str(root))
+    return root, train, val
 
 
 def parse_size(text: str) -> int:

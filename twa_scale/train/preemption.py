@@ -19,7 +19,7 @@ all-reduce (:meth:`StepAgreement.finish`), so only a SIGTERM in the instant betw
 the loop is left to the rank that got it.
 
 The same all-reduce carries the run's stop request (``control/STOP.json``, read by rank 0 in a
-background thread, :class:`twa_scale.control.StopWatch`): :attr:`StepAgreement.stop_requested` turns
+background thread, :class:`twa_scale.store.control.StopWatch`): :attr:`StepAgreement.stop_requested` turns
 True on every rank at the same step, and training ends at the next snapshot. No rank ever waits for
 the store to learn of a stop.
 """
@@ -39,7 +39,7 @@ from twa_scale.errors import EXIT_PREEMPTED
 
 __all__ = ["Preempted", "on_sigterm", "deferred", "received", "seconds_left", "raise_preempted", "StepAgreement"]
 
-log = logging.getLogger("twa_scale.preemption")
+log = logging.getLogger("twa_scale.train.preemption")
 
 
 class Preempted(SystemExit):

@@ -31,15 +31,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from twa_scale import comm, knobs, metrics, preemption
+from twa_scale import comm, knobs, metrics
 from twa_scale import store as _store
 from twa_scale.layout import FlatLayout
-from twa_scale.preemption import Preempted
 from twa_scale.store.retry import PERMANENT_ERRORS, RetryDeadlineExceeded, RetryPolicy
+from twa_scale.train import preemption
+from twa_scale.train.preemption import Preempted
 
 __all__ = ["StreamerConfig", "SnapshotStreamer", "Preempted", "flush_on_sigterm"]
 
-log = logging.getLogger("twa_scale.streamer")
+log = logging.getLogger("twa_scale.train.streamer")
 
 _MIN_PART_BYTES = 5 << 20  # S3's smallest multipart part
 
@@ -475,7 +476,7 @@ def flush_on_sigterm(streamer: SnapshotStreamer, deadline_seconds: float | None 
     """Close ``streamer`` when the block exits; on SIGTERM (Kubernetes preemption) within a deadline.
 
     Inside the block SIGTERM raises :class:`Preempted` (exit status 143) in the main thread, at once or,
-    inside :func:`twa_scale.preemption.deferred`, at the step the ranks agree on; the exit path then
+    inside :func:`twa_scale.train.preemption.deferred`, at the step the ranks agree on; the exit path then
     gives pending snapshots ``deadline_seconds``, by default what is left of the preemption deadline
     (``TWA_SCALE_SIGTERM_FLUSH_SECONDS``, 25 s after the signal: inside Kubernetes' default 30 s grace
     period). Any other exit waits for the bounded upload retries. ``close()`` afterwards returns the summary.

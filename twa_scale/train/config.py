@@ -4,9 +4,9 @@ Every field is keyword-only, documented, and validated in ``__post_init__`` so a
 one-line error that names the flag, before any process group or engine exists. The flags stay flat
 (``--data``, ``--snapshot-url``, ``--checkpoint-every-steps``, ``--logger``): a section is a dataclass
 that ``TrainConfig`` inherits, so ``cfg.snapshot_url`` reads as before, and each section checks its own
-fields. ``DataSection``: what the data loader reads; ``SnapshotSection``: the snapshot store and cadence;
-``CheckpointSection``: DeepSpeed checkpoints and resume; ``MetricsSection`` (shared with the TWA stage):
-logs, tracking and the Prometheus exporter.
+fields. ``DataConfig`` (owned by :mod:`twa_scale.data`): what the data loader reads; ``SnapshotSection``:
+the snapshot store and cadence; ``CheckpointSection``: DeepSpeed checkpoints and resume; ``MetricsSection``
+(shared with the TWA stage): logs, tracking and the Prometheus exporter.
 
 The command line, config files, the environment and presets come from :mod:`twa_scale.cli_parse`:
 
@@ -19,64 +19,24 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from twa_scale import knobs
+from twa_scale.checks import bad, check_at_least_one, check_choice, check_run_id, check_store
 from twa_scale.cli_parse import PRESETS_DIR, load_preset, parse_config, preset_names
+from twa_scale.data.config import DataConfig
 
-__all__ = ["TrainConfig", "DataSection", "SnapshotSection", "CheckpointSection", "MetricsSection",
+__all__ = ["TrainConfig", "SnapshotSection", "CheckpointSection", "MetricsSection",
            "parse_train_args", "preset_names", "load_preset", "DEFAULT_SNAPSHOT_URL", "PRESETS_DIR",
            "DEFAULT_TRAIN_PRESET"]
 
 Schedule = Literal["step", "step-per-iter", "cosine", "linear", "constant"]
 SnapshotDtype = Literal["float32", "bfloat16", "float16"]
-Decode = Literal["cpu", "gpu", "pil"]
 LogFormat = Literal["text", "json"]
 # Local default store: a directory next to where the job was started.
 DEFAULT_SNAPSHOT_URL = "file://" + str(Path.cwd() / "twa_runs")
 DEFAULT_TRAIN_PRESET = "quickstart"
-
-
-def bad(flag: str, msg: str):
-    raise ValueError(f"--{flag}: {msg}")
-
-
-def check_choice(flag: str, value: Any, allowed: Any) -> None:
-    """One-line error naming ``--flag`` when ``value`` is not one of ``allowed`` (a tuple or a Literal)."""
-    choices = typing.get_args(allowed) or tuple(allowed)
-    if value not in choices:
-        bad(flag, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
-
-
-def check_at_least_one(**values: int | None) -> None:
-    """``--flag: must be >= 1`` for each keyword (a field name) whose value is set and below 1."""
-    for name, v in values.items():
-        if v is not None and v < 1:
-            bad(name.replace("_", "-"), f"must be >= 1, got {v}")
-
-
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def check_run_id(run_id: str) -> None:
-    """A run id becomes part of every object key and log line: letters, digits and ``._-`` only (it starts
-    with a letter or digit, at most 128 characters), so no newline, slash or space reaches a key or a log."""
-    if not _RUN_ID.fullmatch(run_id):
-        raise ValueError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only, starting with a letter "
-                         "or digit (at most 128 characters)" if run_id else "--run-id: must not be empty")
-
-
-def check_store(snapshot_url: str, storage_options: str | None) -> None:
-    """--storage-options (JSON) and --snapshot-url (its form), which both stages check."""
-    from twa_scale.store.backend import check_url, parse_storage_options
-
-    parse_storage_options(storage_options)  # one-line error for bad JSON
-    try:
-        check_url(snapshot_url)  # s3:// without a bucket, s3:/typo
-    except ValueError as e:
-        raise ValueError(f"--snapshot-url: {e}") from None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -167,40 +127,7 @@ class SnapshotSection:
 
 
 @dataclasses.dataclass(kw_only=True)
-class DataSection:
-    """data: the dataset, its splits and its decoding"""
-    data: str = "digits"
-    """`digits` (built in, no download), a directory with train/ and val/ (or test/) in ImageFolder layout,
-    or a packed dataset (`twa-scale data pack`) at any fsspec URL, e.g. s3://bucket/imagenet or file:///data/c10."""
-    decode: Decode = "cpu"
-    """Image decoder: `cpu` (libjpeg-turbo, reduced-size decoding, uint8 augmentations), `gpu` (nvJPEG and
-    augmentations on the device), or `pil` (the torchvision reference path)."""
-    max_bad_fraction: float = 0.01
-    """Undecodable images are skipped, logged and counted; the job fails when more than this fraction
-    of an epoch's images on a rank are bad."""
-    holdout_fraction: float = 0.0
-    """Fraction of the training set held out (excluded from training) for TWA-v to fit on."""
-    limit_train: int | None = None
-    """Use a fixed random subset of this many training images (tests, quick runs)."""
-    limit_val: int | None = None
-    """Use a fixed random subset of this many validation images."""
-    num_workers: int | None = None
-    """DataLoader workers per rank; None: 0 for digits, else min(4, CPUs per local rank)."""
-
-    def __post_init__(self) -> None:
-        check_choice("decode", self.decode, Decode)
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            bad("max-bad-fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            bad("holdout-fraction", f"must be in [0, 1), got {self.holdout_fraction}")
-        check_at_least_one(limit_train=self.limit_train, limit_val=self.limit_val)
-        if self.data != "digits":
-            from twa_scale.data import check_data_spec  # one-line error for a bad directory or URL scheme
-            check_data_spec(self.data)
-
-
-@dataclasses.dataclass(kw_only=True)
-class TrainConfig(DataSection, SnapshotSection, CheckpointSection, MetricsSection):
+class TrainConfig(DataConfig, SnapshotSection, CheckpointSection, MetricsSection):
     """training: the model and its recipe (optimiser, schedule, batch), and TWA after training"""
     model: str = "resnet20"
     """Model name: a CIFAR-style net (resnet20, resnet56, cifar_vgg16_bn, preresnet164, wrn28_10, mlp)
@@ -266,7 +193,7 @@ class TrainConfig(DataSection, SnapshotSection, CheckpointSection, MetricsSectio
             bad("warmup-epochs", f"must be >= 0, got {self.warmup_epochs}")
         check_at_least_one(batch_size=self.batch_size, micro_batch=self.micro_batch)
         if self.deepspeed_config is not None:
-            from twa_scale.engine import find_ds_config
+            from twa_scale.train.engine import find_ds_config
             find_ds_config(self.deepspeed_config)  # one-line error naming --deepspeed_config
         from twa_scale.models import model_names
         if self.model not in model_names():
@@ -275,7 +202,7 @@ class TrainConfig(DataSection, SnapshotSection, CheckpointSection, MetricsSectio
                 build_model(self.model, 10)
             except ValueError as e:  # the registry's message lists the valid names
                 raise ValueError(f"--model: {e}") from None
-        for section in (DataSection, SnapshotSection, CheckpointSection, MetricsSection):
+        for section in (DataConfig, SnapshotSection, CheckpointSection, MetricsSection):
             section.__post_init__(self)
         # Derived unless set; a printed config (--print-config) leaves them null, so they follow --model etc.
         if self.run_id is None:  # any character a run id may not hold becomes '-'
@@ -304,20 +231,6 @@ class TrainConfig(DataSection, SnapshotSection, CheckpointSection, MetricsSectio
         if d.get("storage_options"):
             d["storage_options"] = "<redacted>"
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Rebuild a config from a run manifest; unknown keys (from newer versions) are ignored.
-
-        Data paths are not re-validated here: the TWA stage may run where the
-        training data sits at the same path, or be pointed elsewhere by the caller.
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        kept = {k: v for k, v in d.items() if k in names}
-        obj = cls.__new__(cls)
-        for f in dataclasses.fields(cls):
-            setattr(obj, f.name, kept.get(f.name, f.default))
-        return obj
 
 
 def parse_train_args(argv: Sequence[str] | None = None, prog: str = "launch/train.py") -> TrainConfig:

@@ -8,13 +8,13 @@ the data the run stands, so ``--resume`` continues exactly where it stopped, mid
 - ``epoch`` (0-based epoch in progress; after an epoch's end, the next one) and ``batch`` (micro-batches
   of that epoch already consumed; the loader starts there with ``start_batch``), ``step_in_epoch``;
 - ``ranks``: per rank, the torch RNG states (dropout draws from them), the partial epoch loss sums
-  (float64, as :class:`~twa_scale.steplog.StepLog` keeps them), so the epoch's ``train_loss`` row is the
+  (float64, as :class:`~twa_scale.train.steplog.StepLog` keeps them), so the epoch's ``train_loss`` row is the
   one an uninterrupted run writes, and the model's buffers (BatchNorm running statistics). Each rank
   updates its running statistics from its own batches and evaluates its part of the validation set with
   them, while DeepSpeed saves rank 0's module only; a resume with the same number of ranks gives every
   rank its own back (:func:`load`), so ``val_loss`` and ``val_accuracy`` are the uninterrupted run's too.
 
-On SIGTERM every rank saves one at the same step (twa_scale/preemption.py), if it fits in the deadline.
+On SIGTERM every rank saves one at the same step (twa_scale/train/preemption.py), if it fits in the deadline.
 
 Before a checkpoint is saved every snapshot queued so far is committed (the streamer is drained) and the
 metrics rows it covers are written, so a resumed run never needs a snapshot or a row from before its
@@ -49,7 +49,7 @@ from twa_scale.errors import ConfigError
 __all__ = ["KEEP_CHECKPOINTS", "ResumePoint", "Uploader", "save", "load", "drain", "prune", "fetch", "newest",
            "committed_tags", "scan_tags", "maybe_fault", "CheckpointError"]
 
-log = logging.getLogger("twa_scale.checkpoints")
+log = logging.getLogger("twa_scale.train.checkpoints")
 KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoint tags are deleted (ResNet-50 ones are ~300 MB each)
 _TAG = re.compile(r"^epoch(\d+)(?:-step(\d+))?$")
 
@@ -186,7 +186,7 @@ def load(engine, checkpoint_dir: str, url: str | None = None, storage_options=No
     """Load the newest intact checkpoint into ``engine`` (every rank); None when there is none. With ``url``,
     a checkpoint missing or damaged locally is first downloaded from there (:func:`fetch`: a damaged tag is
     skipped for the one before it)."""
-    from twa_scale.engine import UnsafeCheckpointError
+    from twa_scale.train.engine import UnsafeCheckpointError
 
     if url:
         fetch(checkpoint_dir, url, storage_options)
@@ -236,7 +236,7 @@ def maybe_fault(global_step: int) -> None:
     barrier, so what a test can assert (the newest checkpoint is on the store) does not depend on thread
     timing; a real crash can lose an upload in flight, and the resume then starts from the tag before it.
     A SIGTERM is sent as it comes: only that rank sees it, and the others learn of it from the agreement
-    (twa_scale/preemption.py).
+    (twa_scale/train/preemption.py).
     """
     global _fault
     if _fault is None:
@@ -389,7 +389,7 @@ class Uploader:
         try:
             yield up
         except BaseException:
-            from twa_scale import preemption
+            from twa_scale.train import preemption
 
             left = preemption.seconds_left()
             up.close(timeout=knobs.SIGTERM_FLUSH_SECONDS.get() if left is None else left)

@@ -15,16 +15,17 @@ import uuid
 import torch
 import torch.nn.functional as F
 
-from twa_scale import checkpoints, comm, knobs, logs, metrics, preemption, tracking
-from twa_scale.config import TrainConfig
-from twa_scale.data import build_data, make_loader
+from twa_scale import comm, knobs, logs, metrics, tracking
 from twa_scale.background import Background
+from twa_scale.data.datasets import build_data, make_loader
 from twa_scale.errors import ConfigError, TransientError
-from twa_scale.engine import build_engine, load_ds_config, resolve_batch
 from twa_scale.evaluation import evaluate
 from twa_scale.layout import FlatLayout
 from twa_scale.models import build_model
-from twa_scale.steplog import StepLog
+from twa_scale.train import checkpoints, preemption
+from twa_scale.train.config import TrainConfig
+from twa_scale.train.engine import build_engine, load_ds_config, resolve_batch
+from twa_scale.train.steplog import StepLog
 
 __all__ = ["run_training", "KEEP_CHECKPOINTS", "SnapshotPlan", "StopCheck"]
 
@@ -33,13 +34,13 @@ KEEP_CHECKPOINTS = checkpoints.KEEP_CHECKPOINTS
 
 
 class StopCheck:
-    """Obeys <run>/control/STOP.json (see twa_scale/control.py): called on every rank after each snapshot is
+    """Obeys <run>/control/STOP.json (see twa_scale/store/control.py): called on every rank after each snapshot is
     queued. Rank 0 reads the marker in a background thread (every TWA_SCALE_STOP_POLL_SECONDS, each read
     bounded by that too); the ranks agree on it through the step agreement's all-reduce (preemption.py), so
     all ranks end after the same snapshot, the first one after they agreed, and none waits for the store."""
 
     def __init__(self, cfg: TrainConfig, agreement: preemption.StepAgreement):
-        from twa_scale.control import StopWatch
+        from twa_scale.store.control import StopWatch
 
         self.enabled = cfg.obey_stop
         self.watch = None
@@ -144,7 +145,7 @@ def run_training(cfg: TrainConfig) -> dict:
         _auto_resume(cfg)
     ds = load_ds_config(cfg.deepspeed_config)
     _, micro, accum = resolve_batch(ds, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, world=world)
-    data = build_data(cfg)
+    data = build_data(cfg, storage_options=cfg.storage_options)
     steps_per_epoch = len(data.train) // world // micro // accum
     if steps_per_epoch == 0:
         raise ValueError(f"--data {cfg.data}: {len(data.train)} training images are fewer than one global batch "
@@ -231,7 +232,7 @@ def run_identity(cfg: TrainConfig, layout: FlatLayout, num_classes: int, ds: dic
 
 def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session, writer) -> dict:
     from twa_scale import store
-    from twa_scale.streamer import SnapshotStreamer, StreamerConfig, flush_on_sigterm
+    from twa_scale.train.streamer import SnapshotStreamer, StreamerConfig, flush_on_sigterm
 
     rank, world, device = comm.rank(), comm.world_size(), comm.device()
     model, ds, steps_per_epoch = engine_args

@@ -8,9 +8,9 @@
   any fsspec URL (``s3://bucket/imagenet``, ``file:///data/c10``) or local path.
 
 CIFAR augmentations for images of at most 64 px, ImageNet ones otherwise
-(:mod:`twa_scale.decode`). All splits (validation for digits, the TWA-v hold-out,
+(:mod:`twa_scale.data.decode`). All splits (validation for digits, the TWA-v hold-out,
 the --limit-* subsets) use a fixed split seed, so every training seed and the TWA
-stage see the same partitions; ``cfg.seed`` drives only order and augmentation.
+stage see the same partitions; the training seed drives only order and augmentation.
 
 Image loaders hand out whole batches planned up front from (seed, epoch): each
 rank reads only its own batches, every rank gets the same number of training
@@ -25,8 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,16 +33,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from twa_scale import comm
-from twa_scale.decode import DECODERS, Recipe, decode_batch, gpu_finish, normalize, recipe_for
+from twa_scale.data.config import DataConfig
+from twa_scale.data.decode import DECODERS, Recipe, decode_batch, gpu_finish, normalize, recipe_for
 from twa_scale.errors import ConfigError, TransientError, is_connection_error
-from twa_scale.shards import (INDEX_NAME, FolderSource, ShardSource, check_shards_present, image_size_of,
-                              open_dataset_store, open_index, scan_image_folder)
-from twa_scale.store.backend import check_url
+from twa_scale.data.shards import (FolderSource, ShardSource, check_shards_present, image_size_of,
+                              open_index, resolve_folder, scan_image_folder)
 
-if TYPE_CHECKING:
-    from twa_scale.config import TrainConfig
-
-__all__ = ["DataBundle", "ImageDataset", "build_data", "make_loader", "check_image_folder", "check_data_spec",
+__all__ = ["DataBundle", "ImageDataset", "build_data", "make_loader",
            "SPLIT_SEED", "DEFAULT_MAX_BAD_FRACTION", "DECODERS"]
 
 log = logging.getLogger("twa_scale.data")
@@ -70,30 +66,6 @@ class DataBundle:
     """Class names in label order (None for digits)."""
 
 
-def check_image_folder(path: str) -> tuple[Path, Path]:
-    """(train_dir, val_dir) of an ImageFolder tree, or a one-line error naming the directory."""
-    root = Path(path)
-    if not root.is_dir():
-        raise ConfigError(f"--data {path}: not a directory (use `digits`, an ImageFolder root, or a packed "
-                          f"dataset URL such as s3://bucket/dataset)")
-    train = root / "train"
-    val = next((root / v for v in ("val", "test") if (root / v).is_dir()), None)
-    if not train.is_dir() or val is None:
-        found = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise ConfigError(f"--data {path}: expected subfolders train/ and val/ (or test/), "
-                          f"found {found[:8] or 'none'}")
-    return train, val
-
-
-def check_data_spec(spec: str) -> None:
-    """Cheap up-front check of --data (no network): digits, a local tree or packed dir, or a URL whose
-    scheme has an installed filesystem."""
-    if spec == "digits":
-        return
-    if _resolve_folder(spec) is None and check_url(spec, "--data")[0] != "file":
-        open_dataset_store(spec)  # s3fs and the like connect lazily: this only finds the filesystem
-
-
 def _split(n: int, fraction: float) -> tuple[list[int], list[int]]:
     """(kept, held_out) index lists for a deterministic split of range(n)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
@@ -112,8 +84,6 @@ def _limit_indices(indices: list[int], limit: int | None, salt: int) -> list[int
 def input_normalization(data: str, image_size: int) -> dict:
     """How evaluation feeds images to the model, as a plain-torchvision user would redo it: RGB in [0, 1],
     resized and centre-cropped (larger images), then (x - mean) / std per channel."""
-    from twa_scale.decode import recipe_for
-
     if data == "digits":
         return {"mean": [0.5] * 3, "std": [0.5] * 3, "size": 32, "resize": None}
     r = recipe_for(image_size, train=False)
@@ -132,18 +102,6 @@ def _digits() -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx])
 
 
-def _resolve_folder(spec: str) -> tuple[Path, Path, Path] | None:
-    """(root, train_dir, val_dir) when SPEC is a local ImageFolder tree, else None (a packed dataset)."""
-    protocol, path = check_url(spec, "--data")
-    if protocol != "file":
-        return None
-    root = Path(path)
-    if (root / INDEX_NAME).is_file() or (spec.startswith("file://") and not (root / "train").is_dir()):
-        return None
-    train, val = check_image_folder(str(root))
-    return root, train, val
-
-
 def _sharded(spec: str, storage_options: dict | str | None) -> tuple:
     """(train source, val source, classes, image size) of a packed dataset at SPEC."""
     idx = open_index(spec, storage_options)
@@ -152,12 +110,12 @@ def _sharded(spec: str, storage_options: dict | str | None) -> tuple:
             ShardSource(idx.url, idx.split("val"), storage_options), list(idx.classes), idx.image_size)
 
 
-def build_data(cfg: TrainConfig) -> DataBundle:
-    """Datasets for a TrainConfig: train (minus hold-out), hold-out, val.
+def build_data(cfg: DataConfig, *, storage_options: dict | str | None = None) -> DataBundle:
+    """Datasets for a DataConfig: train (minus hold-out), hold-out, val.
 
     ``cfg.data`` is `digits`, a local ImageFolder tree (scanned once per process, shared by every view),
     or a packed dataset (`twa-scale data pack`) at any store URL or local path, read with
-    ``cfg.storage_options`` (``--storage-options``).
+    ``storage_options`` (``--storage-options``).
     """
     decode = cfg.decode
     max_bad = cfg.max_bad_fraction
@@ -166,7 +124,7 @@ def build_data(cfg: TrainConfig) -> DataBundle:
         n_train = len(train_full)
         size, num_classes, classes = 32, 10, None
     else:
-        folder = _resolve_folder(cfg.data)
+        folder = resolve_folder(cfg.data)
         if folder is not None:
             root, train_dir, val_dir = folder
             classes, paths, labels = scan_image_folder(root, train_dir)
@@ -177,7 +135,7 @@ def build_data(cfg: TrainConfig) -> DataBundle:
             val_src = FolderSource(*scan_image_folder(root, val_dir, classes)[1:])
             size = image_size_of(paths)
         else:
-            train_src, val_src, classes, size = _sharded(cfg.data, cfg.storage_options)
+            train_src, val_src, classes, size = _sharded(cfg.data, storage_options)
         num_classes = len(classes)
         n_train = len(train_src)
 
@@ -426,7 +384,7 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int = 0
     would, whatever ``num_workers``. ``start_batch`` skips the first k batches of the epoch
     without reading them. Image batches come back on ``device`` (default: the rank's CUDA device,
     else the CPU), normalised to float32 (on a CUDA device: moved as uint8, normalised there), or
-    as uint8 with ``uint8=True`` (normalise with ``twa_scale.decode.normalize(x, dataset.recipe)``).
+    as uint8 with ``uint8=True`` (normalise with ``twa_scale.data.decode.normalize(x, dataset.recipe)``).
     """
     rank, world = comm.rank(), comm.world_size()
     if isinstance(dataset, ImageDataset):
