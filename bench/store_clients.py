@@ -10,8 +10,8 @@ rounds. Clients:
 
 * ``boto3_upload_file``: ``upload_file`` of a /dev/shm file (boto3's defaults: 8 MB parts, 10
   threads): the baseline of the upload goal;
-* ``s3fs``: the store's ``put_large`` with ``TWA_SCALE_S3_CLIENT=s3fs`` (today's path);
-* ``obstore``: the store's ``put_large`` with ``TWA_SCALE_S3_CLIENT=obstore`` (the default);
+* ``s3fs``: the store's ``put_large`` with ``TWA_SCALE_S3_CLIENT=s3fs`` (the default);
+* ``obstore``: the store's ``put_large`` with ``TWA_SCALE_S3_CLIENT=obstore`` (opt-in);
 * reads: the 4 reader slices of the object (what 4 TWA ranks fetch), through the store's
   ``get_ranges`` with each client, and boto3 ``get_object(Range=...)`` for reference.
 
