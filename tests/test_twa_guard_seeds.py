@@ -52,8 +52,8 @@ def test_default_twa_is_never_worse_than_swa_unless_it_says_so(runs, tmp_path, c
             r = run_twa(TwaConfig(snapshot_url=url, run_id=f"s{seed}", output=(tmp_path / f"w1-{seed}").as_uri(),
                                   plot=False))
         res = {"twa_accuracy": r.twa_accuracy, "swa_accuracy": r.swa_accuracy, "returned": r.returned,
-               "fallback": r.guard["fallback"], "outcomes": [a["outcome"] for a in r.guard["attempts"]],
-               "basis": r.basis}
+               "fallback": r.guard.fallback, "outcomes": [a.outcome for a in r.guard.attempts],
+               "basis": r.basis.to_dict()}
         _check(res, f"seed {seed}, 1 rank", "returning the start point" in caplog.text)
         returned.append(r.returned)
     for seed in SEEDS[:2]:

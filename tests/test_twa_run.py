@@ -195,15 +195,16 @@ def test_guard_restarts_a_diverging_fit_at_a_lower_lr(mlp_run):
     url, _, _ = mlp_run
     res = run_twa(TwaConfig(snapshot_url=url, run_id="mlp", epochs=2, lr=500.0, guard_lr_factor=0.001,
                             batch_size=48))
-    first, last = res.guard["attempts"][0], res.guard["attempts"][-1]
-    assert first["outcome"] == "diverged" and ("start loss" in first["reason"] or "non-finite" in first["reason"])
-    assert last["outcome"] == "ok" and last["lr"] < 500 and last["lr"] == res.lr_final
-    assert [a["lr"] for a in res.guard["attempts"]] == pytest.approx([500 * 0.001 ** i for i in
-                                                                       range(len(res.guard["attempts"]))])
-    assert res.guard["retries"] == len(res.guard["attempts"]) - 1 >= 1
-    assert last["guard_accuracy"] >= res.guard["start_accuracy"] - 0.003
+    first, last = res.guard.attempts[0], res.guard.attempts[-1]
+    assert first.outcome == "diverged" and ("start loss" in first.reason or "non-finite" in first.reason)
+    assert last.outcome == "ok" and last.lr < 500 and last.lr == res.lr_final
+    assert [a.lr for a in res.guard.attempts] == pytest.approx([500 * 0.001 ** i for i in
+                                                                 range(len(res.guard.attempts))])
+    assert res.guard.retries == len(res.guard.attempts) - 1 >= 1
+    assert last.guard_accuracy >= res.guard.start_accuracy - 0.003
     on_disk = json.loads(fsspec.open(f"{url}/mlp/twa/result.json").open().read())
-    assert on_disk["guard"]["attempts"] == res.guard["attempts"] and on_disk["returned"] == "twa"
+    assert on_disk["guard"] == res.guard.to_dict() and on_disk["returned"] == "twa"
+    assert on_disk["timings"] == res.timings.to_dict() and on_disk["basis"] == res.basis.to_dict()
 
 
 def test_guard_exhausted_returns_the_start_point_and_says_so(mlp_run, caplog):
@@ -215,8 +216,8 @@ def test_guard_exhausted_returns_the_start_point_and_says_so(mlp_run, caplog):
                                 guard_lr_factor=0.01, batch_size=48, select="1:"))
     said = [r.getMessage() for r in caplog.records if "every learning rate failed" in r.getMessage()]
     assert len(said) == 1  # once, not once per rank plus a print
-    assert [a["outcome"] for a in res.guard["attempts"]] == ["diverged", "diverged"]
-    assert res.returned == "start" and res.guard["fallback"] == "start" and res.epochs == []
+    assert [a.outcome for a in res.guard.attempts] == ["diverged", "diverged"]
+    assert res.returned == "start" and res.guard.fallback == "start" and res.epochs == []
     assert res.twa_accuracy == res.swa_accuracy == res.start_accuracy
     w, _ = _final_weights(url, "mlp", "mlp")
     assert torch.equal(w, torch.stack(snaps[1:]).double().mean(0).float())

@@ -172,8 +172,8 @@ def twa_worker(rank: int, world: int, cfg_kwargs: dict) -> dict:
             "alpha": torch.tensor(res.alpha, dtype=torch.float64),
             "twa_accuracy": res.twa_accuracy, "swa_accuracy": res.swa_accuracy,
             "bytes_read": torch.tensor(res.bytes_read_per_rank), "lr_final": res.lr_final,
-            "outcomes": [a["outcome"] for a in res.guard["attempts"]], "effective_batch": res.effective_global_batch,
-            "returned": res.returned, "fallback": res.guard["fallback"], "basis": res.basis}
+            "outcomes": [a.outcome for a in res.guard.attempts], "effective_batch": res.effective_global_batch,
+            "returned": res.returned, "fallback": res.guard.fallback, "basis": res.basis.to_dict()}
 
 
 def growing_basis_worker(rank: int, world: int, x: torch.Tensor) -> dict:

@@ -5,8 +5,8 @@
 The follower is its own job (any world size, independent of the trainer's). Rank 0 looks at the run every
 ``--poll-seconds`` and broadcasts what is new; every rank reads only its column slice of each new snapshot
 and appends it to a :class:`GrowingBasis` (its inner products with the earlier ones and one all-reduce of
-n + 1 floats: nothing is rebuilt). Every ``--probe-every`` new snapshots a *probe* runs the TWA stage's own
-:func:`solve` on that basis: a short fit (``--probe-steps`` steps, the guard on), BatchNorm recalibrated on
+n + 1 floats: nothing is rebuilt). Every ``--probe-every`` new snapshots a *probe* runs the follower's one
+:class:`TwaStage` on that basis: a short fit (``--probe-steps`` steps, the guard on), BatchNorm recalibrated on
 ``--probe-bn-batches`` batches, evaluated on the run's hold-out split (never on val, which the report
 uses). The newest SGD snapshot is scored on the same hold-out, BatchNorm recalibrated the same way, and both
 keep their per-example correctness for the rule's paired comparisons. The probe is appended to
@@ -15,7 +15,8 @@ keep their per-example correctness for the rule's paired comparisons. The probe 
 metrics), and when it fires ``STOP.json`` is written (:mod:`twa_scale.store.control`), which the training job obeys
 at its next snapshot. Once training has finished or stopped (its metrics.json has ``final``), the follower
 runs a probe that fell due with the last snapshots, then the final TWA exactly as ``launch/twa.py`` does
-(:func:`run_twa`), on the configured selection.
+(:meth:`TwaStage.run`), on the configured selection, with the same stage: the run, model and data are
+opened and built once.
 
 Faults: a run that does not exist yet is waited for (``--follow-timeout``, saying what for); a finished run
 goes straight to the final TWA; a restarted follower resumes from probes.json (a probe is recorded once, by
@@ -35,8 +36,8 @@ from twa_scale.errors import ConfigError, TransientError
 from twa_scale.store.format import FormatError, ProbeLog
 from twa_scale.twa.config import TwaConfig
 from twa_scale.twa.selection import position
-from twa_scale.twa.solver import ShardedFlat, SnapshotRef
-from twa_scale.twa.stage import TwaGuardError, TwaInputs, TwaResult, effective_batch, load_inputs, run_twa, solve
+from twa_scale.twa.solver import SnapshotRef
+from twa_scale.twa.stage import Splits, TwaGuardError, TwaResult, TwaStage, load_inputs
 from twa_scale.twa.stoprule import ProbeView, first_phase_end, pack_correct
 from twa_scale.twa.subspace import GrowingBasis
 
@@ -63,13 +64,15 @@ def run_follow(cfg: TwaConfig) -> TwaResult:
     if not inp.data.holdout:
         raise ConfigError(f"--follow: run {cfg.snapshot_url.rstrip('/')}/{cfg.run_id} has no hold-out split; "
                           "probes evaluate on it, never on val: train it with --holdout-fraction > 0 (e.g. 0.1)")
+    stage = TwaStage(cfg, inp)
     tracking.setup(cfg.logger, run_url=f"{cfg.snapshot_url.rstrip('/')}/{cfg.run_id}", run_id=cfg.run_id,
-                   stage="follow", storage_options=cfg.storage_options)  # the probes; run_twa opens "twa"
+                   stage="follow", storage_options=cfg.storage_options)  # the probes; the final TWA opens "twa"
     try:
-        Follower(cfg, inp, started_before_run=waited).follow()
+        Follower(cfg, stage, started_before_run=waited).follow()
     finally:
         tracking.close()
-    return run_twa(cfg)
+    stage.select()
+    return stage.run()
 
 
 def _wait_for_run(cfg: TwaConfig) -> bool:
@@ -97,16 +100,18 @@ def _wait_for_run(cfg: TwaConfig) -> bool:
 
 
 class Follower:
-    """The follow loop's state on one rank: the growing basis, the snapshots in it, the probe records."""
+    """The follow loop's state on one rank: the stage its probes run on, the growing basis, the snapshots in it,
+    the probe records."""
 
-    def __init__(self, cfg: TwaConfig, inp: TwaInputs, *, started_before_run: bool = False):
-        self.cfg, self.inp, self.rule = cfg, inp, cfg.rule
+    def __init__(self, cfg: TwaConfig, stage: TwaStage, *, started_before_run: bool = False):
+        self.cfg, self.stage, self.rule = cfg, stage, cfg.rule
+        self.inp = inp = stage.inputs
         # Started before the run existed, the follower follows it from the start, however fast training is:
         # it probes what fell due even when the run has finished by its first look.
         self.started_before_run = started_before_run
         self.reader, self.paths = inp.reader, inp.reader.paths
         device = comm.device()
-        self.flat = flat = ShardedFlat(inp.layout, comm.world_size(), comm.rank(), device)
+        self.flat = flat = stage.flat
         self.start, self.stop = flat.start, flat.stop
         self.last_x: torch.Tensor | None = None    # this rank's slice of the newest snapshot (the SGD point)
         # The rule acts in the run's first lr phase: the hand-over of the high-lr trajectory. A manifest without
@@ -116,7 +121,7 @@ class Follower:
         self.basis = GrowingBasis(self.start, self.stop, reduce=comm.all_reduce, tol=cfg.rank_tol,
                                   spread_tol=cfg.rank_spread_tol, device=device)
         self.refs: list[SnapshotRef] = []          # every snapshot in the basis, in order (dropped ones too)
-        self.per_rank, _ = effective_batch(cfg.batch_size, comm.world_size())
+        self.per_rank = stage.per_rank_batch
         self.probes: list[dict] = comm.broadcast_object(self._read_probes() if comm.rank() == 0 else None)
         self.stop_written = any(p.get("stop_written") for p in self.probes)
         if self.probes:
@@ -212,7 +217,7 @@ class Follower:
 
     def _probe(self) -> None:
         """One probe over every snapshot so far: record it, export it, apply the stop rule."""
-        cfg, inp = self.cfg, self.inp
+        cfg, inp, stage = self.cfg, self.inp, self.stage
         if len(self.basis.kept) < 2:
             _say(f"probe skipped: the {self.basis.n} snapshot(s) so far span fewer than 2 directions")
             return
@@ -231,14 +236,15 @@ class Follower:
         fit = torch.utils.data.Subset(train, idx.tolist())
         guard = torch.utils.data.Subset(train, idx[:cfg.guard_samples].unique().tolist())
         try:
-            result, _ = solve(pcfg, model=inp.model, layout=inp.layout, refs=list(self.refs), load=self.reader.read,
-                              fit_data=fit, val_data=inp.data.holdout, bn_data=train, guard_data=guard,
-                              guard_name=f"probe fit sample ({len(guard)})", per_rank_batch=self.per_rank,
-                              basis=self.basis.basis())
+            stage.prepare(self.refs, cfg=pcfg, basis=self.basis.basis(),
+                          splits=Splits(fit=fit, val=inp.data.holdout, bn=train, guard=guard,
+                                        guard_name=f"probe fit sample ({len(guard)})"))
+            stage.fit()
+            result = stage.summarise()
             swa, lr = result.swa_accuracy, result.lr_final
             # the final TWA would return the start point too: the rule sees what a stop would deliver
             outcome = "ok" if result.returned == "twa" else "guard fallback: start point"
-            twa_eval = self._holdout("TWA probe (hold-out)")  # the model holds what solve returned
+            twa_eval = self._holdout("TWA probe (hold-out)")  # the model holds what the fit returned
         except TwaGuardError as e:  # every lr failed on this probe: recorded, and the rule sees no accuracy
             twa_eval, swa, lr = None, None, None
             outcome = f"guard failed: {e}"

@@ -159,7 +159,11 @@ class CoefficientLoop:
     steps_per_epoch: int
     device: torch.device
     evaluate_val: Callable[[str], dict]
-    timings: dict
+    timings: Any
+    """The stage's :class:`~twa_scale.twa.stage.Timings`: train_seconds accumulates over attempts."""
+    steps: int = 0
+    """Steps of the attempts that ran to the end (a diverged attempt's are not counted)."""
+    projection_seconds: float = 0.0
 
     def restart(self) -> nn.Parameter:
         """Back to the start point: theta = theta0 and the model at w_start."""
@@ -258,7 +262,7 @@ class CoefficientLoop:
                 print(f"twa epoch {epoch + 1}/{cfg.epochs} (lr {lr:g}): loss {row['train_loss']:.4f}"
                       + (f" val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""), flush=True)
         att.steps = step
-        self.timings["train_seconds"] = self.timings.get("train_seconds", 0.0) + time.perf_counter() - t_train
-        self.timings["projection_seconds"] = self.timings.get("projection_seconds", 0.0) + proj_seconds
-        self.timings["steps"] = self.timings.get("steps", 0) + step
+        self.timings.add("train_seconds", time.perf_counter() - t_train)
+        self.projection_seconds += proj_seconds
+        self.steps += step
         return att, theta

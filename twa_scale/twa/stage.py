@@ -19,7 +19,9 @@ default), or raises a one-line error naming the learning rates and writes nothin
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -36,13 +38,12 @@ from twa_scale.layout import FlatLayout
 from twa_scale.twa.bn import has_batchnorm, recalibrate_bn
 from twa_scale.twa.config import TwaConfig
 from twa_scale.twa.quant import resolve_kernels
-from twa_scale.twa.solver import (Attempt, CoefficientLoop, ShardedFlat, SliceLoader, SnapshotRef, load_slices,
+from twa_scale.twa.solver import (Attempt, CoefficientLoop, ShardedFlat, SnapshotRef, load_slices,
                                   select_snapshots)
 from twa_scale.twa.subspace import Basis, build_basis
 
-__all__ = ["TwaInputs", "TwaResult", "TwaGuardError", "load_inputs", "effective_batch", "guard_split", "fit_split",
-           "solve",
-           "run_twa"]
+__all__ = ["TwaInputs", "TwaStage", "Splits", "TwaResult", "GuardReport", "BasisReport", "Timings", "TwaGuardError",
+           "load_inputs", "effective_batch", "guard_split", "fit_split", "run_twa"]
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,69 @@ def fit_split(data, cfg: TwaConfig, guard_indices: list[int] | None):
 
 
 # --- result -------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class GuardReport:
+    """The guard's split, the start's guard accuracy/loss, and every attempt (lr, outcome, reason)."""
+    enabled: bool
+    split: str
+    start_accuracy: float
+    start_loss: float
+    attempts: list[Attempt]
+    fallback: str | None
+    """`start` when every lr failed the guard and the start point was returned, else None."""
+
+    @property
+    def retries(self) -> int:
+        return max(len(self.attempts) - 1, 0)
+
+    def to_dict(self) -> dict:
+        return {"enabled": self.enabled, "split": self.split, "start_accuracy": self.start_accuracy,
+                "start_loss": self.start_loss, "retries": self.retries,
+                "attempts": [a.to_dict() for a in self.attempts], "fallback": self.fallback}
+
+
+@dataclasses.dataclass
+class BasisReport:
+    """What the basis kept of the selection, by seq, and the builder's own report (rank, residuals, tolerances)."""
+    kept: list[int]
+    dropped: list[int]
+    near_duplicates: list[int]
+    built: dict
+    """``Basis.report`` as build_basis or GrowingBasis wrote it (indices into the selection, not seqs)."""
+
+    @classmethod
+    def of(cls, basis: Basis, seqs: Sequence[int], *, layerwise: bool) -> BasisReport:
+        rep = basis.report
+        return cls(kept=[seqs[i] for i in rep.get("kept", [])] if not layerwise else list(seqs),
+                   dropped=[seqs[i] for i in rep.get("dropped", [])],
+                   near_duplicates=[seqs[i] for i in rep.get("near_duplicates", [])], built=dict(rep))
+
+    def to_dict(self) -> dict:
+        # the builder's keys in its order, the three index lists replaced by seqs (near_duplicates last when
+        # the builder has none: the layer-wise basis)
+        return {**self.built, "kept": self.kept, "dropped": self.dropped, "near_duplicates": self.near_duplicates}
+
+
+@dataclasses.dataclass
+class Timings:
+    """Wall seconds of one fit's phases on this rank. A phase that did not run stays None and is left out of
+    result.json: no load or basis on a probe (its basis grew already), no BatchNorm pass on a model without
+    BatchNorm, no train_seconds when every attempt diverged."""
+    load_seconds: float | None = None
+    basis_seconds: float | None = None
+    bn_seconds: float | None = None
+    eval_seconds: float | None = None
+    train_seconds: float | None = None
+    projection_ms_per_step: float | None = None
+    total_seconds: float | None = None
+
+    def add(self, phase: str, seconds: float) -> None:
+        setattr(self, phase, (getattr(self, phase) or 0.0) + seconds)
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 @dataclasses.dataclass(kw_only=True)
 class TwaResult:
     """What a TWA stage returns and writes as result.json (identical on every rank)."""
@@ -193,7 +257,7 @@ class TwaResult:
     """per_rank_batch x world_size: the largest that fits in global_batch."""
     per_rank_batch: int
     steps: int
-    basis: dict
+    basis: BasisReport
     effective_rank: int
     coefficients: list
     alpha: list
@@ -207,12 +271,11 @@ class TwaResult:
     twa_loss: float
     returned: str
     """Which point the model file holds: `twa` (the fitted point) or `start` (--epochs 0, or every lr
-    failed the guard and --guard-fallback is `start`: guard["fallback"] says so)."""
+    failed the guard and --guard-fallback is `start`: guard.fallback says so)."""
     lr_final: float
-    guard: dict
-    """The guard's split, the start's guard accuracy/loss, and every attempt (lr, outcome, reason)."""
+    guard: GuardReport
     p_kernels: str
-    timings: dict
+    timings: Timings
     bytes_read_per_rank: list[int]
     p_bytes_per_rank: list[int]
     reduced_floats_per_step: int
@@ -223,7 +286,9 @@ class TwaResult:
     outputs: dict | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out.update(basis=self.basis.to_dict(), guard=self.guard.to_dict(), timings=self.timings.to_dict())
+        return copy.deepcopy(out)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -279,151 +344,241 @@ def _fit(cfg: TwaConfig, loop: CoefficientLoop, start_guard: dict,
     return None, theta, val, attempts
 
 
-# --- the stage on a built model -----------------------------------------------------------------
-def solve(cfg: TwaConfig, *, model: nn.Module, layout: FlatLayout, refs: Sequence[SnapshotRef],
-          load: SliceLoader, fit_data, val_data, bn_data, guard_data=None, guard_name: str = "",
-          per_rank_batch: int, device: torch.device | None = None, make_loader: Callable[..., Any] | None = None,
-          evaluate: Callable[..., dict] | None = None, basis: Basis | None = None) -> tuple[TwaResult, Basis]:
-    """Load the slices, build the basis, fit under the guard, summarise: (result, basis).
 
-    ``load`` reads snapshot slices, so tests can drive this without a store. The model ends
-    at the returned weights with recalibrated BatchNorm. ``guard_data`` None: the guard
-    evaluates on ``fit_data``. ``basis``: one built already over ``refs`` in their order (the live
-    follower's GrowingBasis); nothing is loaded then.
+# --- the stage --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Splits:
+    """What one fit trains on, reports on (val), recalibrates BatchNorm on, and guards on (None: the fit split)."""
+    fit: Any
+    val: Any
+    bn: Any
+    guard: Any = None
+    guard_name: str = ""
+
+
+class TwaStage:
+    """The TWA stage on a loaded run, in named phases: :meth:`prepare` (the slices, the basis, the start point
+    evaluated), :meth:`fit` (the guard loop), :meth:`summarise` (the :class:`TwaResult`); :meth:`run` is all
+    of it as launch/twa.py runs it, written out by rank 0.
+
+    One stage serves several fits over the same run, model and data: the live follower prepares each probe on
+    it with its own config, splits and growing basis, then ends with :meth:`run` on the configured selection.
+    The model ends each fit at the returned weights with recalibrated BatchNorm.
     """
-    if make_loader is None:
+
+    def __init__(self, cfg: TwaConfig, inputs: TwaInputs):
+        self.cfg, self.inputs = cfg, inputs
+        self.device = comm.device()
+        self.per_rank_batch, self.effective_global_batch = effective_batch(cfg.batch_size, comm.world_size())
+
+    @functools.cached_property
+    def flat(self) -> ShardedFlat:
+        # built at the first use: a world larger than D fails there, identically on every rank
+        return ShardedFlat(self.inputs.layout, comm.world_size(), comm.rank(), self.device)
+
+    def select(self) -> None:
+        """The configured selection of the run as it is now (the live follower's stage once training has ended)."""
+        inp = self.inputs
+        inp.refs = _select(*inp.reader.scan(), self.cfg, inp.run_config.get("epochs"))
+
+    def run_splits(self) -> Splits:
+        """The configured splits: fit on train (less the guard's images) or the hold-out, report on val."""
+        data, cfg = self.inputs.data, self.cfg
+        if cfg.fit_on == "holdout" and not data.holdout:
+            raise ValueError("--fit-on holdout: the run has no held-out split; train it with --holdout-fraction > 0")
+        guard_data, guard_name, guard_indices = guard_split(data, cfg)
+        return Splits(fit=fit_split(data, cfg, guard_indices), val=data.val, bn=data.train, guard=guard_data,
+                      guard_name=guard_name)
+
+    # --- prepare ------------------------------------------------------------------------------------
+    def prepare(self, refs: Sequence[SnapshotRef] | None = None, *, cfg: TwaConfig | None = None,
+                splits: Splits | None = None, basis: Basis | None = None) -> None:
+        """Load the slices, build the basis, evaluate the start point. Defaults: the run's selection, the
+        stage's config and splits. ``basis``: one built already over ``refs`` in their order (the live
+        follower's GrowingBasis); nothing is loaded then."""
         from twa_scale.data.datasets import make_loader
-    if evaluate is None:
+
+        self.fit_cfg = cfg = cfg or self.cfg
+        self.splits = splits = splits or self.run_splits()
+        self.refs = refs = list(self.inputs.refs if refs is None else refs)
+        self.timings = Timings()
+        self._t_total = time.perf_counter()
+        world, per_rank = comm.world_size(), self.per_rank_batch
+        n = len(refs)
+        if n < 2:
+            raise ValueError(f"--select {cfg.select or '1:'}: TWA needs at least 2 snapshots, selected {n} "
+                             f"({[r.seq for r in refs]})")
+        seqs = [r.seq for r in refs]
+        alpha_start = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        if cfg.start is not None:
+            if cfg.start not in seqs:
+                raise ValueError(f"--start {cfg.start}: not among the selected snapshots {seqs}")
+            alpha_start = torch.zeros(n, dtype=torch.float64)
+            alpha_start[seqs.index(cfg.start)] = 1.0
+        model, layout, flat = self.inputs.model, self.inputs.layout, self.flat
+
+        # --- load: only columns S_r of each snapshot, then the basis --------------------------------
+        self.kernels = kernels = resolve_kernels(self.device, cfg.compile)
+        self.bytes_read = 0
+        if basis is None:
+            x, self.bytes_read, self.timings.load_seconds = comm.agree(
+                lambda: load_slices(refs, self.inputs.reader.read, flat.start, flat.stop, self.device),
+                "reading snapshot slices")
+            t0 = time.perf_counter()
+            basis = build_basis(x, flat.start, flat.stop, layout.blocks(cfg.block_size), directions=cfg.directions,
+                                layerwise=cfg.coefficients == "layerwise", bits=cfg.p_bits, alpha_start=alpha_start,
+                                reduce=comm.all_reduce, tol=cfg.rank_tol, spread_tol=cfg.rank_spread_tol,
+                                granularity=cfg.quant_granularity,
+                                kernels=kernels)
+            del x
+            self.timings.basis_seconds = time.perf_counter() - t0
+        self.basis = basis
+        _metrics().twa_effective_rank(basis.k)
+        if basis.report.get("dropped"):
+            near = basis.report.get("near_duplicates") or []
+            _warn(f"TWA basis: dropped {len(basis.report['dropped'])} direction(s) (seq "
+                  f"{[seqs[i] for i in basis.report['dropped']]}; {len(near)} near-duplicate(s) within "
+                  f"{basis.report.get('spread_tol', 0):g} x the snapshots' spread); effective rank {basis.k} of {n}")
+
+        workers = cfg.num_workers
+        self._val_loader = make_loader(splits.val, batch_size=per_rank, train=False, num_workers=workers)
+        guard_data = splits.fit if splits.guard is None else splits.guard
+        self._guard_loader = make_loader(guard_data, batch_size=per_rank, train=False, num_workers=workers)
+        fit_data = splits.fit
+        steps_per_epoch = len(make_loader(fit_data, batch_size=per_rank, train=True, seed=cfg.seed, epoch=0))
+        if cfg.epochs and steps_per_epoch == 0:
+            raise ValueError(f"--batch-size: the {cfg.fit_on} split has {len(fit_data)} samples, fewer than one "
+                             f"global batch of {per_rank * world}")
+        self.loop = CoefficientLoop(cfg=cfg, basis=basis, flat=flat, model=model, params=layout.trainable(model),
+                                    loader=lambda epoch: make_loader(fit_data, batch_size=per_rank, train=True,
+                                                                     seed=cfg.seed, epoch=epoch, num_workers=workers),
+                                    steps_per_epoch=steps_per_epoch, device=self.device, evaluate_val=self._eval_val,
+                                    timings=self.timings)
+
+        # --- the start point is evaluated in every case ----------------------------------------------
+        self.theta = self.loop.restart()
+        self.start_eval, self.start_guard = self._eval_point("start")
+        _metrics().twa_coefficients(basis.alpha(self.theta).flatten().tolist())
+
+    def _evaluate(self, loader, desc: str) -> dict:
         from twa_scale.evaluation import evaluate
-    device = device or comm.device()
-    rank, world = comm.rank(), comm.world_size()
-    timings: dict[str, float] = {}
-    t_total = time.perf_counter()
 
-    n = len(refs)
-    if n < 2:
-        raise ValueError(f"--select {cfg.select or '1:'}: TWA needs at least 2 snapshots, selected {n} "
-                         f"({[r.seq for r in refs]})")
-    seqs = [r.seq for r in refs]
-    alpha_start = torch.full((n,), 1.0 / n, dtype=torch.float64)
-    if cfg.start is not None:
-        if cfg.start not in seqs:
-            raise ValueError(f"--start {cfg.start}: not among the selected snapshots {seqs}")
-        alpha_start = torch.zeros(n, dtype=torch.float64)
-        alpha_start[seqs.index(cfg.start)] = 1.0
-    params = layout.trainable(model)
-    flat = ShardedFlat(layout, world, rank, device)  # world > D fails here, identically on every rank
-
-    # --- load: only columns S_r of each snapshot, then the basis --------------------------------
-    kernels = resolve_kernels(device, cfg.compile)
-    bytes_read = 0
-    if basis is None:
-        x, bytes_read, timings["load_seconds"] = comm.agree(
-            lambda: load_slices(refs, load, flat.start, flat.stop, device), "reading snapshot slices")
-        t0 = time.perf_counter()
-        basis = build_basis(x, flat.start, flat.stop, layout.blocks(cfg.block_size), directions=cfg.directions,
-                            layerwise=cfg.coefficients == "layerwise", bits=cfg.p_bits, alpha_start=alpha_start,
-                            reduce=comm.all_reduce, tol=cfg.rank_tol, spread_tol=cfg.rank_spread_tol,
-                            granularity=cfg.quant_granularity,
-                            kernels=kernels)
-        del x
-        timings["basis_seconds"] = time.perf_counter() - t0
-    _metrics().twa_effective_rank(basis.k)
-    if basis.report.get("dropped"):
-        near = basis.report.get("near_duplicates") or []
-        _warn(f"TWA basis: dropped {len(basis.report['dropped'])} direction(s) (seq "
-              f"{[seqs[i] for i in basis.report['dropped']]}; {len(near)} near-duplicate(s) within "
-              f"{basis.report.get('spread_tol', 0):g} x the snapshots' spread); effective rank {basis.k} of {n}")
-
-    workers = cfg.num_workers
-    val_loader = make_loader(val_data, batch_size=per_rank_batch, train=False, num_workers=workers)
-    guard_data = fit_data if guard_data is None else guard_data
-    guard_loader = make_loader(guard_data, batch_size=per_rank_batch, train=False, num_workers=workers)
-
-    def timed(key: str, fn):
         t = time.perf_counter()
-        out = fn()
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
-        return out
+        ev = evaluate(self.inputs.model, loader, self.device, desc=desc)
+        self.timings.add("eval_seconds", time.perf_counter() - t)
+        return ev
 
-    def eval_val(tag: str) -> dict:
-        return timed("eval_seconds", lambda: evaluate(model, val_loader, device, desc=tag))
+    def _eval_val(self, tag: str) -> dict:
+        return self._evaluate(self._val_loader, tag)
 
-    def eval_point(tag: str) -> tuple[dict, dict]:
+    def _eval_point(self, tag: str) -> tuple[dict, dict]:
         """BatchNorm recalibrated at the current weights, then the val and guard splits."""
+        from twa_scale.data.datasets import make_loader
+
+        cfg, model = self.fit_cfg, self.inputs.model
         if has_batchnorm(model):
-            bn_loader = make_loader(bn_data, batch_size=per_rank_batch, train=True, seed=cfg.seed, epoch=10_000,
-                                    num_workers=workers)
-            timed("bn_seconds", lambda: recalibrate_bn(model, bn_loader, device, max_batches=cfg.bn_batches))
-        ev = eval_val(tag)
+            bn_loader = make_loader(self.splits.bn, batch_size=self.per_rank_batch, train=True, seed=cfg.seed,
+                                    epoch=10_000, num_workers=cfg.num_workers)
+            t = time.perf_counter()
+            recalibrate_bn(model, bn_loader, self.device, max_batches=cfg.bn_batches)
+            self.timings.add("bn_seconds", time.perf_counter() - t)
+        ev = self._eval_val(tag)
         _metrics().twa_eval(ev["accuracy"])
-        gev = timed("eval_seconds", lambda: evaluate(model, guard_loader, device, desc=f"{tag} (guard)"))
+        gev = self._evaluate(self._guard_loader, f"{tag} (guard)")
         return ev, gev
 
-    steps_per_epoch = len(make_loader(fit_data, batch_size=per_rank_batch, train=True, seed=cfg.seed, epoch=0))
-    if cfg.epochs and steps_per_epoch == 0:
-        raise ValueError(f"--batch-size: the {cfg.fit_on} split has {len(fit_data)} samples, fewer than one "
-                         f"global batch of {per_rank_batch * world}")
-    loop = CoefficientLoop(cfg=cfg, basis=basis, flat=flat, model=model, params=params,
-                           loader=lambda epoch: make_loader(fit_data, batch_size=per_rank_batch, train=True,
-                                                            seed=cfg.seed, epoch=epoch, num_workers=workers),
-                           steps_per_epoch=steps_per_epoch, device=device, evaluate_val=eval_val, timings=timings)
-
-    # --- the start point is evaluated in every case ----------------------------------------------
-    theta = loop.restart()
-    start_eval, start_guard = eval_point("start")
-    _metrics().twa_coefficients(basis.alpha(theta).flatten().tolist())
-
     # --- fit ------------------------------------------------------------------------------------------
-    attempts: list[Attempt] = []
-    if cfg.epochs:
-        chosen, theta, final_eval, attempts = _fit(cfg, loop, start_guard, eval_point)
-        if chosen is None:  # every lr failed the guard: the start point, as with --epochs 0
-            history, lr_final, returned = [], cfg.lr, "start"
+    def fit(self) -> None:
+        """The guard loop (--epochs 0: the start point, unfitted)."""
+        cfg = self.fit_cfg
+        self.attempts: list[Attempt] = []
+        if cfg.epochs:
+            chosen, self.theta, self.final_eval, self.attempts = _fit(cfg, self.loop, self.start_guard,
+                                                                      self._eval_point)
+            if chosen is None:  # every lr failed the guard: the start point, as with --epochs 0
+                self.history, self.lr_final, self.returned = [], cfg.lr, "start"
+            else:
+                self.history, self.lr_final, self.returned = chosen.epochs, chosen.lr, "twa"
+            if self.history:
+                self.history[-1].update(val_loss=self.final_eval["loss"], val_accuracy=self.final_eval["accuracy"])
         else:
-            history, lr_final, returned = chosen.epochs, chosen.lr, "twa"
-        if history:
-            history[-1].update(val_loss=final_eval["loss"], val_accuracy=final_eval["accuracy"])
-    else:
-        final_eval, history, lr_final, returned = start_eval, [], cfg.lr, "start"
+            self.final_eval, self.history, self.lr_final, self.returned = self.start_eval, [], cfg.lr, "start"
 
     # --- summarise --------------------------------------------------------------------------------
-    steps = int(timings.pop("steps", 0))
-    timings["projection_ms_per_step"] = 1e3 * timings.pop("projection_seconds", 0.0) / max(steps, 1)
-    timings["total_seconds"] = time.perf_counter() - t_total
-    per_rank = torch.zeros(world * 2, dtype=torch.float64, device=device)
-    comm.all_gather(per_rank, torch.tensor([float(bytes_read), float(basis.nbytes)], dtype=torch.float64,
-                                           device=device))
-    alpha = basis.alpha(theta)
-    layerwise = basis.num_coef_blocks > 1 or cfg.coefficients == "layerwise"
-    report = dict(basis.report)
-    report["kept"] = [seqs[i] for i in report.get("kept", [])] if not layerwise else seqs
-    report["dropped"] = [seqs[i] for i in report.get("dropped", [])]
-    report["near_duplicates"] = [seqs[i] for i in report.get("near_duplicates", [])]
-    coef = theta.detach().double()
-    result = TwaResult(
-        mode=cfg.mode, world_size=world, snapshots=[dataclasses.asdict(r) for r in refs],
-        start="swa" if cfg.start is None else cfg.start,
-        hyperparameters={k: v for k, v in cfg.to_dict().items()
-                         if k not in ("snapshot_url", "run_id", "output", "metrics_port", "metrics_addr")},
-        global_batch=cfg.batch_size or per_rank_batch * world, effective_global_batch=per_rank_batch * world,
-        per_rank_batch=per_rank_batch, steps=steps, basis=report, effective_rank=basis.k,
-        coefficients=coef.squeeze(1).tolist() if not layerwise else coef.tolist(),
-        alpha=alpha.squeeze(1).tolist() if not layerwise else alpha.tolist(),
-        alpha_exact=cfg.p_bits == 32, alpha_sum=alpha.sum(0).tolist(), epochs=history,
-        start_accuracy=start_eval["accuracy"], start_loss=start_eval["loss"],
-        swa_accuracy=start_eval["accuracy"] if cfg.start is None else None,
-        twa_accuracy=final_eval["accuracy"], twa_loss=final_eval["loss"], returned=returned, lr_final=lr_final,
-        guard={"enabled": cfg.guard, "split": guard_name or "fit split", "start_accuracy": start_guard["accuracy"],
-               "start_loss": start_guard["loss"], "retries": max(len(attempts) - 1, 0),
-               "attempts": [a.to_dict() for a in attempts],
-               "fallback": "start" if attempts and returned == "start" else None},
-        p_kernels=kernels.path if cfg.p_bits <= 8 else "dense", timings=timings,
-        bytes_read_per_rank=[int(v) for v in per_rank[0::2].tolist()],
-        p_bytes_per_rank=[int(v) for v in per_rank[1::2].tolist()],
-        reduced_floats_per_step=basis.k * basis.num_coef_blocks + 1,
-    )
-    return result, basis
+    def summarise(self) -> TwaResult:
+        cfg, basis, theta, timings = self.fit_cfg, self.basis, self.theta, self.timings
+        world, per_rank = comm.world_size(), self.per_rank_batch
+        steps = self.loop.steps
+        timings.projection_ms_per_step = 1e3 * self.loop.projection_seconds / max(steps, 1)
+        timings.total_seconds = time.perf_counter() - self._t_total
+        gathered = torch.zeros(world * 2, dtype=torch.float64, device=self.device)
+        comm.all_gather(gathered, torch.tensor([float(self.bytes_read), float(basis.nbytes)], dtype=torch.float64,
+                                               device=self.device))
+        alpha = basis.alpha(theta)
+        layerwise = basis.num_coef_blocks > 1 or cfg.coefficients == "layerwise"
+        coef = theta.detach().double()
+        start_guard = self.start_guard
+        return TwaResult(
+            mode=cfg.mode, world_size=world, snapshots=[dataclasses.asdict(r) for r in self.refs],
+            start="swa" if cfg.start is None else cfg.start,
+            hyperparameters={k: v for k, v in cfg.to_dict().items()
+                             if k not in ("snapshot_url", "run_id", "output", "metrics_port", "metrics_addr")},
+            global_batch=cfg.batch_size, effective_global_batch=per_rank * world,
+            per_rank_batch=per_rank, steps=steps,
+            basis=BasisReport.of(basis, [r.seq for r in self.refs], layerwise=layerwise), effective_rank=basis.k,
+            coefficients=coef.squeeze(1).tolist() if not layerwise else coef.tolist(),
+            alpha=alpha.squeeze(1).tolist() if not layerwise else alpha.tolist(),
+            alpha_exact=cfg.p_bits == 32, alpha_sum=alpha.sum(0).tolist(), epochs=self.history,
+            start_accuracy=self.start_eval["accuracy"], start_loss=self.start_eval["loss"],
+            swa_accuracy=self.start_eval["accuracy"] if cfg.start is None else None,
+            twa_accuracy=self.final_eval["accuracy"], twa_loss=self.final_eval["loss"], returned=self.returned,
+            lr_final=self.lr_final,
+            guard=GuardReport(enabled=cfg.guard, split=self.splits.guard_name or "fit split",
+                              start_accuracy=start_guard["accuracy"], start_loss=start_guard["loss"],
+                              attempts=self.attempts,
+                              fallback="start" if self.attempts and self.returned == "start" else None),
+            p_kernels=self.kernels.path if cfg.p_bits <= 8 else "dense", timings=timings,
+            bytes_read_per_rank=[int(v) for v in gathered[0::2].tolist()],
+            p_bytes_per_rank=[int(v) for v in gathered[1::2].tolist()],
+            reduced_floats_per_step=basis.k * basis.num_coef_blocks + 1,
+            run_id=self.cfg.run_id, snapshot_url=self.cfg.snapshot_url, model=self.inputs.reader.manifest.meta["model"],
+            output=self.cfg.output_url,
+        )
+
+    # --- the whole stage --------------------------------------------------------------------------
+    def run(self) -> TwaResult:
+        """prepare, fit and summarise on the configured selection, tracked; rank 0 writes the outputs."""
+        from twa_scale import tracking
+
+        cfg = self.cfg
+        try:
+            tracking.setup(cfg.logger, run_url=f"{cfg.snapshot_url.rstrip('/')}/{cfg.run_id}", run_id=cfg.run_id,
+                           stage="twa", storage_options=cfg.storage_options)
+            tracking.log_params(cfg.to_dict())
+            world, requested = comm.world_size(), cfg.batch_size
+            if self.effective_global_batch != requested and comm.rank() == 0:
+                print(f"TWA batch: {requested} does not divide over {world} ranks; using {self.per_rank_batch} per "
+                      f"rank (effective global batch {self.effective_global_batch})", flush=True)
+            self.prepare()
+            self.fit()
+            result = self.summarise()
+            comm.agree(lambda: self._write(result), f"writing the TWA result to {cfg.output_url}")
+            return result
+        finally:
+            tracking.close()
+
+    def _write(self, result: TwaResult) -> None:
+        from twa_scale import report
+
+        if comm.rank() != 0:
+            return
+        cfg = self.cfg
+        out = result.to_dict()
+        result.outputs = report.write_outputs(out, self.inputs.model.state_dict(), cfg.output_url, plot=cfg.plot,
+                                              storage_options=cfg.storage_options,
+                                              metadata=_model_metadata(self.inputs, out))
+        print(report.format_table(out), flush=True)
+        track_result(out)
 
 
 def run_twa(cfg: TwaConfig) -> TwaResult:
@@ -432,49 +587,8 @@ def run_twa(cfg: TwaConfig) -> TwaResult:
     Rank 0 writes model.safetensors, coefficients.png and, last, result.json under
     ``cfg.output_url``; nothing is written when an input check or the guard fails.
     """
-    from twa_scale import metrics, tracking
+    from twa_scale import metrics
 
     comm.init()
     metrics.setup(run_id=cfg.run_id, role="twa", port=cfg.metrics_port, addr=cfg.metrics_addr)
-    inp = load_inputs(cfg)
-    try:
-        tracking.setup(cfg.logger, run_url=f"{cfg.snapshot_url.rstrip('/')}/{cfg.run_id}", run_id=cfg.run_id,
-                       stage="twa", storage_options=cfg.storage_options)
-        tracking.log_params(cfg.to_dict())
-        return _run(cfg, inp)
-    finally:
-        tracking.close()
-
-
-def _run(cfg: TwaConfig, inp: TwaInputs) -> TwaResult:
-    from twa_scale import report
-
-    world = comm.world_size()
-    requested = cfg.batch_size
-    per_rank, total = effective_batch(requested, world)
-    if total != requested and comm.rank() == 0:
-        print(f"TWA batch: {requested} does not divide over {world} ranks; using {per_rank} per rank "
-              f"(effective global batch {total})", flush=True)
-    if cfg.fit_on == "holdout" and not inp.data.holdout:
-        raise ValueError("--fit-on holdout: the run has no held-out split; train it with --holdout-fraction > 0")
-    guard_data, guard_name, guard_indices = guard_split(inp.data, cfg)
-    fit = fit_split(inp.data, cfg, guard_indices)
-    result, _ = solve(cfg, model=inp.model, layout=inp.layout, refs=inp.refs, load=inp.reader.read, fit_data=fit,
-                      val_data=inp.data.val, bn_data=inp.data.train, guard_data=guard_data, guard_name=guard_name,
-                      per_rank_batch=per_rank)
-    result.global_batch = requested
-    result.run_id, result.snapshot_url, result.output = cfg.run_id, cfg.snapshot_url, cfg.output_url
-    result.model = inp.reader.manifest.meta["model"]
-    state = inp.model.state_dict()
-
-    def write():
-        if comm.rank() == 0:
-            out = result.to_dict()
-            result.outputs = report.write_outputs(out, state, cfg.output_url, plot=cfg.plot,
-                                                  storage_options=cfg.storage_options,
-                                                  metadata=_model_metadata(inp, out))
-            print(report.format_table(out), flush=True)
-            track_result(out)
-
-    comm.agree(write, f"writing the TWA result to {cfg.output_url}")
-    return result
+    return TwaStage(cfg, load_inputs(cfg)).run()
