@@ -27,7 +27,7 @@ from twa_scale.train.config import TrainConfig
 from twa_scale.train.engine import build_engine, load_ds_config, resolve_batch
 from twa_scale.train.steplog import StepLog
 
-__all__ = ["run_training", "KEEP_CHECKPOINTS", "SnapshotPlan", "StopCheck"]
+__all__ = ["run_training", "KEEP_CHECKPOINTS", "Trainer", "Checkpointer", "SnapshotPlan", "StopCheck"]
 
 log = logging.getLogger("twa_scale.train")
 KEEP_CHECKPOINTS = checkpoints.KEEP_CHECKPOINTS
@@ -181,8 +181,8 @@ def run_training(cfg: TrainConfig) -> dict:
         tracking.setup(cfg.logger, run_url=cfg.run_url, run_id=cfg.run_id, stage="train",
                        storage_options=cfg.storage_options)
         tracking.log_params(cfg.to_dict())
-        return _train(cfg, engine_args=(model, ds, steps_per_epoch), layout=layout, data=data, micro=micro,
-                      plan=plan, session=session, writer=writer.get("w"))
+        return Trainer(cfg, model=model, ds=ds, steps_per_epoch=steps_per_epoch, layout=layout, data=data,
+                       micro=micro, plan=plan, session=session, writer=writer.get("w")).run()
     finally:
         tracking.close()
         if "w" in writer:
@@ -230,141 +230,263 @@ def run_identity(cfg: TrainConfig, layout: FlatLayout, num_classes: int, ds: dic
             "init_from": cfg.init_from}
 
 
-def _train(cfg: TrainConfig, *, engine_args, layout, data, micro, plan, session, writer) -> dict:
-    from twa_scale import store
-    from twa_scale.train.streamer import SnapshotStreamer, StreamerConfig, flush_on_sigterm
+class Trainer:
+    """The training job on this rank, once its run exists in the store. :meth:`run` trains epoch after
+    epoch (:meth:`_epoch`); the collaborators it calls: the :class:`SnapshotPlan` (which snapshots, their
+    seqs), the streamer that takes them, the :class:`Checkpointer`, the :class:`StopCheck` (the stop
+    marker) and the step agreement (preemption.py: all ranks act on a SIGTERM or a stop at one step)."""
 
-    rank, world, device = comm.rank(), comm.world_size(), comm.device()
-    model, ds, steps_per_epoch = engine_args
+    def __init__(self, cfg: TrainConfig, *, model: torch.nn.Module, ds: dict, steps_per_epoch: int,
+                 layout: FlatLayout, data, micro: int, plan: SnapshotPlan, session: str, writer):
+        from twa_scale import store
+        from twa_scale.train.streamer import SnapshotStreamer, StreamerConfig
 
-    engine = build_engine(model, cfg, ds, steps_per_epoch=steps_per_epoch)
-    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    ckpt_url = None if cfg.checkpoint_url in ("", "none") else cfg.checkpoint_url
-    start_epoch, history, point = 0, [], None
-    if cfg.resume:
-        point = checkpoints.load(engine, cfg.checkpoint_dir, url=ckpt_url, storage_options=cfg.storage_options)
+        self.cfg, self.data, self.micro, self.plan, self.writer = cfg, data, micro, plan, writer
+        self.steps_per_epoch = steps_per_epoch
+        self.rank, self.device = comm.rank(), comm.device()
+        self.engine = build_engine(model, cfg, ds, steps_per_epoch=steps_per_epoch)
+        self.channels_last = self.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+        self.ckpt_url = None if cfg.checkpoint_url in ("", "none") else cfg.checkpoint_url
+        self.start_epoch, self.history, self.point = self._resume()
+        self.params = layout.trainable(model)
+        # SIGTERM and the stop marker: all ranks act at one step (preemption.py)
+        self.agreement = preemption.StepAgreement()
+        self.stop = StopCheck(cfg, self.agreement)
+        # Rank 0's metrics.json writes go to the store in the background: the latest state wins, every row is
+        # written once (RunWriter.write_metrics); a checkpoint waits (bounded) for the rows it covers.
+        self.metrics_out = Background("twa-metrics", lambda state: writer.write_metrics(*state)) \
+            if self.rank == 0 else None
+        self.streamer = SnapshotStreamer(
+            cfg.snapshot_url, cfg.run_id, layout, rank=self.rank, world_size=comm.world_size(),
+            config=StreamerConfig(dtype=cfg.snapshot_dtype, session=session,
+                                  storage_options=store.parse_storage_options(cfg.storage_options)),
+            writer=writer)
+        self.checkpointer: Checkpointer | None = None  # made by run(), with the checkpoint uploader
+
+    def _resume(self) -> tuple[int, list[dict], checkpoints.ResumePoint | None]:
+        """--resume: load the newest checkpoint into the engine; (the epoch to start, the metrics rows
+        before it, the checkpoint's position or None)."""
+        cfg = self.cfg
+        if not cfg.resume:
+            return 0, [], None
+        point = checkpoints.load(self.engine, cfg.checkpoint_dir, url=self.ckpt_url,
+                                 storage_options=cfg.storage_options)
         if point is None:
             log.warning("--resume: no checkpoint in %s, starting from epoch 0", cfg.checkpoint_dir)
-        else:
-            start_epoch = point.epoch
-            history = comm.broadcast_object(writer.read_metrics_rows(start_epoch) if rank == 0 else None)
-            if rank == 0:
-                where = f", step {point.step_in_epoch} of {steps_per_epoch}" if point.mid_epoch else ""
-                print(f"resumed from {point.path} at epoch {start_epoch}{where} "
-                      f"(global step {engine.global_steps})", flush=True)
+            return 0, [], None
+        history = comm.broadcast_object(self.writer.read_metrics_rows(point.epoch) if self.rank == 0 else None)
+        if self.rank == 0:
+            where = f", step {point.step_in_epoch} of {self.steps_per_epoch}" if point.mid_epoch else ""
+            print(f"resumed from {point.path} at epoch {point.epoch}{where} "
+                  f"(global step {self.engine.global_steps})", flush=True)
+        return point.epoch, history, point
 
-    params = layout.trainable(model)
-    agreement = preemption.StepAgreement()  # SIGTERM and the stop marker: all ranks act at one step (preemption.py)
-    stop = StopCheck(cfg, agreement)
-    # Rank 0's metrics.json writes go to the store in the background: the latest state wins, every row is
-    # written once (RunWriter.write_metrics); a checkpoint waits (bounded) for the rows it covers.
-    metrics_out = Background("twa-metrics", lambda state: writer.write_metrics(*state)) if rank == 0 else None
-    wait, behind = knobs.CHECKPOINT_WAIT_SECONDS.get(), [False]
-    streamer = SnapshotStreamer(cfg.snapshot_url, cfg.run_id, layout, rank=rank, world_size=world,
-                                config=StreamerConfig(dtype=cfg.snapshot_dtype, session=session,
-                                                      storage_options=store.parse_storage_options(cfg.storage_options)),
-                                writer=writer)
-    def save_checkpoint(drain_seconds: float | None = None, **where) -> None:
+    def run(self) -> dict:
+        """Train the epochs left; return the final metrics dict (same on every rank)."""
+        from twa_scale.train.streamer import flush_on_sigterm
+
+        cfg = self.cfg
+        # SIGTERM (preemption) unwinds the loop; pending snapshots then get a bounded flush. Checkpoints
+        # upload in the background; the last one is waited for at the end (bounded: see Uploader.closing).
+        with flush_on_sigterm(self.streamer), \
+                checkpoints.Uploader.closing(self.ckpt_url, cfg.storage_options) as uploader, \
+                _closing(self.stop, self.metrics_out):
+            self.checkpointer = Checkpointer(self.engine, cfg.checkpoint_dir, streamer=self.streamer,
+                                             uploader=uploader, metrics_out=self.metrics_out,
+                                             agreement=self.agreement)
+            # Snapshot 0 is the initial weights; after a resume the restored weights are re-snapshotted, and
+            # the resumed epoch's sub-epoch snapshots re-taken: a committed seq is kept (the streamer checks),
+            # so a snapshot lost with the killed process leaves no gap and none is written twice. (A
+            # checkpoint is saved only once every earlier snapshot is committed: see checkpoints.save.)
+            seq = self.plan.seq_at_boundary(self.start_epoch)
+            if seq is not None and not (self.point and self.point.mid_epoch):
+                self._boundary_snapshot(seq, self.start_epoch, agree_now=True)
+            for epoch in range(self.start_epoch, cfg.epochs):
+                if self.stop.fields:
+                    break
+                self._epoch(epoch)
+        return self._finish(self.streamer.close())  # already closed: returns the summary
+
+    def _epoch(self, epoch: int) -> None:
+        """Epoch ``epoch`` (0-based): its steps, evaluation, end-of-epoch snapshot, metrics row and checkpoint."""
+        cfg, stop = self.cfg, self.stop
+        t0 = time.perf_counter()
+        point = self.point
+        resume_at = point if point is not None and point.mid_epoch and epoch == self.start_epoch else None
+        with preemption.deferred():  # a SIGTERM in the step loop is acted on at a step the ranks agree on
+            train_loss = self._steps(epoch, resume_at)
+        val = evaluate(self.engine.module, make_loader(self.data.val, batch_size=self.micro * 2, train=False,
+                                                       num_workers=_default_workers(cfg)),
+                       self.device, desc=f"eval {epoch + 1}/{cfg.epochs}", channels_last=self.channels_last)
+        # A stop inside the epoch ends it at that snapshot: no end-of-epoch snapshot or checkpoint
+        # (the epoch is not done); the row records the partial epoch's evaluation.
+        stopped_inside = stop.fields is not None
+        seq = None if stopped_inside else self.plan.seq_at_boundary(epoch + 1)
+        if seq is not None:
+            self._boundary_snapshot(seq, epoch + 1)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+               "val_accuracy": val["accuracy"], "lr": self.engine.get_lr()[0],
+               "seconds": time.perf_counter() - t0}
+        if stopped_inside:
+            row["epoch_fraction"] = stop.fields["stopped_epoch"]
+        self._record(row)
+        if stopped_inside:
+            return
+        # The boundary snapshot queued above is re-taken by a resume: only earlier ones must be committed.
+        # After the last epoch no step is left to protect: its checkpoint waits for the store.
+        # A SIGTERM during this save lets it finish (bounded by the store waits) and then exits: the epoch
+        # just trained is not lost to a signal that came a moment after it ended.
+        final_epoch = epoch + 1 == cfg.epochs
+        with preemption.deferred():
+            self.checkpointer.save(epoch=epoch + 1, drain_below=seq,
+                                   drain_seconds=math.inf if final_epoch else None)
+
+    def _steps(self, epoch: int, resume: checkpoints.ResumePoint | None) -> float:
+        """The optimizer steps of epoch ``epoch``; returns its training loss (mean over all ranks). After
+        each optimizer step: the plan's mid-epoch snapshot when one is due (a stop request ends the epoch
+        there), a checkpoint every --checkpoint-every-steps steps inside the epoch, and
+        ``agreement.poll()``; once the ranks agree on a SIGTERM, :meth:`_sigterm_checkpoint`.
+        ``resume``: continue a mid-epoch checkpoint (its batch, RNG state and loss sums)."""
+        cfg, engine = self.cfg, self.engine
+        device = engine.device
+        # Dropout and augmentation draw from RNGs seeded by (seed, epoch, rank): resume-exact.
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7_919 + comm.rank())
+        start_batch, done0 = (resume.batch, resume.step_in_epoch) if resume else (0, 0)
+        if resume:
+            checkpoints.restore_rng(resume)  # where the interrupted run's RNGs stood at that step
+        loader = make_loader(self.data.train, batch_size=self.micro, train=True, seed=cfg.seed, epoch=epoch,
+                             num_workers=_default_workers(cfg), start_batch=start_batch)
+        engine.train()
+        bar = logs.progress(loader, f"train {epoch + 1}/{cfg.epochs}")
+        # Losses stay on the device; the host reads them every log_every_steps steps (no sync per step).
+        steps = StepLog(cfg.log_every_steps, device, bar=bar, on_rows=lambda rows: _export_rows(rows, engine))
+        if resume:
+            steps.loss_sum, steps.samples = resume.loss_sum, resume.samples
+        # (step, j) of the mid-epoch snapshots still to take: earlier ones are committed (checkpoints.save)
+        pending = [(s, j) for s, j in self.plan.mid_epoch() if s > done0]
+        first_step = engine.global_steps - done0
+        every, last_ckpt = cfg.checkpoint_every_steps, engine.global_steps
+        polled, batch = engine.global_steps, start_batch
+        for batch, (x, y) in enumerate(bar, start=start_batch + 1):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            steps.step(loss, y.numel(), engine.get_lr()[0])
+            if pending and engine.global_steps - first_step >= pending[0][0] \
+                    and self._mid_epoch_snapshot(epoch, pending.pop(0)[1]):
+                break  # a stop request: the epoch ends at this snapshot
+            gs = engine.global_steps
+            if every and gs != last_ckpt and gs % every == 0 and gs - first_step < self.steps_per_epoch:
+                last_ckpt = gs
+                steps.flush()  # the loss sums so far go into the checkpoint
+                self._checkpoint(epoch, batch, gs - first_step, steps)
+            checkpoints.maybe_fault(gs)
+            if gs != polled:  # an optimizer step (not a gradient-accumulation micro-batch)
+                polled = gs
+                if self.agreement.poll():
+                    self._sigterm_checkpoint(epoch, batch, gs - first_step, steps, saved=last_ckpt == gs)
+        if self.agreement.finish():  # a SIGTERM in the epoch's last step
+            gs = engine.global_steps
+            self._sigterm_checkpoint(epoch, batch, gs - first_step, steps, saved=last_ckpt == gs)
+        steps.flush()
+        loss_sum = torch.tensor([steps.loss_sum, steps.samples], dtype=torch.float64, device=device)  # NCCL: on device
+        comm.all_reduce(loss_sum)
+        return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+
+    def _boundary_snapshot(self, seq: int, epochs_done: int, *, agree_now: bool = False) -> None:
+        """Snapshot ``seq`` at the end of epoch ``epochs_done`` (0: the initial weights), then the stop check."""
+        self.streamer.snapshot(seq, self.engine.global_steps, epochs_done, self.params,
+                               epoch_fraction=float(epochs_done))
+        self.stop(seq, self.engine.global_steps, float(epochs_done), agree_now=agree_now)
+
+    def _mid_epoch_snapshot(self, epoch: int, j: int) -> bool:
+        """Snapshot j of epoch ``epoch`` (inside it); True when training must end there (a stop request)."""
+        seq, fraction = self.plan.seq(epoch, j), epoch + j / self.plan.per_epoch
+        self.streamer.snapshot(seq, self.engine.global_steps, epoch, self.params, epoch_fraction=fraction)
+        return self.stop(seq, self.engine.global_steps, fraction)
+
+    def _checkpoint(self, epoch: int, batch: int, step_in_epoch: int, steps: StepLog,
+                    drain_seconds: float | None = None) -> None:
+        """A checkpoint inside epoch ``epoch``, after ``batch`` (its loss sums so far included)."""
+        self.checkpointer.save(epoch=epoch, batch=batch, step_in_epoch=step_in_epoch, loss_sum=steps.loss_sum,
+                               samples=steps.samples, drain_seconds=drain_seconds)
+
+    def _sigterm_checkpoint(self, epoch: int, batch: int, step_in_epoch: int, steps: StepLog, *,
+                            saved: bool) -> None:
+        """The ranks agreed on a SIGTERM at this step: checkpoint it when that fits the exit deadline
+        (not when ``saved``: this step's checkpoint is saved already), then exit as preempted."""
+        steps.flush()  # the loss sums so far go into the checkpoint
+        if saved:  # this step's checkpoint is saved already
+            preemption.raise_preempted()
+        if self.agreement.checkpoint_fits(self.checkpointer.seconds_estimate()):
+            self._checkpoint(epoch, batch, step_in_epoch, steps, drain_seconds=preemption.seconds_left())
+        preemption.raise_preempted()
+
+    def _record(self, row: dict) -> None:
+        """An epoch's metrics row: to the history, Prometheus, the tracker, the console, and (rank 0) the store."""
+        epoch = row["epoch"]
+        self.history.append(row)
+        metrics.train_epoch(epoch, row["val_accuracy"], row["val_loss"])
+        tracking.log_metrics({"val/loss": row["val_loss"], "val/accuracy": row["val_accuracy"],
+                              "train/epoch_loss": row["train_loss"], "train/epoch_seconds": row["seconds"],
+                              **_snapshot_events(self.streamer)}, step=epoch)
+        tracking.flush()
+        if self.rank == 0:
+            print(f"epoch {epoch}/{self.cfg.epochs}  train_loss {row['train_loss']:.4f}  "
+                  f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  {row['seconds']:.1f}s",
+                  flush=True)
+            # Queued before the checkpoint that covers this epoch, which waits for it: a resume never
+            # lacks its row.
+            self.metrics_out.submit((list(self.history), None))
+
+    def _finish(self, summary: dict) -> dict:
+        """The final metrics dict; rank 0 writes it to the store."""
+        history, writer, metrics_out = self.history, self.writer, self.metrics_out
+        last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
+        final = {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"], "epochs": self.cfg.epochs,
+                 "world_size": comm.world_size(), "train_seconds": sum(r["seconds"] for r in history),
+                 "snapshots": summary, "run_url": self.cfg.run_url, **(self.stop.fields or {})}
+        if self.rank == 0:  # the final state, flushed within the store's deadline (an error: exit 75)
+            metrics_out.submit((history, final))
+            if not metrics_out.close(knobs.STORE_RETRY_SECONDS.get()):
+                raise TransientError(f"writing {writer.describe(writer.paths.metrics)}: not done after "
+                                     f"{knobs.STORE_RETRY_SECONDS.get():.0f} s (TWA_SCALE_STORE_RETRY_SECONDS)")
+        comm.barrier()
+        return final
+
+
+class Checkpointer:
+    """Saves the job's checkpoints (checkpoints.save), each once the store holds what it covers (earlier
+    snapshots committed, the metrics rows written), waiting for that a bounded time (:func:`checkpoint_wait`);
+    a checkpoint the store could not cover in time is skipped, and the next ones wait less until one is
+    saved. Each save is timed (``agreement.timed``): a SIGTERM checkpoint budgets for the last one."""
+
+    def __init__(self, engine, checkpoint_dir: str, *, streamer, uploader: checkpoints.Uploader | None,
+                 metrics_out: Background | None, agreement: preemption.StepAgreement):
+        self.engine, self.checkpoint_dir, self.streamer, self.uploader = engine, checkpoint_dir, streamer, uploader
+        self.metrics_out, self.agreement = metrics_out, agreement
+        self.wait_cap = knobs.CHECKPOINT_WAIT_SECONDS.get()
+        self.behind = False  # the last checkpoint was skipped
+
+    def save(self, drain_seconds: float | None = None, **where) -> None:
         """checkpoints.save, waiting for the store at most ``drain_seconds`` (SIGTERM: what is left of the
         deadline; inf: no limit; None: see :func:`checkpoint_wait`)."""
+        metrics_out = self.metrics_out
         if drain_seconds is None:
-            drain_seconds = checkpoint_wait(wait, behind[0], streamer.last_upload_seconds,
+            drain_seconds = checkpoint_wait(self.wait_cap, self.behind, self.streamer.last_upload_seconds,
                                             metrics_out.last_seconds if metrics_out else None)
-        with agreement.timed():
-            tag = checkpoints.save(engine, cfg.checkpoint_dir, streamer=streamer, uploader=uploader,
+        with self.agreement.timed():
+            tag = checkpoints.save(self.engine, self.checkpoint_dir, streamer=self.streamer, uploader=self.uploader,
                                    drain_seconds=None if math.isinf(drain_seconds) else drain_seconds,
                                    stored=metrics_out.idle if metrics_out else None, **where)
-        behind[0] = tag is None
+        self.behind = tag is None
 
-    # SIGTERM (preemption) unwinds the loop; pending snapshots then get a bounded flush. Checkpoints
-    # upload in the background; the last one is waited for at the end (bounded: see Uploader.closing).
-    with flush_on_sigterm(streamer), checkpoints.Uploader.closing(ckpt_url, cfg.storage_options) as uploader, \
-            _closing(stop, metrics_out):
-        # Snapshot 0 is the initial weights; after a resume the restored weights are re-snapshotted, and
-        # the resumed epoch's sub-epoch snapshots re-taken: a committed seq is kept (the streamer checks),
-        # so a snapshot lost with the killed process leaves no gap and none is written twice. (A
-        # checkpoint is saved only once every earlier snapshot is committed: see checkpoints.save.)
-        seq = plan.seq_at_boundary(start_epoch)
-        if seq is not None and not (point and point.mid_epoch):
-            streamer.snapshot(seq, engine.global_steps, start_epoch, params, epoch_fraction=float(start_epoch))
-            stop(seq, engine.global_steps, float(start_epoch), agree_now=True)
-        for epoch in range(start_epoch, cfg.epochs):
-            if stop.fields:
-                break
-            t0 = time.perf_counter()
-
-            def mid_snapshot(j: int, epoch: int = epoch) -> bool:
-                seq, fraction = plan.seq(epoch, j), epoch + j / plan.per_epoch
-                streamer.snapshot(seq, engine.global_steps, epoch, params, epoch_fraction=fraction)
-                return stop(seq, engine.global_steps, fraction)
-
-            def step_checkpoint(batch: int, step_in_epoch: int, steps: StepLog, epoch: int = epoch,
-                                drain_seconds: float | None = None) -> None:
-                save_checkpoint(epoch=epoch, batch=batch, step_in_epoch=step_in_epoch, loss_sum=steps.loss_sum,
-                                samples=steps.samples, drain_seconds=drain_seconds)
-
-            def sigterm_checkpoint(batch: int, step_in_epoch: int, steps: StepLog) -> None:
-                estimate = agreement.save_seconds + (uploader.upload_seconds if uploader else 0.0)
-                if agreement.checkpoint_fits(estimate):
-                    step_checkpoint(batch, step_in_epoch, steps, drain_seconds=preemption.seconds_left())
-                preemption.raise_preempted()
-
-            resume_at = point if point is not None and point.mid_epoch and epoch == start_epoch else None
-            with preemption.deferred():  # a SIGTERM in the step loop is acted on at a step the ranks agree on
-                train_loss = _train_epoch(engine, data, cfg, epoch, micro, channels_last,
-                                          snapshots=plan.mid_epoch(), take_snapshot=mid_snapshot,
-                                          resume=resume_at, steps_per_epoch=steps_per_epoch,
-                                          checkpoint=step_checkpoint, agreement=agreement,
-                                          sigterm_checkpoint=sigterm_checkpoint)
-            val = evaluate(engine.module, make_loader(data.val, batch_size=micro * 2, train=False,
-                                                      num_workers=_default_workers(cfg)),
-                           device, desc=f"eval {epoch + 1}/{cfg.epochs}", channels_last=channels_last)
-            # A stop inside the epoch ends it at that snapshot: no end-of-epoch snapshot or checkpoint
-            # (the epoch is not done); the row records the partial epoch's evaluation.
-            stopped_inside = stop.fields is not None
-            seq = None if stopped_inside else plan.seq_at_boundary(epoch + 1)
-            if seq is not None:
-                streamer.snapshot(seq, engine.global_steps, epoch + 1, params, epoch_fraction=float(epoch + 1))
-                stop(seq, engine.global_steps, float(epoch + 1))
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-                   "val_accuracy": val["accuracy"], "lr": engine.get_lr()[0],
-                   "seconds": time.perf_counter() - t0}
-            if stopped_inside:
-                row["epoch_fraction"] = stop.fields["stopped_epoch"]
-            history.append(row)
-            metrics.train_epoch(epoch + 1, val["accuracy"], val["loss"])
-            tracking.log_metrics({"val/loss": val["loss"], "val/accuracy": val["accuracy"],
-                                  "train/epoch_loss": train_loss, "train/epoch_seconds": row["seconds"],
-                                  **_snapshot_events(streamer)}, step=epoch + 1)
-            tracking.flush()
-            if rank == 0:
-                print(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
-                      f"val_acc {val['accuracy']:.4f}  {row['seconds']:.1f}s", flush=True)
-                # Queued before the checkpoint that covers this epoch, which waits for it: a resume never
-                # lacks its row.
-                metrics_out.submit((list(history), None))
-            if stopped_inside:
-                break
-            # The boundary snapshot queued above is re-taken by a resume: only earlier ones must be committed.
-            # After the last epoch no step is left to protect: its checkpoint waits for the store.
-            # A SIGTERM during this save lets it finish (bounded by the store waits) and then exits: the epoch
-            # just trained is not lost to a signal that came a moment after it ended.
-            final_epoch = epoch + 1 == cfg.epochs
-            with preemption.deferred():
-                save_checkpoint(epoch=epoch + 1, drain_below=seq, drain_seconds=math.inf if final_epoch else None)
-    summary = streamer.close()  # already closed: returns the summary
-
-    last = history[-1] if history else {"val_accuracy": None, "val_loss": None}
-    final = {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"], "epochs": cfg.epochs,
-             "world_size": world, "train_seconds": sum(r["seconds"] for r in history),
-             "snapshots": summary, "run_url": cfg.run_url, **(stop.fields or {})}
-    if rank == 0:  # the final state, flushed within the store's deadline (an error: exit 75)
-        metrics_out.submit((history, final))
-        if not metrics_out.close(knobs.STORE_RETRY_SECONDS.get()):
-            raise TransientError(f"writing {writer.describe(writer.paths.metrics)}: not done after "
-                                 f"{knobs.STORE_RETRY_SECONDS.get():.0f} s (TWA_SCALE_STORE_RETRY_SECONDS)")
-    comm.barrier()
-    return final
+    def seconds_estimate(self) -> float:
+        """What the next checkpoint takes on this rank: the last one's save and upload time (0 before any)."""
+        return self.agreement.save_seconds + (self.uploader.upload_seconds if self.uploader else 0.0)
 
 
 def checkpoint_wait(cap: float, behind: bool, *store_seconds: float | None) -> float:
@@ -425,68 +547,3 @@ def _export_rows(rows, engine) -> None:
             tracking.log_metrics({"train/loss": r.loss, "train/lr": r.lr,
                                   "train/samples_per_second": r.samples * comm.world_size() / max(r.seconds, 1e-9)},
                                  step=first + i)
-
-
-def _train_epoch(engine, data, cfg: TrainConfig, epoch: int, micro: int, channels_last: bool, *,
-                 snapshots: list[tuple[int, int]] = (), take_snapshot=None,
-                 resume: checkpoints.ResumePoint | None = None, steps_per_epoch: int = 0, checkpoint=None,
-                 agreement: preemption.StepAgreement, sigterm_checkpoint) -> float:
-    """One epoch; ``take_snapshot(j)`` runs after the optimizer step of each (step, j) in ``snapshots`` and
-    returns True when training must end there (a stop request: the epoch ends early);
-    ``checkpoint(batch, step_in_epoch, steplog)`` after every --checkpoint-every-steps-th optimizer step
-    inside the epoch. ``resume``: continue a mid-epoch checkpoint (its batch, RNG state and loss sums).
-    After each optimizer step ``agreement.poll()``; once the ranks agree on a SIGTERM,
-    ``sigterm_checkpoint(batch, step_in_epoch, steplog)`` saves (unless this step's checkpoint was just
-    saved) and raises Preempted."""
-    device = engine.device
-    # Dropout and augmentation draw from RNGs seeded by (seed, epoch, rank): resume-exact.
-    torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7_919 + comm.rank())
-    start_batch, done0 = (resume.batch, resume.step_in_epoch) if resume else (0, 0)
-    if resume:
-        checkpoints.restore_rng(resume)  # where the interrupted run's RNGs stood at that step
-    loader = make_loader(data.train, batch_size=micro, train=True, seed=cfg.seed, epoch=epoch,
-                         num_workers=_default_workers(cfg), start_batch=start_batch)
-    engine.train()
-    bar = logs.progress(loader, f"train {epoch + 1}/{cfg.epochs}")
-    # Losses stay on the device; the host reads them every log_every_steps steps (no sync per step).
-    steps = StepLog(cfg.log_every_steps, device, bar=bar, on_rows=lambda rows: _export_rows(rows, engine))
-    if resume:
-        steps.loss_sum, steps.samples = resume.loss_sum, resume.samples
-    pending = [(s, j) for s, j in snapshots if s > done0]  # earlier ones are committed (checkpoints.save)
-    first_step = engine.global_steps - done0
-    every, last_ckpt = cfg.checkpoint_every_steps, engine.global_steps
-    polled, batch = engine.global_steps, start_batch
-
-    def preempt_if_agreed(stop: bool) -> None:
-        if stop:
-            steps.flush()  # the loss sums so far go into the checkpoint
-            if last_ckpt == engine.global_steps:  # this step's checkpoint is saved already
-                preemption.raise_preempted()
-            sigterm_checkpoint(batch, engine.global_steps - first_step, steps)
-
-    for batch, (x, y) in enumerate(bar, start=start_batch + 1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(engine(x), y)
-        engine.backward(loss)
-        engine.step()
-        steps.step(loss, y.numel(), engine.get_lr()[0])
-        if pending and engine.global_steps - first_step >= pending[0][0] and take_snapshot(pending.pop(0)[1]):
-            break  # a stop request: the epoch ends at this snapshot
-        gs = engine.global_steps
-        if every and gs != last_ckpt and gs % every == 0 and gs - first_step < steps_per_epoch:
-            last_ckpt = gs
-            steps.flush()  # the loss sums so far go into the checkpoint
-            checkpoint(batch, gs - first_step, steps)
-        checkpoints.maybe_fault(gs)
-        if gs != polled:  # an optimizer step (not a gradient-accumulation micro-batch)
-            polled = gs
-            preempt_if_agreed(agreement.poll())
-    preempt_if_agreed(agreement.finish())  # a SIGTERM in the epoch's last step
-    steps.flush()
-    loss_sum = torch.tensor([steps.loss_sum, steps.samples], dtype=torch.float64, device=device)  # NCCL: on device
-    comm.all_reduce(loss_sum)
-    return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
-
-
