@@ -421,4 +421,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from twa_scale.cli import exit_process
+
+    exit_process(main())  # the --worker ranks end like launch/twa.py's

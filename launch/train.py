@@ -10,7 +10,7 @@ See `deepspeed launch/train.py --help` for every flag. The installed console scr
 """
 import sys
 
-from twa_scale.cli import run_stage
+from twa_scale.cli import exit_process, run_stage
 
 if __name__ == "__main__":
-    sys.exit(run_stage("train", sys.argv[1:]))
+    exit_process(run_stage("train", sys.argv[1:]))

@@ -14,7 +14,7 @@ See `python launch/twa.py --help` for every flag; `twa-scale twa …` does the s
 """
 import sys
 
-from twa_scale.cli import run_stage
+from twa_scale.cli import exit_process, run_stage
 
 if __name__ == "__main__":
-    sys.exit(run_stage("twa", sys.argv[1:]))
+    exit_process(run_stage("twa", sys.argv[1:]))

@@ -109,3 +109,17 @@ def test_version_and_plain_help_under_the_console_script(capsys):
         assert exit_.value.code == 0
         text = capsys.readouterr().out
         assert text.startswith(f"usage: twa-scale {stage} ") and "`" not in text, text[:200]
+
+
+def test_exit_process_runs_atexit_handlers_flushes_and_keeps_the_code():
+    """The entry points end through exit_process (no interpreter finalization, where gloo can abort): what
+    atexit and the buffered streams hold must still come out, with the stage's exit status."""
+    code = ("import atexit, sys\n"
+            "from twa_scale.cli import exit_process\n"
+            "atexit.register(lambda: print('atexit ran'))\n"
+            "print('buffered', end=' ')\n"
+            "sys.stderr.write('to stderr')\n"
+            "exit_process(3)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == 3
+    assert p.stdout == "buffered atexit ran\n" and p.stderr == "to stderr"

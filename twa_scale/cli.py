@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 __all__ = ["main", "split_run_url", "launch_main", "run_stage"]
 
@@ -55,6 +55,7 @@ def _parse_and_run(parse, run, errors) -> int:
     logs.configure(log_format=getattr(cfg, "log_format", "text"), all_ranks=getattr(cfg, "log_all_ranks", False))
     try:
         run(cfg)
+        comm.barrier()  # every rank is past its last collective before any tears the group down
     except Exception as e:  # noqa: BLE001 - classified; unexpected ones are re-raised
         code = exit_code(e, errors)
         if code is None:
@@ -309,5 +310,30 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
+def exit_process(code: int) -> NoReturn:
+    """End a `twa-scale` process with ``code``: atexit handlers run (the metrics endpoint's last scrape
+    window among them) and the streams flush, but the interpreter is not finalized. After a clean
+    ``destroy_process_group`` gloo's worker threads can still abort a finalizing interpreter (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch#179291): seen here on 2-rank TWA runs
+    whose results were already written, and a launcher or Kubernetes counts that job as failed."""
+    import atexit
+    import logging
+    import os
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone (a pipe whose reader left)
+            pass
+    os._exit(code)
+
+
+def console() -> NoReturn:
+    """The `twa-scale` console script: :func:`main`, ended by :func:`exit_process`."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
