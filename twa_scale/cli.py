@@ -22,7 +22,7 @@ import json
 import sys
 from typing import Callable, NoReturn
 
-__all__ = ["main", "split_run_url", "launch_main", "run_stage"]
+__all__ = ["main", "console", "exit_process", "split_run_url", "launch_main", "run_stage"]
 
 
 def launch_main(parse: Callable[[], object], run: Callable[[object], object],
