@@ -34,6 +34,7 @@ import torch
 from twa_scale import comm, metrics, tracking
 from twa_scale.errors import ConfigError, TransientError
 from twa_scale.store.format import FormatError, ProbeLog
+from twa_scale.train.config import TrainConfig
 from twa_scale.twa.config import TwaConfig
 from twa_scale.twa.selection import position
 from twa_scale.twa.solver import SnapshotRef
@@ -115,9 +116,9 @@ class Follower:
         self.start, self.stop = flat.start, flat.stop
         self.last_x: torch.Tensor | None = None    # this rank's slice of the newest snapshot (the SGD point)
         # The rule acts in the run's first lr phase: the hand-over of the high-lr trajectory. A manifest without
-        # the keys (written before they were stored) ran TrainConfig's defaults: step, 10 epochs.
-        tc = inp.run_config
-        self.phase_end = first_phase_end(tc.get("schedule", "step"), tc.get("epochs", 10), tc.get("lr_milestones"))
+        # the keys (written before they were stored) ran TrainConfig's defaults.
+        ran = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | inp.run_config
+        self.phase_end = first_phase_end(ran["schedule"], ran["epochs"], ran["lr_milestones"])
         self.basis = GrowingBasis(self.start, self.stop, reduce=comm.all_reduce, tol=cfg.rank_tol,
                                   spread_tol=cfg.rank_spread_tol, device=device)
         self.refs: list[SnapshotRef] = []          # every snapshot in the basis, in order (dropped ones too)
