@@ -85,6 +85,29 @@ def test_gain_rule_pairs_the_same_images_and_bounds_the_gain_per_epoch():
     assert "no earlier probe" in rule.decide([_gain_probe(2, a), _gain_probe(3, b)]).reason
 
 
+def test_gain_rule_hands_over_at_the_last_probe_of_the_first_phase():
+    a = _correct(2000, 1200)
+    b = a.copy()
+    b[np.flatnonzero(a == 0)[:200]] = 1  # +5 points/epoch at each probe: the price alone would go on
+    c = b.copy()
+    c[np.flatnonzero(b == 0)[:200]] = 1
+
+    def probes(sgd=0.5, phase_end=6.0):
+        return [dataclasses.replace(_gain_probe(e, x, sgd), phase_end=phase_end) for e, x in ((2, a), (4, b), (6, c))]
+
+    on = parse_stop_rule("gain", epsilon_points=0.2, patience=3, price_points=1.0, at_phase_end=True)
+    off = parse_stop_rule("gain", epsilon_points=0.2, patience=3, price_points=1.0)
+    d = on.decide(probes())
+    assert d.stop and "last probe of the first lr phase (it ends at epoch 6)" in d.reason and d.bound > 1.0
+    assert not off.decide(probes()).stop                       # the option is what hands over
+    assert not on.decide(probes()[:2]).stop                    # epoch 4: the next probe (6) is still in the phase
+    assert not on.decide(probes(sgd=0.99)).stop                # TWA under SGD on the hold-out: no hand-over
+    assert not on.decide(probes(phase_end=None)).stop          # no phase end (cosine, an old record)
+    # probes at 5 and 7 around a phase end at 6: the one at 5 is the phase's last
+    late = [dataclasses.replace(_gain_probe(e, x), phase_end=6.0) for e, x in ((3, a), (5, b))]
+    assert on.decide(late).stop
+
+
 def test_target_and_none_rules_and_bad_specs():
     assert parse_stop_rule("target:0.9", epsilon_points=0.2, patience=3).decide(_views([0.5, 0.91], None)).stop
     assert not parse_stop_rule("target:0.9", epsilon_points=0.2, patience=3).decide(_views([0.89], 1.0)).stop
@@ -257,7 +280,7 @@ def test_stop_decisions_never_read_val_accuracy(tmp_path, trajectory):
     """The same run twice, its training metrics' val_accuracy poisoned to 0 in one and 1 in the other: every
     probe record the follower writes (accuracies, per-example results, the rule's statistic, bound and
     decision) is identical, so no stop decision reads val. The SGD point of the rule is the newest snapshot
-    scored on the hold-out."""
+    scored on the hold-out. ``--replay`` of the finished run records the same probes, and writes no STOP.json."""
     cfg, model, snaps = trajectory
     cfg = dataclasses.replace(cfg, epochs=20)  # the run's lr stays in its first phase for the whole test
     runs = {poison: LiveRun(f"file://{tmp_path}/val-{poison:g}", cfg, model, snaps) for poison in (0.0, 1.0)}
@@ -275,10 +298,18 @@ def test_stop_decisions_never_read_val_accuracy(tmp_path, trajectory):
         for proc in procs.values():
             out, _ = proc.communicate(timeout=300)
             assert proc.returncode == 75, out[-3000:]
-    records = {poison: [{k: v for k, v in p.items() if k != "seconds"} for p in _probes(tmp_path / f"val-{poison:g}")]
-               for poison in runs}
+    # --replay on the same run, finished: the probes a follower that kept up wrote, and no STOP.json
+    replayed = LiveRun(f"file://{tmp_path}/replay", cfg, model, snaps)
+    replayed.commit(6)
+    replayed.finish()
+    python("launch/twa.py", ["--snapshot-url", replayed.url, "--run-id", "live", *FOLLOW, "--follow-timeout", "3",
+                             "--stop-rule", "gain", "--replay"])
+    dirs = {0.0: "val-0", 1.0: "val-1", "replay": "replay"}
+    records = {name: [{k: v for k, v in p.items() if k != "seconds"} for p in _probes(tmp_path / d)]
+               for name, d in dirs.items()}
     assert [p["last_seq"] for p in records[0.0]] == [2, 4, 6]
-    assert records[0.0] == records[1.0]
+    assert records[0.0] == records[1.0] == records["replay"]
+    assert not (tmp_path / "replay" / "live" / "control" / "STOP.json").exists()
     last = records[0.0][-1]
     assert last["rule"] == "gain" and last["first_phase"] and last["statistic"] is not None
     assert "since epoch 1" in last["decision"] and last["bound"] >= last["statistic"]

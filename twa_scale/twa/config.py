@@ -99,6 +99,10 @@ class FollowSection:
     stop_price: float = 1.0
     """--follow: the gain rule's price, in accuracy points per epoch: stop once another epoch is unlikely
     (95% upper bound) to buy this much TWA accuracy."""
+    stop_at_phase_end: bool = False
+    """--follow: the gain rule also hands over at the last probe of the run's first lr phase (when the TWA
+    probe is >= the SGD snapshot on the hold-out): the high-lr trajectory ends there, so TWA gets it then or
+    never."""
     stop_epsilon: float = 0.2
     """--follow: the plateau rule's least gain, in accuracy points (0.2 = 0.002)."""
     stop_patience: int = 3
@@ -106,6 +110,10 @@ class FollowSection:
     stop_marker: bool = True
     """--follow: write STOP.json when the rule fires; --no-stop-marker only records the decision (`would_stop`
     in probes.json), for runs that measure where the rule would have stopped."""
+    replay: bool = False
+    """--follow on a finished run: probe it snapshot by snapshot, as a follower that kept up would have, and
+    record every decision in probes.json (no STOP.json), then run the final TWA. For choosing a stop rule on
+    runs already trained."""
     follow_timeout: float = 1800.0
     """--follow: seconds to wait for the run to appear, and then for each next snapshot, before exiting 75."""
     poll_seconds: float = 5.0
@@ -117,13 +125,15 @@ class FollowSection:
         for flag, v in (("follow-timeout", self.follow_timeout), ("poll-seconds", self.poll_seconds)):
             if not v > 0:
                 bad(flag, f"must be > 0 seconds, got {v}")
+        if self.replay and not self.follow:
+            bad("replay", "replays a follower: give --follow too")
         _ = self.rule  # one-line errors for --stop-rule and its parameters, before any work
 
     @property
     def rule(self) -> StopRule:
         """The --follow stop rule."""
         return parse_stop_rule(self.stop_rule, epsilon_points=self.stop_epsilon, patience=self.stop_patience,
-                               price_points=self.stop_price)
+                               price_points=self.stop_price, at_phase_end=self.stop_at_phase_end)
 
 
 @dataclasses.dataclass(kw_only=True)

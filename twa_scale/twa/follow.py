@@ -18,6 +18,10 @@ runs a probe that fell due with the last snapshots, then the final TWA exactly a
 (:meth:`TwaStage.run`), on the configured selection, with the same stage: the run, model and data are
 opened and built once.
 
+``--replay`` follows a finished run as if live: every snapshot is appended in order and a probe runs wherever
+a follower that kept up would have run one, each decision recorded and none acted on (no STOP.json). That is
+how the stop rule's parameters are chosen on runs already trained (experiments/stop_validation.py).
+
 Faults: a run that does not exist yet is waited for (``--follow-timeout``, saying what for); a finished run
 goes straight to the final TWA; a restarted follower resumes from probes.json (a probe is recorded once, by
 its last seq); a follower that fell behind probes only at the newest snapshot and logs how many probes it
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import torch
@@ -125,6 +130,7 @@ class Follower:
         self.per_rank = stage.per_rank_batch
         self.probes: list[dict] = comm.broadcast_object(self._read_probes() if comm.rank() == 0 else None)
         self.stop_written = any(p.get("stop_written") for p in self.probes)
+        self.said_past_phase = False
         if self.probes:
             _say(f"resuming after {len(self.probes)} recorded probe(s) (the last at seq {self.probes[-1]['last_seq']})")
 
@@ -137,17 +143,20 @@ class Follower:
             if look["timed_out"]:
                 raise TransientError(f"--follow: no new snapshot of {self.reader.url}/{self.reader.run_id} for "
                                      f"{cfg.follow_timeout:g}s and training has not finished (--follow-timeout)")
-            if look["done"] and first and not self.started_before_run:
+            if look["done"] and first and not (self.started_before_run or cfg.replay):
                 _say("the training run has already finished: running the final TWA as launch/twa.py does")
                 return
             first = False
             for info in look["new"]:
+                if self._closes_phase(info):
+                    self._probe()  # the first lr phase's last snapshot is probed before a later one joins the basis
                 self._append(info)
+                if cfg.replay and self._pending() >= cfg.probe_every and self._probing():
+                    self._probe()  # a replay probes where a follower that kept up would have
             # A probe that falls due with the run's last snapshots still runs: the probe record then covers
             # the whole run (what a record-only follower is for), before the final TWA.
-            last_probe = self.probes[-1]["last_seq"] if self.probes else self.refs[0].seq if self.refs else 0
-            pending = sum(1 for r in self.refs if r.seq > last_probe)
-            if pending >= cfg.probe_every:
+            pending = self._pending()
+            if pending >= cfg.probe_every and self._probing():
                 if pending >= 2 * cfg.probe_every:
                     _say(f"fell behind: {pending} snapshots since the last probe; skipping "
                          f"{pending // cfg.probe_every - 1} probe(s), probing at the newest (seq {self.refs[-1].seq})",
@@ -161,6 +170,28 @@ class Follower:
                 idle_since = time.monotonic()
             else:
                 time.sleep(cfg.poll_seconds)
+
+    def _probing(self) -> bool:
+        """Probes still pay: past the run's first lr phase the gain rule cannot fire, so the follower stops
+        probing there (said once); other rules probe to the end."""
+        if self.rule.kind != "gain" or not self.refs or self.refs[-1].epoch <= self.phase_end + 1e-9:
+            return True
+        if not self.said_past_phase:
+            self.said_past_phase = True
+            _say(f"past the run's first lr phase (it ended at epoch {self.phase_end:g}): the gain rule cannot "
+                 "fire any more, so no more probes; the final TWA runs when training ends")
+        return False
+
+    def _closes_phase(self, info) -> bool:
+        """``info`` is the first snapshot past the first lr phase, and the gain rule has not yet seen the phase's
+        last snapshot: that probe is what the rule's hand-over decides on."""
+        return (self.rule.kind == "gain" and bool(self.refs) and self._pending() > 0
+                and self.refs[-1].epoch <= self.phase_end + 1e-9 < position(info))
+
+    def _pending(self) -> int:
+        """Snapshots in the basis since the last probe (or since the first snapshot)."""
+        last_probe = self.probes[-1]["last_seq"] if self.probes else self.refs[0].seq if self.refs else 0
+        return sum(1 for r in self.refs if r.seq > last_probe)
 
     def _look(self, idle_since: float) -> dict:
         """Rank 0: what is new in the run. The training metrics are read before the listing: training writes
@@ -256,6 +287,7 @@ class Follower:
                "epoch": last.epoch, "step": last.step, "twa_accuracy": twa, "swa_accuracy": swa,
                "sgd_holdout_accuracy": sgd_eval["accuracy"], "lr": lr, "split": "holdout", "outcome": outcome,
                "first_phase": last.epoch <= self.phase_end + 1e-9,
+               "phase_end": self.phase_end if math.isfinite(self.phase_end) else None,
                "twa_correct": pack_correct(twa_eval["correct"].numpy()) if twa_eval else None,
                "sgd_correct": pack_correct(sgd_eval["correct"].numpy()),
                "seconds": round(time.perf_counter() - t0, 3)}
@@ -265,7 +297,7 @@ class Follower:
         _say(f"probe {index} at seq {last.seq} (epoch {last.epoch:g}): TWA {_pct(twa)}, SWA {_pct(swa)}, "
              f"SGD {_pct(sgd_eval['accuracy'])} (hold-out), lr {lr}, {rec['seconds']:.1f}s; "
              f"{self.rule.name}: {decision.reason}")
-        if would and cfg.stop_marker and not self.stop_written:
+        if would and cfg.stop_marker and not cfg.replay and not self.stop_written:
             rec["stop_written"] = self.stop_written = True
         self.probes.append(rec)
         comm.agree(lambda: self._publish(rec), f"recording probe {index} in {self.reader.describe(self.paths.probes)}")

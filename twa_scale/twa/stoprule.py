@@ -14,7 +14,10 @@ BatchNorm recalibrated the same way; training's own metrics (val) feed dashboard
   to buy), provided the TWA probe is at least the SGD snapshot on the same hold-out. It acts only while the
   run's lr is in its first phase (before the first milestone of a `step` schedule, the first half of
   `step-per-iter`; at any time under `constant`, `cosine` or `linear`): it decides when to hand the high-lr
-  trajectory to TWA, and past that point it says so and lets the run finish.
+  trajectory to TWA, and past that point it says so and lets the run finish. With ``--stop-at-phase-end`` it
+  also hands over at the last probe of the first phase (the next probe, at the probes' spacing so far, would
+  fall past the phase's end), provided the TWA probe is at least the SGD snapshot on the hold-out: the high-lr
+  trajectory ends there, so TWA gets it then or never.
 * ``plateau``: the last ``--stop-patience`` P probes raised the best TWA probe accuracy by less than
   ``--stop-epsilon`` points over the best before them, and the TWA probe is at least the SGD snapshot's
   accuracy on the same hold-out. Needs P + 1 probes.
@@ -73,12 +76,14 @@ class ProbeView:
     """Packed per-example correctness of the TWA probe on the hold-out (:func:`pack_correct`)."""
     first_phase: bool = True
     """The probe's last snapshot was taken while the run's lr was in its first phase."""
+    phase_end: float | None = None
+    """Where the run's first lr phase ends, in epochs (None: it has no end, or the record predates the key)."""
 
     @classmethod
     def of(cls, rec: dict) -> "ProbeView":
         return cls(epoch=float(rec["epoch"]), twa_accuracy=rec.get("twa_accuracy"),
                    sgd_accuracy=rec.get("sgd_holdout_accuracy"), twa_correct=rec.get("twa_correct"),
-                   first_phase=bool(rec.get("first_phase", True)))
+                   first_phase=bool(rec.get("first_phase", True)), phase_end=rec.get("phase_end"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +106,7 @@ class StopRule:
     epsilon_points: float = 0.2
     patience: int = 3
     price_points: float = 1.0      # gain: least upper-bounded gain per epoch worth another epoch
+    at_phase_end: bool = False     # gain: also hand over at the last probe of the first lr phase
 
     @property
     def name(self) -> str:
@@ -151,34 +157,51 @@ class StopRule:
         if not last.first_phase:
             return Decision(False, "past the run's first lr phase: the rule hands over only the high-lr trajectory, "
                                    "so the run goes on to its end")
+        handover = self.at_phase_end and _last_in_phase(probes)
+        gain = bound = None
         base = next((p for p in reversed(probes[:-1]) if p.epoch <= last.epoch - LOOKBACK_EPOCHS + 1e-9
                      and p.twa_correct and p.twa_accuracy is not None), None)
         if base is None or not last.twa_correct:
-            return Decision(False, f"no earlier probe with per-example results at least {LOOKBACK_EPOCHS:g} epochs "
-                                   "back yet")
-        now, then = unpack_correct(last.twa_correct), unpack_correct(base.twa_correct)
-        if now.size != then.size or now.size < 2:
-            return Decision(False, f"the hold-out changed size between probes ({then.size} -> {now.size}): "
-                                   "no paired comparison")
-        d = (now - then).astype(np.float64)
-        span = last.epoch - base.epoch
-        gain = 100 * d.mean() / span
-        bound = 100 * (d.mean() + Z_ONE_SIDED_95 * d.std(ddof=1) / math.sqrt(d.size)) / span
-        what = (f"gain {gain:+.2f} points/epoch since epoch {base.epoch:g} (95% upper bound {bound:+.2f}, "
-                f"{d.size} paired hold-out images)")
-        if bound >= self.price_points:
+            what = f"no earlier probe with per-example results at least {LOOKBACK_EPOCHS:g} epochs back yet"
+        else:
+            now, then = unpack_correct(last.twa_correct), unpack_correct(base.twa_correct)
+            if now.size != then.size or now.size < 2:
+                return Decision(False, f"the hold-out changed size between probes ({then.size} -> {now.size}): "
+                                       "no paired comparison")
+            d = (now - then).astype(np.float64)
+            span = last.epoch - base.epoch
+            gain = 100 * d.mean() / span
+            bound = 100 * (d.mean() + Z_ONE_SIDED_95 * d.std(ddof=1) / math.sqrt(d.size)) / span
+            what = (f"gain {gain:+.2f} points/epoch since epoch {base.epoch:g} (95% upper bound {bound:+.2f}, "
+                    f"{d.size} paired hold-out images)")
+        priced_out = bound is not None and bound < self.price_points
+        if not priced_out and not handover:
+            if bound is None:
+                return Decision(False, what)
             return Decision(False, f"{what} >= the price {self.price_points:g}: another epoch may still pay",
                             statistic=gain, bound=bound)
+        why = (f"{what} < the price {self.price_points:g} points/epoch" if priced_out else
+               f"{what}; the last probe of the first lr phase (it ends at epoch {last.phase_end:g}): the high-lr "
+               "trajectory goes to TWA now or never")
         why_not = self._sgd_check(last)
         if why_not:
-            return Decision(False, f"{what} < the price {self.price_points:g}, but {why_not}", statistic=gain,
-                            bound=bound)
-        return Decision(True, f"{what} < the price {self.price_points:g} points/epoch, and TWA "
-                              f"{last.twa_accuracy:.4f} >= SGD {last.sgd_accuracy:.4f} on the hold-out",
-                        statistic=gain, bound=bound)
+            return Decision(False, f"{why}, but {why_not}", statistic=gain, bound=bound)
+        return Decision(True, f"{why}, and TWA {last.twa_accuracy:.4f} >= SGD {last.sgd_accuracy:.4f} on the "
+                              "hold-out", statistic=gain, bound=bound)
 
 
-def parse_stop_rule(spec: str, *, epsilon_points: float, patience: int, price_points: float = 1.0) -> StopRule:
+def _last_in_phase(probes: Sequence[ProbeView]) -> bool:
+    """The newest probe is the first phase's last: the next, at the spacing of the last two (or of the first
+    from epoch 0), would fall past the phase's end."""
+    last = probes[-1]
+    if last.phase_end is None or not math.isfinite(last.phase_end):
+        return False
+    spacing = last.epoch - (probes[-2].epoch if len(probes) > 1 else 0.0)
+    return last.epoch + max(spacing, 1e-9) > last.phase_end + 1e-9
+
+
+def parse_stop_rule(spec: str, *, epsilon_points: float, patience: int, price_points: float = 1.0,
+                    at_phase_end: bool = False) -> StopRule:
     """``--stop-rule`` plus its parameters; a one-line ConfigError naming the flag at fault."""
     if epsilon_points < 0:
         raise ConfigError(f"--stop-epsilon: must be >= 0 (accuracy points), got {epsilon_points}")
@@ -187,7 +210,8 @@ def parse_stop_rule(spec: str, *, epsilon_points: float, patience: int, price_po
     if not price_points > 0:
         raise ConfigError(f"--stop-price: must be > 0 (accuracy points per epoch), got {price_points}")
     if spec in ("gain", "plateau", "none"):
-        return StopRule(spec, epsilon_points=epsilon_points, patience=patience, price_points=price_points)
+        return StopRule(spec, epsilon_points=epsilon_points, patience=patience, price_points=price_points,
+                        at_phase_end=at_phase_end)
     kind, _, value = spec.partition(":")
     if kind == "target":
         try:
