@@ -235,6 +235,20 @@ def test_follower_probes_falls_behind_resumes_and_finishes_like_launch_twa(tmp_p
 
 
 @pytest.mark.e2e
+def test_gain_follower_probes_the_first_phase_end_then_stops_probing(tmp_path, trajectory):
+    """Eight snapshots arrive at once, the first lr phase ending at seq 4 (epoch 2 of 4): the gain rule's follower
+    probes at seq 4 before seq 5 joins its basis, even though --probe-every 6 is not due there, then no more."""
+    cfg, model, snaps = trajectory
+    run = LiveRun(f"file://{tmp_path}", dataclasses.replace(cfg, epochs=4), model, snaps)
+    run.commit(11)
+    out = _follow(run.url, "--stop-rule", "gain", "--probe-every", "6", "--no-stop-marker")
+    assert out.returncode == 75, out.stderr[-3000:]
+    probes = _probes(tmp_path)
+    assert [(p["last_seq"], p["epoch"], p["first_phase"], p["phase_end"]) for p in probes] == [(4, 2.0, True, 2.0)]
+    assert "past the run's first lr phase (it ended at epoch 2)" in out.stderr
+
+
+@pytest.mark.e2e
 def test_follower_waits_for_the_run_then_gives_up(tmp_path):
     proc = _follow(f"file://{tmp_path}", timeout=1.0)
     assert proc.returncode == 75
