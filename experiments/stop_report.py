@@ -140,7 +140,7 @@ def render(s: Setup, res: dict, argv: Sequence[str]) -> str:
     lines += [f"Frozen {fr['frozen_at']} at commit `{fr['commit'][:10]}`, before any test seed was replayed: "
               f"**{fr['rule']}** (`{' '.join(fr['flags'])}`), because it {fr['why']}.", "",
               "| rule | " + " | ".join(f"dev seed {d}: stop, TWA, budget SGD (Δ)" for d in fr["dev_seeds"])
-              + " | epochs saved (mean) | qualifies |", "|---|" + "---:|" * len(fr["dev_seeds"]) + "---:|---|"]
+              + " | epochs saved (mean) | safe |", "|---|" + "---:|" * len(fr["dev_seeds"]) + "---:|---|"]
     for r in fr["grid"]:
         cells = []
         for o in r["dev"]:
@@ -150,7 +150,7 @@ def render(s: Setup, res: dict, argv: Sequence[str]) -> str:
                 cells.append(f"{o['stop_epoch']}, {_pct(o['delivered'])}, {_pct(o['budget_sgd'])} "
                              f"({_pts(o['gap_budget'])})")
         lines.append(f"| {r['rule']} | " + " | ".join(cells) + f" | {100 * r['saved']:.0f}% | "
-                     f"{'yes' if r['qualifies'] else 'no'} |")
+                     f"{'yes' if r['safe'] else 'no'} |")
     lines += ["", "## 2. The frozen rule on the test seeds (replayed on their recorded probes)", "",
               "| seed | stop epoch | epochs spent (saved) | TWA at stop (val %) | budget SGD (val %) | Δ budget | "
               "full SGD (val %) | Δ full | best head in hindsight | regret (pts) | false stop |",

