@@ -241,9 +241,9 @@ def seed_outcome(s: Setup, work: Path, seed: int, stop: dict) -> dict:
 def choose(s: Setup, work: Path) -> dict:
     """The dev seeds' choice. A rule is *safe* when, on every dev seed where it fires, the TWA it delivers is at
     least budget-matched SGD (where it never fires the run trains to its end: nothing lost). Of the safe rules,
-    the most epochs saved (mean), then the higher mean delivered accuracy, then the grid's order (the lowest
-    price first: the most conservative). When no rule is safe, the one whose worst dev seed comes closest to
-    budget SGD (said so)."""
+    the most epochs saved (mean), then the higher mean delivered accuracy, then the follower's default in force
+    (no default changes without evidence), then the grid's order (the lowest price first). When no rule is safe,
+    the one whose worst dev seed comes closest to budget SGD (said so)."""
     rows = []
     for price, end in GRID:
         outs = [seed_outcome(s, work, seed, replay(rule_of(price, end), probes_of(work, seed))) for seed in s.dev_seeds]
@@ -256,7 +256,7 @@ def choose(s: Setup, work: Path) -> dict:
                      "worst_gap_budget": min((g for g in gaps if g is not None), default=None), "dev": outs})
     safe = [r for r in rows if r["safe"]]
     if safe:
-        best = max(safe, key=lambda r: (r["saved"], r["delivered"], -rows.index(r)))
+        best = max(safe, key=lambda r: (r["saved"], r["delivered"], _is_default(r), -rows.index(r)))
         why = ("of the rules whose every dev-seed stop delivered TWA at least budget-matched SGD, it saves the most "
                "epochs" + ("" if best["saved"] > 0 else " (none of them stops on the dev seeds: it never fires there)"))
     else:
@@ -264,6 +264,13 @@ def choose(s: Setup, work: Path) -> dict:
         why = "no rule was safe on the dev seeds; its worst dev-seed stop comes closest to budget-matched SGD"
     return {"rule": best["rule"], "price": best["price"], "at_phase_end": best["at_phase_end"],
             "flags": rule_flags(best["price"], best["at_phase_end"]), "why": why, "grid": rows}
+
+
+def _is_default(row: dict) -> bool:
+    from twa_scale.twa.config import TwaConfig
+
+    d = {f.name: f.default for f in dataclasses.fields(TwaConfig)}
+    return d["stop_rule"] == "gain" and (row["price"], row["at_phase_end"]) == (d["stop_price"], d["stop_at_phase_end"])
 
 
 def freeze(s: Setup, work: Path) -> dict:
