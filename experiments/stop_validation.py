@@ -257,11 +257,12 @@ def choose(s: Setup, work: Path) -> dict:
     safe = [r for r in rows if r["safe"]]
     if safe:
         best = max(safe, key=lambda r: (r["saved"], r["delivered"], _is_default(r), -rows.index(r)))
-        why = ("of the rules whose every dev-seed stop delivered TWA at least budget-matched SGD, it saves the most "
-               "epochs" + ("" if best["saved"] > 0 else " (none of them stops on the dev seeds: it never fires there)"))
+        why = ("it saves the most epochs among the rules whose every dev-seed stop delivered TWA at least "
+               "budget-matched SGD" + ("" if best["saved"] > 0 else
+                                       " (no such rule stops on the dev seeds: it never fires there)"))
     else:
         best = max(rows, key=lambda r: (r["worst_gap_budget"], r["saved"]))
-        why = "no rule was safe on the dev seeds; its worst dev-seed stop comes closest to budget-matched SGD"
+        why = "no rule was safe on the dev seeds, and its worst dev-seed stop comes closest to budget-matched SGD"
     return {"rule": best["rule"], "price": best["price"], "at_phase_end": best["at_phase_end"],
             "flags": rule_flags(best["price"], best["at_phase_end"]), "why": why, "grid": rows}
 
