@@ -145,7 +145,7 @@ def render(s: Setup, res: dict, argv: Sequence[str]) -> str:
     if not fr:
         return "\n".join(lines + ["Not frozen yet: the dev seeds' runs are not finished.", ""])
     lines += [f"Frozen {fr['frozen_at']} at commit `{fr['commit'][:10]}`, before any test seed was replayed: "
-              f"**{fr['rule']}** (`{' '.join(fr['flags'])}`), because it {fr['why']}.", "",
+              f"**{fr['rule']}** (`{' '.join(fr['flags'])}`), because {fr['why']}.", "",
               "| rule | " + " | ".join(f"dev seed {d}: stop, TWA, budget SGD (Δ)" for d in fr["dev_seeds"])
               + " | epochs saved (mean) | safe |", "|---|" + "---:|" * len(fr["dev_seeds"]) + "---:|---|"]
     for r in fr["grid"]:
@@ -159,7 +159,8 @@ def render(s: Setup, res: dict, argv: Sequence[str]) -> str:
         lines.append(f"| {r['rule']} | " + " | ".join(cells) + f" | {100 * r['saved']:.0f}% | "
                      f"{'yes' if r['safe'] else 'no'} |")
     lines += ["", "## 2. The frozen rule on the test seeds (replayed on their recorded probes)", "",
-              "| seed | stop epoch | epochs spent (saved) | TWA at stop (val %) | budget SGD (val %) | Δ budget | "
+              "| seed | stop epoch | epochs spent (saved) | delivered (val %: TWA at the stop; SGD when never) | "
+              "budget SGD (val %) | Δ budget | "
               "full SGD (val %) | Δ full | best head in hindsight | regret (pts) | false stop |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for o in res["test"]:
@@ -170,9 +171,10 @@ def render(s: Setup, res: dict, argv: Sequence[str]) -> str:
                      f"{_pts(o['regret'])} | {'**yes**' if o['false_stop'] else 'no'} |")
     t = res["test"]
     lines += [f"| mean ± sd | | {_ms([o['epochs_spent'] for o in t], '.1f')} | "
-              f"{_ms([100 * (o['delivered'] or 0) for o in t])} | "
+              f"{_ms([100 * o['delivered'] for o in t if o['delivered'] is not None])} | "
               f"{_ms([100 * o['budget_sgd'] for o in t if o['budget_sgd'] is not None])} | "
-              f"{_ms([o['gap_budget'] for o in t])} | {_ms([100 * o['full_sgd'] for o in t])} | "
+              f"{_ms([o['gap_budget'] for o in t])} | "
+              f"{_ms([100 * o['full_sgd'] for o in t if o['full_sgd'] is not None])} | "
               f"{_ms([o['gap_full'] for o in t])} | | {_ms([o['regret'] for o in t])} | |", ""]
     for o in t:
         lines.append(f"- Seed {o['seed']}: {o['decision']}")
