@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -307,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-live", action="store_true", help="stop before the live obeyed runs")
+    ap.add_argument("--live-only", action="store_true",
+                    help="only the live obeyed runs (the rule must be frozen), e.g. beside a --no-live process")
     ap.add_argument("--freeze-only", action="store_true",
                     help="choose and freeze the rule from the finished dev seeds, then exit")
     a = ap.parse_args(argv)
@@ -318,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     (work / ".gitignore").write_text("*\n")
     env = reproduce.child_env(1, a.jobs)
+    # SIGTERM unwinds through run_steps / run_pair, which stop the running steps first (no orphans)
+    signal.signal(signal.SIGTERM, reproduce._exit_on_sigterm)
     steps = plan_recorded(s, work)
     adopt(steps, work)
     if a.dry_run:
@@ -333,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         frozen = freeze(s, work)
         print(f"frozen: {frozen['rule']} ({frozen['why']})")
         return 0
-    if not a.report_only:
+    if not a.report_only and not a.live_only:
         reproduce.run_steps(steps, work, ranks=1, env=env, jobs=a.jobs)
         frozen = freeze(s, work)
         print(f"frozen: {frozen['rule']} ({frozen['why']})")
@@ -342,11 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         budgets = [budget_step(s, work, o["seed"], o["stop_epoch"] + s.twa_epochs) for o in tests
                    if o["stop_epoch"] is not None]
         reproduce.run_steps(budgets, work, ranks=1, env=env, jobs=a.jobs)
-        if not a.no_live:
-            for seed in s.test_seeds:  # alone on the machine: their wall clock is the measurement
-                pair = live_pair(s, work, seed, frozen)
-                early_stop.run_pair(pair, work, cmds=early_stop.commands(pair, 1, reproduce.script_command),
-                                    shown=reproduce._shown, env=early_stop.pair_env(env, 1))
+    if a.live_only or not (a.report_only or a.no_live):
+        frozen = _read_json(out / "frozen.json")
+        if frozen is None:
+            raise SystemExit(f"no {out / 'frozen.json'}: the dev seeds have not chosen a rule yet")
+        for seed in s.test_seeds:  # one at a time; the report also measures them at their own load
+            pair = live_pair(s, work, seed, frozen)
+            early_stop.run_pair(pair, work, cmds=early_stop.commands(pair, 1, reproduce.script_command),
+                                shown=reproduce._shown, env=early_stop.pair_env(env, 1))
     from stop_report import write_report  # noqa: E402 - the report is its own module
     write_report(s, out, work, argv=sys.argv if argv is None else ["experiments/stop_validation.py", *argv])
     return 0
