@@ -199,8 +199,10 @@ def render(s: Setup, res: dict, argv: Sequence[str]) -> str:
               "delivered TWA (val %) |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["live"]:
-        stopped = r["stopped_epoch"] if r["stopped_by"] else "ended first"
-        lines.append(f"| {r['seed']} | {r['rule_fired']} | {stopped} | {r['train_wall_seconds']:.0f} | "
+        stopped = (r["stopped_epoch"] if r["stopped_by"] else
+                   "not stopped" if r["rule_fired"] is None else "ended first")
+        fired = r["rule_fired"] if r["rule_fired"] is not None else "never"
+        lines.append(f"| {r['seed']} | {fired} | {stopped} | {r['train_wall_seconds']:.0f} | "
                      f"{r['probes']}, {r['probe_seconds']:.0f} | {r['time_to_result_seconds']:.0f} | "
                      f"{r['full_train_seconds']:.0f} | {100 * r['wall_saved']:.0f}% | "
                      f"{_pct(r['wall_saved_same_load'])[:-3]}% | {r['core_seconds_saved']:.0f} | "
