@@ -186,7 +186,10 @@ def render(s: Setup, res: dict, argv: Sequence[str]) -> str:
                       ("twa_at_least_budget_sgd_on_every_seed", "its TWA is at least budget-matched SGD on every "
                                                                 "test seed"),
                       ("no_false_stop", "no false stop")):
-        lines.append(f"- {'met' if v[key] else '**missed**'}: {text}")
+        fired = any(o["stop_epoch"] is not None for o in t)
+        verdict = "n/a (no stop to compare)" if key == "twa_at_least_budget_sgd_on_every_seed" and not fired else \
+            "met" if v[key] else "**missed**"
+        lines.append(f"- {verdict}: {text}")
     lines += ["", "## 3. Live obeyed runs (test seeds)", "",
               "The trainer obeys STOP.json beside a live follower with the frozen rule, the two processes on the "
               "box's 2 cores (one OpenMP thread each). *Full training* is the full run's own epoch times (it trained "
