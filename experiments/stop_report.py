@@ -127,7 +127,7 @@ def plot(res: dict, path: Path) -> None:
 def render(s: Setup, res: dict, argv: Sequence[str]) -> str:
     E, T = s.epochs, s.twa_epochs
     lines = [f"# Does the stop rule deserve trust? (`{s.name}` setup)", "",
-             f"Command: `{shlex.join(['python', *argv[0:1], *argv[1:]])}`", "",
+             f"Command: `{shlex.join(['python', *[a for a in argv if a != '--report-only']])}`", "",
              f"Generated {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}. ResNet-20, "
              f"{s.limit_train} CIFAR-10 training images, E = {E} epochs (lr {s.lr:g}, ÷10 after epochs "
              f"{s.phase_end} and {int(0.75 * E + 0.9)}, weight decay {s.weight_decay:g} on every parameter, "
