@@ -119,7 +119,9 @@ def rule_of(follow_args: Sequence[str]) -> StopRule:
     return parse_stop_rule(str(flag("--stop-rule", "stop_rule")),
                            epsilon_points=float(flag("--stop-epsilon", "stop_epsilon")),
                            patience=int(flag("--stop-patience", "stop_patience")),
-                           price_points=float(flag("--stop-price", "stop_price")))
+                           price_points=float(flag("--stop-price", "stop_price")),
+                           at_phase_end="--stop-at-phase-end" in follow_args or (
+                               defaults["stop_at_phase_end"] and "--no-stop-at-phase-end" not in follow_args))
 
 
 # --- running a pair -----------------------------------------------------------------------------------------

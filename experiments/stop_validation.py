@@ -47,7 +47,7 @@ import early_stop  # noqa: E402
 import reproduce  # noqa: E402
 from reproduce import Step, _read_json, _write_json, step_output  # noqa: E402
 
-from twa_scale.twa.stoprule import ProbeView, StopRule, parse_stop_rule  # noqa: E402
+from twa_scale.twa.stoprule import StopRule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FALSE_STOP_POINTS = 1.0  # a stop whose TWA ends more than this under budget-matched SGD is a false stop
@@ -116,7 +116,8 @@ def rule_flags(price: float, at_phase_end: bool) -> list[str]:
 
 
 def rule_of(price: float, at_phase_end: bool) -> StopRule:
-    return parse_stop_rule("gain", epsilon_points=0.2, patience=3, price_points=price, at_phase_end=at_phase_end)
+    """The rule a follower given :func:`rule_flags` applies."""
+    return early_stop.rule_of(rule_flags(price, at_phase_end))
 
 
 def rule_name(price: float, at_phase_end: bool) -> str:
@@ -202,15 +203,9 @@ def probes_of(work: Path, seed: int) -> list[dict]:
 
 
 def replay(rule: StopRule, probes: Sequence[dict]) -> dict:
-    """Where ``rule`` stops on these probes: the first probe it says stop at (its epoch and decision), or never."""
-    views = []
-    for rec in probes:
-        views.append(ProbeView.of(rec))
-        d = rule.decide(views)
-        if d.stop:
-            return {"epoch": round(views[-1].epoch), "probe": rec["probe"], "decision": d.reason,
-                    "statistic": d.statistic, "bound": d.bound}
-    return {"epoch": None, "decision": "never fired"}
+    """Where ``rule`` stops on these probes (early_stop.replay: the project's own decide()), or never."""
+    hit = early_stop.replay(rule, list(probes))
+    return {"epoch": None, "decision": "never fired"} if hit is None else {**hit, "epoch": round(hit["epoch"])}
 
 
 def seed_outcome(s: Setup, work: Path, seed: int, stop: dict) -> dict:

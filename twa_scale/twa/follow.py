@@ -171,10 +171,13 @@ class Follower:
             else:
                 time.sleep(cfg.poll_seconds)
 
+    def _in_first_phase(self, epoch: float) -> bool:
+        return epoch <= self.phase_end + 1e-9
+
     def _probing(self) -> bool:
         """Probes still pay: past the run's first lr phase the gain rule cannot fire, so the follower stops
         probing there (said once); other rules probe to the end."""
-        if self.rule.kind != "gain" or not self.refs or self.refs[-1].epoch <= self.phase_end + 1e-9:
+        if self.rule.kind != "gain" or not self.refs or self._in_first_phase(self.refs[-1].epoch):
             return True
         if not self.said_past_phase:
             self.said_past_phase = True
@@ -186,7 +189,7 @@ class Follower:
         """``info`` is the first snapshot past the first lr phase, and the gain rule has not yet seen the phase's
         last snapshot: that probe is what the rule's hand-over decides on."""
         return (self.rule.kind == "gain" and bool(self.refs) and self._pending() > 0
-                and self.refs[-1].epoch <= self.phase_end + 1e-9 < position(info))
+                and self._in_first_phase(self.refs[-1].epoch) and not self._in_first_phase(position(info)))
 
     def _pending(self) -> int:
         """Snapshots in the basis since the last probe (or since the first snapshot)."""
@@ -286,7 +289,7 @@ class Follower:
         rec = {"probe": index, "first_seq": self.refs[0].seq, "last_seq": last.seq, "snapshots": len(self.refs),
                "epoch": last.epoch, "step": last.step, "twa_accuracy": twa, "swa_accuracy": swa,
                "sgd_holdout_accuracy": sgd_eval["accuracy"], "lr": lr, "split": "holdout", "outcome": outcome,
-               "first_phase": last.epoch <= self.phase_end + 1e-9,
+               "first_phase": self._in_first_phase(last.epoch),
                "phase_end": self.phase_end if math.isfinite(self.phase_end) else None,
                "twa_correct": pack_correct(twa_eval["correct"].numpy()) if twa_eval else None,
                "sgd_correct": pack_correct(sgd_eval["correct"].numpy()),
