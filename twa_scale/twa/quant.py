@@ -332,6 +332,11 @@ class GroupedP:
     d: int
     num_coef: int
     kernels: Kernels
+    side_coef: torch.Tensor = dataclasses.field(init=False)   # coefficient column of each side column
+
+    def __post_init__(self):
+        # resolved once: gathering it from side_blk at every step cost more than the side product itself
+        self.side_coef = self.coef[self.side_blk]
 
     @property
     def k(self) -> int:
@@ -396,20 +401,26 @@ class GroupedP:
     def project(self, g: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(self.k, self.num_coef, dtype=torch.float32, device=g.device)
         if self.side_idx.numel():
-            part = self.side * g[self.side_idx]
+            gs = g[self.side_idx]
             if self.num_coef == 1:
-                out[:, 0] += part.sum(1)
+                out[:, 0] += torch.mv(self.side, gs)
             else:
-                out.T.index_add_(0, self.coef[self.side_blk], part.T)
+                out.T.index_add_(0, self.side_coef, (self.side * gs).T)
         if not self.gstart.numel():
             return out
         path = self.kernels.path
         if path == "native":
-            lib = _native()
-            res = torch.zeros(self.k, self.num_coef, dtype=torch.float64)
-            lib.twa_project(*_ptrs(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo, g, res),
-                            self.gstart.numel(), self.k, self.scale.shape[1], self.num_coef, self.bits)
-            return out + res.float()
+            lib, ranges = _native(), _thread_ranges(self.gstart.numel())
+            res = torch.zeros(len(ranges), self.k, self.num_coef, dtype=torch.float64)
+            pk, gs, pi, co, sc, lo, gp, rp = _ptrs(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo,
+                                                   g, res)
+            tile, row = self.k * TILE_BYTES, self.k * self.num_coef * 8
+
+            def run(t: int, a: int, e: int) -> None:
+                lib.twa_project(pk + a * tile, gs + 8 * a, pi + 8 * a, co, sc, lo, gp, rp + t * row, e - a, self.k,
+                                self.scale.shape[1], self.num_coef, self.bits)
+            _run_threads(run, ranges)
+            return out + res.sum(0).float()
         if path == "compile":
             return _compiled("project")(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo, g,
                                         self.bits, self.num_coef, out)
@@ -425,13 +436,24 @@ class GroupedP:
         a = (self.scale * dcol).contiguous()
         b = (self.lo * dcol).sum(0)
         if self.side_idx.numel():
-            out[self.side_idx] = w_start[self.side_idx] + (self.side * delta[:, self.coef[self.side_blk]]).sum(0)
+            ws = w_start[self.side_idx]
+            if self.num_coef == 1:
+                ws = torch.addmv(ws, self.side.T, delta[:, 0])
+            else:
+                ws += (self.side * delta[:, self.side_coef]).sum(0)
+            out.index_copy_(0, self.side_idx, ws)
         if not self.gstart.numel():
             return out
         path = self.kernels.path
         if path == "native":
-            _native().twa_reconstruct(*_ptrs(self.packed, self.gstart, self.pid, a, b.contiguous(), w_start, out),
-                                      self.gstart.numel(), self.k, a.shape[1], self.bits)
+            lib, b = _native(), b.contiguous()
+            pk, gs, pi, ap, bp, wp, op = _ptrs(self.packed, self.gstart, self.pid, a, b, w_start, out)
+            tile = self.k * TILE_BYTES
+
+            def run(t: int, a0: int, a1: int) -> None:   # ranges write disjoint columns of out
+                lib.twa_reconstruct(pk + a0 * tile, gs + 8 * a0, pi + 8 * a0, ap, bp, wp, op, a1 - a0, self.k,
+                                    a.shape[1], self.bits)
+            _run_threads(run, _thread_ranges(self.gstart.numel()))
             return out
         if path == "compile":
             return _compiled("reconstruct")(self.packed, self.gstart, self.pid, a, b, w_start, out, self.bits)
@@ -510,6 +532,34 @@ def _native():
             lib = None
     _NATIVE_LIB.append(lib)
     return lib
+
+
+MIN_GROUPS_PER_THREAD = 2048   # below this a thread hand-off costs more than the groups it takes
+_POOL: list = []               # [(workers, ThreadPoolExecutor)], made on first use
+
+
+def _thread_ranges(ng: int) -> list[tuple[int, int]]:
+    """Contiguous group ranges, one per intra-op thread (``torch.get_num_threads()``, as the fp32 path's
+    BLAS uses): one core cannot hide the unpack of packed codes, several can."""
+    t = max(1, min(torch.get_num_threads(), ng // MIN_GROUPS_PER_THREAD))
+    step = -(-ng // t)
+    return [(a, min(a + step, ng)) for a in range(0, ng, step)]
+
+
+def _run_threads(fn, ranges: list[tuple[int, int]]) -> None:
+    """fn(i, lo, hi) for each range: the first on this thread, the rest on a shared pool. ctypes releases
+    the GIL for the length of a foreign call, so the C kernels run side by side."""
+    if len(ranges) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not _POOL or _POOL[0][0] < len(ranges) - 1:
+            _POOL[:] = [(len(ranges) - 1, ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="twa-p-kernel"))]
+        futures = [_POOL[0][1].submit(fn, i, a, e) for i, (a, e) in enumerate(ranges[1:], 1)]
+        fn(0, *ranges[0])
+        for f in futures:
+            f.result()
+    elif ranges:
+        fn(0, *ranges[0])
 
 
 def _ptrs(*tensors: torch.Tensor) -> list[int]:

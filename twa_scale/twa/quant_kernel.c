@@ -68,39 +68,22 @@ INLINE void project_body(const uint8_t* pk, const int64_t* gstart, const int64_t
                 }
             gsum_run += hsum(s0);
         }
-        int64_t i = 0;
-        /* four rows at a time: one load of g serves four rows; two accumulators a row hide the FMA latency */
-        for (; i + 4 <= k; i += 4) {
+        /* row by row, four accumulators a row: the masks and the group's g stay in L1 or registers,
+           and the out-of-order window overlaps the FMA chains of consecutive rows */
+        for (int64_t i = 0; i < k; i++) {
             const uint8_t* row = pk + (m * k + i) * TILE;
-            __m256 acc[4][2];
-            for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-            for (int h = 0; h < 2; h++)
-                for (int pos = 0; pos < npos; pos++) {
-                    const __m256 gv = _mm256_load_ps(gp + h * (G / 2) + pos * 8);
-                    for (int r = 0; r < 4; r++) {
-                        const __m256i x = _mm256_loadu_si256((const __m256i*)(row + r * TILE + h * HALF));
-                        const __m256i v = code_at(x, pos, npos, bits);
-                        acc[r][pos & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), gv, acc[r][pos & 1]);
-                    }
-                }
-            for (int r = 0; r < 4; r++) {
-                float* pr = part + (i + r) * 8;
-                _mm256_store_ps(pr, _mm256_add_ps(_mm256_load_ps(pr), _mm256_add_ps(acc[r][0], acc[r][1])));
-            }
-        }
-        for (; i < k; i++) {
-            const uint8_t* row = pk + (m * k + i) * TILE;
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int h = 0; h < 2; h++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i*)(row + h * HALF));
                 for (int pos = 0; pos < npos; pos++) {
                     const __m256i v = code_at(x, pos, npos, bits);
-                    const __m256 c = _mm256_cvtepi32_ps(v), gv = _mm256_load_ps(gp + h * (G / 2) + pos * 8);
-                    if (pos & 1) acc1 = _mm256_fmadd_ps(c, gv, acc1); else acc0 = _mm256_fmadd_ps(c, gv, acc0);
+                    acc[pos & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_load_ps(gp + h * (G / 2) + pos * 8),
+                                                   acc[pos & 3]);
                 }
             }
             float* pr = part + i * 8;
-            _mm256_store_ps(pr, _mm256_add_ps(_mm256_load_ps(pr), _mm256_add_ps(acc0, acc1)));
+            _mm256_store_ps(pr, _mm256_add_ps(_mm256_load_ps(pr),
+                                              _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))));
         }
         if (++run == FLUSH || m + 1 == ng || pid[m + 1] != b) {
             for (int64_t r = 0; r < k; r++) {
