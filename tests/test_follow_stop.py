@@ -84,7 +84,9 @@ def test_cli_stop_writes_the_marker_and_refuses_an_unknown_run(tmp_path, capsys)
 def test_two_rank_training_ignores_a_malformed_marker_then_obeys_twa_scale_stop(tmp_path):
     """A real 2-rank digits run: a malformed STOP.json present from the start is ignored (warning naming it,
     training goes on); `twa-scale stop` while it runs ends it after the next snapshot, exit 0."""
-    url, run, epochs = f"file://{tmp_path}/snap", "stopme", 60
+    # far more epochs than the stop needs: on a loaded host `twa-scale stop` takes seconds to start, and the
+    # run must still be going when its marker lands
+    url, run, epochs = f"file://{tmp_path}/snap", "stopme", 1000
     stop_path = tmp_path / "snap" / RunPaths(run).stop
     stop_path.parent.mkdir(parents=True)
     stop_path.write_text('{"reason": "half a marker')
