@@ -265,33 +265,6 @@ def test_fused_kernels_equal_eager(bits, path):
     assert _rel(fused.reconstruct(theta) - fused.w_start, eager.reconstruct(theta) - eager.w_start) < 1e-5
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("layerwise", [False, True])
-def test_native_kernels_split_over_threads_equal_one_thread(bits, layerwise, monkeypatch):
-    """The native kernels split the groups over torch's intra-op threads: the same products as one
-    thread (reconstruct bit for bit: the threads write disjoint columns; project to fp32 rounding)."""
-    from twa_scale.twa import quant
-
-    if quant._native() is None:
-        pytest.skip("no C compiler: the native path falls back to eager")
-    x = _trajectory()
-    q = build_basis(x, 0, x.shape[1], BLOCKS, bits=bits, layerwise=layerwise, kernels=Kernels("native", 4096))
-    g = torch.randn(x.shape[1])
-    theta = q.theta0 + torch.randn_like(q.theta0)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        c1, w1 = q.project(g), q.reconstruct(theta)
-        monkeypatch.setattr(quant, "MIN_GROUPS_PER_THREAD", 1)
-        torch.set_num_threads(3)
-        assert len(quant._thread_ranges(q.storage.gstart.numel())) == 3
-        c3, w3 = q.project(g), q.reconstruct(theta)
-    finally:
-        torch.set_num_threads(threads)
-    assert _rel(c3, c1) < 1e-6
-    assert torch.equal(w3, w1)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_packed_kernels_on_cuda_equal_eager(bits):

@@ -410,17 +410,10 @@ class GroupedP:
             return out
         path = self.kernels.path
         if path == "native":
-            lib, ranges = _native(), _thread_ranges(self.gstart.numel())
-            res = torch.zeros(len(ranges), self.k, self.num_coef, dtype=torch.float64)
-            pk, gs, pi, co, sc, lo, gp, rp = _ptrs(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo,
-                                                   g, res)
-            tile, row = self.k * TILE_BYTES, self.k * self.num_coef * 8
-
-            def run(t: int, a: int, e: int) -> None:
-                lib.twa_project(pk + a * tile, gs + 8 * a, pi + 8 * a, co, sc, lo, gp, rp + t * row, e - a, self.k,
-                                self.scale.shape[1], self.num_coef, self.bits)
-            _run_threads(run, ranges)
-            return out + res.sum(0).float()
+            res = torch.zeros(self.k, self.num_coef, dtype=torch.float64)
+            _native().twa_project(*_ptrs(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo, g, res),
+                                  self.gstart.numel(), self.k, self.scale.shape[1], self.num_coef, self.bits)
+            return out + res.float()
         if path == "compile":
             return _compiled("project")(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo, g,
                                         self.bits, self.num_coef, out)
@@ -446,14 +439,8 @@ class GroupedP:
             return out
         path = self.kernels.path
         if path == "native":
-            lib, b = _native(), b.contiguous()
-            pk, gs, pi, ap, bp, wp, op = _ptrs(self.packed, self.gstart, self.pid, a, b, w_start, out)
-            tile = self.k * TILE_BYTES
-
-            def run(t: int, a0: int, a1: int) -> None:   # ranges write disjoint columns of out
-                lib.twa_reconstruct(pk + a0 * tile, gs + 8 * a0, pi + 8 * a0, ap, bp, wp, op, a1 - a0, self.k,
-                                    a.shape[1], self.bits)
-            _run_threads(run, _thread_ranges(self.gstart.numel()))
+            _native().twa_reconstruct(*_ptrs(self.packed, self.gstart, self.pid, a, b.contiguous(), w_start, out),
+                                      self.gstart.numel(), self.k, a.shape[1], self.bits)
             return out
         if path == "compile":
             return _compiled("reconstruct")(self.packed, self.gstart, self.pid, a, b, w_start, out, self.bits)
@@ -532,34 +519,6 @@ def _native():
             lib = None
     _NATIVE_LIB.append(lib)
     return lib
-
-
-MIN_GROUPS_PER_THREAD = 2048   # below this a thread hand-off costs more than the groups it takes
-_POOL: list = []               # [(workers, ThreadPoolExecutor)], made on first use
-
-
-def _thread_ranges(ng: int) -> list[tuple[int, int]]:
-    """Contiguous group ranges, one per intra-op thread (``torch.get_num_threads()``, as the fp32 path's
-    BLAS uses): one core cannot hide the unpack of packed codes, several can."""
-    t = max(1, min(torch.get_num_threads(), ng // MIN_GROUPS_PER_THREAD))
-    step = -(-ng // t)
-    return [(a, min(a + step, ng)) for a in range(0, ng, step)]
-
-
-def _run_threads(fn, ranges: list[tuple[int, int]]) -> None:
-    """fn(i, lo, hi) for each range: the first on this thread, the rest on a shared pool. ctypes releases
-    the GIL for the length of a foreign call, so the C kernels run side by side."""
-    if len(ranges) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        if not _POOL or _POOL[0][0] < len(ranges) - 1:
-            _POOL[:] = [(len(ranges) - 1, ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="twa-p-kernel"))]
-        futures = [_POOL[0][1].submit(fn, i, a, e) for i, (a, e) in enumerate(ranges[1:], 1)]
-        fn(0, *ranges[0])
-        for f in futures:
-            f.result()
-    elif ranges:
-        fn(0, *ranges[0])
 
 
 def _ptrs(*tensors: torch.Tensor) -> list[int]:
