@@ -155,8 +155,7 @@ def measure(url: str, run_id: str, *, world: int, bits: int, twa_args: list[str]
 
 
 def fit_samples(twa_args: list[str]) -> int:
-    """N: the samples the stage fits on (the training split less the guard's, which is carved even with
-    --no-guard), found as the stage finds it."""
+    """N: the samples the stage fits on, found as the stage finds it (with --no-guard, the whole training split)."""
     from twa_scale.data.config import DataConfig
     from twa_scale.data.datasets import build_data
     from twa_scale.twa import parse_twa_args
@@ -392,7 +391,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--limit-train", type=int, default=960, help="training images the TWA stage reads")
     ap.add_argument("--guard-samples", type=int, default=128,
-                    help="of which the guard split takes these (carved even with --no-guard); TWA fits on the rest")
+                    help="the guard split's size (with --no-guard only scored, and TWA fits on every image)")
     ap.add_argument("--twa-step-json", type=Path, default=REPO / "bench/results/twa_step-cpu.json")
     ap.add_argument("--work-dir", default=None, help="where the temporary run directory goes (default: $TMPDIR)")
     ap.add_argument("--out", default="bench/out/scale_validate.json")

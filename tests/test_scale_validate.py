@@ -62,7 +62,7 @@ def test_measured_bytes_and_memory_match_the_model_on_1_and_2_ranks(tmp_path):
             "--eval-every", "0", "--bn-batches", "1", "--limit-val", "48"]
     runs = [measure(url, "mlp", world=w, bits=b, twa_args=args, work=Path(tmp_path), port=free_port())
             for w, b in ((1, 32), (2, 4))]
-    v = compare(runs, D=layout.D, blocks=layout.blocks(), n=4, samples=120,
+    v = compare(runs, D=layout.D, blocks=layout.blocks(), n=4, samples=240,  # --no-guard: all 240 training images
                 proj_json=REPO / "bench/results/twa_step-cpu.json")
     one, two = (r["quantities"] for r in v["rows"])
     for q in (one, two):

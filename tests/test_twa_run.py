@@ -260,11 +260,12 @@ def test_without_a_holdout_the_guard_judges_on_images_the_fit_never_sees():
     guard, _, taken = guard_split(data, TwaConfig(snapshot_url="memory://x", run_id="r"))
     assert list(guard) == data.holdout and taken is None
     assert fit_split(data, TwaConfig(snapshot_url="memory://x", run_id="r"), taken) is data.train
-    # --no-guard without a hold-out: nothing is carved, the fit keeps every training image
+    # --no-guard without a hold-out: the same images are scored for the report, the fit keeps every one
     data.holdout = None
-    off = TwaConfig(snapshot_url="memory://x", run_id="r", guard=False)
-    guard, _, taken = guard_split(data, off)
-    assert guard is None and taken is None and fit_split(data, off, taken) is data.train
+    off = TwaConfig(snapshot_url="memory://x", run_id="r", guard=False, guard_samples=30)
+    guard, name, taken = guard_split(data, off)
+    assert len(guard) == 30 and taken is None and "fitted on: --no-guard" in name
+    assert fit_split(data, off, taken) is data.train
 
 
 def test_guard_fails_an_accuracy_drop_even_when_the_loss_falls(caplog):

@@ -63,7 +63,7 @@ class GuardSection:
     fails, whatever its loss."""
     guard_samples: int = 1024
     """Size of the guard split carved from the training data when the run has no hold-out split (at most half
-    of it); the fit leaves those images out. With --no-guard nothing is carved."""
+    of it); the fit leaves those images out (with --no-guard it keeps them: they are only scored)."""
 
     def __post_init__(self) -> None:
         check_choice("guard-fallback", self.guard_fallback, GuardFallback)

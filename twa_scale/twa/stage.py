@@ -156,20 +156,20 @@ def effective_batch(requested: int, world: int) -> tuple[int, int]:
     return per_rank, per_rank * world
 
 
-def guard_split(data, cfg: TwaConfig) -> tuple[Any, str | None, list[int] | None]:
+def guard_split(data, cfg: TwaConfig) -> tuple[Any, str, list[int] | None]:
     """The split the guard evaluates on, never the reported val split: (data, name, the training indices it
     took, which the fit must then leave out, or None). The run's hold-out when the fit is on train; otherwise
     ``--guard-samples`` training images, carved out so that the guard never judges on images TWA trains on.
-    With ``--no-guard`` nothing is carved (None: the fit split is scored): no images leave the fit for a
-    judge that does not run."""
+    With ``--no-guard`` the same images are only scored for the report, and the fit keeps them: no images
+    leave the fit for a judge that does not run."""
     if data.holdout is not None and len(data.holdout) and cfg.fit_on == "train":
         return data.holdout, f"holdout ({len(data.holdout)} samples)", None
-    if not cfg.guard:
-        return None, None, None
     base = getattr(data, "train_eval", None) or data.train
     n = min(cfg.guard_samples, len(base) // 2)  # at least half of the training split stays for the fit
     idx = torch.randperm(len(base), generator=torch.Generator().manual_seed(cfg.seed + 7919))[:n].sort().values
     kept = idx.tolist()
+    if not cfg.guard:
+        return torch.utils.data.Subset(base, kept), f"train subset ({n} samples, fitted on: --no-guard)", None
     return torch.utils.data.Subset(base, kept), f"train subset ({n} samples, not fitted on)", kept
 
 
