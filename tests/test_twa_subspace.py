@@ -265,6 +265,35 @@ def test_fused_kernels_equal_eager(bits, path):
     assert _rel(fused.reconstruct(theta) - fused.w_start, eager.reconstruct(theta) - eager.w_start) < 1e-5
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_kernels_on_torchs_threads_equal_one_thread(bits):
+    """The C kernels split the groups over torch's OpenMP pool (torch.set_num_threads): reconstruct is the
+    same bit for bit (threads write disjoint columns), project the same to fp32 rounding."""
+    from twa_scale.twa.quant import _native
+
+    lib = _native()
+    if lib is None:
+        pytest.skip("no C compiler: the native path falls back to eager")
+    x = _trajectory(n=4, d=400_000)   # >= 3 x 1024 groups of 128 (4 bits) or 64 columns: three threads' worth
+    blocks = [(0, 150_000), (150_000, 150_003), (150_003, 400_000)]
+    q = build_basis(x, 0, x.shape[1], blocks, bits=bits, layerwise=True, kernels=Kernels("native", 4096))
+    g = torch.randn(x.shape[1])
+    theta = q.theta0 + torch.randn_like(q.theta0)
+    ng = q.storage.gstart.numel()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert lib.twa_kernel_threads(ng) == 1
+        c1, w1 = q.project(g), q.reconstruct(theta)
+        torch.set_num_threads(3)
+        assert lib.twa_kernel_threads(ng) == 3, "the kernel was built without OpenMP, or ignores torch's threads"
+        c3, w3 = q.project(g), q.reconstruct(theta)
+    finally:
+        torch.set_num_threads(threads)
+    assert _rel(c3, c1) < 1e-6
+    assert torch.equal(w3, w1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_packed_kernels_on_cuda_equal_eager(bits):

@@ -496,10 +496,11 @@ def _native():
 
     lib = None
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc:
-        source = _native_source()
-        key = hashlib.sha256((source + cc).encode()).hexdigest()[:16]
-        cache = os.path.join(tempfile.gettempdir(), f"twa_scale_kernels-{os.getuid()}")
+    source = _native_source() if cc else ""
+    cache = os.path.join(tempfile.gettempdir(), f"twa_scale_kernels-{os.getuid()}")
+    # with OpenMP first (the kernels then run on torch's intra-op pool), else one thread
+    for flags in (["-fopenmp"], []) if cc else ():
+        key = hashlib.sha256((source + cc + " ".join(flags)).encode()).hexdigest()[:16]
         so = os.path.join(cache, f"twa_quant_{key}.so")
         try:
             if not os.path.exists(so):
@@ -508,13 +509,15 @@ def _native():
                 with open(src, "w") as f:
                     f.write(source)
                 tmp = f"{so}.{os.getpid()}"
-                subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", "-o", tmp, src], check=True,
+                subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", *flags, "-o", tmp, src], check=True,
                                capture_output=True, timeout=120)
                 os.replace(tmp, so)   # atomic: ranks building at once never load a half-written file
             lib = ctypes.CDLL(so)
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             lib.twa_project.argtypes = [p] * 8 + [i64] * 5
             lib.twa_reconstruct.argtypes = [p] * 7 + [i64] * 4
+            lib.twa_kernel_threads.argtypes = [i64]
+            break
         except (OSError, subprocess.SubprocessError):
             lib = None
     _NATIVE_LIB.append(lib)

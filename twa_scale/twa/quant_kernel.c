@@ -1,8 +1,13 @@
 /* The packed-P kernels of twa_scale/twa/quant.py (TWA_SCALE_P_KERNEL=native): built once per source
-   version with the system compiler and loaded with ctypes. */
+   version with the system compiler and loaded with ctypes. Built with -fopenmp they split the groups over
+   OpenMP threads; the library resolves to the libgomp.so.1 torch has loaded, so they run on torch's own
+   intra-op pool (torch.set_num_threads) instead of fighting its spinning workers for the cores. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -169,9 +174,9 @@ INLINE void reconstruct_body(const uint8_t* pk, const int64_t* gstart, const int
 }
 
 /* one specialised copy per bit width: the plane loops unroll and the accumulators stay in registers */
-void twa_project(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
-                 const float* scale, const float* lo, const float* g, double* res,
-                 int64_t ng, int64_t k, int64_t nb, int64_t L, int64_t bits) {
+static void project_bits(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
+                         const float* scale, const float* lo, const float* g, double* res,
+                         int64_t ng, int64_t k, int64_t nb, int64_t L, int64_t bits) {
     switch (bits) {
         case 1: project_body(pk, gstart, pid, coef, scale, lo, g, res, ng, k, nb, L, 1); break;
         case 2: project_body(pk, gstart, pid, coef, scale, lo, g, res, ng, k, nb, L, 2); break;
@@ -180,13 +185,64 @@ void twa_project(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, c
     }
 }
 
-void twa_reconstruct(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const float* a,
-                     const float* bvec, const float* w, float* out, int64_t ng, int64_t k, int64_t nb,
-                     int64_t bits) {
+static void reconstruct_bits(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const float* a,
+                             const float* bvec, const float* w, float* out, int64_t ng, int64_t k, int64_t nb,
+                             int64_t bits) {
     switch (bits) {
         case 1: reconstruct_body(pk, gstart, pid, a, bvec, w, out, ng, k, nb, 1); break;
         case 2: reconstruct_body(pk, gstart, pid, a, bvec, w, out, ng, k, nb, 2); break;
         case 4: reconstruct_body(pk, gstart, pid, a, bvec, w, out, ng, k, nb, 4); break;
         default: reconstruct_body(pk, gstart, pid, a, bvec, w, out, ng, k, nb, 8); break;
+    }
+}
+
+/* threads for ng groups: the pool's size, but at least MIN_GROUPS groups each (a hand-off costs more than
+   a few groups' work) */
+#define MIN_GROUPS 1024
+static int threads_for(int64_t ng) {
+#ifdef _OPENMP
+    int64_t t = omp_get_max_threads();
+    if (t > ng / MIN_GROUPS) t = ng / MIN_GROUPS;
+    return t < 1 ? 1 : (int)t;
+#else
+    (void)ng;
+    return 1;
+#endif
+}
+
+/* the threads the kernels use for ng groups (for tests and logs) */
+int twa_kernel_threads(int64_t ng) { return threads_for(ng); }
+
+/* res (k x L doubles) += the packed product; thread t takes groups [ng t / T, ng (t + 1) / T) into its own
+   partial, summed in thread order (the same T gives the same result bit for bit) */
+void twa_project(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
+                 const float* scale, const float* lo, const float* g, double* res,
+                 int64_t ng, int64_t k, int64_t nb, int64_t L, int64_t bits) {
+    const int nt = threads_for(ng);
+    if (nt == 1) {
+        project_bits(pk, gstart, pid, coef, scale, lo, g, res, ng, k, nb, L, bits);
+        return;
+    }
+    double* part = (double*)calloc((size_t)(nt * k * L), sizeof(double));
+    #pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; t++) {
+        const int64_t a = ng * t / nt, e = ng * (t + 1) / nt;
+        project_bits(pk + a * k * TILE, gstart + a, pid + a, coef, scale, lo, g, part + t * k * L, e - a, k, nb, L,
+                     bits);
+    }
+    for (int t = 0; t < nt; t++)
+        for (int64_t i = 0; i < k * L; i++) res[i] += part[t * k * L + i];
+    free(part);
+}
+
+/* the threads write disjoint groups of out: the result does not depend on their number */
+void twa_reconstruct(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const float* a,
+                     const float* bvec, const float* w, float* out, int64_t ng, int64_t k, int64_t nb,
+                     int64_t bits) {
+    const int nt = threads_for(ng);
+    #pragma omp parallel for num_threads(nt) schedule(static, 1) if (nt > 1)
+    for (int t = 0; t < nt; t++) {
+        const int64_t s = ng * t / nt, e = ng * (t + 1) / nt;
+        reconstruct_bits(pk + s * k * TILE, gstart + s, pid + s, a, bvec, w, out, e - s, k, nb, bits);
     }
 }
