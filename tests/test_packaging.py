@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO
+from tests.support.launch import RENDEZVOUS_ENV
 
 
 def _see_the_outer_venv(venv) -> None:
@@ -33,10 +34,7 @@ def test_non_editable_install_trains_from_an_empty_directory(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
                    timeout=300)
     _see_the_outer_venv(venv)
-    # and no rendezvous env left by an in-process test that joined a process group before this one
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "RANK", "LOCAL_RANK",
-                                                            "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", *RENDEZVOUS_ENV)}
     env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
     pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps",
                           "--quiet", str(REPO)], cwd=work, env=env, capture_output=True, text=True, timeout=600)

@@ -9,9 +9,15 @@ from pathlib import Path
 from tests.support import REPO, free_port
 
 
+# An in-process test that joined a process group (comm.init's one-process fallback) leaves these in
+# os.environ, with this process still listening on MASTER_PORT: a child must rendezvous on its own.
+RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env(unset: list[str] | tuple = (), **extra: str) -> dict[str, str]:
-    """This process's environment for a child: the repo on PYTHONPATH, ``extra`` set, ``unset`` removed."""
-    e = {k: v for k, v in os.environ.items() if k not in unset}
+    """This process's environment for a child: the repo on PYTHONPATH, ``extra`` set, ``unset`` and the
+    rendezvous variables removed."""
+    e = {k: v for k, v in os.environ.items() if k not in unset and k not in RENDEZVOUS_ENV}
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: ranks must not oversubscribe them
     e.update(extra)

@@ -210,7 +210,7 @@ static int threads_for(int64_t ng) {
 #endif
 }
 
-/* the threads the kernels use for ng groups (for tests and logs) */
+/* the threads the kernels use for ng groups (tests check that OpenMP follows torch.set_num_threads) */
 int twa_kernel_threads(int64_t ng) { return threads_for(ng); }
 
 /* res (k x L doubles) += the packed product; thread t takes groups [ng t / T, ng (t + 1) / T) into its own
@@ -219,11 +219,11 @@ void twa_project(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, c
                  const float* scale, const float* lo, const float* g, double* res,
                  int64_t ng, int64_t k, int64_t nb, int64_t L, int64_t bits) {
     const int nt = threads_for(ng);
-    if (nt == 1) {
+    double* part = nt > 1 ? (double*)calloc((size_t)(nt * k * L), sizeof(double)) : NULL;
+    if (part == NULL) {   /* one thread, or no memory for the partials: the plain loop */
         project_bits(pk, gstart, pid, coef, scale, lo, g, res, ng, k, nb, L, bits);
         return;
     }
-    double* part = (double*)calloc((size_t)(nt * k * L), sizeof(double));
     #pragma omp parallel for num_threads(nt) schedule(static, 1)
     for (int t = 0; t < nt; t++) {
         const int64_t a = ng * t / nt, e = ng * (t + 1) / nt;
