@@ -248,11 +248,13 @@ def test_without_a_holdout_the_guard_judges_on_images_the_fit_never_sees():
 
     from twa_scale.twa.stage import fit_split, guard_split
 
-    data = types.SimpleNamespace(holdout=None, train=list(range(100)), train_eval=None)
+    # val (the reported split, CIFAR's test images) is there to be ignored: no guard ever draws on it
+    data = types.SimpleNamespace(holdout=None, train=list(range(100)), train_eval=None, val=list(range(500, 600)))
     guard, name, taken = guard_split(data, TwaConfig(snapshot_url="memory://x", run_id="r", guard_samples=30))
     fit = fit_split(data, TwaConfig(snapshot_url="memory://x", run_id="r"), taken)
     assert len(guard) == 30 and len(fit) == 70 and "not fitted on" in name
     assert set(guard) | set(fit) == set(range(100)) and not set(guard) & set(fit)
+    assert not set(guard) & set(data.val)
     # never more than half of the training split
     assert len(guard_split(data, TwaConfig(snapshot_url="memory://x", run_id="r"))[0]) == 50
     # with a hold-out the guard is the hold-out, and the fit keeps every training image
@@ -265,7 +267,7 @@ def test_without_a_holdout_the_guard_judges_on_images_the_fit_never_sees():
     off = TwaConfig(snapshot_url="memory://x", run_id="r", guard=False, guard_samples=30)
     guard, name, taken = guard_split(data, off)
     assert len(guard) == 30 and taken is None and "fitted on: --no-guard" in name
-    assert fit_split(data, off, taken) is data.train
+    assert set(guard) <= set(data.train) and fit_split(data, off, taken) is data.train
 
 
 def test_guard_fails_an_accuracy_drop_even_when_the_loss_falls(caplog):
