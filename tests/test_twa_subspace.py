@@ -227,7 +227,8 @@ def test_quantised_products_equal_dequantised_dense(bits, layerwise, path, granu
     blocks = BLOCKS if layerwise else [(0, x.shape[1])]
     c = q.project(g)
     ref_c = torch.stack([deq[:, b0:b1] @ g[b0:b1] for b0, b1 in blocks], 1)
-    # scale*(codes.g) + lo*sum(g) cancels a little more than the dense product: fp32 rounding only
+    # scale*(codes.g) + lo*sum(g) cancels a little more than the dense product: fp32 rounding (and, native,
+    # g rounded to int16 per group)
     assert _rel(c, ref_c) < 1e-5
     theta = q.theta0 + torch.randn_like(q.theta0)
     delta = (theta - q.theta0).float()
@@ -263,6 +264,63 @@ def test_fused_kernels_equal_eager(bits, path):
     theta = eager.theta0 + torch.randn_like(eager.theta0)
     assert _rel(fused.project(g), eager.project(g)) < 1e-5
     assert _rel(fused.reconstruct(theta) - fused.w_start, eager.reconstruct(theta) - eager.w_start) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_native_kernels_equal_integer_arithmetic_on_integer_inputs(bits, layerwise):
+    """With lo = 0 and scale = 1 (P is its codes), integer g with 32767 the largest of every group (the int16
+    project then rounds nothing) and integer coefficients, the native kernels equal exact integer arithmetic
+    to fp32 rounding. A code read from the wrong lane or position, or a side column given the wrong
+    coefficient, changes whole integers."""
+    import dataclasses
+
+    from twa_scale.twa.quant import GroupedP, _native
+
+    if _native() is None:
+        pytest.skip("no C compiler: the native path falls back to eager")
+    x = _trajectory(n=5, d=3000)
+    blocks = [(0, 1100), (1100, 1103), (1103, 3000)]
+    q = build_basis(x, 0, x.shape[1], blocks, bits=bits, layerwise=layerwise, kernels=Kernels("native", 4096))
+    st = q.storage
+    assert isinstance(st, GroupedP) and st.gstart.numel() and st.side_idx.numel()
+    # lo = 0, scale = 1: P is its integer codes
+    st = dataclasses.replace(st, lo=torch.zeros_like(st.lo), scale=torch.ones_like(st.scale),
+                             side=st.side.sub(st.lo[:, st.side_blk]).div(st.scale[:, st.side_blk]).round())
+    codes = st.dequantize().double()                   # k x d integers
+    L = st.num_coef
+    delta = torch.randint(-32767, 32768, (st.k, L)).float()
+    w = torch.randn(st.d)
+    out = st.reconstruct(w, delta, torch.empty(st.d))
+    coef_of_col = torch.empty(st.d, dtype=torch.int64)
+    for l, (b0, b1) in enumerate(blocks):
+        coef_of_col[b0:b1] = l if layerwise else 0
+    exact = (codes * delta.double()[:, coef_of_col]).sum(0)
+    assert _rel(out.double() - w.double(), exact) < 1e-6
+    g = torch.randint(-32767, 32768, (st.d,)).float()
+    g[st.gstart] = 32767.                              # the largest of every group
+    ref = torch.zeros(st.k, L, dtype=torch.float64)
+    ref.index_add_(1, coef_of_col, codes * g.double())
+    assert _rel(st.project(g), ref) < 1e-6
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_native_fixed_point_keeps_a_non_finite_input_visible(bad):
+    """Rounding g to int16 must not turn a NaN or inf gradient into a finite product (nor, in the side
+    columns' C loop, a coefficient)."""
+    from twa_scale.twa.quant import _native
+
+    if _native() is None:
+        pytest.skip("no C compiler: the native path falls back to eager")
+    x = _trajectory(n=4, d=3000)
+    q = build_basis(x, 0, x.shape[1], BLOCKS, bits=4, layerwise=True, kernels=Kernels("native", 4096))
+    g = torch.randn(x.shape[1])
+    g[1000] = bad                                      # inside a packed group of block 2
+    assert q.storage.gstart.le(1000).any() and not q.project(g)[:, 2].isfinite().any()
+    theta = q.theta0 + torch.randn_like(q.theta0)
+    theta[1, 2] = bad
+    w = q.reconstruct(theta)
+    assert not w[701:1500].isfinite().any() and w[:701].isfinite().all()
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -333,10 +333,12 @@ class GroupedP:
     num_coef: int
     kernels: Kernels
     side_coef: torch.Tensor = dataclasses.field(init=False)   # coefficient column of each side column
+    side_t: torch.Tensor = dataclasses.field(init=False)      # side transposed (len(side_idx) x k)
 
     def __post_init__(self):
         # resolved once: gathering it from side_blk at every step cost more than the side product itself
         self.side_coef = self.coef[self.side_blk]
+        self.side_t = self.side.T.contiguous()   # the native kernels read each side column's k rows at once
 
     @property
     def k(self) -> int:
@@ -399,6 +401,17 @@ class GroupedP:
 
     # -- products ---------------------------------------------------------------------------
     def project(self, g: torch.Tensor) -> torch.Tensor:
+        path = self.kernels.path
+        if path == "native":   # side columns and groups in C, into one double accumulator
+            res = torch.zeros(self.k, self.num_coef, dtype=torch.float64)
+            lib = _native()
+            if self.side_idx.numel():
+                lib.twa_side_project(*_ptrs(self.side_t, self.side_idx, self.side_coef, g, res), self.side_idx.numel(),
+                                     self.k, self.num_coef)
+            if self.gstart.numel():
+                lib.twa_project(*_ptrs(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo, g, res),
+                                self.gstart.numel(), self.k, self.scale.shape[1], self.num_coef, self.bits)
+            return res.float()
         out = torch.zeros(self.k, self.num_coef, dtype=torch.float32, device=g.device)
         if self.side_idx.numel():
             gs = g[self.side_idx]
@@ -408,12 +421,6 @@ class GroupedP:
                 out.T.index_add_(0, self.side_coef, (self.side * gs).T)
         if not self.gstart.numel():
             return out
-        path = self.kernels.path
-        if path == "native":
-            res = torch.zeros(self.k, self.num_coef, dtype=torch.float64)
-            _native().twa_project(*_ptrs(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo, g, res),
-                                  self.gstart.numel(), self.k, self.scale.shape[1], self.num_coef, self.bits)
-            return out + res.float()
         if path == "compile":
             return _compiled("project")(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo, g,
                                         self.bits, self.num_coef, out)
@@ -428,6 +435,16 @@ class GroupedP:
         dcol = delta[:, self.coef]                                   # k x nb: each block's coefficient
         a = (self.scale * dcol).contiguous()
         b = (self.lo * dcol).sum(0)
+        path = self.kernels.path
+        if path == "native":
+            lib = _native()
+            if self.side_idx.numel():
+                lib.twa_side_reconstruct(*_ptrs(self.side_t, self.side_idx, self.side_coef, delta.contiguous(), w_start,
+                                                out), self.side_idx.numel(), self.k, self.num_coef)
+            if self.gstart.numel():
+                lib.twa_reconstruct(*_ptrs(self.packed, self.gstart, self.pid, a, b.contiguous(), w_start, out),
+                                    self.gstart.numel(), self.k, a.shape[1], self.bits)
+            return out
         if self.side_idx.numel():
             ws = w_start[self.side_idx]
             if self.num_coef == 1:
@@ -436,11 +453,6 @@ class GroupedP:
                 ws += (self.side * delta[:, self.side_coef]).sum(0)
             out.index_copy_(0, self.side_idx, ws)
         if not self.gstart.numel():
-            return out
-        path = self.kernels.path
-        if path == "native":
-            _native().twa_reconstruct(*_ptrs(self.packed, self.gstart, self.pid, a, b.contiguous(), w_start, out),
-                                      self.gstart.numel(), self.k, a.shape[1], self.bits)
             return out
         if path == "compile":
             return _compiled("reconstruct")(self.packed, self.gstart, self.pid, a, b, w_start, out, self.bits)
@@ -517,6 +529,8 @@ def _native():
             lib.twa_project.argtypes = [p] * 8 + [i64] * 5
             lib.twa_reconstruct.argtypes = [p] * 7 + [i64] * 4
             lib.twa_kernel_threads.argtypes = [i64]
+            lib.twa_side_project.argtypes = [p] * 5 + [i64] * 3
+            lib.twa_side_reconstruct.argtypes = [p] * 6 + [i64] * 3
             break
         except (OSError, subprocess.SubprocessError):
             lib = None

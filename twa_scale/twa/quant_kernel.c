@@ -1,7 +1,15 @@
 /* The packed-P kernels of twa_scale/twa/quant.py (TWA_SCALE_P_KERNEL=native): built once per source
    version with the system compiler and loaded with ctypes. Built with -fopenmp they split the groups over
    OpenMP threads; the library resolves to the libgomp.so.1 torch has loaded, so they run on torch's own
-   intra-op pool (torch.set_num_threads) instead of fighting its spinning workers for the cores. */
+   intra-op pool (torch.set_num_threads) instead of fighting its spinning workers for the cores.
+
+   With AVX2 the project runs in 16-bit fixed point: on this class of core the int->float convert and the
+   FMA (which takes a second pipe's register port) cap a float kernel at ~8 codes per cycle, while one
+   VPMADDWD multiplies sixteen codes by g and adds pairs of them. g is rounded to int16 with one scale per
+   group (max |g| / 32767): ~2^-16 of the group's largest entry, far below what the codes already lose,
+   and a non-finite g still gives a non-finite result (through sum(g)). The reconstruct stays in fp32:
+   rounding the coefficients to int16 as well gained 5-20% but cost 1e-4 of agreement between world
+   sizes, because lo * delta and scale * delta * code cancel. The scalar fallback (no AVX2) is fp32. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +20,9 @@
 #include <immintrin.h>
 #endif
 #define TILE 64
+/* prefetch this far ahead of the tile being read: the hardware prefetcher alone left the int16 project
+   waiting on DRAM (17 against 31-37 codes/ns in a microbenchmark with 4 KiB) */
+#define PREFETCH_BYTES 4096
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -25,10 +36,10 @@ INLINE float hsum(__m256 s) {
 #endif
 
 /* Tiles are dword-planar (see pack_tiles): half h of a tile is eight 32-bit words; column
-   h * G/2 + 8 * pos + lane is bits [pos * bits, (pos + 1) * bits) of word lane. One AND leaves
-   code << (pos * bits) in each lane, which converts to float exactly; the power of two goes into
-   g (project) or into the final store (reconstruct). The top position holds bit 31 (the sign of a
-   signed convert), so it is shifted down instead. */
+   h * G/2 + 8 * pos + lane is bits [pos * bits, (pos + 1) * bits) of word lane. In the (fp32) reconstruct,
+   one AND leaves code << (pos * bits) in each lane, which converts to float exactly; the power of two goes
+   into the final store. The top position holds bit 31 (the sign of a signed convert), so it is shifted down
+   instead. */
 #define HALF 32
 
 INLINE uint32_t word_at(const uint8_t* p) { uint32_t w; memcpy(&w, p, 4); return w; }
@@ -41,6 +52,17 @@ INLINE __m256i code_at(__m256i x, int pos, int npos, int bits) {
     return pos == npos - 1 ? _mm256_srli_epi32(x, 32 - bits)
                            : _mm256_and_si256(x, _mm256_set1_epi32((int)(((1u << bits) - 1) << (pos * bits))));
 }
+/* Read as sixteen 16-bit lanes, lane 2 * lane (2 * lane + 1) of a half holds dword positions 0 .. npw-1
+   (npw .. npos-1) of word lane; this returns code p of every 16-bit lane (a shift and an AND at most) */
+INLINE __m256i word_code(__m256i y, int p, int npw, int bits, __m256i mask) {
+    return p == 0 ? _mm256_and_si256(y, mask)
+         : p == npw - 1 ? _mm256_srli_epi16(y, 16 - bits)
+                        : _mm256_and_si256(_mm256_srli_epi16(y, p * bits), mask);
+}
+/* one group's k tiles, PREFETCH_BYTES ahead (a prefetch past the end of P is a no-op: it never faults) */
+INLINE void prefetch_ahead(const uint8_t* tiles, int64_t k) {
+    for (int64_t o = 0; o < k * TILE; o += 64) _mm_prefetch((const char*)(tiles + PREFETCH_BYTES + o), _MM_HINT_T0);
+}
 #endif
 
 /* res[i*L + coef[pid[m]]] += scale[i, b] * (codes_i . g_m) + lo[i, b] * sum(g_m), group by group */
@@ -50,45 +72,51 @@ INLINE void project_body(const uint8_t* pk, const int64_t* gstart, const int64_t
     const int npos = 32 / bits, G = 16 * npos;
     const uint32_t mask = (1u << bits) - 1;
 #ifdef __AVX2__
-    float gp[512] __attribute__((aligned(32)));   /* the group's g, each position scaled by 2^-(pos*bits) */
+    (void)mask;
+    const int npw = 16 / bits;
     /* per-row 8-lane partial dots, summed over consecutive groups of one block and flushed (horizontal
-       sum, scale, lo * sum(g), into double) when the block changes or every FLUSH groups: a per-group
-       horizontal sum would cost a third of the arithmetic at 4 bits */
+       sum, scale, lo * sum(g), into double) when the block changes or every FLUSH groups */
     enum { FLUSH = 32 };
     float* part = (float*)aligned_alloc(32, (size_t)((k + 3) & ~3) * 8 * sizeof(float));
     memset(part, 0, (size_t)((k + 3) & ~3) * 8 * sizeof(float));
+    const __m256i m16 = _mm256_set1_epi16((short)((1u << bits) - 1));
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256i gq[2][16];   /* the group's g as int16, in the word order of word_code */
     double gsum_run = 0.;
     int run = 0;
     for (int64_t m = 0; m < ng; m++) {
         const float* gm = g + gstart[m];
         const int64_t b = pid[m], l = coef[b];
-        {
-            __m256 s0 = _mm256_setzero_ps();
-            for (int h = 0; h < 2; h++)
-                for (int pos = 0; pos < npos; pos++) {
-                    const int o = h * (G / 2) + pos * 8;
-                    const __m256 v = _mm256_loadu_ps(gm + o);
-                    s0 = _mm256_add_ps(s0, v);
-                    _mm256_store_ps(gp + o, _mm256_mul_ps(v, _mm256_set1_ps(pos_scale(pos, npos, bits))));
-                }
-            gsum_run += hsum(s0);
+        const uint8_t* tiles = pk + m * k * TILE;
+        prefetch_ahead(tiles, k);
+        __m256 s0 = _mm256_setzero_ps(), mx = _mm256_setzero_ps();
+        for (int o = 0; o < G; o += 8) {
+            const __m256 v = _mm256_loadu_ps(gm + o);
+            s0 = _mm256_add_ps(s0, v);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
         }
-        /* row by row, four accumulators a row: the masks and the group's g stay in L1 or registers,
-           and the out-of-order window overlaps the FMA chains of consecutive rows */
+        gsum_run += hsum(s0);
+        __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1)));
+        const __m256 vinv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+        for (int hh = 0; hh < 2; hh++)
+            for (int p = 0; p < npw; p++) {   /* low lane: dword position p, high lane: p + npw */
+                const float* gh = gm + hh * (G / 2);
+                const __m256i lo16 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(gh + 8 * p), vinv));
+                const __m256i hi16 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(gh + 8 * (p + npw)), vinv));
+                gq[hh][p] = _mm256_blend_epi16(lo16, _mm256_slli_epi32(hi16, 16), 0xAA);
+            }
+        const __m256 vs = _mm256_set1_ps(amax / 32767.f);
         for (int64_t i = 0; i < k; i++) {
-            const uint8_t* row = pk + (m * k + i) * TILE;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int h = 0; h < 2; h++) {
-                const __m256i x = _mm256_loadu_si256((const __m256i*)(row + h * HALF));
-                for (int pos = 0; pos < npos; pos++) {
-                    const __m256i v = code_at(x, pos, npos, bits);
-                    acc[pos & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_load_ps(gp + h * (G / 2) + pos * 8),
-                                                   acc[pos & 3]);
-                }
+            __m256i acc = _mm256_setzero_si256();
+            for (int hh = 0; hh < 2; hh++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i*)(tiles + i * TILE + hh * HALF));
+                for (int p = 0; p < npw; p++)
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(word_code(x, p, npw, bits, m16), gq[hh][p]));
             }
             float* pr = part + i * 8;
-            _mm256_store_ps(pr, _mm256_add_ps(_mm256_load_ps(pr),
-                                              _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))));
+            _mm256_store_ps(pr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), vs, _mm256_load_ps(pr)));
         }
         if (++run == FLUSH || m + 1 == ng || pid[m + 1] != b) {
             for (int64_t r = 0; r < k; r++) {
@@ -128,11 +156,13 @@ INLINE void reconstruct_body(const uint8_t* pk, const int64_t* gstart, const int
                              const int bits) {
     const int npos = 32 / bits, G = 16 * npos;
     const uint32_t mask = (1u << bits) - 1;
+    (void)mask;   /* the scalar fallback's */
     for (int64_t m = 0; m < ng; m++) {
         const int64_t b = pid[m];
         const float* wm = w + gstart[m];
         float* om = out + gstart[m];
 #ifdef __AVX2__
+        prefetch_ahead(pk + m * k * TILE, k);
         const __m256 bb = _mm256_set1_ps(bvec[b]);
         for (int h = 0; h < 2; h++)
             /* eight positions (64 columns at 4 bits) at a time: eight accumulators, each row's word loaded once */
@@ -244,5 +274,57 @@ void twa_reconstruct(const uint8_t* pk, const int64_t* gstart, const int64_t* pi
     for (int t = 0; t < nt; t++) {
         const int64_t s = ng * t / nt, e = ng * (t + 1) / nt;
         reconstruct_bits(pk + s * k * TILE, gstart + s, pid + s, a, bvec, w, out, e - s, k, nb, bits);
+    }
+}
+
+/* The side columns (block edges and tails outside a full group, kept dequantised): side_t is S x k, the k
+   rows of each column contiguous; scoef its coefficient column. In C because, done as five torch ops a step,
+   the gathers and the scatter cost 10-17% of a 4-bit step at W = 2. */
+#define SIDE_ROWS 64
+
+/* res (k x L doubles) += side . g, per coefficient column; rows in chunks of SIDE_ROWS accumulated in fp32 */
+void twa_side_project(const float* side_t, const int64_t* idx, const int64_t* scoef, const float* g, double* res,
+                      int64_t S, int64_t k, int64_t L) {
+    for (int64_t i0 = 0; i0 < k; i0 += SIDE_ROWS) {
+        const int64_t ni = k - i0 < SIDE_ROWS ? k - i0 : SIDE_ROWS;
+        float acc[SIDE_ROWS] = {0};
+        for (int64_t j = 0; j < S; j++) {
+            const float gj = g[idx[j]];
+            const float* sj = side_t + j * k + i0;
+            for (int64_t i = 0; i < ni; i++) acc[i] += sj[i] * gj;
+            if (j + 1 == S || scoef[j + 1] != scoef[j]) {   /* a run of one coefficient ends */
+                for (int64_t i = 0; i < ni; i++) res[(i0 + i) * L + scoef[j]] += acc[i];
+                memset(acc, 0, sizeof acc);
+            }
+        }
+    }
+}
+
+/* out[idx[j]] = w[idx[j]] + sum_i side_t[j, i] * delta[i, scoef[j]]  (delta: k x L fp32) */
+void twa_side_reconstruct(const float* side_t, const int64_t* idx, const int64_t* scoef, const float* delta,
+                          const float* w, float* out, int64_t S, int64_t k, int64_t L) {
+    float dcol[SIDE_ROWS];
+    for (int64_t j = 0; j < S; j++) out[idx[j]] = w[idx[j]];
+    for (int64_t i0 = 0; i0 < k; i0 += SIDE_ROWS) {
+        const int64_t ni = k - i0 < SIDE_ROWS ? k - i0 : SIDE_ROWS;
+        int64_t cur = -1;
+        for (int64_t j = 0; j < S; j++) {
+            if (scoef[j] != cur) {   /* this chunk of the coefficient column, contiguous */
+                cur = scoef[j];
+                for (int64_t i = 0; i < ni; i++) dcol[i] = delta[(i0 + i) * L + cur];
+            }
+            const float* sj = side_t + j * k + i0;
+#ifdef __AVX2__
+            __m256 s8 = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 8 <= ni; i += 8) s8 = _mm256_fmadd_ps(_mm256_loadu_ps(sj + i), _mm256_loadu_ps(dcol + i), s8);
+            float s = hsum(s8);
+#else
+            float s = 0.f;
+            int64_t i = 0;
+#endif
+            for (; i < ni; i++) s += sj[i] * dcol[i];
+            out[idx[j]] += s;
+        }
     }
 }
