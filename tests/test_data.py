@@ -59,3 +59,23 @@ def test_image_folder_cifar_subset():
     torch.manual_seed(0)
     e1, e2 = data.train_eval[0][0], data.train_eval[0][0]
     assert torch.equal(e1, e2)
+
+
+def test_a_png_decodes_through_pil_without_sharing_its_read_only_buffer():
+    """Images simplejpeg cannot read (PNG, CMYK JPEG) go through PIL, whose array is read-only: the decoder
+    copies it, so torch never wraps a buffer it must not write (and warns about, once per process)."""
+    import io
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from twa_scale.data.decode import decode_one, recipe_for
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        img = decode_one(buf.getvalue(), recipe_for(32, False), np.random.default_rng(0))
+    assert torch.equal(img, torch.from_numpy(pixels).permute(2, 0, 1))   # eval at full size: the pixels

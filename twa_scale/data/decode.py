@@ -92,7 +92,9 @@ def _pil_rgb(data: bytes) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+        # a writable copy: np.asarray would share PIL's read-only buffer, which torch.from_numpy refuses to
+        # promise anything about (and an eval image that needs no resize would be returned as that view)
+        return np.array(im.convert("RGB"))
 
 
 def _jpeg_header(data: bytes) -> tuple[int, int] | None:
