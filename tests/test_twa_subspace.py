@@ -304,6 +304,24 @@ def test_native_kernels_equal_integer_arithmetic_on_integer_inputs(bits, layerwi
     assert _rel(st.project(g), ref) < 1e-6
 
 
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_native_side_columns_beyond_one_chunk_of_rows_equal_eager(layerwise):
+    """The C loops over the side columns take the rows 64 at a time: with k > 64 they still equal eager."""
+    from twa_scale.twa.quant import _native
+
+    if _native() is None:
+        pytest.skip("no C compiler: the native path falls back to eager")
+    x = _trajectory(n=70, d=3000)
+    blocks = [(0, 1100), (1100, 1103), (1103, 3000)]
+    eager, native = (build_basis(x, 0, x.shape[1], blocks, bits=4, layerwise=layerwise, kernels=Kernels(p, 4096))
+                     for p in ("eager", "native"))
+    assert native.storage.k > 64 and native.storage.side_idx.numel()
+    g = torch.randn(x.shape[1])
+    theta = eager.theta0 + torch.randn_like(eager.theta0)
+    assert _rel(native.project(g), eager.project(g)) < 1e-5
+    assert _rel(native.reconstruct(theta) - native.w_start, eager.reconstruct(theta) - eager.w_start) < 1e-5
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_native_fixed_point_keeps_a_non_finite_input_visible(bad):
     """Rounding g to int16 must not turn a NaN or inf gradient into a finite product (nor, in the side
