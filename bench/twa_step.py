@@ -65,6 +65,19 @@ _STAT = "median"  # --stat: min suits a shared host (it drops the reps a neighbo
 _CLOCK = time.perf_counter
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the widest SIMD level the native kernels have code for (avx512, avx2)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine() or "cpu"
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.split("\n\n")[0].splitlines()
+                                                if ":" in line)}
+    flags, model = set(fields.get("flags", "").split()), fields.get("model name", "cpu")
+    simd = "avx512" if {"avx512f", "avx512bw", "avx512dq"} <= flags else "avx2" if "avx2" in flags else "scalar"
+    return f"{model} ({simd})"
+
+
 def copy_bandwidth(dev: torch.device, nbytes: int, reps: int) -> float:
     """Bytes moved per second by a device copy (read + write counted, like the floor's 2·n·d·bytes)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).fill_(1.0)
@@ -306,7 +319,7 @@ def main(argv=None) -> int:
     kernels = resolve_kernels(dev)   # compiled (if so) on first use: the warm-up calls of the first config
     load_before = os.getloadavg()
     bw = copy_bandwidth(dev, min(1 << 30, max(4 * D, 256 << 20)), reps)
-    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu'}),"
+    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else cpu_name()}),"
           f" D={D}, copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
 
     rows, skipped = [], []
@@ -364,7 +377,7 @@ def main(argv=None) -> int:
     out = {
         "bench": "twa_step",
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu"),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "D": D,

@@ -3,6 +3,8 @@ formulation, dropping of dependent snapshots, quantisation bounds, coefficient f
 from __future__ import annotations
 
 import math
+import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,19 +268,38 @@ def test_fused_kernels_equal_eager(bits, path):
     assert _rel(fused.reconstruct(theta) - fused.w_start, eager.reconstruct(theta) - eager.w_start) < 1e-5
 
 
+# the C kernels as built for this CPU, and for older x86-64 levels: v3 runs the AVX2 code and v2 the scalar
+# fallback on any x86-64 host (native is AVX-512 where the CPU has it, else AVX2)
+ISAS = ["native", "x86-64-v3", "x86-64-v2"]
+
+
+@pytest.fixture
+def native_isa(request, monkeypatch):
+    """Point the native path at the kernels built for ``request.param`` (an -march value); the library."""
+    from twa_scale.twa import quant
+
+    march = request.param
+    if march != "native" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"-march={march} is an x86-64 level")
+    lib = quant._native() if march == "native" else quant.build_native(march)
+    if lib is None:
+        pytest.skip("no C compiler: the native path falls back to eager")
+    monkeypatch.setattr(quant, "_NATIVE_LIB", [lib])
+    return lib
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("layerwise", [False, True])
-def test_native_kernels_equal_integer_arithmetic_on_integer_inputs(bits, layerwise):
+@pytest.mark.parametrize("native_isa", ISAS, indirect=True)
+def test_native_kernels_equal_integer_arithmetic_on_integer_inputs(bits, layerwise, native_isa):
     """With lo = 0 and scale = 1 (P is its codes), integer g with 32767 the largest of every group (the int16
     project then rounds nothing) and integer coefficients, the native kernels equal exact integer arithmetic
     to fp32 rounding. A code read from the wrong lane or position, or a side column given the wrong
-    coefficient, changes whole integers."""
+    coefficient, changes whole integers. For every instruction set the kernels have code for."""
     import dataclasses
 
-    from twa_scale.twa.quant import GroupedP, _native
+    from twa_scale.twa.quant import GroupedP
 
-    if _native() is None:
-        pytest.skip("no C compiler: the native path falls back to eager")
     x = _trajectory(n=5, d=3000)
     blocks = [(0, 1100), (1100, 1103), (1103, 3000)]
     q = build_basis(x, 0, x.shape[1], blocks, bits=bits, layerwise=layerwise, kernels=Kernels("native", 4096))
@@ -302,6 +323,32 @@ def test_native_kernels_equal_integer_arithmetic_on_integer_inputs(bits, layerwi
     ref = torch.zeros(st.k, L, dtype=torch.float64)
     ref.index_add_(1, coef_of_col, codes * g.double())
     assert _rel(st.project(g), ref) < 1e-6
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_avx512_kernels_equal_the_avx2_kernels_bit_for_bit(bits, layerwise, monkeypatch):
+    """The AVX-512 code holds a whole tile per register but keeps the AVX2 code's lanes and order of
+    additions (the project's integer sums are exact): both products are the same bits."""
+    from twa_scale.twa import quant
+
+    flags = set(open("/proc/cpuinfo").read().split()) if Path("/proc/cpuinfo").exists() else set()
+    if not {"avx512f", "avx512bw", "avx512dq"} <= flags:
+        pytest.skip("this CPU has no AVX-512 (F, BW, DQ): native is the AVX2 code")
+    native, avx2 = quant._native(), quant.build_native("x86-64-v3")
+    if native is None or avx2 is None:
+        pytest.skip("no C compiler: the native path falls back to eager")
+    x = _trajectory(n=37, d=20_000)                   # an odd row count; groups, edges and tails in 3 blocks
+    q = build_basis(x, 0, x.shape[1], [(0, 7000), (7000, 7003), (7003, 20_000)], bits=bits, layerwise=layerwise,
+                    kernels=Kernels("native", 4096))
+    g = torch.randn(x.shape[1])
+    theta = q.theta0 + torch.randn_like(q.theta0)
+    results = []
+    for lib in (native, avx2):
+        monkeypatch.setattr(quant, "_NATIVE_LIB", [lib])
+        results.append((q.project(g), q.reconstruct(theta)))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("layerwise", [False, True])

@@ -8,7 +8,7 @@
 
 Kernels are chosen once, at build time (:func:`resolve_kernels`), from the device and
 the ``TWA_SCALE_P_KERNEL`` knob: ``native`` (a small C kernel built with the system
-compiler, AVX2 when the CPU has it), ``compile`` (torch.compile: Triton on GPU, Inductor
+compiler, AVX-512 or AVX2 when the CPU has it), ``compile`` (torch.compile: Triton on GPU, Inductor
 C++ on CPU) or ``eager`` (chunked dequantise + BLAS). ``auto`` picks native on CPU when
 a compiler is there, compile on CUDA, eager otherwise. Every path computes the same
 products as :meth:`PStorage.dequantize` to fp32 rounding (tests pin 1e-5 relative).
@@ -408,9 +408,10 @@ class GroupedP:
             if self.side_idx.numel():
                 lib.twa_side_project(*_ptrs(self.side_t, self.side_idx, self.side_coef, g, res), self.side_idx.numel(),
                                      self.k, self.num_coef)
-            if self.gstart.numel():
-                lib.twa_project(*_ptrs(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo, g, res),
-                                self.gstart.numel(), self.k, self.scale.shape[1], self.num_coef, self.bits)
+            if self.gstart.numel() and lib.twa_project(
+                    *_ptrs(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo, g, res),
+                    self.gstart.numel(), self.k, self.scale.shape[1], self.num_coef, self.bits):
+                raise MemoryError(f"native TWA project: no memory for the partial sums of {self.k} rows")
             return res.float()
         out = torch.zeros(self.k, self.num_coef, dtype=torch.float32, device=g.device)
         if self.side_idx.numel():
@@ -496,9 +497,16 @@ _NATIVE_LIB: list = []
 
 
 def _native():
-    """The C kernels, built once per source version with the system compiler; None when none is found."""
-    if _NATIVE_LIB:
-        return _NATIVE_LIB[0]
+    """The C kernels for this CPU, built once per source version with the system compiler; None when none
+    is found."""
+    if not _NATIVE_LIB:
+        _NATIVE_LIB.append(build_native("native"))
+    return _NATIVE_LIB[0]
+
+
+def build_native(march: str):
+    """The C kernels compiled with ``-march=<march>`` (tests build x86-64-v2/v3 to run the scalar and AVX2
+    code on any x86-64 host), cached by source, compiler, flags; None when no compiler builds them."""
     import ctypes
     import hashlib
     import os
@@ -506,12 +514,11 @@ def _native():
     import subprocess
     import tempfile
 
-    lib = None
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     source = _native_source() if cc else ""
     cache = os.path.join(tempfile.gettempdir(), f"twa_scale_kernels-{os.getuid()}")
     # with OpenMP first (the kernels then run on torch's intra-op pool), else one thread
-    for flags in (["-fopenmp"], []) if cc else ():
+    for flags in ([f"-march={march}", "-fopenmp"], [f"-march={march}"]) if cc else ():
         key = hashlib.sha256((source + cc + " ".join(flags)).encode()).hexdigest()[:16]
         so = os.path.join(cache, f"twa_quant_{key}.so")
         try:
@@ -521,21 +528,21 @@ def _native():
                 with open(src, "w") as f:
                     f.write(source)
                 tmp = f"{so}.{os.getpid()}"
-                subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", *flags, "-o", tmp, src], check=True,
+                subprocess.run([cc, "-O3", "-shared", "-fPIC", *flags, "-o", tmp, src], check=True,
                                capture_output=True, timeout=120)
                 os.replace(tmp, so)   # atomic: ranks building at once never load a half-written file
             lib = ctypes.CDLL(so)
-            p, i64 = ctypes.c_void_p, ctypes.c_int64
-            lib.twa_project.argtypes = [p] * 8 + [i64] * 5
-            lib.twa_reconstruct.argtypes = [p] * 7 + [i64] * 4
-            lib.twa_kernel_threads.argtypes = [i64]
-            lib.twa_side_project.argtypes = [p] * 5 + [i64] * 3
-            lib.twa_side_reconstruct.argtypes = [p] * 6 + [i64] * 3
-            break
         except (OSError, subprocess.SubprocessError):
-            lib = None
-    _NATIVE_LIB.append(lib)
-    return lib
+            continue
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.twa_project.argtypes = [p] * 8 + [i64] * 5
+        lib.twa_project.restype = ctypes.c_int
+        lib.twa_reconstruct.argtypes = [p] * 7 + [i64] * 4
+        lib.twa_kernel_threads.argtypes = [i64]
+        lib.twa_side_project.argtypes = [p] * 5 + [i64] * 3
+        lib.twa_side_reconstruct.argtypes = [p] * 6 + [i64] * 3
+        return lib
+    return None
 
 
 def _ptrs(*tensors: torch.Tensor) -> list[int]:
