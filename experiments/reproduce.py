@@ -473,15 +473,25 @@ def _stop_live() -> None:
             proc.wait()
 
 
+def changed_args(step: Step, work: Path) -> str | None:
+    """Why ``step`` cannot run here: its done-marker holds other arguments (None: it may run or be skipped)."""
+    marker = work / "done" / f"{step.name}.json"
+    done = _read_json(marker)
+    if done is None or done.get("args") == step.args:
+        return None
+    return (f"step {step.name} finished earlier with other arguments ({marker});\n"
+            f"  then: {shlex.join(done.get('args', []))}\n  now:  {shlex.join(step.args)}\n"
+            "use another --out, or delete that marker to redo the step")
+
+
 def run_step(step: Step, work: Path, *, ranks: int, env: dict[str, str], log=print) -> dict:
     """Run one step unless its done-marker says it already finished with the same arguments."""
+    why = changed_args(step, work)
+    if why:
+        raise SystemExit(why)
     marker = work / "done" / f"{step.name}.json"
     done = _read_json(marker)
     if done is not None:
-        if done.get("args") != step.args:
-            raise SystemExit(f"step {step.name} finished earlier with other arguments ({marker});\n"
-                             f"  then: {shlex.join(done.get('args', []))}\n  now:  {shlex.join(step.args)}\n"
-                             "use another --out, or delete that marker to redo the step")
         log(f"[skip] {step.name} (done in {done['seconds']:.0f}s)")
         return done
     cmd = command(step, ranks)
@@ -1146,6 +1156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         t0 = time.perf_counter()
         chosen = [st for st in steps if not a.only or any(fnmatch.fnmatch(st.name, pat) for pat in a.only.split(","))]
+        # before anything runs: a report written now would label the earlier results with these arguments
+        refused = [why for why in (changed_args(st, work) for st in chosen) if why]
+        if refused:
+            print("error: " + "\n".join(refused), file=sys.stderr)
+            return 2
         try:
             run_steps(chosen, work, ranks=a.ranks, env=env, jobs=a.jobs, log=lambda m: print(m, flush=True))
         except SystemExit as e:

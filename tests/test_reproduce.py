@@ -136,10 +136,14 @@ def test_rerun_skips_done_steps_and_resumes_the_rest(smoke):
     for r in before:  # the training run was not redone; the TWA rerun is deterministic
         assert after[r["method"]]["accuracy_mean"] == pytest.approx(r["accuracy_mean"], abs=1e-9), r["method"]
 
-    # A finished step rerun with other arguments is refused, not silently mixed in.
+    # A finished step rerun with other arguments is refused, not silently mixed in: nothing runs, and the
+    # report still describes the runs it was written from.
+    written = {name: (out / name).read_bytes() for name in ("results.json", "report.md")}
     proc = python("experiments/reproduce.py", ["--smoke", "--out", str(out), "--data", data, "--tail-epochs", "2"],
                   check=False, timeout=300)
-    assert proc.returncode != 0 and "finished earlier with other arguments" in proc.stderr
+    assert proc.returncode == 2 and "finished earlier with other arguments" in proc.stderr
+    assert "[run ]" not in proc.stdout
+    assert {name: (out / name).read_bytes() for name in written} == written
 
 
 @pytest.mark.slow
