@@ -49,7 +49,7 @@ def default_preset(monkeypatch):
 
 
 # Every marker that puts a test in a heavier tier than `unit` (pyproject.toml's [tool.pytest.ini_options]).
-TIERS = ("multirank", "s3", "prometheus", "k8s", "gpu", "image", "slow", "e2e")
+TIERS = ("multirank", "s3", "prometheus", "k8s", "gpu", "image", "experiments", "slow", "e2e")
 
 
 def pytest_collection_modifyitems(config, items):

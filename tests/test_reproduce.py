@@ -71,6 +71,7 @@ def smoke(tmp_path_factory):
     return out, proc, stopped_done
 
 
+@pytest.mark.experiments
 @pytest.mark.slow
 def test_smoke_writes_report_json_and_plots(smoke):
     out, proc, _ = smoke
@@ -88,6 +89,7 @@ def test_smoke_writes_report_json_and_plots(smoke):
     assert (out / "work" / ".gitignore").read_text() == "*\n"  # bulky state stays out of git
 
 
+@pytest.mark.experiments
 @pytest.mark.slow
 def test_smoke_numbers_are_sane(smoke):
     out, _, _ = smoke
@@ -118,6 +120,7 @@ def test_smoke_numbers_are_sane(smoke):
     assert tail["twa"]["hyperparameters"]["start"] == 1 and tail["swa"]["history"] == []
 
 
+@pytest.mark.experiments
 @pytest.mark.slow
 def test_rerun_skips_done_steps_and_resumes_the_rest(smoke):
     out, _, _ = smoke
@@ -146,6 +149,7 @@ def test_rerun_skips_done_steps_and_resumes_the_rest(smoke):
     assert {name: (out / name).read_bytes() for name in written} == written
 
 
+@pytest.mark.experiments
 @pytest.mark.slow
 def test_stopped_training_step_resumes_from_its_checkpoint(smoke):
     out, proc, stopped_done = smoke
@@ -309,6 +313,7 @@ def _run_files(out, run_id):
             read(out / "work" / "done" / f"{run_id}.json"))
 
 
+@pytest.mark.experiments
 @pytest.mark.slow
 def test_early_stop_smoke_report_agrees_with_the_run_files(early):
     out, first, again = early

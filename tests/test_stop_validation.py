@@ -48,6 +48,7 @@ def validated(tmp_path_factory):
     return out
 
 
+@pytest.mark.experiments
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_smoke_protocol_freezes_on_dev_then_replays_and_runs_live_on_test(validated):
