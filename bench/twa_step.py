@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from twa_scale.twa.quant import TILE_BYTES, DenseP, GroupedP, Kernels, resolve_kernels  # noqa: E402
+from twa_scale.twa.quant import (TILE_BYTES, DenseP, GroupedP, Kernels, native_simd_bits,  # noqa: E402
+                                  resolve_kernels)
 from twa_scale.twa.subspace import Basis  # noqa: E402
 
 RESNET50_D = 25_557_032
@@ -66,16 +67,14 @@ _CLOCK = time.perf_counter
 
 
 def cpu_name() -> str:
-    """The CPU's model name and the widest SIMD level the native kernels have code for (avx512, avx2)."""
+    """The CPU's model name (Linux), else what platform knows."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     except OSError:
-        return platform.processor() or platform.machine() or "cpu"
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.split("\n\n")[0].splitlines()
-                                                if ":" in line)}
-    flags, model = set(fields.get("flags", "").split()), fields.get("model name", "cpu")
-    simd = "avx512" if {"avx512f", "avx512bw", "avx512dq"} <= flags else "avx2" if "avx2" in flags else "scalar"
-    return f"{model} ({simd})"
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def copy_bandwidth(dev: torch.device, nbytes: int, reps: int) -> float:
@@ -386,6 +385,8 @@ def main(argv=None) -> int:
         "stat": args.stat,
         "clock": args.clock,
         "p_kernels": kernels.path,
+        # the vector width of the C kernels (512: AVX-512, 256: AVX2, 0: scalar)
+        "p_kernel_simd_bits": native_simd_bits() if kernels.path == "native" else None,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "copy_bandwidth_GBps": bw / 1e9,

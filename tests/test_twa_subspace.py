@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import platform
-from pathlib import Path
 
 import pytest
 import torch
@@ -271,6 +270,7 @@ def test_fused_kernels_equal_eager(bits, path):
 # the C kernels as built for this CPU, and for older x86-64 levels: v3 runs the AVX2 code and v2 the scalar
 # fallback on any x86-64 host (native is AVX-512 where the CPU has it, else AVX2)
 ISAS = ["native", "x86-64-v3", "x86-64-v2"]
+SIMD_BITS = {"x86-64-v3": 256, "x86-64-v2": 0}
 
 
 @pytest.fixture
@@ -284,6 +284,7 @@ def native_isa(request, monkeypatch):
     lib = quant._native() if march == "native" else quant.build_native(march)
     if lib is None:
         pytest.skip(f"no C compiler builds the kernels for -march={march}")
+    assert lib.twa_simd_bits() == SIMD_BITS.get(march, lib.twa_simd_bits()), "the build runs another code path"
     monkeypatch.setattr(quant, "_NATIVE_LIB", [lib])
     return lib
 
@@ -332,12 +333,12 @@ def test_avx512_kernels_equal_the_avx2_kernels_bit_for_bit(bits, layerwise, monk
     additions (the project's integer sums are exact): both products are the same bits."""
     from twa_scale.twa import quant
 
-    flags = set(open("/proc/cpuinfo").read().split()) if Path("/proc/cpuinfo").exists() else set()
-    if not {"avx512f", "avx512bw", "avx512dq"} <= flags:
-        pytest.skip("this CPU has no AVX-512 (F, BW, DQ): native is the AVX2 code")
     native, avx2 = quant._native(), quant.build_native("x86-64-v3")
     if native is None or avx2 is None:
         pytest.skip("no C compiler: the native path falls back to eager")
+    if native.twa_simd_bits() != 512:
+        pytest.skip("this CPU (or compiler) has no AVX-512 F/BW/DQ: the native build is the AVX2 code")
+    assert avx2.twa_simd_bits() == 256
     x = _trajectory(n=37, d=20_000)                   # an odd row count; groups, edges and tails in 3 blocks
     q = build_basis(x, 0, x.shape[1], [(0, 7000), (7000, 7003), (7003, 20_000)], bits=bits, layerwise=layerwise,
                     kernels=Kernels("native", 4096))

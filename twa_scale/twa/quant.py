@@ -504,6 +504,13 @@ def _native():
     return _NATIVE_LIB[0]
 
 
+def native_simd_bits() -> int | None:
+    """The vector width the native kernels run at on this CPU: 512 (AVX-512), 256 (AVX2), 0 (scalar); None when
+    they did not build."""
+    lib = _native()
+    return None if lib is None else lib.twa_simd_bits()
+
+
 def build_native(march: str):
     """The C kernels compiled with ``-march=<march>`` (tests build x86-64-v2/v3 to run the scalar and AVX2
     code on any x86-64 host), cached by source, compiler, flags; None when no compiler builds them."""
@@ -539,6 +546,7 @@ def build_native(march: str):
         lib.twa_project.restype = ctypes.c_int
         lib.twa_reconstruct.argtypes = [p] * 7 + [i64] * 4
         lib.twa_kernel_threads.argtypes = [i64]
+        lib.twa_simd_bits.argtypes = []
         lib.twa_side_project.argtypes = [p] * 5 + [i64] * 3
         lib.twa_side_reconstruct.argtypes = [p] * 6 + [i64] * 3
         return lib

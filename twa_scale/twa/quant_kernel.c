@@ -304,6 +304,17 @@ static int threads_for(int64_t ng) {
 #endif
 }
 
+/* the vector width this build runs: 512 (AVX-512), 256 (AVX2) or 0 (the scalar fallback) */
+int twa_simd_bits(void) {
+#if defined(TWA_AVX512)
+    return 512;
+#elif defined(__AVX2__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
 /* the threads the kernels use for ng groups (tests check that OpenMP follows torch.set_num_threads) */
 int twa_kernel_threads(int64_t ng) { return threads_for(ng); }
 
