@@ -334,11 +334,14 @@ class GroupedP:
     kernels: Kernels
     side_coef: torch.Tensor = dataclasses.field(init=False)   # coefficient column of each side column
     side_t: torch.Tensor = dataclasses.field(init=False)      # side transposed (len(side_idx) x k)
+    _sizes: tuple[int, ...] = dataclasses.field(init=False, repr=False)   # the native kernels' size arguments
 
     def __post_init__(self):
         # resolved once: gathering it from side_blk at every step cost more than the side product itself
         self.side_coef = self.coef[self.side_blk]
         self.side_t = self.side.T.contiguous()   # the native kernels read each side column's k rows at once
+        self._sizes = (self.side_idx.numel(), self.gstart.numel(), self.k, self.scale.shape[1], self.num_coef,
+                       self.bits)
 
     @property
     def k(self) -> int:
@@ -402,17 +405,12 @@ class GroupedP:
     # -- products ---------------------------------------------------------------------------
     def project(self, g: torch.Tensor) -> torch.Tensor:
         path = self.kernels.path
-        if path == "native":   # side columns and groups in C, into one double accumulator
-            res = torch.zeros(self.k, self.num_coef, dtype=torch.float64)
-            lib = _native()
-            if self.side_idx.numel():
-                lib.twa_side_project(*_ptrs(self.side_t, self.side_idx, self.side_coef, g, res), self.side_idx.numel(),
-                                     self.k, self.num_coef)
-            if self.gstart.numel() and lib.twa_project(
-                    *_ptrs(self.packed, self.gstart, self.pid, self.coef, self.scale, self.lo, g, res),
-                    self.gstart.numel(), self.k, self.scale.shape[1], self.num_coef, self.bits):
+        if path == "native":   # side columns and groups in one C call
+            c = torch.empty(self.k, self.num_coef, dtype=torch.float32)
+            if _native().twa_project(*_ptrs(self.side_t, self.side_idx, self.side_coef, self.packed, self.gstart,
+                                            self.pid, self.coef, self.scale, self.lo, g, c), *self._sizes):
                 raise MemoryError(f"native TWA project: no memory for the partial sums of {self.k} rows")
-            return res.float()
+            return c
         out = torch.zeros(self.k, self.num_coef, dtype=torch.float32, device=g.device)
         if self.side_idx.numel():
             gs = g[self.side_idx]
@@ -433,19 +431,16 @@ class GroupedP:
         return out
 
     def reconstruct(self, w_start: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        path = self.kernels.path
+        if path == "native":   # side columns, groups and their per-block factors in one C call
+            if _native().twa_reconstruct(*_ptrs(self.side_t, self.side_idx, self.side_coef, self.packed, self.gstart,
+                                                self.pid, self.coef, self.scale, self.lo, delta.contiguous(), w_start,
+                                                out), *self._sizes):
+                raise MemoryError(f"native TWA reconstruct: no memory for the factors of {self.k} rows")
+            return out
         dcol = delta[:, self.coef]                                   # k x nb: each block's coefficient
         a = (self.scale * dcol).contiguous()
         b = (self.lo * dcol).sum(0)
-        path = self.kernels.path
-        if path == "native":
-            lib = _native()
-            if self.side_idx.numel():
-                lib.twa_side_reconstruct(*_ptrs(self.side_t, self.side_idx, self.side_coef, delta.contiguous(), w_start,
-                                                out), self.side_idx.numel(), self.k, self.num_coef)
-            if self.gstart.numel():
-                lib.twa_reconstruct(*_ptrs(self.packed, self.gstart, self.pid, a, b.contiguous(), w_start, out),
-                                    self.gstart.numel(), self.k, a.shape[1], self.bits)
-            return out
         if self.side_idx.numel():
             ws = w_start[self.side_idx]
             if self.num_coef == 1:
@@ -542,13 +537,11 @@ def build_native(march: str):
         except (OSError, subprocess.SubprocessError):
             continue
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.twa_project.argtypes = [p] * 8 + [i64] * 5
-        lib.twa_project.restype = ctypes.c_int
-        lib.twa_reconstruct.argtypes = [p] * 7 + [i64] * 4
+        lib.twa_project.argtypes = [p] * 11 + [i64] * 6
+        lib.twa_reconstruct.argtypes = [p] * 12 + [i64] * 6
+        lib.twa_project.restype = lib.twa_reconstruct.restype = ctypes.c_int
         lib.twa_kernel_threads.argtypes = [i64]
         lib.twa_simd_bits.argtypes = []
-        lib.twa_side_project.argtypes = [p] * 5 + [i64] * 3
-        lib.twa_side_reconstruct.argtypes = [p] * 6 + [i64] * 3
         return lib
     return None
 

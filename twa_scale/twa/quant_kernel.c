@@ -320,7 +320,7 @@ int twa_kernel_threads(int64_t ng) { return threads_for(ng); }
 
 /* res (k x L doubles) += the packed product; thread t takes groups [ng t / T, ng (t + 1) / T) into its own
    partial, summed in thread order (the same T gives the same result bit for bit). 0, or -1: out of memory */
-int twa_project(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
+static int project_groups(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
                  const float* scale, const float* lo, const float* g, double* res,
                  int64_t ng, int64_t k, int64_t nb, int64_t L, int64_t bits) {
     const int nt = threads_for(ng);
@@ -341,7 +341,7 @@ int twa_project(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, co
 }
 
 /* the threads write disjoint groups of out: the result does not depend on their number */
-void twa_reconstruct(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const float* a,
+static void reconstruct_groups(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const float* a,
                      const float* bvec, const float* w, float* out, int64_t ng, int64_t k, int64_t nb,
                      int64_t bits) {
     const int nt = threads_for(ng);
@@ -358,7 +358,7 @@ void twa_reconstruct(const uint8_t* pk, const int64_t* gstart, const int64_t* pi
 #define SIDE_ROWS 64
 
 /* res (k x L doubles) += side . g, per coefficient column; rows in chunks of SIDE_ROWS accumulated in fp32 */
-void twa_side_project(const float* side_t, const int64_t* idx, const int64_t* scoef, const float* g, double* res,
+static void side_project(const float* side_t, const int64_t* idx, const int64_t* scoef, const float* g, double* res,
                       int64_t S, int64_t k, int64_t L) {
     for (int64_t i0 = 0; i0 < k; i0 += SIDE_ROWS) {
         const int64_t ni = k - i0 < SIDE_ROWS ? k - i0 : SIDE_ROWS;
@@ -376,7 +376,7 @@ void twa_side_project(const float* side_t, const int64_t* idx, const int64_t* sc
 }
 
 /* out[idx[j]] = w[idx[j]] + sum_i side_t[j, i] * delta[i, scoef[j]]  (delta: k x L fp32) */
-void twa_side_reconstruct(const float* side_t, const int64_t* idx, const int64_t* scoef, const float* delta,
+static void side_reconstruct(const float* side_t, const int64_t* idx, const int64_t* scoef, const float* delta,
                           const float* w, float* out, int64_t S, int64_t k, int64_t L) {
     float dcol[SIDE_ROWS];
     for (int64_t j = 0; j < S; j++) out[idx[j]] = w[idx[j]];
@@ -402,4 +402,47 @@ void twa_side_reconstruct(const float* side_t, const int64_t* idx, const int64_t
             out[idx[j]] += s;
         }
     }
+}
+
+/* The entry points: one call per product, so that a step crosses from Python into C twice. Each call from
+   Python costs tens of microseconds once the caches are cold (as after a forward and backward pass), as does
+   each small torch op: the packed step used to make four calls and eight small ops around them. */
+
+/* c (k x L fp32) = this slice's P times g: the side columns, then the packed groups, summed in double.
+   0, or -1 when out of memory */
+int twa_project(const float* side_t, const int64_t* side_idx, const int64_t* side_coef, const uint8_t* pk,
+                const int64_t* gstart, const int64_t* pid, const int64_t* coef, const float* scale, const float* lo,
+                const float* g, float* c, int64_t S, int64_t ng, int64_t k, int64_t nb, int64_t L, int64_t bits) {
+    double* res = (double*)calloc((size_t)(k * L), sizeof(double));
+    if (res == NULL) return -1;
+    side_project(side_t, side_idx, side_coef, g, res, S, k, L);
+    const int rc = ng ? project_groups(pk, gstart, pid, coef, scale, lo, g, res, ng, k, nb, L, bits) : 0;
+    for (int64_t i = 0; i < k * L; i++) c[i] = (float)res[i];
+    free(res);
+    return rc;
+}
+
+/* out = w + this slice's P transposed times delta (k x L fp32). Per block b the groups need
+   a[i, b] = scale[i, b] * delta[i, coef[b]] and the offset sum_i lo[i, b] * delta[i, coef[b]].
+   0, or -1 when out of memory */
+int twa_reconstruct(const float* side_t, const int64_t* side_idx, const int64_t* side_coef, const uint8_t* pk,
+                    const int64_t* gstart, const int64_t* pid, const int64_t* coef, const float* scale,
+                    const float* lo, const float* delta, const float* w, float* out, int64_t S, int64_t ng, int64_t k,
+                    int64_t nb, int64_t L, int64_t bits) {
+    float* a = (float*)malloc((size_t)((k + 1) * nb) * sizeof(float));
+    if (a == NULL) return -1;
+    float* offset = a + k * nb;
+    for (int64_t b = 0; b < nb; b++) {
+        float s = 0.f;
+        for (int64_t i = 0; i < k; i++) {
+            const float d = delta[i * L + coef[b]];
+            a[i * nb + b] = scale[i * nb + b] * d;
+            s += lo[i * nb + b] * d;
+        }
+        offset[b] = s;
+    }
+    side_reconstruct(side_t, side_idx, side_coef, delta, w, out, S, k, L);
+    if (ng) reconstruct_groups(pk, gstart, pid, a, offset, w, out, ng, k, nb, bits);
+    free(a);
+    return 0;
 }
