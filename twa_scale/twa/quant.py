@@ -334,18 +334,20 @@ class GroupedP:
     kernels: Kernels
     side_coef: torch.Tensor = dataclasses.field(init=False)   # coefficient column of each side column
     side_t: torch.Tensor = dataclasses.field(init=False)      # side transposed (len(side_idx) x k)
-    _sizes: tuple[int, ...] = dataclasses.field(init=False, repr=False)   # the native kernels' size arguments
 
     def __post_init__(self):
         # resolved once: gathering it from side_blk at every step cost more than the side product itself
         self.side_coef = self.coef[self.side_blk]
         self.side_t = self.side.T.contiguous()   # the native kernels read each side column's k rows at once
-        self._sizes = (self.side_idx.numel(), self.gstart.numel(), self.k, self.scale.shape[1], self.num_coef,
-                       self.bits)
 
     @property
     def k(self) -> int:
         return self.side.shape[0]
+
+    @property
+    def _sizes(self) -> tuple[int, ...]:
+        """The native kernels' size arguments: side columns, groups, rows, blocks, coefficient columns, bits."""
+        return self.side_idx.numel(), self.gstart.numel(), self.k, self.scale.shape[1], self.num_coef, self.bits
 
     @property
     def group_columns(self) -> int:

@@ -94,8 +94,8 @@ INLINE __m512i madd_acc512(__m512i acc, __m512i a, __m512i b) {
 /* res[i*L + coef[pid[m]]] += scale[i, b] * (codes_i . g_m) + lo[i, b] * sum(g_m), group by group;
    0, or -1 when the per-row partials cannot be allocated */
 INLINE int project_body(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
-                         const float* scale, const float* lo, const float* g, double* res,
-                         int64_t ng, int64_t k, int64_t nb, int64_t L, const int bits) {
+                        const float* scale, const float* lo, const float* g, double* res,
+                        int64_t ng, int64_t k, int64_t nb, int64_t L, const int bits) {
     const int npos = 32 / bits, G = 16 * npos;
     const uint32_t mask = (1u << bits) - 1;
 #ifdef __AVX2__
@@ -321,8 +321,8 @@ int twa_kernel_threads(int64_t ng) { return threads_for(ng); }
 /* res (k x L doubles) += the packed product; thread t takes groups [ng t / T, ng (t + 1) / T) into its own
    partial, summed in thread order (the same T gives the same result bit for bit). 0, or -1: out of memory */
 static int project_groups(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
-                 const float* scale, const float* lo, const float* g, double* res,
-                 int64_t ng, int64_t k, int64_t nb, int64_t L, int64_t bits) {
+                          const float* scale, const float* lo, const float* g, double* res,
+                          int64_t ng, int64_t k, int64_t nb, int64_t L, int64_t bits) {
     const int nt = threads_for(ng);
     double* part = nt > 1 ? (double*)calloc((size_t)(nt * k * L), sizeof(double)) : NULL;
     if (part == NULL)   /* one thread, or no memory for the partials: the plain loop */
@@ -342,8 +342,8 @@ static int project_groups(const uint8_t* pk, const int64_t* gstart, const int64_
 
 /* the threads write disjoint groups of out: the result does not depend on their number */
 static void reconstruct_groups(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const float* a,
-                     const float* bvec, const float* w, float* out, int64_t ng, int64_t k, int64_t nb,
-                     int64_t bits) {
+                               const float* bvec, const float* w, float* out, int64_t ng, int64_t k, int64_t nb,
+                               int64_t bits) {
     const int nt = threads_for(ng);
     #pragma omp parallel for num_threads(nt) schedule(static, 1) if (nt > 1)
     for (int t = 0; t < nt; t++) {
@@ -359,7 +359,7 @@ static void reconstruct_groups(const uint8_t* pk, const int64_t* gstart, const i
 
 /* res (k x L doubles) += side . g, per coefficient column; rows in chunks of SIDE_ROWS accumulated in fp32 */
 static void side_project(const float* side_t, const int64_t* idx, const int64_t* scoef, const float* g, double* res,
-                      int64_t S, int64_t k, int64_t L) {
+                         int64_t S, int64_t k, int64_t L) {
     for (int64_t i0 = 0; i0 < k; i0 += SIDE_ROWS) {
         const int64_t ni = k - i0 < SIDE_ROWS ? k - i0 : SIDE_ROWS;
         float acc[SIDE_ROWS] = {0};
@@ -377,7 +377,7 @@ static void side_project(const float* side_t, const int64_t* idx, const int64_t*
 
 /* out[idx[j]] = w[idx[j]] + sum_i side_t[j, i] * delta[i, scoef[j]]  (delta: k x L fp32) */
 static void side_reconstruct(const float* side_t, const int64_t* idx, const int64_t* scoef, const float* delta,
-                          const float* w, float* out, int64_t S, int64_t k, int64_t L) {
+                             const float* w, float* out, int64_t S, int64_t k, int64_t L) {
     float dcol[SIDE_ROWS];
     for (int64_t j = 0; j < S; j++) out[idx[j]] = w[idx[j]];
     for (int64_t i0 = 0; i0 < k; i0 += SIDE_ROWS) {
