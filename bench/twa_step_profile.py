@@ -35,7 +35,7 @@ hi = q.amax(1, keepdim=True).contiguous()
 g = torch.randn(d)
 w = torch.randn(d)
 out = torch.empty(d)
-delta = torch.randn(k, 1)
+theta, theta0 = torch.randn(k, 1, dtype=torch.float64), torch.zeros(k, 1, dtype=torch.float64)
 st = GroupedP.build(q, spans, lo, hi, 4, 1, kernels)
 dense = DenseP(q)
 src = torch.empty(st.packed.numel(), dtype=torch.uint8).fill_(3)
@@ -43,8 +43,8 @@ dst = torch.empty_like(src)
 srcf = torch.ones(k * d)
 dstf = torch.empty_like(srcf)
 fns = {"copy_P4_bytes": lambda: dst.copy_(src), "read_P4_sum": lambda: torch.sum(src.view(torch.int64)),
-       "p4_project": lambda: st.project(g), "p4_reconstruct": lambda: st.reconstruct(w, delta, out),
-       "fp32_project": lambda: dense.project(g), "fp32_reconstruct": lambda: dense.reconstruct(w, delta, out),
+       "p4_project": lambda: st.project(g), "p4_reconstruct": lambda: st.reconstruct(w, theta, theta0, out),
+       "fp32_project": lambda: dense.project(g), "fp32_reconstruct": lambda: dense.reconstruct(w, theta, theta0, out),
        "copy_P32_bytes": lambda: dstf.copy_(srcf)}
 best = {n: float("inf") for n in fns}
 for _ in range(args.rounds):

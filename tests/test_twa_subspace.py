@@ -313,7 +313,7 @@ def test_native_kernels_equal_integer_arithmetic_on_integer_inputs(bits, layerwi
     L = st.num_coef
     delta = torch.randint(-32767, 32768, (st.k, L)).float()
     w = torch.randn(st.d)
-    out = st.reconstruct(w, delta, torch.empty(st.d))
+    out = st.reconstruct(w, delta.double(), torch.zeros(st.k, L, dtype=torch.float64), torch.empty(st.d))
     coef_of_col = torch.empty(st.d, dtype=torch.int64)
     for l, (b0, b1) in enumerate(blocks):
         coef_of_col[b0:b1] = l if layerwise else 0

@@ -31,6 +31,11 @@ TILE_BYTES = 64             # one packed tile: 64 bytes of each row = 64 * 8 / b
 GRANULARITIES = ("row-block", "block")
 
 
+def _delta(theta: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+    """The reconstruct's coefficients: theta - theta0 in float64 (they are few), the wide product in fp32."""
+    return (theta.detach().double() - theta0).to(torch.float32)
+
+
 class PStorage(Protocol):
     """P[:, S_r] (k x d) in some precision; ``coef`` maps columns to coefficient blocks (L of them)."""
 
@@ -39,8 +44,9 @@ class PStorage(Protocol):
     def project(self, g: torch.Tensor) -> torch.Tensor:
         """c[i, l] = sum over this slice's columns j of block l of P[i, j] g[j]  (k x L fp32)."""
 
-    def reconstruct(self, w_start: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out = w_start + sum_l P_lᵀ delta[:, l] (delta: k x L fp32)."""
+    def reconstruct(self, w_start: torch.Tensor, theta: torch.Tensor, theta0: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+        """out = w_start + sum_l P_lᵀ delta[:, l], delta = theta - theta0 (k x L float64) rounded to fp32."""
 
     def dequantize(self) -> torch.Tensor:
         """The effective P (k x d fp32), for checks."""
@@ -184,7 +190,9 @@ class DenseP:
             out[:, l] += torch.mv(self.rows[:, lo:hi].to(g.dtype), g[lo:hi])
         return out
 
-    def reconstruct(self, w_start: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, w_start: torch.Tensor, theta: torch.Tensor, theta0: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+        delta = _delta(theta, theta0)
         if self.num_coef == 1 and self.rows.dtype == torch.float32:
             return torch.addmv(w_start, self.rows.T, delta[:, 0], out=out)
         out.copy_(w_start)
@@ -257,7 +265,9 @@ class RowQuantP:
             out[:, l] += torch.mv(q.dequantize(), g[lo:hi])
         return out
 
-    def reconstruct(self, w_start: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, w_start: torch.Tensor, theta: torch.Tensor, theta0: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+        delta = _delta(theta, theta0)
         out.copy_(w_start)
         for q, (lo, hi, l) in zip(self.pieces, self.spans):
             out[lo:hi].addmv_(q.dequantize().T, delta[:, l])
@@ -312,7 +322,7 @@ def _compiled(name: str):
     return _COMPILED[name]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class GroupedP:
     """P[:, S_r] as tiles: group m covers columns [gstart_m, gstart_m + G) inside one block,
     stored as a (k x 64)-byte tile (all rows' codes of the group side by side, so a kernel
@@ -337,17 +347,22 @@ class GroupedP:
 
     def __post_init__(self):
         # resolved once: gathering it from side_blk at every step cost more than the side product itself
-        self.side_coef = self.coef[self.side_blk]
-        self.side_t = self.side.T.contiguous()   # the native kernels read each side column's k rows at once
+        object.__setattr__(self, "side_coef", self.coef[self.side_blk])
+        # the native kernels read each side column's k rows at once
+        object.__setattr__(self, "side_t", self.side.T.contiguous())
+        if self.kernels.path == "native":
+            # the native kernels' fixed arguments, resolved once (the class is frozen, so they stay valid): after
+            # a forward and backward pass each Python-level call costs tens of µs
+            object.__setattr__(self, "_native_args", tuple(_ptrs(
+                self.side_t, self.side_idx, self.side_coef, self.packed, self.gstart, self.pid, self.coef, self.scale,
+                self.lo)))
+            # side columns, groups, rows, blocks, coefficient columns, bits
+            object.__setattr__(self, "_native_sizes", (self.side_idx.numel(), self.gstart.numel(), self.k,
+                                                       self.scale.shape[1], self.num_coef, self.bits))
 
     @property
     def k(self) -> int:
         return self.side.shape[0]
-
-    @property
-    def _sizes(self) -> tuple[int, ...]:
-        """The native kernels' size arguments: side columns, groups, rows, blocks, coefficient columns, bits."""
-        return self.side_idx.numel(), self.gstart.numel(), self.k, self.scale.shape[1], self.num_coef, self.bits
 
     @property
     def group_columns(self) -> int:
@@ -409,8 +424,7 @@ class GroupedP:
         path = self.kernels.path
         if path == "native":   # side columns and groups in one C call
             c = torch.empty(self.k, self.num_coef, dtype=torch.float32)
-            if _native().twa_project(*_ptrs(self.side_t, self.side_idx, self.side_coef, self.packed, self.gstart,
-                                            self.pid, self.coef, self.scale, self.lo, g, c), *self._sizes):
+            if _native().twa_project(*self._native_args, *_ptrs(g, c), *self._native_sizes):
                 raise MemoryError(f"native TWA project: no memory for the partial sums of {self.k} rows")
             return c
         out = torch.zeros(self.k, self.num_coef, dtype=torch.float32, device=g.device)
@@ -432,14 +446,20 @@ class GroupedP:
                              self.bits, self.num_coef, out)
         return out
 
-    def reconstruct(self, w_start: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, w_start: torch.Tensor, theta: torch.Tensor, theta0: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
         path = self.kernels.path
-        if path == "native":   # side columns, groups and their per-block factors in one C call
-            if _native().twa_reconstruct(*_ptrs(self.side_t, self.side_idx, self.side_coef, self.packed, self.gstart,
-                                                self.pid, self.coef, self.scale, self.lo, delta.contiguous(), w_start,
-                                                out), *self._sizes):
+        if path == "native":   # delta, per-block factors, side columns and groups in one C call
+            if theta.dtype != torch.float64 or not theta.is_contiguous():
+                theta = theta.detach().double().contiguous()
+            if theta0.dtype != torch.float64 or not theta0.is_contiguous():
+                theta0 = theta0.double().contiguous()
+            if theta.shape != theta0.shape:
+                raise ValueError(f"reconstruct: theta is {tuple(theta.shape)}, the basis has {tuple(theta0.shape)}")
+            if _native().twa_reconstruct(*self._native_args, *_ptrs(theta, theta0, w_start, out), *self._native_sizes):
                 raise MemoryError(f"native TWA reconstruct: no memory for the factors of {self.k} rows")
             return out
+        delta = _delta(theta, theta0)
         dcol = delta[:, self.coef]                                   # k x nb: each block's coefficient
         a = (self.scale * dcol).contiguous()
         b = (self.lo * dcol).sum(0)
@@ -540,7 +560,7 @@ def build_native(march: str):
             continue
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.twa_project.argtypes = [p] * 11 + [i64] * 6
-        lib.twa_reconstruct.argtypes = [p] * 12 + [i64] * 6
+        lib.twa_reconstruct.argtypes = [p] * 13 + [i64] * 6
         lib.twa_project.restype = lib.twa_reconstruct.restype = ctypes.c_int
         lib.twa_kernel_threads.argtypes = [i64]
         lib.twa_simd_bits.argtypes = []

@@ -13,7 +13,13 @@
 
    With AVX-512 one register holds a whole tile (both halves), so each instruction covers twice the columns,
    in the same lanes and the same order of additions: the results equal the AVX2 code's bit for bit (a test
-   builds both and compares). */
+   builds both and compares). The project rounds g in 512-bit registers too and adds two rows' halves in one:
+   on this class of core 512-bit code runs on two vector ports, so every vector instruction counts.
+
+   The kernels are bound by memory once P is out of cache, but only just: per tile the project takes ~3 ns and
+   the reconstruct ~4 ns of compute (one thread, Xeon 2.6 GHz), against ~4.5 ns for 64 bytes from DRAM. So
+   the tiles are prefetched PREFETCH_BYTES ahead and the project's g, its second stream, G_AHEAD groups ahead:
+   the hardware prefetcher left each group's first lines of g waiting on DRAM. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,6 +97,103 @@ INLINE __m512i madd_acc512(__m512i acc, __m512i a, __m512i b) {
 }
 #endif
 
+#ifdef __AVX2__
+/* g is rounded to int16 group by group, with one scale per group (its max |g| / 32767): lane for lane
+   in the order word_code takes the codes, dword position p in the low 16 bits and p + npw in the high.
+   Both versions sum g in the same order (two chains of eight lanes), so their results are equal. */
+#define G_AHEAD 2   /* groups ahead that the project prefetches g (2 and 4 measured alike, 8 worse) */
+INLINE float hmax(__m256 mx) {
+    __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1)));
+}
+/* gq[p][h]: half h's positions p and p + npw */
+INLINE void quantise_g256(const float* gm, __m256i gq[16][2], float* vs, float* gsum, const int npw, const int G) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, mx = s0;
+    for (int o = 0; o < G; o += 16) {
+        const __m256 v0 = _mm256_loadu_ps(gm + o), v1 = _mm256_loadu_ps(gm + o + 8);
+        s0 = _mm256_add_ps(s0, v0);
+        s1 = _mm256_add_ps(s1, v1);
+        mx = _mm256_max_ps(mx, _mm256_max_ps(_mm256_and_ps(v0, absmask), _mm256_and_ps(v1, absmask)));
+    }
+    *gsum = hsum(_mm256_add_ps(s0, s1));
+    const float amax = hmax(mx);
+    const __m256 vinv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+    for (int hh = 0; hh < 2; hh++)
+        for (int p = 0; p < npw; p++) {
+            const float* gh = gm + hh * (G / 2);
+            const __m256i lo16 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(gh + 8 * p), vinv));
+            const __m256i hi16 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(gh + 8 * (p + npw)), vinv));
+            gq[p][hh] = _mm256_blend_epi16(lo16, _mm256_slli_epi32(hi16, 16), 0xAA);
+        }
+    *vs = amax / 32767.f;
+}
+/* part[i] (8 lanes) += vs * the int32 dot of row i's tile with g */
+INLINE void dot_tiles256(const uint8_t* tiles, int64_t k, __m256i gq[16][2], const __m256 vs, float* part,
+                         const int npw, const int bits) {
+    const __m256i m16 = _mm256_set1_epi16((short)((1u << bits) - 1));
+    for (int64_t i = 0; i < k; i++) {
+        __m256i acc = _mm256_setzero_si256();
+        for (int hh = 0; hh < 2; hh++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i*)(tiles + i * TILE + hh * HALF));
+            for (int p = 0; p < npw; p++)
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(word_code(x, p, npw, bits, m16), gq[p][hh]));
+        }
+        float* pr = part + i * 8;
+        _mm256_store_ps(pr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), vs, _mm256_load_ps(pr)));
+    }
+}
+#ifdef TWA_AVX512
+/* gz[p]: both halves (lanes 0-7 half 0, 8-15 half 1, as a tile is loaded) */
+INLINE void quantise_g512(const float* gm, __m512i gz[16], float* vs, float* gsum, const int npw, const int G) {
+    __m512 s = _mm512_setzero_ps(), mx = s;
+    for (int o = 0; o < G; o += 16) {
+        const __m512 v = _mm512_loadu_ps(gm + o);
+        s = _mm512_add_ps(s, v);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    }
+    *gsum = hsum(_mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1)));
+    const float amax = hmax(_mm256_max_ps(_mm512_castps512_ps256(mx), _mm512_extractf32x8_ps(mx, 1)));
+    const __m512 vinv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+    for (int p = 0; p < npw; p++) {
+        const float* lo = gm + 8 * p, * hi = gm + 8 * (p + npw);
+        const __m512 l = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(lo)), _mm256_loadu_ps(lo + G / 2), 1);
+        const __m512 h = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(hi)), _mm256_loadu_ps(hi + G / 2), 1);
+        gz[p] = _mm512_mask_blend_epi16(0xAAAAAAAA, _mm512_cvtps_epi32(_mm512_mul_ps(l, vinv)),
+                                        _mm512_slli_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(h, vinv)), 16));
+    }
+    *vs = amax / 32767.f;
+}
+INLINE __m512i dot_tile512(const uint8_t* tile, const __m512i gz[16], const __m512i m16, const int npw, const int bits) {
+    const __m512i x = _mm512_loadu_si512((const void*)tile);
+    __m512i az = _mm512_setzero_si512();
+    for (int p = 0; p < npw; p++) az = madd_acc512(az, word_code512(x, p, npw, bits, m16), gz[p]);
+    return az;
+}
+/* as dot_tiles256, two rows at a time: the halves of rows i and i + 1 are added in one register (integer
+   sums are exact: each row's eight lanes equal the AVX2 code's running sum) */
+INLINE void dot_tiles512(const uint8_t* tiles, int64_t k, const __m512i gz[16], const __m512 vs, float* part,
+                         const int npw, const int bits) {
+    const __m512i m16 = _mm512_set1_epi16((short)((1u << bits) - 1));
+    int64_t i = 0;
+    for (; i + 2 <= k; i += 2) {
+        const __m512i a0 = dot_tile512(tiles + i * TILE, gz, m16, npw, bits);
+        const __m512i a1 = dot_tile512(tiles + (i + 1) * TILE, gz, m16, npw, bits);
+        const __m512i acc = _mm512_add_epi32(_mm512_shuffle_i64x2(a0, a1, 0x44), _mm512_shuffle_i64x2(a0, a1, 0xEE));
+        float* pr = part + i * 8;
+        _mm512_store_ps(pr, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), vs, _mm512_load_ps(pr)));
+    }
+    if (i < k) {
+        const __m512i a0 = dot_tile512(tiles + i * TILE, gz, m16, npw, bits);
+        const __m256i acc = _mm256_add_epi32(_mm512_castsi512_si256(a0), _mm512_extracti64x4_epi64(a0, 1));
+        float* pr = part + i * 8;
+        _mm256_store_ps(pr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm512_castps512_ps256(vs), _mm256_load_ps(pr)));
+    }
+}
+#endif
+#endif
+
 /* res[i*L + coef[pid[m]]] += scale[i, b] * (codes_i . g_m) + lo[i, b] * sum(g_m), group by group;
    0, or -1 when the per-row partials cannot be allocated */
 INLINE int project_body(const uint8_t* pk, const int64_t* gstart, const int64_t* pid, const int64_t* coef,
@@ -104,11 +207,10 @@ INLINE int project_body(const uint8_t* pk, const int64_t* gstart, const int64_t*
     /* per-row 8-lane partial dots, summed over consecutive groups of one block and flushed (horizontal
        sum, scale, lo * sum(g), into double) when the block changes or every FLUSH groups */
     enum { FLUSH = 32 };
-    float* part = (float*)aligned_alloc(32, (size_t)((k + 3) & ~3) * 8 * sizeof(float));
+    const size_t part_floats = (size_t)((k + 7) & ~7) * 8;
+    float* part = (float*)aligned_alloc(64, part_floats * sizeof(float));
     if (part == NULL) return -1;
-    memset(part, 0, (size_t)((k + 3) & ~3) * 8 * sizeof(float));
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256i gq[2][16];   /* the group's g as int16, in the word order of word_code */
+    memset(part, 0, part_floats * sizeof(float));
     double gsum_run = 0.;
     int run = 0;
     for (int64_t m = 0; m < ng; m++) {
@@ -116,49 +218,19 @@ INLINE int project_body(const uint8_t* pk, const int64_t* gstart, const int64_t*
         const int64_t b = pid[m], l = coef[b];
         const uint8_t* tiles = pk + m * k * TILE;
         prefetch_ahead(tiles, k);
-        __m256 s0 = _mm256_setzero_ps(), mx = _mm256_setzero_ps();
-        for (int o = 0; o < G; o += 8) {
-            const __m256 v = _mm256_loadu_ps(gm + o);
-            s0 = _mm256_add_ps(s0, v);
-            mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
-        }
-        gsum_run += hsum(s0);
-        __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
-        const float amax = _mm_cvtss_f32(_mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1)));
-        const __m256 vinv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
-        for (int hh = 0; hh < 2; hh++)
-            for (int p = 0; p < npw; p++) {   /* low lane: dword position p, high lane: p + npw */
-                const float* gh = gm + hh * (G / 2);
-                const __m256i lo16 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(gh + 8 * p), vinv));
-                const __m256i hi16 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(gh + 8 * (p + npw)), vinv));
-                gq[hh][p] = _mm256_blend_epi16(lo16, _mm256_slli_epi32(hi16, 16), 0xAA);
-            }
-        const __m256 vs = _mm256_set1_ps(amax / 32767.f);
+        if (m + G_AHEAD < ng)   /* a later group's g: its own stream, which the hardware prefetcher served late */
+            for (int o = 0; o < G * 4; o += 64) _mm_prefetch((const char*)(g + gstart[m + G_AHEAD]) + o, _MM_HINT_T0);
+        float vs, gsum;
 #ifdef TWA_AVX512
-        __m512i gz[16];   /* both halves' g in one register: lanes 0-7 half 0, 8-15 half 1, as the tile */
-        for (int p = 0; p < npw; p++) gz[p] = _mm512_inserti64x4(_mm512_castsi256_si512(gq[0][p]), gq[1][p], 1);
-        const __m512i m16z = _mm512_set1_epi16((short)((1u << bits) - 1));
-#endif
-        for (int64_t i = 0; i < k; i++) {
-#ifdef TWA_AVX512
-            const __m512i x = _mm512_loadu_si512((const void*)(tiles + i * TILE));
-            __m512i az = _mm512_setzero_si512();
-            for (int p = 0; p < npw; p++) az = madd_acc512(az, word_code512(x, p, npw, bits, m16z), gz[p]);
-            /* integer sums are exact: the halves added here equal the AVX2 code's running sum */
-            const __m256i acc = _mm256_add_epi32(_mm512_castsi512_si256(az), _mm512_extracti64x4_epi64(az, 1));
+        __m512i gz[16];
+        quantise_g512(gm, gz, &vs, &gsum, npw, G);
+        dot_tiles512(tiles, k, gz, _mm512_set1_ps(vs), part, npw, bits);
 #else
-            const __m256i m16 = _mm256_set1_epi16((short)((1u << bits) - 1));
-            __m256i acc = _mm256_setzero_si256();
-            for (int hh = 0; hh < 2; hh++) {
-                const __m256i x = _mm256_loadu_si256((const __m256i*)(tiles + i * TILE + hh * HALF));
-                for (int p = 0; p < npw; p++)
-                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(word_code(x, p, npw, bits, m16), gq[hh][p]));
-            }
+        __m256i gq[16][2];
+        quantise_g256(gm, gq, &vs, &gsum, npw, G);
+        dot_tiles256(tiles, k, gq, _mm256_set1_ps(vs), part, npw, bits);
 #endif
-            float* pr = part + i * 8;
-            _mm256_store_ps(pr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), vs, _mm256_load_ps(pr)));
-        }
+        gsum_run += gsum;
         if (++run == FLUSH || m + 1 == ng || pid[m + 1] != b) {
             for (int64_t r = 0; r < k; r++) {
                 const float dot = hsum(_mm256_load_ps(part + r * 8));
@@ -406,7 +478,9 @@ static void side_reconstruct(const float* side_t, const int64_t* idx, const int6
 
 /* The entry points: one call per product, so that a step crosses from Python into C twice. Each call from
    Python costs tens of microseconds once the caches are cold (as after a forward and backward pass), as does
-   each small torch op: the packed step used to make four calls and eight small ops around them. */
+   each small torch op: the packed step used to make four calls and eight small ops around them. For the same
+   reason the reconstruct takes theta and theta0 and forms their difference itself (three torch ops, ~0.1 ms
+   cold), and GroupedP passes its fixed arguments as pointers resolved once. */
 
 /* c (k x L fp32) = this slice's P times g: the side columns, then the packed groups, summed in double.
    0, or -1 when out of memory */
@@ -422,16 +496,18 @@ int twa_project(const float* side_t, const int64_t* side_idx, const int64_t* sid
     return rc;
 }
 
-/* out = w + this slice's P transposed times delta (k x L fp32). Per block b the groups need
-   a[i, b] = scale[i, b] * delta[i, coef[b]] and the offset sum_i lo[i, b] * delta[i, coef[b]].
-   0, or -1 when out of memory */
+/* out = w + this slice's P transposed times delta = theta - theta0 (k x L float64, rounded to fp32 as torch
+   does). Per block b the groups need a[i, b] = scale[i, b] * delta[i, coef[b]] and the offset
+   sum_i lo[i, b] * delta[i, coef[b]]. 0, or -1 when out of memory */
 int twa_reconstruct(const float* side_t, const int64_t* side_idx, const int64_t* side_coef, const uint8_t* pk,
                     const int64_t* gstart, const int64_t* pid, const int64_t* coef, const float* scale,
-                    const float* lo, const float* delta, const float* w, float* out, int64_t S, int64_t ng, int64_t k,
-                    int64_t nb, int64_t L, int64_t bits) {
-    float* a = (float*)malloc((size_t)((k + 1) * nb) * sizeof(float));
+                    const float* lo, const double* theta, const double* theta0, const float* w, float* out, int64_t S,
+                    int64_t ng, int64_t k, int64_t nb, int64_t L, int64_t bits) {
+    float* a = (float*)malloc((size_t)((k + 1) * nb + k * L) * sizeof(float));
     if (a == NULL) return -1;
     float* offset = a + k * nb;
+    float* delta = offset + nb;
+    for (int64_t i = 0; i < k * L; i++) delta[i] = (float)(theta[i] - theta0[i]);
     for (int64_t b = 0; b < nb; b++) {
         float s = 0.f;
         for (int64_t i = 0; i < k; i++) {

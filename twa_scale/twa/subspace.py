@@ -182,11 +182,9 @@ class Basis:
 
     def reconstruct(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """w[S_r] = w_start + Pᵀ (theta - theta0) per block, written into ``out``."""
-        # coefficients stay float64 (they are few); the wide product runs in fp32
-        delta = (theta.detach().double() - self.theta0).to(torch.float32)
         if out is None:
             out = torch.empty_like(self.w_start)
-        return self.storage.reconstruct(self.w_start, delta, out)
+        return self.storage.reconstruct(self.w_start, theta, self.theta0, out)
 
     def alpha(self, theta: torch.Tensor) -> torch.Tensor:
         """Averaging weights A (n x L): block l of w is sum_i A[i, l] w_{i,l}.
