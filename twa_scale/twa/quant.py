@@ -337,7 +337,7 @@ class GroupedP:
     scale: torch.Tensor       # k x nb fp32
     side_idx: torch.Tensor    # int64 columns kept in fp32
     side_blk: torch.Tensor    # int64 local block of each side column
-    side: torch.Tensor        # k x len(side_idx) fp32
+    side: torch.Tensor        # k x len(side_idx) fp32 (after init: a view of side_t)
     bits: int
     d: int
     num_coef: int
@@ -348,8 +348,9 @@ class GroupedP:
     def __post_init__(self):
         # resolved once: gathering it from side_blk at every step cost more than the side product itself
         object.__setattr__(self, "side_coef", self.coef[self.side_blk])
-        # the native kernels read each side column's k rows at once
+        # the native kernels read each side column's k rows at once; side becomes a view of it (one copy kept)
         object.__setattr__(self, "side_t", self.side.T.contiguous())
+        object.__setattr__(self, "side", self.side_t.T)
         if self.kernels.path == "native":
             # the native kernels' fixed arguments, resolved once (the class is frozen, so they stay valid): after
             # a forward and backward pass each Python-level call costs tens of µs
