@@ -389,6 +389,24 @@ def test_native_fixed_point_keeps_a_non_finite_input_visible(bad):
     assert not w[701:1500].isfinite().any() and w[:701].isfinite().all()
 
 
+def test_native_kernels_refuse_inputs_of_the_wrong_size():
+    """The C kernels read and write by the slice's sizes: a g, w or theta of another size is a ValueError that
+    names it, before any memory outside the tensor is touched."""
+    from twa_scale.twa import quant
+
+    if quant._native() is None:
+        pytest.skip("no C compiler: the native path falls back to eager")
+    x = _trajectory(n=4, d=3000)
+    q = build_basis(x, 0, x.shape[1], BLOCKS, bits=4, layerwise=True, kernels=Kernels("native", 4096))
+    with pytest.raises(ValueError, match="g has 2999 entries"):
+        q.project(torch.randn(2999))
+    with pytest.raises(ValueError, match="theta is"):
+        q.reconstruct(q.theta0[:, :1].clone())
+    with pytest.raises(ValueError, match="out has 10 entries"):
+        q.reconstruct(q.theta0, out=torch.empty(10))
+    assert q.reconstruct(q.theta0).shape == (3000,)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_native_kernels_on_torchs_threads_equal_one_thread(bits):
     """The C kernels split the groups over torch's OpenMP pool (torch.set_num_threads): reconstruct is the

@@ -424,6 +424,7 @@ class GroupedP:
     def project(self, g: torch.Tensor) -> torch.Tensor:
         path = self.kernels.path
         if path == "native":   # side columns and groups in one C call
+            _check_length("g", g, self.d)   # C reads d entries of it
             c = torch.empty(self.k, self.num_coef, dtype=torch.float32)
             if _native().twa_project(*self._native_args, *_ptrs(g, c), *self._native_sizes):
                 raise MemoryError(f"native TWA project: no memory for the partial sums of {self.k} rows")
@@ -457,6 +458,8 @@ class GroupedP:
                 theta0 = theta0.double().contiguous()
             if theta.shape != theta0.shape:
                 raise ValueError(f"reconstruct: theta is {tuple(theta.shape)}, the basis has {tuple(theta0.shape)}")
+            _check_length("w_start", w_start, self.d)   # C reads and writes d entries of these
+            _check_length("out", out, self.d)
             if _native().twa_reconstruct(*self._native_args, *_ptrs(theta, theta0, w_start, out), *self._native_sizes):
                 raise MemoryError(f"native TWA reconstruct: no memory for the factors of {self.k} rows")
             return out
@@ -567,6 +570,11 @@ def build_native(march: str):
         lib.twa_simd_bits.argtypes = []
         return lib
     return None
+
+
+def _check_length(name: str, t: torch.Tensor, d: int) -> None:
+    if t.numel() != d:
+        raise ValueError(f"native TWA kernels: {name} has {t.numel()} entries, this slice of P has {d} columns")
 
 
 def _ptrs(*tensors: torch.Tensor) -> list[int]:
