@@ -311,10 +311,11 @@ class SnapshotStreamer:
         return self._policy.call(what, fn, deadline=min(deadline, self._abort_at), on_retry=counted)
 
     def _fail(self, seq: int, why: str) -> None:
-        with self._lock:
-            self.stats["failed"] += 1
+        # logged and exported before it is counted: whoever sees stats["failed"] rise also finds the reason
         log.error("snapshot seq %d FAILED on rank %d (not committed; training continues): %s", seq, self.rank, why)
         metrics.snapshot_failure()
+        with self._lock:
+            self.stats["failed"] += 1
 
     def _done(self, seq: int) -> None:
         with self._lock:
